@@ -1,0 +1,128 @@
+"""``hangon`` command line. The only module that reads ``os.environ`` or picks an event loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+from gateway import __version__
+from gateway.config import OPTIONS, Config, from_values
+from gateway.exceptions import ConfigError
+from gateway.server import Gateway
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+log = logging.getLogger("gateway")
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop where it is installed (like uvicorn's ``loops/auto.py``), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """Return the parser; ``environ`` is only shown, not applied, in ``--help``."""
+    parser = argparse.ArgumentParser(prog="hangon", description="WebSocket reconnect gateway.")
+    parser.add_argument("--version", action="version", version=f"hangon {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. Every option can also be set with the environment "
+        "variable shown; a flag beats the variable, the variable beats the default. "
+        "'none' disables an option that allows it.",
+    )
+    for option in OPTIONS:
+        default = option.default()
+        shown = "none" if default is None else default
+        note = f" [now {environ[option.env]!r} from env]" if option.env in environ else ""
+        serve.add_argument(
+            option.flag,
+            dest=option.name,
+            metavar=option.name.split("_")[-1].upper(),
+            help=f"{option.help} (default: {shown}; env {option.env}){note}",
+        )
+    serve.add_argument(
+        "--log-level",
+        default=environ.get("HANGON_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default: INFO; env HANGON_LOG_LEVEL)",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Merge defaults, ``HANGON_*`` variables and flags into a :class:`Config`.
+
+    Raises:
+        ConfigError: Naming the flag or variable with the bad value.
+    """
+    values = {o: (o.env, environ[o.env]) for o in OPTIONS if o.env in environ}
+    for option in OPTIONS:
+        text = getattr(args, option.name)
+        if text is not None:
+            values[option] = (option.flag, text)
+    return from_values(values)
+
+
+class _Formatter(logging.Formatter):
+    """``time level logger message`` on one line; messages are ``event key=value ...``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+async def _serve(config: Config) -> None:
+    gateway = Gateway(config)
+    if config.store.redis_url is None:
+        log.warning(
+            "store=memory: sessions live in this process only and do not survive a restart; "
+            "set --redis-url for durable sessions"
+        )
+    else:
+        log.info("store=redis prefix=%s", config.store.key_prefix)
+    log.warning(
+        "authentication is off: a hello without a resume token may resume any session "
+        "of its caller key"
+    )
+    await gateway.start()
+    log.info(
+        "listening host=%s port=%d path=%s",
+        config.server.host,
+        gateway.port,
+        config.server.path,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: closing connections with 1001")
+    await gateway.aclose()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``hangon`` console script and ``python -m gateway``."""
+    environ = os.environ
+    args = build_parser(environ).parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter())
+    logging.basicConfig(level=args.log_level, handlers=[handler])
+    # One line per connection open and close drowns the log in a reconnect storm.
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        config = config_from_args(args, environ)
+    except ConfigError as exc:
+        print(f"hangon: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(config))

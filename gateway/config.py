@@ -1,0 +1,245 @@
+"""The gateway's configuration: one frozen object in groups, read from flags and ``HANGON_*``.
+
+:data:`OPTIONS` is the single table of settings: ``hangon serve --help``, the
+environment variables and ``docs/configuration.md`` all follow it. Every
+option ``--some-name`` has the variable ``HANGON_SOME_NAME``; a flag beats the
+variable, the variable beats the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.exceptions import ConfigError
+
+__all__ = [
+    "OPTIONS",
+    "CallerConfig",
+    "Config",
+    "KeepaliveConfig",
+    "LimitsConfig",
+    "Option",
+    "ServerConfig",
+    "StoreConfig",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Interface to listen on."""
+    port: int = 8765
+    """TCP port for WebSocket and HTTP (``/healthz``, ``/readyz``, ``/metrics``); 0 picks one."""
+    path: str = "/ws"
+    """HTTP path of the protocol v1 WebSocket endpoint."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeepaliveConfig:
+    ping_interval: float | None = 20.0
+    """Seconds between WebSocket pings; ``None`` disables keepalive."""
+    ping_timeout: float | None = 20.0
+    """Seconds to wait for a pong before dropping the connection; ``None`` waits forever."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreConfig:
+    redis_url: str | None = None
+    """``redis://`` URL of the Redis store; ``None`` uses the embedded memory store."""
+    key_prefix: str = "hangon:"
+    """Prefix of every storage key."""
+    ttl: float = 3600.0
+    """Seconds a session's keys live after its last activity."""
+    end_ttl: float = 300.0
+    """Seconds a session's keys live after ``bye``."""
+    max_age: float | None = 900.0
+    """Seconds of inactivity after which stored state is stale and not resumed; ``None``: never."""
+    socket_timeout: float = 2.0
+    """Seconds to wait for a Redis reply."""
+    connect_timeout: float = 2.0
+    """Seconds to wait for a Redis connection."""
+    retry_attempts: int = 6
+    """Retries of a store operation after a transient error (0 disables retries)."""
+    retry_initial_delay: float = 0.05
+    """Upper bound, in seconds, of the first retry delay (full jitter, doubling)."""
+    retry_max_delay: float = 1.0
+    """Cap, in seconds, on a retry delay."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    max_message_size: int = 65536
+    """Largest client frame in bytes; larger ones get ``message_too_big`` and close 1009."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallerConfig:
+    default_region: str | None = None
+    """ISO 3166 region for phone numbers written without ``+`` (``US``); ``None``: E.164 only."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Everything ``hangon serve`` can be told."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    caller: CallerConfig = field(default_factory=CallerConfig)
+
+    def __post_init__(self) -> None:
+        s = self.store
+        if not 0 <= self.server.port <= 65535:
+            raise ConfigError("--port", self.server.port, "must be 0-65535")
+        if not self.server.path.startswith("/"):
+            raise ConfigError("--path", self.server.path, "must start with /")
+        if "{" in s.key_prefix or "}" in s.key_prefix:
+            raise ConfigError("--key-prefix", s.key_prefix, "must not contain { or } (hash tags)")
+        if s.max_age is not None and s.max_age > s.ttl:
+            raise ConfigError("--max-age", s.max_age, f"must not exceed --ttl ({s.ttl})")
+        if self.limits.max_message_size < 1024:
+            raise ConfigError("--max-message-size", self.limits.max_message_size, "below 1024")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Config:
+        """Build a config from ``HANGON_*`` variables; others keep their defaults.
+
+        Raises:
+            ConfigError: Naming the variable and its bad value.
+        """
+        return from_values({o: (o.env, environ[o.env]) for o in OPTIONS if o.env in environ})
+
+    def replace(self, group: str, **changes: Any) -> Config:
+        """Return a copy with ``changes`` applied to one group."""
+        new_group = dataclasses.replace(getattr(self, group), **changes)
+        return dataclasses.replace(self, **{group: new_group})
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _or_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def wrapped(text: str) -> Any:
+        return None if text.strip().lower() in ("", "none", "off") else parse(text)
+
+    return wrapped
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: where it lives in :class:`Config`, its flag and how to parse it."""
+
+    group: str
+    name: str
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "HANGON_" + self.name.upper()
+
+    def default(self) -> Any:
+        return getattr(getattr(Config(), self.group), self.name)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("server", "host", str, "interface to listen on"),
+    Option("server", "port", _non_negative_int, "TCP port for WebSocket and HTTP; 0 picks one"),
+    Option("server", "path", str, "HTTP path of the WebSocket endpoint"),
+    Option(
+        "store",
+        "redis_url",
+        _or_none(str),
+        "Redis URL (redis://host:port/db); unset: embedded memory store",
+    ),
+    Option("store", "key_prefix", str, "prefix of every storage key"),
+    Option("store", "ttl", _positive(float), "seconds a session's keys live after activity"),
+    Option("store", "end_ttl", _positive(float), "seconds a session's keys live after bye"),
+    Option(
+        "store",
+        "max_age",
+        _or_none(_positive(float)),
+        "seconds of inactivity after which state is stale, not resumed ('none': never)",
+    ),
+    Option("store", "socket_timeout", _positive(float), "seconds to wait for a Redis reply"),
+    Option("store", "connect_timeout", _positive(float), "seconds to wait for a Redis connection"),
+    Option(
+        "store",
+        "retry_attempts",
+        _non_negative_int,
+        "retries of a store operation after a transient error",
+    ),
+    Option(
+        "store",
+        "retry_initial_delay",
+        _positive(float),
+        "upper bound in seconds of the first retry delay (full jitter, doubling)",
+    ),
+    Option("store", "retry_max_delay", _positive(float), "cap in seconds on a retry delay"),
+    Option(
+        "keepalive",
+        "ping_interval",
+        _or_none(_positive(float)),
+        "seconds between WebSocket pings ('none' disables)",
+    ),
+    Option(
+        "keepalive",
+        "ping_timeout",
+        _or_none(_positive(float)),
+        "seconds to wait for a pong ('none' waits forever)",
+    ),
+    Option("limits", "max_message_size", _non_negative_int, "largest client frame in bytes"),
+    Option(
+        "caller",
+        "default_region",
+        _or_none(str),
+        "region (ISO 3166, e.g. US) for phone numbers without '+'; unset: E.164 only",
+    ),
+)
+"""Every setting, in the order ``--help`` lists them."""
+
+
+def from_values(values: Mapping[Option, tuple[str, str]]) -> Config:
+    """Build a config from raw strings.
+
+    Args:
+        values: Per option, the label that set it (``HANGON_TTL`` or ``--ttl``)
+            and its raw text.
+
+    Raises:
+        ConfigError: Naming the variable or flag and the bad value; a check
+            across options (``--max-age`` above ``--ttl``) names the flag.
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for option, (label, text) in values.items():
+        try:
+            value = option.parse(text)
+        except ValueError as exc:
+            raise ConfigError(label, text, str(exc)) from None
+        groups.setdefault(option.group, {})[option.name] = value
+    defaults = Config()
+    return Config(
+        **{g: dataclasses.replace(getattr(defaults, g), **kw) for g, kw in groups.items()}
+    )

@@ -1,0 +1,76 @@
+"""WebSocket close codes used by the gateway and what a client should do on each.
+
+Ranges (same split as centrifuge ``disconnect.go``):
+
+* 1000-2999: RFC 6455 section 7.4.1 codes.
+* 4000-4499: application codes after which the client should reconnect and resume.
+* 4500-4999: application codes after which the client must not reconnect as is.
+
+A close reason is at most 123 UTF-8 bytes (RFC 6455 section 5.5: control frame
+payloads are at most 125 bytes, two of which carry the code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "BYE",
+    "INTERNAL_ERROR",
+    "INVALID_PAYLOAD",
+    "MESSAGE_TOO_BIG",
+    "POLICY_VIOLATION",
+    "RESUME_REFUSED",
+    "SERVICE_RESTART",
+    "SESSION_CONFLICT",
+    "SESSION_ENDED",
+    "SESSION_REPLACED",
+    "STORE_UNAVAILABLE",
+    "UNSUPPORTED_DATA",
+    "CloseReason",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CloseReason:
+    """A close code, its reason text and whether the client should reconnect."""
+
+    code: int
+    reason: str
+    reconnect: bool
+
+    def __post_init__(self) -> None:
+        if len(self.reason.encode()) > 123:
+            raise ValueError(f"close reason longer than 123 bytes: {self.reason!r}")
+        if 4000 <= self.code <= 4499 and not self.reconnect:
+            raise ValueError(f"code {self.code} is in the retryable range")
+        if 4500 <= self.code <= 4999 and self.reconnect:
+            raise ValueError(f"code {self.code} is in the terminal range")
+
+
+BYE = CloseReason(1000, "bye", reconnect=False)
+"""The client said ``bye``; the session has ended."""
+UNSUPPORTED_DATA = CloseReason(1003, "binary frames are not accepted", reconnect=False)
+"""RFC 6455 7.4.1: the endpoint cannot accept this data type (a binary frame)."""
+INVALID_PAYLOAD = CloseReason(1007, "invalid payload", reconnect=False)
+"""RFC 6455 7.4.1: the frame is not valid JSON or not a well-formed protocol message."""
+POLICY_VIOLATION = CloseReason(1008, "policy violation", reconnect=False)
+"""RFC 6455 7.4.1: a well-formed message that is not allowed (unknown type, wrong order)."""
+MESSAGE_TOO_BIG = CloseReason(1009, "message too big", reconnect=False)
+"""RFC 6455 7.4.1: the frame is larger than ``--max-message-size``."""
+INTERNAL_ERROR = CloseReason(1011, "internal error", reconnect=True)
+"""RFC 6455 7.4.1: an unexpected condition on the gateway; resume on reconnect."""
+SERVICE_RESTART = CloseReason(1012, "service restart", reconnect=True)
+"""The gateway is draining for a restart; reconnect (to any instance) and resume."""
+
+STORE_UNAVAILABLE = CloseReason(4001, "session store unavailable", reconnect=True)
+"""The session store stayed unreachable through every retry; reconnect later."""
+SESSION_CONFLICT = CloseReason(4003, "session moved on; reconnect to resume", reconnect=True)
+"""The stored session changed under this connection; reconnect to load the newest state."""
+
+SESSION_REPLACED = CloseReason(4500, "session replaced by a newer connection", reconnect=False)
+"""Another connection resumed this session; this one is stale and must not come back."""
+RESUME_REFUSED = CloseReason(4501, "resume token refused", reconnect=False)
+"""The hello named a live session but carried the wrong resume token."""
+SESSION_ENDED = CloseReason(4502, "session ended", reconnect=False)
+"""The session for this caller key ended with ``bye``; a new call needs a new call ID."""

@@ -1,0 +1,37 @@
+"""What :class:`gateway.core.protocol.Protocol` produces from client frames."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.core.callerkey import CallerKey
+
+__all__ = ["Bye", "Event", "Hello", "Turn"]
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The client opened (or reopened) a session for ``caller``."""
+
+    caller: CallerKey
+    resume_token: str | None
+    last_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One conversational turn; ``form`` and ``context`` are shallow-merged into state."""
+
+    turn_id: str
+    text: str | None
+    form: dict[str, Any] | None
+    context: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """The client ended the session."""
+
+
+Event = Hello | Turn | Bye

@@ -1,0 +1,248 @@
+"""Protocol v1 between a client and the gateway, without I/O.
+
+Theory of operation
+-------------------
+
+One :class:`Protocol` object per client connection. The I/O layer
+(:mod:`gateway.transport.client_ws`) feeds it every frame it receives with
+:meth:`Protocol.receive_text` or :meth:`Protocol.receive_binary` and gets back
+at most one event (:class:`Hello`, :class:`Turn`, :class:`Bye`). It acts on the
+event (restore, write a snapshot) and reports the result with ``send_*``
+methods, which queue frames. After each step it writes what
+:meth:`Protocol.data_to_send` returns and, once :attr:`Protocol.close_reason`
+is set, closes the connection with it.
+
+The protocol never raises on client input: a bad frame queues an ``error``
+frame, sets the close reason and moves to ``CLOSED``, after which every further
+frame is ignored (like websockets' ``Protocol.parse``).
+
+Phases and what each accepts (anything else is ``unexpected_message``)::
+
+    AWAIT_HELLO --hello--> RESTORING --send_welcome()--> OPEN --bye--> CLOSED
+                                     --fail()---------> CLOSED
+                 OPEN --turn--> OPEN  (the driver answers each with send_ack)
+                 any  --fail()/close()--> CLOSED
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any, Final
+
+from gateway.core import closecodes, codec
+from gateway.core.callerkey import InvalidCaller, parse_caller
+from gateway.core.closecodes import CloseReason
+from gateway.core.events import Bye, Event, Hello, Turn
+from gateway.core.session import Session
+
+__all__ = ["ERRORS", "PROTOCOL_VERSION", "Phase", "Protocol"]
+
+PROTOCOL_VERSION: Final = 1
+
+_MAX_ID = 128
+_MAX_TOKEN = 256
+
+
+class Phase(enum.Enum):
+    """Where a connection stands in the protocol."""
+
+    AWAIT_HELLO = "await_hello"
+    RESTORING = "restoring"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+ERRORS: Final[Mapping[str, CloseReason]] = {
+    "invalid_json": closecodes.INVALID_PAYLOAD,
+    "invalid_message": closecodes.INVALID_PAYLOAD,
+    "unsupported_data": closecodes.UNSUPPORTED_DATA,
+    "message_too_big": closecodes.MESSAGE_TOO_BIG,
+    "unknown_type": closecodes.POLICY_VIOLATION,
+    "unexpected_message": closecodes.POLICY_VIOLATION,
+    "invalid_caller": closecodes.POLICY_VIOLATION,
+    "resume_refused": closecodes.RESUME_REFUSED,
+    "session_ended": closecodes.SESSION_ENDED,
+    "session_replaced": closecodes.SESSION_REPLACED,
+    "session_conflict": closecodes.SESSION_CONFLICT,
+    "store_unavailable": closecodes.STORE_UNAVAILABLE,
+    "internal_error": closecodes.INTERNAL_ERROR,
+}
+"""Every error code an ``error`` frame may carry, and the close that follows it."""
+
+# Which message types each phase accepts (h11-style transition table).
+_ACCEPTS: Final[Mapping[Phase, frozenset[str]]] = {
+    Phase.AWAIT_HELLO: frozenset({"hello"}),
+    Phase.RESTORING: frozenset(),
+    Phase.OPEN: frozenset({"turn", "bye"}),
+    Phase.CLOSED: frozenset(),
+}
+_KNOWN_TYPES: Final = frozenset({"hello", "turn", "bye"})
+
+
+class _Invalid(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+class Protocol:
+    """State machine for one client connection.
+
+    Args:
+        max_message_size: Largest accepted frame, in UTF-8 bytes.
+        default_region: Region for phone numbers written without ``+``.
+    """
+
+    def __init__(self, *, max_message_size: int, default_region: str | None = None) -> None:
+        self.max_message_size = max_message_size
+        self.default_region = default_region
+        self.phase = Phase.AWAIT_HELLO
+        self.close_reason: CloseReason | None = None
+        """Set once the connection must close; the driver closes with it."""
+        self.error_code: str | None = None
+        """The code of the error that closed the connection, if any (for metrics)."""
+        self._outbox: list[bytes] = []
+
+    # Receiving
+
+    def receive_text(self, data: str) -> Event | None:
+        """Parse one text frame; return the event it carries, or ``None``."""
+        if self.phase is Phase.CLOSED:
+            return None
+        try:
+            return self._parse(data)
+        except _Invalid as exc:
+            self.fail(exc.code, exc.message)
+            return None
+
+    def receive_binary(self, data: bytes) -> None:
+        """Refuse a binary frame: protocol v1 is JSON text frames only."""
+        if self.phase is not Phase.CLOSED:
+            self.fail("unsupported_data", "binary frames are not accepted; send JSON text")
+
+    def _parse(self, data: str) -> Event:
+        size = len(data)
+        if size > self.max_message_size or (
+            size * 4 > self.max_message_size and len(data.encode()) > self.max_message_size
+        ):
+            raise _Invalid(
+                "message_too_big", f"frames are limited to {self.max_message_size} bytes"
+            )
+        try:
+            msg = codec.loads(data)
+        except codec.DecodeError as exc:
+            raise _Invalid("invalid_json", f"frame is not valid JSON: {exc}") from None
+        if not isinstance(msg, dict):
+            raise _Invalid("invalid_message", "a message must be a JSON object")
+        kind = msg.get("type")
+        if not isinstance(kind, str):
+            raise _Invalid("invalid_message", "field 'type' must be a string")
+        if kind not in _KNOWN_TYPES:
+            raise _Invalid("unknown_type", f"unknown message type {kind[:40]!r}")
+        if kind not in _ACCEPTS[self.phase]:
+            raise _Invalid(
+                "unexpected_message", f"'{kind}' is not allowed in phase {self.phase.value}"
+            )
+        if kind == "hello":
+            event: Event = self._hello(msg)
+            self.phase = Phase.RESTORING
+        elif kind == "turn":
+            event = self._turn(msg)
+        else:
+            event = Bye()
+        return event
+
+    def _hello(self, msg: dict[str, Any]) -> Hello:
+        token = _optional(msg, "resume_token", str)
+        if token is not None and not 0 < len(token) <= _MAX_TOKEN:
+            raise _Invalid("invalid_message", "field 'resume_token' has a bad length")
+        last_seq = _optional(msg, "last_seq", int)
+        if last_seq is not None and last_seq < 0:
+            raise _Invalid("invalid_message", "field 'last_seq' must not be negative")
+        if "caller" not in msg:
+            raise _Invalid("invalid_message", "field 'caller' is required")
+        try:
+            caller = parse_caller(
+                msg["caller"], msg.get("tenant"), default_region=self.default_region
+            )
+        except InvalidCaller as exc:
+            raise _Invalid("invalid_caller", f"caller {exc}") from None
+        return Hello(caller, token, last_seq)
+
+    def _turn(self, msg: dict[str, Any]) -> Turn:
+        turn_id = msg.get("turn_id")
+        if not isinstance(turn_id, str) or not 0 < len(turn_id) <= _MAX_ID:
+            raise _Invalid(
+                "invalid_message",
+                f"field 'turn_id' must be a non-empty string of at most {_MAX_ID} characters",
+            )
+        return Turn(
+            turn_id,
+            _optional(msg, "text", str),
+            _optional(msg, "form", dict),
+            _optional(msg, "context", dict),
+        )
+
+    # Sending
+
+    def send_welcome(self, session: Session, *, resumed: bool, stale: bool) -> None:
+        """Answer the hello: the session is open."""
+        frame: dict[str, Any] = {
+            "type": "welcome",
+            "protocol": PROTOCOL_VERSION,
+            "session_id": session.session_id,
+            "resumed": resumed,
+            "state": session.state,
+            "version": session.version,
+            "resume_token": session.resume_token,
+        }
+        if stale:
+            frame["stale"] = True
+        self._outbox.append(codec.dumps(frame))
+        self.phase = Phase.OPEN
+
+    def send_ack(self, turn_id: str, version: int) -> None:
+        """Acknowledge a turn that is durable at ``version``."""
+        self._outbox.append(codec.dumps({"type": "ack", "turn_id": turn_id, "version": version}))
+
+    def fail(self, code: str, message: str) -> None:
+        """Queue an ``error`` frame for ``code`` and close with its close reason."""
+        if self.phase is Phase.CLOSED:
+            return
+        reason = ERRORS[code]
+        self._outbox.append(
+            codec.dumps(
+                {
+                    "type": "error",
+                    "code": code,
+                    "message": message,
+                    "close_code": reason.code,
+                    "reconnect": reason.reconnect,
+                }
+            )
+        )
+        self.error_code = code
+        self.close(reason)
+
+    def close(self, reason: CloseReason) -> None:
+        """Close with ``reason`` after the frames queued so far."""
+        if self.phase is not Phase.CLOSED:
+            self.close_reason = reason
+            self.phase = Phase.CLOSED
+
+    def data_to_send(self) -> list[bytes]:
+        """Return and forget the frames queued since the last call."""
+        out, self._outbox = self._outbox, []
+        return out
+
+
+def _optional(msg: dict[str, Any], name: str, kind: type) -> Any:
+    value = msg.get(name)
+    # bool is an int subclass; {"last_seq": true} is not a number.
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise _Invalid("invalid_message", f"field '{name}' must be {_TYPE_NAMES[kind]}")
+    return value
+
+
+_TYPE_NAMES: Final[Mapping[type, str]] = {str: "a string", int: "an integer", dict: "an object"}

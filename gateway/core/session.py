@@ -1,0 +1,111 @@
+"""Session state and how a turn changes it, as pure functions.
+
+The state a client sees in ``welcome`` is::
+
+    {"context": {...}, "form_answers": {...}, "last_turn": null | {...}}
+
+A turn shallow-merges ``form`` into ``form_answers`` and ``context`` into
+``context``, records itself as ``last_turn`` and bumps ``version`` by one. The
+gateway applies a turn to a copy, writes the copy, and only adopts it once the
+write succeeded (see :meth:`Session.commit`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, NewType
+
+from gateway.core.events import Turn
+
+__all__ = [
+    "ResumeToken",
+    "Session",
+    "SessionId",
+    "TurnWrite",
+    "empty_state",
+    "new_resume_token",
+    "new_session_id",
+]
+
+SessionId = NewType("SessionId", str)
+ResumeToken = NewType("ResumeToken", str)
+
+RECENT_TURNS = 64
+"""How many applied turn IDs a session remembers to recognise a re-sent turn."""
+
+
+def new_session_id() -> SessionId:
+    """Return a fresh random session ID (128 bits)."""
+    return SessionId("s_" + secrets.token_urlsafe(16))
+
+
+def new_resume_token() -> ResumeToken:
+    """Return a fresh random resume token (192 bits)."""
+    return ResumeToken(secrets.token_urlsafe(24))
+
+
+def empty_state() -> dict[str, Any]:
+    """Return the state of a session that has seen no turn."""
+    return {"context": {}, "form_answers": {}, "last_turn": None}
+
+
+@dataclass(frozen=True, slots=True)
+class TurnWrite:
+    """A turn applied to a copy of the state, ready to be written."""
+
+    turn_id: str
+    base_version: int
+    version: int
+    state: dict[str, Any]
+    at_ms: int
+
+
+@dataclass(slots=True)
+class Session:
+    """A session as this gateway holds it while a client is connected.
+
+    Attributes mirror the stored snapshot; ``recent_turns`` maps the last
+    :data:`RECENT_TURNS` applied turn IDs to the version each produced, oldest first.
+    """
+
+    session_id: SessionId
+    resume_token: ResumeToken
+    version: int
+    state: dict[str, Any]
+    created_ms: int
+    updated_ms: int
+    recent_turns: dict[str, int] = field(default_factory=dict)
+
+    def applied_version(self, turn_id: str) -> int | None:
+        """Return the version ``turn_id`` produced if it was already applied, else ``None``."""
+        return self.recent_turns.get(turn_id)
+
+    def apply(self, turn: Turn, now_ms: int) -> TurnWrite:
+        """Apply ``turn`` to a copy of the state without changing this session."""
+        state = dict(self.state)
+        if turn.form:
+            state["form_answers"] = {**state.get("form_answers", {}), **turn.form}
+        if turn.context:
+            state["context"] = {**state.get("context", {}), **turn.context}
+        last: dict[str, Any] = {"turn_id": turn.turn_id, "at_ms": now_ms}
+        if turn.text is not None:
+            last["text"] = turn.text
+        if turn.form:
+            last["form"] = turn.form
+        state["last_turn"] = last
+        return TurnWrite(turn.turn_id, self.version, self.version + 1, state, now_ms)
+
+    def commit(self, write: TurnWrite) -> None:
+        """Adopt ``write`` once it is durable."""
+        self.state = write.state
+        self.version = write.version
+        self.updated_ms = write.at_ms
+        remember(self.recent_turns, write.turn_id, write.version)
+
+
+def remember(recent: dict[str, int], turn_id: str, version: int) -> None:
+    """Record ``turn_id`` in ``recent``, dropping the oldest beyond :data:`RECENT_TURNS`."""
+    recent[turn_id] = version
+    while len(recent) > RECENT_TURNS:
+        del recent[next(iter(recent))]

@@ -1,0 +1,87 @@
+"""Exceptions raised by hangon.
+
+The tree::
+
+    GatewayError
+    ├── ConfigError          a setting has a bad value; names the setting
+    └── StoreError           the session store failed an operation
+        ├── StoreUnavailable the store could not be reached (retryable)
+        ├── StoreTimeout     the store did not answer in time (retryable)
+        └── StoreConflict    the stored session moved on: another writer, expiry or replacement
+
+Protocol errors made by clients are not exceptions: :mod:`gateway.core.protocol`
+records them and queues an error frame and a close instead.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "GatewayError",
+    "StoreConflict",
+    "StoreError",
+    "StoreTimeout",
+    "StoreUnavailable",
+]
+
+
+class GatewayError(Exception):
+    """Root of every exception hangon raises."""
+
+
+class ConfigError(GatewayError):
+    """A configuration value is invalid.
+
+    Args:
+        name: The setting, as the user wrote it (``HANGON_TTL`` or ``--ttl``).
+        value: The offending value.
+        problem: What is wrong with it.
+    """
+
+    def __init__(self, name: str, value: object, problem: str) -> None:
+        super().__init__(name, value, problem)
+        self.name = name
+        self.value = value
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.value!r}: {self.problem}"
+
+
+class StoreError(GatewayError):
+    """A session store operation failed.
+
+    Args:
+        op: The store operation (``restore``, ``write_turn``, ``end``, ``touch``, ``ping``).
+        detail: What went wrong.
+    """
+
+    retryable = False
+
+    def __init__(self, op: str, detail: str) -> None:
+        super().__init__(op, detail)
+        self.op = op
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.op}: {self.detail}"
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be reached; the operation may be retried."""
+
+    retryable = True
+
+
+class StoreTimeout(StoreError):
+    """The store did not answer in time; the operation may be retried."""
+
+    retryable = True
+
+
+class StoreConflict(StoreError):
+    """The stored session is no longer the one this connection holds.
+
+    Raised when a write finds a newer version, a different session ID (the old
+    one expired or went stale and was replaced) or no session at all.
+    """

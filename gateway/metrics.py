@@ -1,0 +1,115 @@
+"""Prometheus metrics. No module-level metric objects: each :class:`Metrics` owns its
+registry, so every test gets fresh counters.
+
+Labels come only from closed sets: restore outcomes, store operations, error
+kinds and protocol error codes. Never a session ID, caller or tenant.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from gateway.core.protocol import ERRORS
+from gateway.core.resume import Outcome
+from gateway.exceptions import StoreConflict, StoreError, StoreTimeout, StoreUnavailable
+
+__all__ = ["Metrics"]
+
+_STORE_OPS = ("restore", "write_turn", "end", "touch", "ping")
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def error_kind(exc: StoreError) -> str:
+    """Return the closed-set label for a store error."""
+    if isinstance(exc, StoreTimeout):
+        return "timeout"
+    if isinstance(exc, StoreUnavailable):
+        return "unavailable"
+    if isinstance(exc, StoreConflict):
+        return "conflict"
+    return "other"
+
+
+class Metrics:
+    """Every metric the gateway exports.
+
+    Args:
+        registry: Where to register; a fresh one by default.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.restores = Counter(
+            "restores",
+            "Hellos by what the store held for the caller key.",
+            ["outcome"],
+            namespace="hangon",
+            subsystem="session",
+            registry=r,
+        )
+        self.turns = Counter(
+            "turns",
+            "Turns acknowledged, by whether they were applied or re-sent.",
+            ["outcome"],
+            namespace="hangon",
+            subsystem="session",
+            registry=r,
+        )
+        self.sessions_active = Gauge(
+            "active",
+            "Sessions with a connected client on this instance.",
+            namespace="hangon",
+            subsystem="session",
+            registry=r,
+        )
+        self.connections_active = Gauge(
+            "active",
+            "Open WebSocket connections, before and after hello.",
+            namespace="hangon",
+            subsystem="connection",
+            registry=r,
+        )
+        self.protocol_errors = Counter(
+            "errors",
+            "Connections closed for bad input or a failure, by error code.",
+            ["code"],
+            namespace="hangon",
+            subsystem="protocol",
+            registry=r,
+        )
+        self.store_seconds = Histogram(
+            "op_seconds",
+            "Store operation latency, retries included; write_turn is the per-turn snapshot write.",
+            ["op"],
+            namespace="hangon",
+            subsystem="store",
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.store_errors = Counter(
+            "errors",
+            "Store operation failures (each attempt), by operation and kind.",
+            ["op", "kind"],
+            namespace="hangon",
+            subsystem="store",
+            registry=r,
+        )
+        # Pre-create children so that dashboards see zeros, not gaps.
+        for outcome in Outcome:
+            self.restores.labels(outcome.value)
+        self.restores.labels("error")
+        for turn in ("applied", "duplicate"):
+            self.turns.labels(turn)
+        for code in ERRORS:
+            self.protocol_errors.labels(code)
+        for op in _STORE_OPS:
+            self.store_seconds.labels(op)
+
+    def store_error(self, exc: StoreError) -> None:
+        """Count one failed store attempt."""
+        self.store_errors.labels(exc.op, error_kind(exc)).inc()
+
+    def render(self) -> bytes:
+        """Return the registry in the Prometheus text format."""
+        return bytes(generate_latest(self.registry))

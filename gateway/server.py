@@ -1,0 +1,159 @@
+"""The gateway server: accepts WebSocket clients and answers HTTP probes on one port.
+
+``GET /healthz`` answers while the event loop runs; ``GET /readyz`` answers 200
+only when the store answers a ping and the server is not shutting down;
+``GET /metrics`` is the Prometheus text format. The WebSocket endpoint is
+``--path`` (``/ws``); any other path is 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from types import TracebackType
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from gateway.config import Config
+from gateway.core.backoff import backoff
+from gateway.exceptions import StoreError
+from gateway.metrics import Metrics
+from gateway.store.base import SessionStore, StoreSettings
+from gateway.store.memory_store import MemoryStore
+from gateway.store.redis_store import RedisStore
+from gateway.transport.client_ws import ClientContext, handle_client, now_ms
+
+__all__ = ["Gateway", "open_store"]
+
+log = logging.getLogger("gateway.server")
+
+_READY_TIMEOUT = 1.0
+
+
+def open_store(config: Config) -> SessionStore:
+    """Create the store ``config`` names: Redis if a URL is set, else memory."""
+    s = config.store
+    settings = StoreSettings(
+        key_prefix=s.key_prefix, ttl=s.ttl, end_ttl=s.end_ttl, max_age=s.max_age
+    )
+    if s.redis_url is None:
+        return MemoryStore(settings)
+    return RedisStore(
+        s.redis_url, settings, socket_timeout=s.socket_timeout, connect_timeout=s.connect_timeout
+    )
+
+
+class Gateway:
+    """A running gateway: store, metrics and the WebSocket server.
+
+    Args:
+        config: Settings.
+        store: Use this store instead of the one ``config`` names.
+        metrics: Use these metrics (and their registry) instead of fresh ones.
+        delays: Retry delays per store operation; backoff from ``config`` by default.
+        clock: Milliseconds since the epoch.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: SessionStore | None = None,
+        metrics: Metrics | None = None,
+        delays: Callable[[], Iterable[float]] | None = None,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.config = config
+        self.store = store if store is not None else open_store(config)
+        self.metrics = metrics if metrics is not None else Metrics()
+        s = config.store
+        self.context = ClientContext(
+            store=self.store,
+            metrics=self.metrics,
+            max_message_size=config.limits.max_message_size,
+            default_region=config.caller.default_region,
+            delays=delays
+            or functools.partial(
+                backoff,
+                initial_delay=s.retry_initial_delay,
+                max_delay=s.retry_max_delay,
+                attempts=s.retry_attempts,
+            ),
+            clock=clock,
+        )
+        self.server: Server | None = None
+        self.closing = False
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on (useful with port 0)."""
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Start listening."""
+        max_size = self.config.limits.max_message_size
+        self.server = await serve(
+            functools.partial(handle_client, self.context),
+            self.config.server.host,
+            self.config.server.port,
+            process_request=self._http,
+            # Frames up to twice the limit reach the protocol, which answers with an
+            # error frame; websockets drops larger ones itself with 1009.
+            max_size=2 * max_size,
+            ping_interval=self.config.keepalive.ping_interval,
+            ping_timeout=self.config.keepalive.ping_timeout,
+            compression=None,
+            close_timeout=5,
+        )
+
+    async def aclose(self) -> None:
+        """Stop accepting, close every client with 1001 and release the store."""
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        await self.store.aclose()
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.partition("?")[0]
+        if path == self.config.server.path:
+            return None
+        if path == "/healthz":
+            return connection.respond(200, "ok\n")
+        if path == "/readyz":
+            return await self._ready(connection)
+        if path == "/metrics":
+            body = self.metrics.render()
+            headers = Headers(
+                [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))]
+            )
+            return Response(200, "OK", headers, body)
+        if path == "/":
+            return connection.respond(
+                200, f"hangon: WebSocket clients connect to {self.config.server.path}\n"
+            )
+        return connection.respond(404, "not found\n")
+
+    async def _ready(self, connection: ServerConnection) -> Response:
+        if self.closing:
+            return connection.respond(503, "shutting down\n")
+        try:
+            await asyncio.wait_for(self.store.ping(), _READY_TIMEOUT)
+        except (StoreError, TimeoutError) as exc:
+            return connection.respond(503, f"store unavailable: {exc}\n")
+        return connection.respond(200, "ready\n")

@@ -1,0 +1,103 @@
+"""The interface every session store implements, and the storage layout.
+
+Storage layout (Redis; the memory store keeps the same records in a dict)::
+
+    {prefix}{tenant}:{{digest}}:session   hash  sid tok ver state created updated [ended]
+    {prefix}{tenant}:{{digest}}:turns     zset  turn_id -> version it produced (last 64)
+
+``digest`` is :meth:`CallerKey.digest`: no phone number or user ID appears in a
+key. Every key of one session shares the hash tag ``{digest}``, so each script
+touches one Redis Cluster slot. Every key carries a TTL refreshed on each write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.core.callerkey import CallerKey
+from gateway.core.resume import Outcome
+from gateway.core.session import Session, SessionId, TurnWrite
+
+__all__ = ["Restored", "SessionStore", "StoreSettings", "session_keys"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreSettings:
+    """What every store needs to know about keys and lifetimes."""
+
+    key_prefix: str = "hangon:"
+    """Prefix of every key."""
+    ttl: float = 3600.0
+    """Seconds a live session's keys outlive its last write."""
+    end_ttl: float = 300.0
+    """Seconds a session's keys live after ``bye``."""
+    max_age: float | None = 900.0
+    """Seconds of inactivity after which a session is stale; ``None`` disables."""
+
+
+def session_keys(prefix: str, caller: CallerKey) -> tuple[str, str]:
+    """Return the (session hash, turns zset) keys of ``caller``."""
+    base = f"{prefix}{caller.tenant}:{{{caller.digest()}}}"
+    return f"{base}:session", f"{base}:turns"
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What a restore found: the outcome and, unless refused or ended, the session."""
+
+    outcome: Outcome
+    session: Session | None
+
+
+class SessionStore(Protocol):
+    """Durable session snapshots keyed by caller.
+
+    Implementations raise :class:`~gateway.exceptions.StoreUnavailable` or
+    :class:`~gateway.exceptions.StoreTimeout` for transient failures (the caller
+    retries) and :class:`~gateway.exceptions.StoreConflict` when the stored
+    session is no longer the one being written.
+    """
+
+    name: str
+    """``memory`` or ``redis``; a metrics label."""
+
+    async def restore(
+        self, caller: CallerKey, *, token: str | None, candidate: Session, now_ms: int
+    ) -> Restored:
+        """Find the session of ``caller`` and load it, in one step.
+
+        A live session whose token matches (or ``token`` is ``None``) is a hit and
+        its ``updated`` time is refreshed; a missing or stale one is replaced by
+        ``candidate``; a refused or ended one is left untouched.
+        """
+        ...
+
+    async def write_turn(self, caller: CallerKey, session_id: SessionId, write: TurnWrite) -> int:
+        """Write the snapshot after a turn and record its turn ID, in one step.
+
+        Returns:
+            The version the turn produced: ``write.version``, or the version
+            recorded earlier if this turn ID was already applied.
+
+        Raises:
+            StoreConflict: If the stored session is not ``session_id`` at
+                ``write.base_version``.
+        """
+        ...
+
+    async def end(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
+        """Mark the session ended; its keys then live for ``end_ttl``."""
+        ...
+
+    async def touch(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
+        """Record activity (a disconnect) so the session's age restarts."""
+        ...
+
+    async def ping(self) -> None:
+        """Return if the store answers; raise a store error otherwise."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

@@ -1,0 +1,143 @@
+"""The embedded store: one process, nothing survives a restart.
+
+It keeps the same records, lifetimes and decisions as the Redis store (the
+shared store tests run against both), serialising state with orjson so that a
+caller can never alias stored state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gateway.core import codec
+from gateway.core.callerkey import CallerKey
+from gateway.core.resume import Outcome, classify
+from gateway.core.session import RECENT_TURNS, ResumeToken, Session, SessionId, TurnWrite, remember
+from gateway.exceptions import StoreConflict
+from gateway.store.base import Restored, StoreSettings, session_keys
+
+__all__ = ["MemoryStore"]
+
+_SWEEP_EVERY = 1024
+
+
+@dataclass(slots=True)
+class _Record:
+    sid: SessionId
+    tok: ResumeToken
+    ver: int
+    state: bytes
+    created: int
+    updated: int
+    expires: int
+    ended: int | None = None
+    turns: dict[str, int] = field(default_factory=dict)
+
+    def session(self) -> Session:
+        return Session(
+            self.sid,
+            self.tok,
+            self.ver,
+            codec.loads(self.state),
+            self.created,
+            self.updated,
+            dict(self.turns),
+        )
+
+
+class MemoryStore:
+    """A :class:`~gateway.store.base.SessionStore` in a dict."""
+
+    name = "memory"
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        self._records: dict[str, _Record] = {}
+        self._ops = 0
+
+    def _get(self, caller: CallerKey, now_ms: int) -> tuple[str, _Record | None]:
+        key = session_keys(self.settings.key_prefix, caller)[0]
+        self._ops += 1
+        if self._ops % _SWEEP_EVERY == 0:
+            self._sweep(now_ms)
+        record = self._records.get(key)
+        if record is not None and record.expires <= now_ms:
+            del self._records[key]
+            record = None
+        return key, record
+
+    def _sweep(self, now_ms: int) -> None:
+        for key in [k for k, r in self._records.items() if r.expires <= now_ms]:
+            del self._records[key]
+
+    def _ttl_ms(self) -> int:
+        return int(self.settings.ttl * 1000)
+
+    async def restore(
+        self, caller: CallerKey, *, token: str | None, candidate: Session, now_ms: int
+    ) -> Restored:
+        key, record = self._get(caller, now_ms)
+        max_age = self.settings.max_age
+        outcome = classify(
+            exists=record is not None,
+            ended=record is not None and record.ended is not None,
+            updated_ms=record.updated if record else 0,
+            stored_token=record.tok if record else "",
+            token=token,
+            now_ms=now_ms,
+            max_age_ms=None if max_age is None else int(max_age * 1000),
+        )
+        if outcome in (Outcome.REFUSED, Outcome.ENDED):
+            return Restored(outcome, None)
+        if outcome is Outcome.HIT:
+            assert record is not None
+            record.updated = now_ms
+            record.expires = now_ms + self._ttl_ms()
+            return Restored(outcome, record.session())
+        self._records[key] = _Record(
+            candidate.session_id,
+            candidate.resume_token,
+            candidate.version,
+            codec.dumps(candidate.state),
+            now_ms,
+            now_ms,
+            now_ms + self._ttl_ms(),
+        )
+        return Restored(outcome, self._records[key].session())
+
+    async def write_turn(self, caller: CallerKey, session_id: SessionId, write: TurnWrite) -> int:
+        _, record = self._get(caller, write.at_ms)
+        if record is None or record.sid != session_id:
+            raise StoreConflict("write_turn", "session expired or was replaced")
+        seen = record.turns.get(write.turn_id)
+        if seen is not None:
+            return seen
+        if record.ended is not None:
+            raise StoreConflict("write_turn", "session ended")
+        if record.ver != write.base_version:
+            raise StoreConflict("write_turn", f"stored version is {record.ver}")
+        record.ver = write.version
+        record.state = codec.dumps(write.state)
+        record.updated = write.at_ms
+        record.expires = write.at_ms + self._ttl_ms()
+        remember(record.turns, write.turn_id, write.version)
+        assert len(record.turns) <= RECENT_TURNS
+        return write.version
+
+    async def end(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
+        _, record = self._get(caller, now_ms)
+        if record is not None and record.sid == session_id and record.ended is None:
+            record.ended = record.updated = now_ms
+            record.expires = now_ms + int(self.settings.end_ttl * 1000)
+
+    async def touch(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
+        _, record = self._get(caller, now_ms)
+        if record is not None and record.sid == session_id and record.ended is None:
+            record.updated = now_ms
+            record.expires = now_ms + self._ttl_ms()
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self._records.clear()

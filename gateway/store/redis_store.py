@@ -1,0 +1,175 @@
+"""The Redis store: every restore and every turn is one script call, one round trip.
+
+Scripts live in ``scripts/*.lua``, are read once and run with EVALSHA (redis-py
+falls back to EVAL after a ``NOSCRIPT``, e.g. when Redis restarted). Each
+script touches only the keys of one session, which share a hash tag, so they
+run unchanged on Redis Cluster.
+
+redis-py's own retries are switched off: :mod:`gateway.store.retry` retries
+with the gateway's backoff, and redis-py exceptions are mapped to store errors
+in :func:`_mapped` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from gateway.core import codec
+from gateway.core.callerkey import CallerKey
+from gateway.core.resume import Outcome
+from gateway.core.session import RECENT_TURNS, ResumeToken, Session, SessionId, TurnWrite
+from gateway.exceptions import (
+    StoreConflict,
+    StoreError,
+    StoreTimeout,
+    StoreUnavailable,
+)
+from gateway.store.base import Restored, StoreSettings, session_keys
+
+__all__ = ["RedisStore"]
+
+
+def _script(name: str) -> str:
+    return resources.files("gateway.store").joinpath("scripts", name).read_text()
+
+
+@contextmanager
+def _mapped(op: str) -> Iterator[None]:
+    """Turn redis-py exceptions into store errors (the only place that does)."""
+    try:
+        yield
+    except (rex.TimeoutError, TimeoutError) as exc:
+        raise StoreTimeout(op, str(exc) or "timed out") from exc
+    except (rex.ConnectionError, rex.ReadOnlyError, rex.TryAgainError, OSError) as exc:
+        # ReadOnlyError: a failover left us talking to a replica for a moment.
+        raise StoreUnavailable(op, str(exc) or type(exc).__name__) from exc
+    except rex.RedisError as exc:
+        raise StoreError(op, str(exc)) from exc
+
+
+def _text(value: bytes) -> str:
+    return value.decode()
+
+
+class RedisStore:
+    """A :class:`~gateway.store.base.SessionStore` on Redis.
+
+    Args:
+        url: ``redis://`` or ``rediss://`` URL.
+        settings: Key prefix and lifetimes.
+        socket_timeout: Seconds to wait for a reply before :class:`StoreTimeout`.
+        connect_timeout: Seconds to wait for a connection.
+        max_connections: Size of the connection pool.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        settings: StoreSettings,
+        *,
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 2.0,
+        max_connections: int = 256,
+    ) -> None:
+        self.settings = settings
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=max_connections,
+        )
+        self._restore = self.client.register_script(_script("restore.lua"))
+        self._turn = self.client.register_script(_script("turn.lua"))
+        self._end = self.client.register_script(_script("end.lua"))
+        self._touch = self.client.register_script(_script("touch.lua"))
+        self._ttl_ms = int(settings.ttl * 1000)
+
+    async def restore(
+        self, caller: CallerKey, *, token: str | None, candidate: Session, now_ms: int
+    ) -> Restored:
+        max_age = self.settings.max_age
+        with _mapped("restore"):
+            reply: list[Any] = await self._restore(
+                keys=session_keys(self.settings.key_prefix, caller),
+                args=[
+                    now_ms,
+                    -1 if max_age is None else int(max_age * 1000),
+                    self._ttl_ms,
+                    token or "",
+                    candidate.session_id,
+                    candidate.resume_token,
+                    codec.dumps(candidate.state),
+                ],
+            )
+        outcome = Outcome(_text(reply[0]))
+        if len(reply) == 1:
+            return Restored(outcome, None)
+        sid, tok, ver, state, created, updated, turns = reply[1:]
+        recent = {_text(turns[i]): int(turns[i + 1]) for i in range(0, len(turns), 2)}
+        session = Session(
+            SessionId(_text(sid)),
+            ResumeToken(_text(tok)),
+            int(ver),
+            codec.loads(state),
+            int(created),
+            int(updated),
+            recent,
+        )
+        return Restored(outcome, session)
+
+    async def write_turn(self, caller: CallerKey, session_id: SessionId, write: TurnWrite) -> int:
+        with _mapped("write_turn"):
+            reply: list[Any] = await self._turn(
+                keys=session_keys(self.settings.key_prefix, caller),
+                args=[
+                    session_id,
+                    write.base_version,
+                    write.version,
+                    codec.dumps(write.state),
+                    write.turn_id,
+                    write.at_ms,
+                    self._ttl_ms,
+                    RECENT_TURNS,
+                ],
+            )
+        status = _text(reply[0])
+        if status in ("ok", "dup"):
+            return int(reply[1])
+        if status == "conflict":
+            raise StoreConflict("write_turn", f"stored version is {_text(reply[1])}")
+        raise StoreConflict(
+            "write_turn",
+            "session ended" if status == "ended" else "session expired or was replaced",
+        )
+
+    async def end(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
+        with _mapped("end"):
+            await self._end(
+                keys=session_keys(self.settings.key_prefix, caller),
+                args=[session_id, now_ms, int(self.settings.end_ttl * 1000)],
+            )
+
+    async def touch(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
+        with _mapped("touch"):
+            await self._touch(
+                keys=session_keys(self.settings.key_prefix, caller),
+                args=[session_id, now_ms, self._ttl_ms],
+            )
+
+    async def ping(self) -> None:
+        with _mapped("ping"):
+            await self.client.ping()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()

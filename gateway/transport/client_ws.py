@@ -1,0 +1,235 @@
+"""Drive :class:`gateway.core.protocol.Protocol` over one client WebSocket.
+
+Frames of one connection are handled strictly in order: a turn is written and
+acknowledged before the next frame is read, so acks leave in turn order and an
+ack always follows a durable write.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from gateway.core.callerkey import CallerKey
+from gateway.core.closecodes import BYE
+from gateway.core.events import Bye, Hello, Turn
+from gateway.core.protocol import Protocol
+from gateway.core.resume import Outcome
+from gateway.core.session import (
+    Session,
+    SessionId,
+    empty_state,
+    new_resume_token,
+    new_session_id,
+)
+from gateway.exceptions import StoreConflict, StoreError
+from gateway.metrics import Metrics
+from gateway.store.base import SessionStore
+from gateway.store.retry import retry
+
+__all__ = ["ClientContext", "LiveSession", "handle_client", "now_ms"]
+
+log = logging.getLogger("gateway.client")
+T = TypeVar("T")
+
+_REFUSALS = {
+    Outcome.REFUSED: ("resume_refused", "the resume token does not match this session"),
+    Outcome.ENDED: ("session_ended", "this call ended with bye; a new call needs a new call_id"),
+}
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds: stored timestamps are compared across instances."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class LiveSession:
+    """A session with a client connected to this instance."""
+
+    caller: CallerKey
+    session: Session
+    ws: ServerConnection
+    protocol: Protocol
+    ended: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
+class ClientContext:
+    """What every client connection shares."""
+
+    store: SessionStore
+    metrics: Metrics
+    max_message_size: int
+    default_region: str | None
+    delays: Callable[[], Iterable[float]]
+    """A new sequence of retry delays per store operation."""
+    clock: Callable[[], int] = now_ms
+    live: dict[SessionId, LiveSession] = field(default_factory=dict)
+    """Sessions connected here, to replace a half-open connection on reconnect."""
+
+    async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a store operation with retries, timing it."""
+        with self.metrics.store_seconds.labels(op).time():
+            return await retry(fn, self.delays(), on_error=self.metrics.store_error)
+
+
+async def _flush(ws: ServerConnection, protocol: Protocol) -> None:
+    for frame in protocol.data_to_send():
+        await ws.send(frame, text=True)
+    reason = protocol.close_reason
+    if reason is not None:
+        await ws.close(reason.code, reason.reason)
+
+
+async def handle_client(ctx: ClientContext, ws: ServerConnection) -> None:
+    """Serve one client connection until it closes."""
+    protocol = Protocol(max_message_size=ctx.max_message_size, default_region=ctx.default_region)
+    live: LiveSession | None = None
+    ctx.metrics.connections_active.inc()
+    try:
+        while protocol.close_reason is None:
+            message = await ws.recv()
+            if isinstance(message, bytes):
+                protocol.receive_binary(message)
+                event = None
+            else:
+                event = protocol.receive_text(message)
+            if isinstance(event, Hello):
+                live = await _hello(ctx, ws, protocol, event)
+            elif isinstance(event, Turn):
+                assert live is not None
+                await _turn(ctx, live, event)
+            elif isinstance(event, Bye):
+                assert live is not None
+                await _bye(ctx, live)
+            await _flush(ws, protocol)
+    except ConnectionClosed as exc:
+        if exc.sent is not None and exc.sent.code == 1009:
+            # websockets refused a frame above the hard limit before we saw it.
+            ctx.metrics.protocol_errors.labels("message_too_big").inc()
+    except Exception:
+        log.exception("unexpected error on a client connection")
+        protocol.fail("internal_error", "unexpected error; reconnect to resume")
+        await _flush(ws, protocol)
+    finally:
+        ctx.metrics.connections_active.dec()
+        if protocol.error_code is not None:
+            ctx.metrics.protocol_errors.labels(protocol.error_code).inc()
+        if live is not None:
+            await _release(ctx, live)
+
+
+async def _hello(
+    ctx: ClientContext, ws: ServerConnection, protocol: Protocol, hello: Hello
+) -> LiveSession | None:
+    now = ctx.clock()
+    candidate = Session(new_session_id(), new_resume_token(), 0, empty_state(), now, now)
+    caller = hello.caller
+    try:
+        restored = await ctx.call(
+            "restore",
+            lambda: ctx.store.restore(
+                caller, token=hello.resume_token, candidate=candidate, now_ms=now
+            ),
+        )
+    except StoreError as exc:
+        ctx.metrics.restores.labels("error").inc()
+        log.warning("restore failed caller=%s error=%s", caller.digest(), exc)
+        protocol.fail("store_unavailable", "session store unavailable; reconnect to retry")
+        return None
+    outcome, session = restored.outcome, restored.session
+    if session is not None and session.session_id == candidate.session_id:
+        # A retried restore finds the session its lost first attempt created.
+        outcome = Outcome.STALE if outcome is Outcome.STALE else Outcome.MISS
+    ctx.metrics.restores.labels(outcome.value).inc()
+    if session is None:
+        protocol.fail(*_REFUSALS[outcome])
+        log.info("hello refused outcome=%s caller=%s", outcome.value, caller.digest())
+        return None
+    old = ctx.live.get(session.session_id)
+    if old is not None:
+        await _replace(old)
+    protocol.send_welcome(session, resumed=outcome is Outcome.HIT, stale=outcome is Outcome.STALE)
+    live = LiveSession(caller, session, ws, protocol)
+    ctx.live[session.session_id] = live
+    ctx.metrics.sessions_active.inc()
+    log.info(
+        "session open outcome=%s session=%s tenant=%s version=%d",
+        outcome.value,
+        session.session_id,
+        caller.tenant,
+        session.version,
+    )
+    return live
+
+
+async def _replace(old: LiveSession) -> None:
+    """Close a connection whose session a newer connection just resumed."""
+    old.protocol.fail("session_replaced", "a newer connection resumed this session")
+    try:
+        await _flush(old.ws, old.protocol)
+    except ConnectionClosed:
+        pass
+
+
+async def _turn(ctx: ClientContext, live: LiveSession, turn: Turn) -> None:
+    session, protocol = live.session, live.protocol
+    applied = session.applied_version(turn.turn_id)
+    if applied is not None:
+        ctx.metrics.turns.labels("duplicate").inc()
+        protocol.send_ack(turn.turn_id, applied)
+        return
+    write = session.apply(turn, ctx.clock())
+    try:
+        version = await ctx.call(
+            "write_turn", lambda: ctx.store.write_turn(live.caller, session.session_id, write)
+        )
+    except StoreConflict as exc:
+        log.info("turn refused session=%s reason=%s", session.session_id, exc.detail)
+        protocol.fail("session_conflict", f"{exc.detail}; reconnect to resume")
+        return
+    except StoreError as exc:
+        log.warning("turn not written session=%s error=%s", session.session_id, exc)
+        protocol.fail("store_unavailable", "turn not saved: store unavailable; reconnect, resend")
+        return
+    if version == write.version:
+        session.commit(write)
+        ctx.metrics.turns.labels("applied").inc()
+    else:
+        # Another connection applied this turn ID first; our copy is behind and the
+        # next write will be refused as a conflict, which makes the client resume.
+        ctx.metrics.turns.labels("duplicate").inc()
+    protocol.send_ack(turn.turn_id, version)
+
+
+async def _bye(ctx: ClientContext, live: LiveSession) -> None:
+    sid = live.session.session_id
+    try:
+        await ctx.call("end", lambda: ctx.store.end(live.caller, sid, ctx.clock()))
+    except StoreError:
+        live.protocol.fail("store_unavailable", "bye not saved: store unavailable; reconnect")
+        return
+    live.ended = True
+    live.protocol.close(BYE)
+    log.info("session end session=%s", sid)
+
+
+async def _release(ctx: ClientContext, live: LiveSession) -> None:
+    sid = live.session.session_id
+    if ctx.live.get(sid) is live:
+        del ctx.live[sid]
+    ctx.metrics.sessions_active.dec()
+    if live.ended:
+        return
+    try:
+        # Best effort: a crash skips this, and the age then counts from the last write.
+        await ctx.call("touch", lambda: ctx.store.touch(live.caller, sid, ctx.clock()))
+    except StoreError as exc:
+        log.warning("touch on disconnect failed session=%s error=%s", sid, exc)
