@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from gateway.core.callerkey import CallerKey
 from gateway.core.closecodes import BYE
@@ -80,11 +81,14 @@ class ClientContext:
             return await retry(fn, self.delays(), on_error=self.metrics.store_error)
 
 
-async def _flush(ws: ServerConnection, protocol: Protocol) -> None:
+async def _flush(ctx: ClientContext, ws: ServerConnection, protocol: Protocol) -> None:
+    """Write queued frames; close if the protocol says so, counting the error first."""
     for frame in protocol.data_to_send():
         await ws.send(frame, text=True)
     reason = protocol.close_reason
-    if reason is not None:
+    if reason is not None and ws.state is State.OPEN:
+        if protocol.error_code is not None:
+            ctx.metrics.protocol_errors.labels(protocol.error_code).inc()
         await ws.close(reason.code, reason.reason)
 
 
@@ -109,7 +113,7 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection) -> None:
             elif isinstance(event, Bye):
                 assert live is not None
                 await _bye(ctx, live)
-            await _flush(ws, protocol)
+            await _flush(ctx, ws, protocol)
     except ConnectionClosed as exc:
         if exc.sent is not None and exc.sent.code == 1009:
             # websockets refused a frame above the hard limit before we saw it.
@@ -117,11 +121,9 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection) -> None:
     except Exception:
         log.exception("unexpected error on a client connection")
         protocol.fail("internal_error", "unexpected error; reconnect to resume")
-        await _flush(ws, protocol)
+        await _flush(ctx, ws, protocol)
     finally:
         ctx.metrics.connections_active.dec()
-        if protocol.error_code is not None:
-            ctx.metrics.protocol_errors.labels(protocol.error_code).inc()
         if live is not None:
             await _release(ctx, live)
 
@@ -155,7 +157,7 @@ async def _hello(
         return None
     old = ctx.live.get(session.session_id)
     if old is not None:
-        await _replace(old)
+        await _replace(ctx, old)
     protocol.send_welcome(session, resumed=outcome is Outcome.HIT, stale=outcome is Outcome.STALE)
     live = LiveSession(caller, session, ws, protocol)
     ctx.live[session.session_id] = live
@@ -170,11 +172,11 @@ async def _hello(
     return live
 
 
-async def _replace(old: LiveSession) -> None:
+async def _replace(ctx: ClientContext, old: LiveSession) -> None:
     """Close a connection whose session a newer connection just resumed."""
     old.protocol.fail("session_replaced", "a newer connection resumed this session")
     try:
-        await _flush(old.ws, old.protocol)
+        await _flush(ctx, old.ws, old.protocol)
     except ConnectionClosed:
         pass
 

@@ -1,0 +1,153 @@
+"""Shared fixtures: a private redis-server per test run, stores, and a running gateway."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.server import Gateway
+from gateway.store.base import SessionStore, StoreSettings
+from gateway.store.memory_store import MemoryStore
+from gateway.store.redis_store import RedisStore
+from tests.redis_server import RedisServer, ensure_redis_server
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--redis-url",
+        default=None,
+        help="use this Redis instead of starting private redis-server processes "
+        "(tests that kill Redis are skipped)",
+    )
+
+
+@pytest.fixture(scope="session")
+def redis_binary(pytestconfig: pytest.Config) -> str:
+    path = ensure_redis_server()
+    if path is None:
+        pytest.exit(
+            "redis-server not found: install it (apt-get install redis-server) or pass --redis-url",
+            returncode=3,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    external = request.config.getoption("--redis-url")
+    if external:
+        yield external
+        return
+    request.getfixturevalue("redis_binary")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(
+    pytestconfig: pytest.Config, redis_binary: str, tmp_path: Path
+) -> Iterator[RedisServer]:
+    """A durable redis-server for this test alone, which the test may kill and restart."""
+    if pytestconfig.getoption("--redis-url"):
+        pytest.skip("kills Redis; runs only with private redis-server processes")
+    server = RedisServer(tmp_path / "redis", durable=True)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def key_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards (never FLUSHDB)."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+class Clock:
+    """A settable clock in milliseconds, starting now."""
+
+    def __init__(self) -> None:
+        self.now = time.time_ns() // 1_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += int(seconds * 1000)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+StoreFactory = Callable[[StoreSettings], SessionStore]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def make_store(store_kind: str, request: pytest.FixtureRequest) -> StoreFactory:
+    """Build a store of the parametrised kind with the given settings."""
+
+    def factory(settings: StoreSettings) -> SessionStore:
+        if store_kind == "memory":
+            return MemoryStore(settings)
+        url = request.getfixturevalue("redis_url")
+        return RedisStore(url, settings)
+
+    return factory
+
+
+@pytest.fixture
+def settings(key_prefix: str) -> StoreSettings:
+    return StoreSettings(key_prefix=key_prefix, ttl=60.0, end_ttl=30.0, max_age=20.0)
+
+
+@pytest.fixture
+def config(settings: StoreSettings) -> Config:
+    base = Config().replace("server", port=0)
+    return base.replace(
+        "store",
+        key_prefix=settings.key_prefix,
+        ttl=settings.ttl,
+        end_ttl=settings.end_ttl,
+        max_age=settings.max_age,
+    )
+
+
+@pytest.fixture
+async def gateway(
+    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+) -> AsyncIterator[Gateway]:
+    """A gateway on 127.0.0.1, a free port, with the parametrised store and a settable clock."""
+    async with Gateway(
+        config,
+        store=make_store(settings),
+        metrics=Metrics(),
+        clock=clock,
+        delays=lambda: [0.01, 0.02, 0.05],
+    ) as gw:
+        yield gw

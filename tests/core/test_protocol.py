@@ -1,0 +1,196 @@
+"""Protocol v1 frame by frame, with no event loop."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gateway.core import closecodes
+from gateway.core.events import Bye, Hello, Turn
+from gateway.core.protocol import ERRORS, Phase, Protocol
+from gateway.core.session import ResumeToken, Session, SessionId
+
+CALLER = {"phone": "+14155550100", "call_id": "c1"}
+
+
+def frame(message: dict[str, Any]) -> str:
+    return json.dumps(message)
+
+
+def frames(protocol: Protocol) -> list[dict[str, Any]]:
+    return [json.loads(f) for f in protocol.data_to_send()]
+
+
+def opened() -> Protocol:
+    protocol = Protocol(max_message_size=1024)
+    protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
+    session = Session(SessionId("s_1"), ResumeToken("tok"), 3, {"form_answers": {}}, 1, 2)
+    protocol.send_welcome(session, resumed=True, stale=False)
+    protocol.data_to_send()
+    return protocol
+
+
+def test_hello_yields_normalised_caller() -> None:
+    """A hello produces a Hello event with the E.164 caller and moves to RESTORING."""
+    protocol = Protocol(max_message_size=1024)
+    event = protocol.receive_text(
+        frame(
+            {
+                "type": "hello",
+                "caller": {"phone": "+1 (415) 555-0100", "call_id": "c1"},
+                "tenant": "acme",
+                "resume_token": "tok",
+                "last_seq": 4,
+            }
+        )
+    )
+    assert isinstance(event, Hello)
+    assert event.caller.subject == "+14155550100"
+    assert event.caller.tenant == "acme"
+    assert (event.resume_token, event.last_seq) == ("tok", 4)
+    assert protocol.phase is Phase.RESTORING
+    assert protocol.data_to_send() == []
+
+
+def test_welcome_frame_carries_session() -> None:
+    """send_welcome queues a welcome with state, version and token and opens the session."""
+    protocol = Protocol(max_message_size=1024)
+    protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
+    session = Session(SessionId("s_1"), ResumeToken("tok"), 0, {"context": {}}, 1, 1)
+    protocol.send_welcome(session, resumed=False, stale=True)
+    (welcome,) = frames(protocol)
+    assert welcome == {
+        "type": "welcome",
+        "protocol": 1,
+        "session_id": "s_1",
+        "resumed": False,
+        "state": {"context": {}},
+        "version": 0,
+        "resume_token": "tok",
+        "stale": True,
+    }
+    assert protocol.phase is Phase.OPEN
+
+
+def test_turn_and_bye_events() -> None:
+    """An open session yields Turn events with their fields, then Bye."""
+    protocol = opened()
+    event = protocol.receive_text(
+        frame({"type": "turn", "turn_id": "t1", "text": "hi", "form": {"name": "Ada"}})
+    )
+    assert event == Turn("t1", "hi", {"name": "Ada"}, None)
+    protocol.send_ack("t1", 4)
+    assert frames(protocol) == [{"type": "ack", "turn_id": "t1", "version": 4}]
+    assert protocol.receive_text(frame({"type": "bye"})) == Bye()
+
+
+def test_unknown_fields_are_ignored() -> None:
+    """Fields a v1 gateway does not know are ignored, so clients can add them."""
+    protocol = opened()
+    event = protocol.receive_text(frame({"type": "turn", "turn_id": "t1", "future": [1]}))
+    assert event == Turn("t1", None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        ("{not json", "invalid_json"),
+        ("[1, 2]", "invalid_message"),
+        (frame({"no": "type"}), "invalid_message"),
+        (frame({"type": 7}), "invalid_message"),
+        (frame({"type": "dance"}), "unknown_type"),
+        (frame({"type": "turn", "turn_id": "t1"}), "unexpected_message"),
+        (frame({"type": "bye"}), "unexpected_message"),
+        (frame({"type": "hello"}), "invalid_message"),
+        (frame({"type": "hello", "caller": CALLER, "last_seq": -1}), "invalid_message"),
+        (frame({"type": "hello", "caller": CALLER, "last_seq": True}), "invalid_message"),
+        (frame({"type": "hello", "caller": CALLER, "resume_token": 5}), "invalid_message"),
+        (frame({"type": "hello", "caller": {"phone": "12", "call_id": "c"}}), "invalid_caller"),
+        (frame({"type": "hello", "caller": "me"}), "invalid_caller"),
+        ("x" * 2000, "message_too_big"),
+        ('"' + "é" * 600 + '"', "message_too_big"),
+    ],
+)
+def test_bad_frame_before_hello_fails(data: str, code: str) -> None:
+    """Each bad frame queues one error frame with its close code and closes the protocol."""
+    protocol = Protocol(max_message_size=1024)
+    assert protocol.receive_text(data) is None
+    (error,) = frames(protocol)
+    reason = ERRORS[code]
+    assert error["type"] == "error"
+    assert error["code"] == code
+    assert error["close_code"] == reason.code
+    assert error["reconnect"] is reason.reconnect
+    assert error["message"]
+    assert protocol.close_reason is reason
+    assert protocol.error_code == code
+    assert protocol.phase is Phase.CLOSED
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "turn"},
+        {"type": "turn", "turn_id": ""},
+        {"type": "turn", "turn_id": 5},
+        {"type": "turn", "turn_id": "x" * 129},
+        {"type": "turn", "turn_id": "t", "text": 5},
+        {"type": "turn", "turn_id": "t", "form": ["a"]},
+        {"type": "turn", "turn_id": "t", "context": "c"},
+    ],
+)
+def test_malformed_turn_fails(message: dict[str, Any]) -> None:
+    """A turn with a missing or wrongly typed field is invalid_message, close 1007."""
+    protocol = opened()
+    assert protocol.receive_text(frame(message)) is None
+    assert frames(protocol)[0]["code"] == "invalid_message"
+    assert protocol.close_reason == closecodes.INVALID_PAYLOAD
+
+
+def test_second_hello_is_unexpected() -> None:
+    """A hello on an open session is unexpected_message, close 1008."""
+    protocol = opened()
+    protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
+    assert frames(protocol)[0]["code"] == "unexpected_message"
+    assert protocol.close_reason == closecodes.POLICY_VIOLATION
+
+
+def test_binary_frame_fails() -> None:
+    """A binary frame is unsupported_data, close 1003."""
+    protocol = opened()
+    protocol.receive_binary(b"\x00\x01")
+    assert frames(protocol)[0]["code"] == "unsupported_data"
+    assert protocol.close_reason == closecodes.UNSUPPORTED_DATA
+
+
+def test_nothing_after_close() -> None:
+    """After a failure, further frames and failures produce nothing."""
+    protocol = opened()
+    protocol.receive_binary(b"x")
+    protocol.data_to_send()
+    assert protocol.receive_text(frame({"type": "bye"})) is None
+    protocol.receive_binary(b"x")
+    protocol.fail("internal_error", "again")
+    protocol.close(closecodes.BYE)
+    assert protocol.data_to_send() == []
+    assert protocol.close_reason == closecodes.UNSUPPORTED_DATA
+
+
+def test_close_without_error() -> None:
+    """close() sets the reason without an error frame (bye)."""
+    protocol = opened()
+    protocol.close(closecodes.BYE)
+    assert protocol.data_to_send() == []
+    assert protocol.close_reason == closecodes.BYE
+    assert protocol.error_code is None
+
+
+def test_frame_at_limit_is_accepted() -> None:
+    """A frame of exactly max_message_size bytes is parsed, not refused."""
+    protocol = opened()
+    base = frame({"type": "turn", "turn_id": "t", "text": ""})
+    data = base[:-2] + "a" * (1024 - len(base)) + '"}'
+    assert len(data.encode()) == 1024
+    assert isinstance(protocol.receive_text(data), Turn)

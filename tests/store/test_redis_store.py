@@ -1,0 +1,88 @@
+"""What only the Redis store can show: key layout, TTLs, one round trip per operation."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from gateway.core.callerkey import CallerKey
+from gateway.core.session import TurnWrite, empty_state
+from gateway.store.base import StoreSettings
+from gateway.store.redis_store import RedisStore
+from tests.store.test_store import T0, candidate
+
+CALLER = CallerKey("acme", "phone", "+14155550100", "call-1")
+
+
+@pytest.fixture
+async def store(redis_url: str, settings: StoreSettings) -> AsyncIterator[RedisStore]:
+    s = RedisStore(redis_url, settings)
+    yield s
+    await s.aclose()
+
+
+async def test_key_layout(store: RedisStore, redis_url: str, key_prefix: str) -> None:
+    """Both keys sit under prefix and tenant, share one hash tag and hold no phone number."""
+    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert s is not None
+    await store.write_turn(CALLER, s.session_id, TurnWrite("t1", 0, 1, empty_state(), T0 + 1))
+    client = redis.Redis.from_url(redis_url)
+    keys = sorted(k.decode() for k in client.scan_iter(match=key_prefix + "*"))
+    tag = CALLER.digest()
+    assert keys == [f"{key_prefix}acme:{{{tag}}}:session", f"{key_prefix}acme:{{{tag}}}:turns"]
+    assert key_slot(keys[0].encode()) == key_slot(keys[1].encode())
+    for key in keys:
+        assert "4155550100" not in key
+        assert 0 < client.pttl(key) <= 60_000
+    fields = client.hgetall(keys[0])
+    assert set(fields) == {b"sid", b"tok", b"ver", b"state", b"created", b"updated"}
+    client.close()
+
+
+async def test_end_shortens_ttl(store: RedisStore, redis_url: str, key_prefix: str) -> None:
+    """After bye, the session's keys expire after end_ttl instead of ttl."""
+    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert s is not None
+    await store.write_turn(CALLER, s.session_id, TurnWrite("t1", 0, 1, empty_state(), T0 + 1))
+    await store.end(CALLER, s.session_id, T0 + 2)
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=key_prefix + "*"):
+        assert 0 < client.pttl(key) <= 30_000
+    client.close()
+
+
+def _monitor(url: str, seen: list[tuple[str, str]], ready: threading.Event) -> None:
+    client = redis.Redis.from_url(url)
+    with client.monitor() as monitor:
+        ready.set()
+        while True:
+            command = monitor.next_command()
+            text = command["command"]
+            if text.startswith("ECHO end-of-test"):
+                break
+            seen.append((command["client_type"], text.split(" ", 1)[0].upper()))
+    client.close()
+
+
+async def test_one_round_trip_per_operation(store: RedisStore, redis_url: str) -> None:
+    """A restore and a turn each reach Redis as one EVALSHA; the rest runs inside the script."""
+    await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)  # loads scripts
+    seen: list[tuple[str, str]] = []
+    ready = threading.Event()
+    thread = threading.Thread(target=_monitor, args=(redis_url, seen, ready), daemon=True)
+    thread.start()
+    ready.wait(5)
+    restored = await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0 + 1)
+    assert restored.session is not None
+    await store.write_turn(
+        CALLER, restored.session.session_id, TurnWrite("t1", 0, 1, empty_state(), T0 + 2)
+    )
+    await store.client.echo("end-of-test")
+    thread.join(5)
+    from_clients = [name for kind, name in seen if kind != "lua"]
+    assert from_clients == ["EVALSHA", "EVALSHA"]
+    assert ("lua", "HSET") in seen

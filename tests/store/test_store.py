@@ -1,0 +1,208 @@
+"""The store contract, run against every store (memory and Redis) through one factory."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.core.callerkey import CallerKey
+from gateway.core.resume import Outcome
+from gateway.core.session import (
+    ResumeToken,
+    Session,
+    SessionId,
+    TurnWrite,
+    empty_state,
+    new_resume_token,
+    new_session_id,
+)
+from gateway.exceptions import StoreConflict
+from gateway.store.base import SessionStore, StoreSettings
+from tests.conftest import StoreFactory
+
+CALLER = CallerKey("acme", "phone", "+14155550100", "call-1")
+OTHER = CallerKey("acme", "phone", "+14155550100", "call-2")
+T0 = 1_800_000_000_000
+
+
+def candidate(now: int = T0) -> Session:
+    return Session(new_session_id(), new_resume_token(), 0, empty_state(), now, now)
+
+
+def write(session: Session, turn_id: str, at: int, **form: str) -> TurnWrite:
+    state = {**session.state, "form_answers": {**session.state["form_answers"], **form}}
+    return TurnWrite(turn_id, session.version, session.version + 1, state, at)
+
+
+@pytest.fixture
+async def store(make_store: StoreFactory, settings: StoreSettings) -> AsyncIterator[SessionStore]:
+    s = make_store(settings)
+    yield s
+    await s.aclose()
+
+
+async def test_miss_creates_candidate(store: SessionStore) -> None:
+    """A restore for an unknown caller stores and returns the candidate."""
+    cand = candidate()
+    restored = await store.restore(CALLER, token=None, candidate=cand, now_ms=T0)
+    assert restored.outcome is Outcome.MISS
+    assert restored.session == cand
+
+
+async def test_hit_returns_written_state(store: SessionStore) -> None:
+    """After turns, a restore with the token returns the last written state, version and turns."""
+    first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert first is not None
+    w1 = write(first, "t1", T0 + 1, name="Zoë ✓")
+    assert await store.write_turn(CALLER, first.session_id, w1) == 1
+    first.commit(w1)
+    w2 = write(first, "t2", T0 + 2, date={"day": 3}, name="Ada")  # type: ignore[arg-type]
+    assert await store.write_turn(CALLER, first.session_id, w2) == 2
+    restored = await store.restore(
+        CALLER, token=first.resume_token, candidate=candidate(), now_ms=T0 + 5
+    )
+    assert restored.outcome is Outcome.HIT
+    got = restored.session
+    assert got is not None
+    assert (got.session_id, got.resume_token, got.version) == (
+        first.session_id,
+        first.resume_token,
+        2,
+    )
+    assert got.state == w2.state
+    assert got.recent_turns == {"t1": 1, "t2": 2}
+    assert (got.created_ms, got.updated_ms) == (T0, T0 + 5)
+
+
+async def test_tokenless_hello_resumes(store: SessionStore) -> None:
+    """Without a token (authentication off) a live session is resumed."""
+    first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert first is not None
+    again = await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0 + 1)
+    assert again.outcome is Outcome.HIT
+    assert again.session is not None and again.session.session_id == first.session_id
+
+
+async def test_wrong_token_refused_and_changes_nothing(store: SessionStore) -> None:
+    """A wrong token is refused and does not refresh the session's age."""
+    first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert first is not None
+    refused = await store.restore(CALLER, token="wrong", candidate=candidate(), now_ms=T0 + 15_000)
+    assert refused == type(refused)(Outcome.REFUSED, None)
+    # max_age is 20 s: had the refused hello refreshed it, this would be a hit.
+    later = await store.restore(
+        CALLER, token=first.resume_token, candidate=candidate(), now_ms=T0 + 21_000
+    )
+    assert later.outcome is Outcome.STALE
+
+
+async def test_callers_are_isolated(store: SessionStore) -> None:
+    """Two call IDs of one number are two sessions."""
+    a = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    b = await store.restore(OTHER, token=None, candidate=candidate(), now_ms=T0)
+    assert a is not None and b.session is not None
+    assert b.outcome is Outcome.MISS
+    assert a.session_id != b.session.session_id
+
+
+async def test_duplicate_turn_returns_first_version(store: SessionStore) -> None:
+    """A turn ID written before returns its version and changes nothing."""
+    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert s is not None
+    w1 = write(s, "t1", T0 + 1, name="Ada")
+    await store.write_turn(CALLER, s.session_id, w1)
+    s.commit(w1)
+    await store.write_turn(CALLER, s.session_id, write(s, "t2", T0 + 2, name="Bob"))
+    replay = dataclasses.replace(w1, base_version=2, version=3, state={"bogus": True})
+    assert await store.write_turn(CALLER, s.session_id, replay) == 1
+    got = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0 + 3)).session
+    assert got is not None and got.version == 2
+    assert got.state["form_answers"] == {"name": "Bob"}
+
+
+async def test_stale_version_conflicts(store: SessionStore) -> None:
+    """A write based on an old version is refused: no lost update."""
+    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert s is not None
+    await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 1, name="Ada"))
+    with pytest.raises(StoreConflict, match="version is 1"):
+        await store.write_turn(CALLER, s.session_id, write(s, "t2", T0 + 2, name="Bob"))
+
+
+async def test_write_to_unknown_session_conflicts(store: SessionStore) -> None:
+    """A write for a session ID that is not stored is refused."""
+    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert s is not None
+    with pytest.raises(StoreConflict):
+        await store.write_turn(CALLER, SessionId("s_other"), write(s, "t1", T0 + 1))
+    with pytest.raises(StoreConflict):
+        await store.write_turn(OTHER, s.session_id, write(s, "t1", T0 + 1))
+
+
+async def test_stale_session_replaced(store: SessionStore) -> None:
+    """A session idle past max_age is replaced by the candidate, turns and all."""
+    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert s is not None
+    await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 1, name="Ada"))
+    cand = candidate(T0 + 30_000)
+    restored = await store.restore(CALLER, token=s.resume_token, candidate=cand, now_ms=T0 + 30_000)
+    assert restored.outcome is Outcome.STALE
+    assert restored.session == cand
+    # The old session's turns are gone and its writes are refused.
+    fresh = cand
+    assert await store.write_turn(CALLER, fresh.session_id, write(fresh, "t1", T0 + 30_001)) == 1
+    with pytest.raises(StoreConflict):
+        await store.write_turn(CALLER, s.session_id, write(s, "t9", T0 + 30_002))
+
+
+async def test_touch_restarts_age(store: SessionStore) -> None:
+    """touch() on disconnect restarts the max_age clock."""
+    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert s is not None
+    await store.touch(CALLER, s.session_id, T0 + 15_000)
+    restored = await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0 + 30_000)
+    assert restored.outcome is Outcome.HIT
+
+
+async def test_end_refuses_resume_and_writes(store: SessionStore) -> None:
+    """After end(), hellos get ENDED and writes are refused; touch and end do nothing more."""
+    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert s is not None
+    await store.end(CALLER, s.session_id, T0 + 1)
+    await store.end(CALLER, s.session_id, T0 + 2)
+    await store.touch(CALLER, s.session_id, T0 + 3)
+    again = await store.restore(CALLER, token=s.resume_token, candidate=candidate(), now_ms=T0 + 4)
+    assert again.outcome is Outcome.ENDED
+    assert again.session is None
+    with pytest.raises(StoreConflict, match="ended"):
+        await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 5))
+
+
+async def test_keys_expire_after_ttl(make_store: StoreFactory, settings: StoreSettings) -> None:
+    """A session not written for longer than ttl is gone: the next hello is a miss."""
+    store = make_store(dataclasses.replace(settings, ttl=0.3, max_age=None))
+    try:
+        now = T0
+        s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=now)).session
+        assert s is not None
+        await asyncio.sleep(0.4)
+        now += 400
+        restored = await store.restore(CALLER, token=None, candidate=candidate(now), now_ms=now)
+        assert restored.outcome is Outcome.MISS
+    finally:
+        await store.aclose()
+
+
+async def test_ping(store: SessionStore) -> None:
+    """A reachable store answers ping."""
+    await store.ping()
+
+
+def test_token_type_is_str() -> None:
+    """Resume tokens are URL-safe text (they travel in JSON and query strings)."""
+    token = new_resume_token()
+    assert isinstance(token, str) and token == ResumeToken(token)
+    assert token.replace("-", "").replace("_", "").isalnum()

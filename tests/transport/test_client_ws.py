@@ -1,0 +1,226 @@
+"""Protocol v1 over real WebSockets against a real gateway, once per store."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway.server import Gateway
+from tests.conftest import Clock
+from tests.wsclient import closed, connect, hello, recv, send, turn, url
+
+PHONE = {"phone": "+14155550100", "call_id": "call-1"}
+
+
+def errors(gw: Gateway, code: str) -> float:
+    value = gw.metrics.registry.get_sample_value("hangon_protocol_errors_total", {"code": code})
+    return value or 0.0
+
+
+async def settled(gw: Gateway) -> None:
+    """Wait until the gateway has finished with every connection (close handling included)."""
+    for _ in range(500):
+        if not gw.metrics.registry.get_sample_value("hangon_connection_active"):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("connections still open on the gateway")
+
+
+def restores(gw: Gateway, outcome: str) -> float:
+    value = gw.metrics.registry.get_sample_value(
+        "hangon_session_restores_total", {"outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def test_new_session(gateway: Gateway) -> None:
+    """A first hello gets a fresh session: not resumed, version 0, empty state, a token."""
+    async with connect(url(gateway.port)) as ws:
+        welcome = await hello(ws, PHONE)
+    assert welcome["type"] == "welcome"
+    assert welcome["resumed"] is False
+    assert "stale" not in welcome
+    assert welcome["version"] == 0
+    assert welcome["state"] == {"context": {}, "form_answers": {}, "last_turn": None}
+    assert welcome["session_id"].startswith("s_")
+    assert len(welcome["resume_token"]) >= 32
+    assert restores(gateway, "miss") == 1
+
+
+async def test_turns_acked_and_restored(gateway: Gateway) -> None:
+    """Acked turns come back on reconnect, with the phone written another way."""
+    async with connect(url(gateway.port)) as ws:
+        welcome = await hello(ws, PHONE)
+        ack1 = await turn(ws, "t1", text="my name is Ada", form={"name": "Ada"})
+        ack2 = await turn(ws, "t2", form={"date": "2026-12-01"}, context={"intent": "book"})
+    assert ack1 == {"type": "ack", "turn_id": "t1", "version": 1}
+    assert ack2 == {"type": "ack", "turn_id": "t2", "version": 2}
+    async with connect(url(gateway.port)) as ws:
+        again = await hello(
+            ws,
+            {"phone": "+1 (415) 555-0100", "call_id": "call-1"},
+            resume_token=welcome["resume_token"],
+        )
+    assert again["resumed"] is True
+    assert again["session_id"] == welcome["session_id"]
+    assert again["resume_token"] == welcome["resume_token"]
+    assert again["version"] == 2
+    assert again["state"]["form_answers"] == {"name": "Ada", "date": "2026-12-01"}
+    assert again["state"]["context"] == {"intent": "book"}
+    assert again["state"]["last_turn"]["turn_id"] == "t2"
+    assert restores(gateway, "hit") == 1
+
+
+async def test_resent_turn_applied_once(gateway: Gateway) -> None:
+    """A turn re-sent after a drop (its ack lost) is acked with its version, not applied again."""
+    async with connect(url(gateway.port)) as ws:
+        welcome = await hello(ws, PHONE)
+        await turn(ws, "t1", form={"n": 1})
+        await turn(ws, "t2", form={"n": 2})
+    async with connect(url(gateway.port)) as ws:
+        await hello(ws, PHONE, resume_token=welcome["resume_token"])
+        assert await turn(ws, "t1", form={"n": 1}) == {"type": "ack", "turn_id": "t1", "version": 1}
+        assert (await turn(ws, "t3", form={"n": 3}))["version"] == 3
+    async with connect(url(gateway.port)) as ws:
+        state = await hello(ws, PHONE, resume_token=welcome["resume_token"])
+    assert state["version"] == 3
+    assert state["state"]["form_answers"] == {"n": 3}
+    dup = gateway.metrics.registry.get_sample_value(
+        "hangon_session_turns_total", {"outcome": "duplicate"}
+    )
+    assert dup == 1
+
+
+async def test_pipelined_turns_acked_in_order(gateway: Gateway) -> None:
+    """Turns sent back to back, without waiting, are acked in order with rising versions."""
+    async with connect(url(gateway.port)) as ws:
+        await send(ws, {"type": "hello", "caller": PHONE})
+        for i in range(20):
+            await send(ws, {"type": "turn", "turn_id": f"t{i}", "form": {"i": i}})
+        assert (await recv(ws))["type"] == "welcome"
+        acks = [await recv(ws) for _ in range(20)]
+    assert [(a["turn_id"], a["version"]) for a in acks] == [(f"t{i}", i + 1) for i in range(20)]
+
+
+async def test_wrong_token_refused(gateway: Gateway) -> None:
+    """A hello with the wrong token for a live session gets resume_refused and close 4501."""
+    async with connect(url(gateway.port)) as ws:
+        welcome = await hello(ws, PHONE)
+        await turn(ws, "t1", form={"name": "Ada"})
+    async with connect(url(gateway.port)) as ws:
+        await send(ws, {"type": "hello", "caller": PHONE, "resume_token": "forged"})
+        result = await closed(ws)
+    assert result.code == 4501
+    assert result.error is not None and result.error["code"] == "resume_refused"
+    assert result.error["reconnect"] is False
+    async with connect(url(gateway.port)) as ws:
+        again = await hello(ws, PHONE, resume_token=welcome["resume_token"])
+    assert again["version"] == 1
+    assert restores(gateway, "refused") == 1
+
+
+async def test_tokenless_hello_resumes(gateway: Gateway) -> None:
+    """With authentication off, a hello without a token resumes the caller's session."""
+    async with connect(url(gateway.port)) as ws:
+        welcome = await hello(ws, PHONE)
+        await turn(ws, "t1", form={"name": "Ada"})
+    async with connect(url(gateway.port)) as ws:
+        again = await hello(ws, PHONE)
+    assert again["resumed"] is True
+    assert again["session_id"] == welcome["session_id"]
+    assert again["state"]["form_answers"] == {"name": "Ada"}
+
+
+async def test_stale_state_not_resumed(gateway: Gateway, clock: Clock) -> None:
+    """State idle past max_age starts a fresh session flagged stale, never silently resumed."""
+    async with connect(url(gateway.port)) as ws:
+        welcome = await hello(ws, PHONE)
+        await turn(ws, "t1", form={"name": "Ada"})
+    await settled(gateway)
+    clock.advance(21)  # max_age is 20 s in the test config
+    async with connect(url(gateway.port)) as ws:
+        again = await hello(ws, PHONE, resume_token=welcome["resume_token"])
+        ack = await turn(ws, "t1", form={"name": "Bea"})
+    assert again["stale"] is True
+    assert again["resumed"] is False
+    assert again["session_id"] != welcome["session_id"]
+    assert again["version"] == 0
+    assert again["state"]["form_answers"] == {}
+    assert ack["version"] == 1
+    assert restores(gateway, "stale") == 1
+
+
+async def test_disconnect_restarts_age(gateway: Gateway, clock: Clock) -> None:
+    """A caller that stays connected longer than max_age still resumes after a drop."""
+    async with connect(url(gateway.port)) as ws:
+        welcome = await hello(ws, PHONE)
+        await turn(ws, "t1", form={"name": "Ada"})
+        clock.advance(30)  # connected, silent, longer than max_age
+    await settled(gateway)
+    clock.advance(5)
+    async with connect(url(gateway.port)) as ws:
+        again = await hello(ws, PHONE, resume_token=welcome["resume_token"])
+    assert again["resumed"] is True
+    assert again["version"] == 1
+
+
+async def test_bye_ends_session(gateway: Gateway) -> None:
+    """bye closes with 1000; a later hello for that caller key gets session_ended, 4502."""
+    async with connect(url(gateway.port)) as ws:
+        welcome = await hello(ws, PHONE)
+        await turn(ws, "t1", form={"name": "Ada"})
+        await send(ws, {"type": "bye"})
+        result = await closed(ws)
+    assert (result.code, result.error) == (1000, None)
+    async with connect(url(gateway.port)) as ws:
+        await send(ws, {"type": "hello", "caller": PHONE, "resume_token": welcome["resume_token"]})
+        result = await closed(ws)
+    assert result.code == 4502
+    assert result.error is not None and result.error["code"] == "session_ended"
+    assert restores(gateway, "ended") == 1
+
+
+async def test_newer_connection_replaces_older(gateway: Gateway) -> None:
+    """A second connection resuming a session closes the first with 4500; the second works."""
+    async with connect(url(gateway.port)) as old:
+        welcome = await hello(old, PHONE)
+        await turn(old, "t1", form={"name": "Ada"})
+        async with connect(url(gateway.port)) as new:
+            again = await hello(new, PHONE, resume_token=welcome["resume_token"])
+            result = await closed(old)
+            assert (await turn(new, "t2", form={"date": "mon"}))["version"] == 2
+    assert again["version"] == 1
+    assert result.code == 4500
+    assert result.error is not None and result.error["code"] == "session_replaced"
+    await settled(gateway)
+    assert gateway.metrics.registry.get_sample_value("hangon_session_active") == 0
+
+
+async def test_tenants_are_isolated(gateway: Gateway) -> None:
+    """The same phone and call ID in two tenants are two sessions."""
+    async with connect(url(gateway.port)) as ws:
+        a = await hello(ws, PHONE, tenant="acme")
+        await turn(ws, "t1", form={"who": "acme"})
+    async with connect(url(gateway.port)) as ws:
+        b = await hello(ws, PHONE, tenant="globex")
+    assert b["session_id"] != a["session_id"]
+    assert b["resumed"] is False
+    assert b["state"]["form_answers"] == {}
+
+
+async def test_state_round_trips_exactly(gateway: Gateway) -> None:
+    """Nested, unicode and numeric form values come back exactly as sent."""
+    form: dict[str, Any] = {
+        "name": "Zoë 山田 ✓",
+        "party": 4,
+        "price": 12.5,
+        "ok": True,
+        "none": None,
+        "slots": [{"day": "mon", "hours": [9, 10]}],
+    }
+    async with connect(url(gateway.port)) as ws:
+        welcome = await hello(ws, PHONE)
+        await turn(ws, "t1", form=form)
+    async with connect(url(gateway.port)) as ws:
+        again = await hello(ws, PHONE, resume_token=welcome["resume_token"])
+    assert again["state"]["form_answers"] == form

@@ -1,0 +1,64 @@
+"""Small helpers over the real websockets client, for protocol v1."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+__all__ = ["Closed", "closed", "connect", "hello", "recv", "send", "turn", "url"]
+
+
+def url(port: int, path: str = "/ws") -> str:
+    return f"ws://127.0.0.1:{port}{path}"
+
+
+async def send(ws: ClientConnection, message: dict[str, Any]) -> None:
+    await ws.send(json.dumps(message))
+
+
+async def recv(ws: ClientConnection, timeout: float = 5) -> dict[str, Any]:
+    import asyncio
+
+    frame = await asyncio.wait_for(ws.recv(), timeout)
+    assert isinstance(frame, str), "the gateway sends text frames only"
+    message: dict[str, Any] = json.loads(frame)
+    return message
+
+
+async def hello(ws: ClientConnection, caller: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    await send(ws, {"type": "hello", "caller": caller, **fields})
+    return await recv(ws)
+
+
+async def turn(ws: ClientConnection, turn_id: str, **fields: Any) -> dict[str, Any]:
+    await send(ws, {"type": "turn", "turn_id": turn_id, **fields})
+    return await recv(ws)
+
+
+class Closed:
+    """The error frame (if any) and close code that ended a connection."""
+
+    def __init__(self, error: dict[str, Any] | None, code: int | None, reason: str) -> None:
+        self.error = error
+        self.code = code
+        self.reason = reason
+
+
+async def closed(ws: ClientConnection, timeout: float = 5) -> Closed:
+    """Read until the gateway closes; return the last error frame and the close code."""
+    import asyncio
+
+    error = None
+    try:
+        while True:
+            frame = await asyncio.wait_for(ws.recv(), timeout)
+            assert isinstance(frame, str)
+            message = json.loads(frame)
+            if message.get("type") == "error":
+                error = message
+    except ConnectionClosed as exc:
+        rcvd = exc.rcvd
+        return Closed(error, rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
