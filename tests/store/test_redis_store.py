@@ -13,7 +13,7 @@ from gateway.core.callerkey import CallerKey
 from gateway.core.session import TurnWrite, empty_state
 from gateway.store.base import StoreSettings
 from gateway.store.redis_store import RedisStore
-from tests.store.test_store import T0, candidate
+from tests.store.records import T0, candidate
 
 CALLER = CallerKey("acme", "phone", "+14155550100", "call-1")
 

@@ -8,33 +8,16 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.core.callerkey import CallerKey
 from gateway.core.resume import Outcome
 from gateway.core.session import (
     ResumeToken,
-    Session,
     SessionId,
-    TurnWrite,
-    empty_state,
     new_resume_token,
-    new_session_id,
 )
 from gateway.exceptions import StoreConflict
 from gateway.store.base import SessionStore, StoreSettings
 from tests.conftest import StoreFactory
-
-CALLER = CallerKey("acme", "phone", "+14155550100", "call-1")
-OTHER = CallerKey("acme", "phone", "+14155550100", "call-2")
-T0 = 1_800_000_000_000
-
-
-def candidate(now: int = T0) -> Session:
-    return Session(new_session_id(), new_resume_token(), 0, empty_state(), now, now)
-
-
-def write(session: Session, turn_id: str, at: int, **form: str) -> TurnWrite:
-    state = {**session.state, "form_answers": {**session.state["form_answers"], **form}}
-    return TurnWrite(turn_id, session.version, session.version + 1, state, at)
+from tests.store.records import CALLER, OTHER, T0, candidate, write
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 
 from gateway.server import Gateway
-from tests.transport.test_client_ws import errors
+from tests.gwmetrics import errors
 from tests.wsclient import Closed, closed, connect, hello, send, turn, url
 
 PHONE = {"phone": "+14155550100", "call_id": "bad-1"}
