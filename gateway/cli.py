@@ -96,10 +96,11 @@ async def _serve(config: Config) -> None:
     )
     await gateway.start()
     log.info(
-        "listening host=%s port=%d path=%s",
+        "listening host=%s port=%d path=%s loop=%s",
         config.server.host,
         gateway.port,
         config.server.path,
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

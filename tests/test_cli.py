@@ -1,0 +1,104 @@
+"""The command line and configuration: flags, HANGON_* variables, defaults, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import cli
+from gateway.config import OPTIONS, Config
+from gateway.exceptions import ConfigError
+from tests.gateway_process import GatewayProcess
+
+
+def parse(argv: list[str], environ: dict[str, str]) -> Config:
+    args = cli.build_parser(environ).parse_args(["serve", *argv])
+    return cli.config_from_args(args, environ)
+
+
+def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """`hangon serve --help` lists every option with its default and variable."""
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for option in OPTIONS:
+        assert option.flag in out
+        assert option.env in out
+    assert "(default: 3600.0; env HANGON_TTL)" in out
+    assert "(default: none; env HANGON_REDIS_URL)" in out
+    assert "--log-level" in out
+
+
+def test_defaults() -> None:
+    """With nothing set, the embedded memory store on 127.0.0.1:8765."""
+    config = parse([], {})
+    assert config == Config()
+    assert config.store.redis_url is None
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8765)
+
+
+def test_flag_beats_env_beats_default() -> None:
+    """A flag overrides its HANGON_* variable, which overrides the default."""
+    environ = {"HANGON_PORT": "9000", "HANGON_TTL": "120", "HANGON_MAX_AGE": "none"}
+    config = parse(["--port", "9001"], environ)
+    assert config.server.port == 9001
+    assert config.store.ttl == 120.0
+    assert config.store.max_age is None
+
+
+def test_env_error_names_variable() -> None:
+    """A bad variable is reported with its name and value."""
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"HANGON_TTL": "soon"})
+    assert str(info.value).startswith("HANGON_TTL='soon':")
+
+
+def test_flag_error_names_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad flag exits 2 with one line naming the flag."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--port", "-1"])
+    assert info.value.code == 2
+    assert "--port='-1': must not be negative" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("environ", "name"),
+    [
+        ({"HANGON_MAX_AGE": "7200", "HANGON_TTL": "3600"}, "--max-age"),
+        ({"HANGON_KEY_PREFIX": "a{b}"}, "--key-prefix"),
+        ({"HANGON_PATH": "ws"}, "--path"),
+        ({"HANGON_MAX_MESSAGE_SIZE": "10"}, "--max-message-size"),
+        ({"HANGON_PORT": "70000"}, "--port"),
+        ({"HANGON_PING_INTERVAL": "0"}, "HANGON_PING_INTERVAL"),
+    ],
+)
+def test_invalid_values(environ: dict[str, str], name: str) -> None:
+    """Out-of-range and inconsistent settings are refused, naming the setting."""
+    with pytest.raises(ConfigError) as info:
+        Config.from_env(environ)
+    assert info.value.name == name
+
+
+def test_python_m_gateway() -> None:
+    """`python -m gateway` is the same command line."""
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "hangon 0.1.0"
+
+
+@pytest.mark.slow
+def test_startup_log_warns(tmp_path: Path) -> None:
+    """The embedded store says state dies with the process; auth-off is warned; uvloop runs."""
+    gw = GatewayProcess(tmp_path / "gw.log")
+    gw.start()
+    try:
+        assert gw.terminate() == 0
+    finally:
+        log = (tmp_path / "gw.log").read_text()
+    assert "store=memory: sessions live in this process only and do not survive a restart" in log
+    assert "authentication is off" in log
+    assert "loop=uvloop" in log
