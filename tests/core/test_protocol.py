@@ -194,3 +194,18 @@ def test_frame_at_limit_is_accepted() -> None:
     data = base[:-2] + "a" * (1024 - len(base)) + '"}'
     assert len(data.encode()) == 1024
     assert isinstance(protocol.receive_text(data), Turn)
+
+
+def test_hello_requires_caller() -> None:
+    """A hello without a caller is invalid_message, close 1007."""
+    protocol = Protocol(max_message_size=1024)
+    protocol.receive_text(frame({"type": "hello", "resume_token": "tok"}))
+    assert frames(protocol)[0]["code"] == "invalid_message"
+
+
+def test_hello_token_length_is_bounded() -> None:
+    """An empty or oversized resume token is invalid_message."""
+    for token in ("", "t" * 257):
+        protocol = Protocol(max_message_size=4096)
+        protocol.receive_text(frame({"type": "hello", "caller": CALLER, "resume_token": token}))
+        assert frames(protocol)[0]["code"] == "invalid_message"
