@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, NewType
 
+from gateway.core import codec
 from gateway.core.events import Turn
 
 __all__ = [
@@ -59,6 +60,8 @@ class TurnWrite:
     version: int
     state: dict[str, Any]
     at_ms: int
+    encoded: bytes
+    """``state`` as JSON, encoded once for the size check and the store."""
 
 
 @dataclass(slots=True)
@@ -94,7 +97,9 @@ class Session:
         if turn.form:
             last["form"] = turn.form
         state["last_turn"] = last
-        return TurnWrite(turn.turn_id, self.version, self.version + 1, state, now_ms)
+        return TurnWrite(
+            turn.turn_id, self.version, self.version + 1, state, now_ms, codec.dumps(state)
+        )
 
     def commit(self, write: TurnWrite) -> None:
         """Adopt ``write`` once it is durable."""

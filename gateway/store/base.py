@@ -2,12 +2,16 @@
 
 Storage layout (Redis; the memory store keeps the same records in a dict)::
 
-    {prefix}{tenant}:{{digest}}:session   hash  sid tok ver state created updated [ended]
-    {prefix}{tenant}:{{digest}}:turns     zset  turn_id -> version it produced (last 64)
+    {prefix}{tenant}:{digest}:session   hash  sid tok ver state created updated origin [ended]
+    {prefix}{tenant}:{digest}:turns     zset  turn_id -> version it produced (last 64)
+
+``{digest}`` is literal braces around the digest: the Redis Cluster hash tag.
+``origin`` is the outcome that created the session (``miss`` or ``stale``), so
+that a retried restore whose first reply was lost answers the same.
 
 ``digest`` is :meth:`CallerKey.digest`: no phone number or user ID appears in a
-key. Every key of one session shares the hash tag ``{digest}``, so each script
-touches one Redis Cluster slot. Every key carries a TTL refreshed on each write.
+key. Every key of one session shares the hash tag, so each script touches one
+Redis Cluster slot. Every key carries a TTL refreshed on each write.
 """
 
 from __future__ import annotations
@@ -69,7 +73,9 @@ class SessionStore(Protocol):
 
         A live session whose token matches (or ``token`` is ``None``) is a hit and
         its ``updated`` time is refreshed; a missing or stale one is replaced by
-        ``candidate``; a refused or ended one is left untouched.
+        ``candidate``; a refused or ended one is left untouched. Finding
+        ``candidate`` itself (a retry after a lost reply) answers as the attempt
+        that stored it did.
         """
         ...
 

@@ -30,6 +30,7 @@ class _Record:
     created: int
     updated: int
     expires: int
+    origin: Outcome
     ended: int | None = None
     turns: dict[str, int] = field(default_factory=dict)
 
@@ -77,6 +78,8 @@ class MemoryStore:
         self, caller: CallerKey, *, token: str | None, candidate: Session, now_ms: int
     ) -> Restored:
         key, record = self._get(caller, now_ms)
+        if record is not None and record.sid == candidate.session_id:
+            return Restored(record.origin, record.session())
         max_age = self.settings.max_age
         outcome = classify(
             exists=record is not None,
@@ -102,6 +105,7 @@ class MemoryStore:
             now_ms,
             now_ms,
             now_ms + self._ttl_ms(),
+            outcome,
         )
         return Restored(outcome, self._records[key].session())
 
@@ -117,7 +121,7 @@ class MemoryStore:
         if record.ver != write.base_version:
             raise StoreConflict("write_turn", f"stored version is {record.ver}")
         record.ver = write.version
-        record.state = codec.dumps(write.state)
+        record.state = write.encoded
         record.updated = write.at_ms
         record.expires = write.at_ms + self._ttl_ms()
         remember(record.turns, write.turn_id, write.version)

@@ -1,9 +1,10 @@
 """The Redis store: every restore and every turn is one script call, one round trip.
 
-Scripts live in ``scripts/*.lua``, are read once and run with EVALSHA (redis-py
-falls back to EVAL after a ``NOSCRIPT``, e.g. when Redis restarted). Each
-script touches only the keys of one session, which share a hash tag, so they
-run unchanged on Redis Cluster.
+Scripts live in ``scripts/*.lua`` and are read once. redis-py runs them with
+EVALSHA; after a ``NOSCRIPT`` (the first call, or Redis restarted) it sends
+``SCRIPT LOAD`` and EVALSHA again. Each script touches only the keys of one
+session, which share a hash tag, so the scripts are ready for Redis Cluster;
+this client is the standalone one.
 
 redis-py's own retries are switched off: :mod:`gateway.store.retry` retries
 with the gateway's backoff, and redis-py exceptions are mapped to store errors
@@ -136,7 +137,7 @@ class RedisStore:
                     session_id,
                     write.base_version,
                     write.version,
-                    codec.dumps(write.state),
+                    write.encoded,
                     write.turn_id,
                     write.at_ms,
                     self._ttl_ms,

@@ -147,9 +147,6 @@ async def _hello(
         protocol.fail("store_unavailable", "session store unavailable; reconnect to retry")
         return None
     outcome, session = restored.outcome, restored.session
-    if session is not None and session.session_id == candidate.session_id:
-        # A retried restore finds the session its lost first attempt created.
-        outcome = Outcome.STALE if outcome is Outcome.STALE else Outcome.MISS
     ctx.metrics.restores.labels(outcome.value).inc()
     if session is None:
         protocol.fail(*_REFUSALS[outcome])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gateway.core import codec
 from gateway.core.callerkey import CallerKey
 from gateway.core.session import (
     Session,
@@ -24,4 +25,4 @@ def candidate(now: int = T0) -> Session:
 
 def write(session: Session, turn_id: str, at: int, **form: str) -> TurnWrite:
     state = {**session.state, "form_answers": {**session.state["form_answers"], **form}}
-    return TurnWrite(turn_id, session.version, session.version + 1, state, at)
+    return TurnWrite(turn_id, session.version, session.version + 1, state, at, codec.dumps(state))

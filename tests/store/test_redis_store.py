@@ -10,10 +10,9 @@ import redis
 from redis.crc import key_slot
 
 from gateway.core.callerkey import CallerKey
-from gateway.core.session import TurnWrite, empty_state
 from gateway.store.base import StoreSettings
 from gateway.store.redis_store import RedisStore
-from tests.store.records import T0, candidate
+from tests.store.records import T0, candidate, write
 
 CALLER = CallerKey("acme", "phone", "+14155550100", "call-1")
 
@@ -29,7 +28,7 @@ async def test_key_layout(store: RedisStore, redis_url: str, key_prefix: str) ->
     """Both keys sit under prefix and tenant, share one hash tag and hold no phone number."""
     s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
     assert s is not None
-    await store.write_turn(CALLER, s.session_id, TurnWrite("t1", 0, 1, empty_state(), T0 + 1))
+    await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 1))
     client = redis.Redis.from_url(redis_url)
     keys = sorted(k.decode() for k in client.scan_iter(match=key_prefix + "*"))
     tag = CALLER.digest()
@@ -39,7 +38,7 @@ async def test_key_layout(store: RedisStore, redis_url: str, key_prefix: str) ->
         assert "4155550100" not in key
         assert 0 < client.pttl(key) <= 60_000
     fields = client.hgetall(keys[0])
-    assert set(fields) == {b"sid", b"tok", b"ver", b"state", b"created", b"updated"}
+    assert set(fields) == {b"sid", b"tok", b"ver", b"state", b"created", b"updated", b"origin"}
     client.close()
 
 
@@ -47,7 +46,7 @@ async def test_end_shortens_ttl(store: RedisStore, redis_url: str, key_prefix: s
     """After bye, the session's keys expire after end_ttl instead of ttl."""
     s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
     assert s is not None
-    await store.write_turn(CALLER, s.session_id, TurnWrite("t1", 0, 1, empty_state(), T0 + 1))
+    await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 1))
     await store.end(CALLER, s.session_id, T0 + 2)
     client = redis.Redis.from_url(redis_url)
     for key in client.scan_iter(match=key_prefix + "*"):
@@ -79,7 +78,7 @@ async def test_one_round_trip_per_operation(store: RedisStore, redis_url: str) -
     restored = await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0 + 1)
     assert restored.session is not None
     await store.write_turn(
-        CALLER, restored.session.session_id, TurnWrite("t1", 0, 1, empty_state(), T0 + 2)
+        CALLER, restored.session.session_id, write(restored.session, "t1", T0 + 2)
     )
     await store.client.echo("end-of-test")
     thread.join(5)

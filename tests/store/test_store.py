@@ -141,6 +141,25 @@ async def test_stale_session_replaced(store: SessionStore) -> None:
         await store.write_turn(CALLER, s.session_id, write(s, "t9", T0 + 30_002))
 
 
+async def test_retried_restore_answers_as_first_attempt(store: SessionStore) -> None:
+    """A restore retried with the same candidate (its reply was lost) gets the same answer,
+    even though the hello's token belonged to the session the first attempt replaced."""
+    old = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert old is not None
+    cand = candidate(T0 + 30_000)
+    for _ in range(2):
+        again = await store.restore(
+            CALLER, token=old.resume_token, candidate=cand, now_ms=T0 + 30_000
+        )
+        assert again == type(again)(Outcome.STALE, cand)
+    cand = candidate()
+    for _ in range(2):
+        fresh = await store.restore(
+            OTHER, token="from-an-expired-session", candidate=cand, now_ms=T0
+        )
+        assert fresh == type(fresh)(Outcome.MISS, cand)
+
+
 async def test_touch_restarts_age(store: SessionStore) -> None:
     """touch() on disconnect restarts the max_age clock."""
     s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session

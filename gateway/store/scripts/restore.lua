@@ -3,9 +3,17 @@
 -- KEYS[1] session hash, KEYS[2] turns zset
 -- ARGV: now_ms, max_age_ms (-1: none), ttl_ms, token ('' : none),
 --       candidate sid, candidate token, candidate state
+-- Returns {outcome} for refused and ended, else
+--         {outcome, sid, token, version, state, created, updated, {turn_id, version, ...}}
 local now = tonumber(ARGV[1])
 local max_age = tonumber(ARGV[2])
-local h = redis.call('HMGET', KEYS[1], 'sid', 'tok', 'ver', 'state', 'created', 'updated', 'ended')
+local h = redis.call('HMGET', KEYS[1], 'sid', 'tok', 'ver', 'state', 'created', 'updated', 'ended',
+  'origin')
+if h[1] == ARGV[5] then
+  -- Our own candidate: this is a retry of a restore whose reply was lost. Answer as the
+  -- first attempt did (miss or stale), whatever token the hello carried.
+  return {h[8], h[1], h[2], h[3], h[4], h[5], h[6], redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')}
+end
 local outcome = 'miss'
 if h[1] then
   if h[7] then
@@ -13,7 +21,9 @@ if h[1] then
   end
   if max_age >= 0 and now - tonumber(h[6]) > max_age then
     outcome = 'stale'
-  elseif ARGV[4] ~= '' and ARGV[4] ~= h[2] then
+  -- Digests, not tokens, are compared, so the comparison's timing does not depend on
+  -- how much of a guessed token is right.
+  elseif ARGV[4] ~= '' and redis.sha1hex(ARGV[4]) ~= redis.sha1hex(h[2]) then
     return {'refused'}
   else
     redis.call('HSET', KEYS[1], 'updated', ARGV[1])
@@ -25,6 +35,6 @@ if h[1] then
 end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'sid', ARGV[5], 'tok', ARGV[6], 'ver', '0', 'state', ARGV[7],
-  'created', ARGV[1], 'updated', ARGV[1])
+  'created', ARGV[1], 'updated', ARGV[1], 'origin', outcome)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {outcome, ARGV[5], ARGV[6], '0', ARGV[7], ARGV[1], ARGV[1], {}}
