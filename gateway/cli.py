@@ -19,6 +19,8 @@ __all__ = ["build_parser", "config_from_args", "main"]
 
 log = logging.getLogger("gateway")
 
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     """uvloop where it is installed (like uvicorn's ``loops/auto.py``), else asyncio's loop."""
@@ -54,7 +56,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level",
         default=environ.get("HANGON_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        choices=_LEVELS,
         help="log level (default: INFO; env HANGON_LOG_LEVEL)",
     )
     return parser
@@ -114,7 +117,10 @@ async def _serve(config: Config) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``hangon`` console script and ``python -m gateway``."""
     environ = os.environ
-    args = build_parser(environ).parse_args(argv)
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    if args.log_level not in _LEVELS:  # argparse does not check a default against choices
+        parser.error(f"HANGON_LOG_LEVEL={args.log_level!r}: must be one of {', '.join(_LEVELS)}")
     handler = logging.StreamHandler()
     handler.setFormatter(_Formatter())
     logging.basicConfig(level=args.log_level, handlers=[handler])

@@ -9,9 +9,12 @@ variable, the variable beats the default.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import phonenumbers
 
 from gateway.exceptions import ConfigError
 
@@ -73,6 +76,8 @@ class StoreConfig:
 class LimitsConfig:
     max_message_size: int = 65536
     """Largest client frame in bytes; larger ones get ``message_too_big`` and close 1009."""
+    max_state_size: int = 262144
+    """Largest session state in bytes of JSON; a turn growing it further gets ``state_too_big``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,6 +108,8 @@ class Config:
             raise ConfigError("--max-age", s.max_age, f"must not exceed --ttl ({s.ttl})")
         if self.limits.max_message_size < 1024:
             raise ConfigError("--max-message-size", self.limits.max_message_size, "below 1024")
+        if self.limits.max_state_size < 1024:
+            raise ConfigError("--max-state-size", self.limits.max_state_size, "below 1024")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:
@@ -122,8 +129,8 @@ class Config:
 def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
-        if value <= 0:
-            raise ValueError("must be positive")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError("must be a positive finite number")
         return value
 
     return parse
@@ -134,6 +141,13 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise ValueError("must not be negative")
     return value
+
+
+def _region(text: str) -> str:
+    region = text.strip().upper()
+    if region not in phonenumbers.SUPPORTED_REGIONS:
+        raise ValueError("not a region phonenumbers knows (ISO 3166 alpha-2, e.g. US)")
+    return region
 
 
 def _or_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -212,9 +226,15 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("limits", "max_message_size", _non_negative_int, "largest client frame in bytes"),
     Option(
+        "limits",
+        "max_state_size",
+        _non_negative_int,
+        "largest session state in bytes of JSON; turns growing it further are refused",
+    ),
+    Option(
         "caller",
         "default_region",
-        _or_none(str),
+        _or_none(_region),
         "region (ISO 3166, e.g. US) for phone numbers without '+'; unset: E.164 only",
     ),
 )
@@ -229,8 +249,7 @@ def from_values(values: Mapping[Option, tuple[str, str]]) -> Config:
             and its raw text.
 
     Raises:
-        ConfigError: Naming the variable or flag and the bad value; a check
-            across options (``--max-age`` above ``--ttl``) names the flag.
+        ConfigError: Naming the variable or flag that set the bad value.
     """
     groups: dict[str, dict[str, Any]] = {}
     for option, (label, text) in values.items():
@@ -240,6 +259,13 @@ def from_values(values: Mapping[Option, tuple[str, str]]) -> Config:
             raise ConfigError(label, text, str(exc)) from None
         groups.setdefault(option.group, {})[option.name] = value
     defaults = Config()
-    return Config(
-        **{g: dataclasses.replace(getattr(defaults, g), **kw) for g, kw in groups.items()}
-    )
+    try:
+        return Config(
+            **{g: dataclasses.replace(getattr(defaults, g), **kw) for g, kw in groups.items()}
+        )
+    except ConfigError as exc:
+        # Config's own checks name the flag; name the variable if that set the value.
+        for option, (label, text) in values.items():
+            if option.flag == exc.name:
+                raise ConfigError(label, text, exc.problem) from None
+        raise

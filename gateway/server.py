@@ -21,7 +21,7 @@ from websockets.http11 import Request, Response
 
 from gateway.config import Config
 from gateway.core.backoff import backoff
-from gateway.exceptions import StoreError
+from gateway.exceptions import StoreError, StoreTimeout
 from gateway.metrics import Metrics
 from gateway.store.base import SessionStore, StoreSettings
 from gateway.store.memory_store import MemoryStore
@@ -76,7 +76,10 @@ class Gateway:
             store=self.store,
             metrics=self.metrics,
             max_message_size=config.limits.max_message_size,
+            max_state_size=config.limits.max_state_size,
             default_region=config.caller.default_region,
+            # A third of the shorter lifetime: two renewals may fail before either runs out.
+            touch_interval=min(s.ttl, s.max_age or s.ttl) / 3,
             delays=delays
             or functools.partial(
                 backoff,
@@ -153,7 +156,12 @@ class Gateway:
         if self.closing:
             return connection.respond(503, "shutting down\n")
         try:
-            await asyncio.wait_for(self.store.ping(), _READY_TIMEOUT)
-        except (StoreError, TimeoutError) as exc:
+            with self.metrics.store_seconds.labels("ping").time():
+                try:
+                    await asyncio.wait_for(self.store.ping(), _READY_TIMEOUT)
+                except TimeoutError:
+                    raise StoreTimeout("ping", f"no answer in {_READY_TIMEOUT} s") from None
+        except StoreError as exc:
+            self.metrics.store_error(exc)
             return connection.respond(503, f"store unavailable: {exc}\n")
         return connection.respond(200, "ready\n")

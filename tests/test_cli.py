@@ -67,12 +67,16 @@ def test_flag_error_names_flag(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("environ", "name"),
     [
-        ({"HANGON_MAX_AGE": "7200", "HANGON_TTL": "3600"}, "--max-age"),
-        ({"HANGON_KEY_PREFIX": "a{b}"}, "--key-prefix"),
-        ({"HANGON_PATH": "ws"}, "--path"),
-        ({"HANGON_MAX_MESSAGE_SIZE": "10"}, "--max-message-size"),
-        ({"HANGON_PORT": "70000"}, "--port"),
+        ({"HANGON_MAX_AGE": "7200", "HANGON_TTL": "3600"}, "HANGON_MAX_AGE"),
+        ({"HANGON_KEY_PREFIX": "a{b}"}, "HANGON_KEY_PREFIX"),
+        ({"HANGON_PATH": "ws"}, "HANGON_PATH"),
+        ({"HANGON_MAX_MESSAGE_SIZE": "10"}, "HANGON_MAX_MESSAGE_SIZE"),
+        ({"HANGON_MAX_STATE_SIZE": "10"}, "HANGON_MAX_STATE_SIZE"),
+        ({"HANGON_PORT": "70000"}, "HANGON_PORT"),
         ({"HANGON_PING_INTERVAL": "0"}, "HANGON_PING_INTERVAL"),
+        ({"HANGON_TTL": "nan"}, "HANGON_TTL"),
+        ({"HANGON_TTL": "inf"}, "HANGON_TTL"),
+        ({"HANGON_DEFAULT_REGION": "XX"}, "HANGON_DEFAULT_REGION"),
     ],
 )
 def test_invalid_values(environ: dict[str, str], name: str) -> None:
@@ -80,6 +84,32 @@ def test_invalid_values(environ: dict[str, str], name: str) -> None:
     with pytest.raises(ConfigError) as info:
         Config.from_env(environ)
     assert info.value.name == name
+
+
+def test_cross_option_error_names_flag_when_flag_set() -> None:
+    """A check across options names the flag when the flag set the value."""
+    with pytest.raises(ConfigError) as info:
+        parse(["--max-age", "7200"], {"HANGON_TTL": "3600"})
+    assert info.value.name == "--max-age"
+
+
+def test_region_is_normalised() -> None:
+    """A lower-case region is accepted and upper-cased."""
+    assert Config.from_env({"HANGON_DEFAULT_REGION": "gb"}).caller.default_region == "GB"
+
+
+def test_bad_log_level_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad HANGON_LOG_LEVEL exits 2 naming the variable; lower case is fine."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HANGON_LOG_LEVEL", "loud")
+        with pytest.raises(SystemExit) as info:
+            cli.main(["serve"])
+    assert info.value.code == 2
+    assert "HANGON_LOG_LEVEL='LOUD': must be one of DEBUG, INFO" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HANGON_LOG_LEVEL", "debug")
+        args = cli.build_parser({"HANGON_LOG_LEVEL": "debug"}).parse_args(["serve"])
+    assert args.log_level == "DEBUG"
 
 
 def test_python_m_gateway() -> None:

@@ -99,6 +99,7 @@ async def test_readyz_follows_redis(gateway: Gateway, own_redis: RedisServer) ->
     status, body, _ = await get(gateway.port, "/readyz")
     assert status == 503
     assert b"store unavailable" in body
+    assert store_errors(gateway, "ping") == 1
     assert (await get(gateway.port, "/healthz"))[0] == 200
     own_redis.start()
     assert (await get(gateway.port, "/readyz"))[0] == 200

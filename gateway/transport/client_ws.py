@@ -7,7 +7,9 @@ ack always follows a durable write.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -59,6 +61,8 @@ class LiveSession:
     ws: ServerConnection
     protocol: Protocol
     ended: bool = False
+    keeper: asyncio.Task[None] | None = None
+    """Renews the session in the store while the client is connected."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -68,7 +72,10 @@ class ClientContext:
     store: SessionStore
     metrics: Metrics
     max_message_size: int
+    max_state_size: int
     default_region: str | None
+    touch_interval: float
+    """Seconds between renewals of a connected session's TTL and age."""
     delays: Callable[[], Iterable[float]]
     """A new sequence of retry delays per store operation."""
     clock: Callable[[], int] = now_ms
@@ -157,6 +164,7 @@ async def _hello(
         await _replace(ctx, old)
     protocol.send_welcome(session, resumed=outcome is Outcome.HIT, stale=outcome is Outcome.STALE)
     live = LiveSession(caller, session, ws, protocol)
+    live.keeper = asyncio.create_task(_keep_fresh(ctx, live))
     ctx.live[session.session_id] = live
     ctx.metrics.sessions_active.inc()
     log.info(
@@ -186,6 +194,12 @@ async def _turn(ctx: ClientContext, live: LiveSession, turn: Turn) -> None:
         protocol.send_ack(turn.turn_id, applied)
         return
     write = session.apply(turn, ctx.clock())
+    if len(write.encoded) > ctx.max_state_size:
+        protocol.fail(
+            "state_too_big",
+            f"the turn would grow the session state past {ctx.max_state_size} bytes",
+        )
+        return
     try:
         version = await ctx.call(
             "write_turn", lambda: ctx.store.write_turn(live.caller, session.session_id, write)
@@ -220,8 +234,25 @@ async def _bye(ctx: ClientContext, live: LiveSession) -> None:
     log.info("session end session=%s", sid)
 
 
+async def _keep_fresh(ctx: ClientContext, live: LiveSession) -> None:
+    """Renew a connected session's TTL and age, so a quiet call neither expires nor goes stale.
+
+    Jitter keeps sessions that started together (after a reconnect storm) from
+    renewing together.
+    """
+    sid = live.session.session_id
+    while True:
+        await asyncio.sleep(ctx.touch_interval * (0.5 + random.random() / 2))
+        try:
+            await ctx.call("touch", lambda: ctx.store.touch(live.caller, sid, ctx.clock()))
+        except StoreError as exc:
+            log.warning("renewal failed session=%s error=%s", sid, exc)
+
+
 async def _release(ctx: ClientContext, live: LiveSession) -> None:
     sid = live.session.session_id
+    if live.keeper is not None:
+        live.keeper.cancel()
     if ctx.live.get(sid) is live:
         del ctx.live[sid]
     ctx.metrics.sessions_active.dec()

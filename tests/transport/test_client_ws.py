@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from typing import Any
 
+from gateway.config import Config
+from gateway.metrics import Metrics
 from gateway.server import Gateway
-from tests.conftest import Clock
+from gateway.store.base import StoreSettings
+from tests.conftest import Clock, StoreFactory
 from tests.gwmetrics import restores, settled
 from tests.wsclient import closed, connect, hello, recv, send, turn, url
 
@@ -203,3 +208,39 @@ async def test_state_round_trips_exactly(gateway: Gateway) -> None:
     async with connect(url(gateway.port)) as ws:
         again = await hello(ws, PHONE, resume_token=welcome["resume_token"])
     assert again["state"]["form_answers"] == form
+
+
+async def test_quiet_connected_session_is_renewed(
+    config: Config, settings: StoreSettings, make_store: StoreFactory
+) -> None:
+    """A caller connected but silent for longer than ttl and max_age keeps its session."""
+    quick = dataclasses.replace(settings, ttl=0.9, max_age=0.45)
+    cfg = config.replace("store", ttl=0.9, max_age=0.45)
+    async with Gateway(cfg, store=make_store(quick), metrics=Metrics()) as gw:
+        async with connect(url(gw.port)) as ws:
+            welcome = await hello(ws, PHONE)
+            await turn(ws, "t1", form={"name": "Ada"})
+            await asyncio.sleep(1.5)  # silent: no turn, only renewals
+            assert (await turn(ws, "t2", form={"date": "mon"}))["version"] == 2
+        async with connect(url(gw.port)) as ws:
+            again = await hello(ws, PHONE, resume_token=welcome["resume_token"])
+    assert again["resumed"] is True
+    assert again["version"] == 2
+
+
+async def test_state_size_is_bounded(gateway: Gateway) -> None:
+    """A turn that would grow the state past max_state_size is refused with state_too_big
+    and close 1009; the turns before it stay intact."""
+    async with connect(url(gateway.port)) as ws:
+        welcome = await hello(ws, PHONE)
+        # last_turn repeats the form: three turns make 240 kB of the 256 kB allowed.
+        for i in range(3):
+            assert (await turn(ws, f"t{i}", form={f"f{i}": "x" * 60_000}))["version"] == i + 1
+        await send(ws, {"type": "turn", "turn_id": "t3", "form": {"f3": "x" * 60_000}})
+        result = await closed(ws)
+    assert result.code == 1009
+    assert result.error is not None and result.error["code"] == "state_too_big"
+    async with connect(url(gateway.port)) as ws:
+        again = await hello(ws, PHONE, resume_token=welcome["resume_token"])
+    assert again["version"] == 3
+    assert sorted(again["state"]["form_answers"]) == ["f0", "f1", "f2"]
