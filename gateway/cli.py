@@ -56,7 +56,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level",
         default=environ.get("HANGON_LOG_LEVEL", "INFO"),
-        type=str.upper,
+        type=lambda text: text.strip().upper(),
         choices=_LEVELS,
         help="log level (default: INFO; env HANGON_LOG_LEVEL)",
     )

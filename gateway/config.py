@@ -64,6 +64,8 @@ class StoreConfig:
     """Seconds to wait for a Redis reply."""
     connect_timeout: float = 2.0
     """Seconds to wait for a Redis connection."""
+    max_connections: int = 64
+    """Redis connections per gateway process; operations queue for a free one."""
     retry_attempts: int = 6
     """Retries of a store operation after a transient error (0 disables retries)."""
     retry_initial_delay: float = 0.05
@@ -98,6 +100,10 @@ class Config:
 
     def __post_init__(self) -> None:
         s = self.store
+        if not self.server.host:
+            raise ConfigError(
+                "--host", self.server.host, "must not be empty (that means every interface)"
+            )
         if not 0 <= self.server.port <= 65535:
             raise ConfigError("--port", self.server.port, "must be 0-65535")
         if not self.server.path.startswith("/"):
@@ -105,7 +111,9 @@ class Config:
         if "{" in s.key_prefix or "}" in s.key_prefix:
             raise ConfigError("--key-prefix", s.key_prefix, "must not contain { or } (hash tags)")
         if s.max_age is not None and s.max_age > s.ttl:
-            raise ConfigError("--max-age", s.max_age, f"must not exceed --ttl ({s.ttl})")
+            raise ConfigError(
+                "--max-age", s.max_age, f"must not exceed the ttl ({s.ttl}); lower both together"
+            )
         if self.limits.max_message_size < 1024:
             raise ConfigError("--max-message-size", self.limits.max_message_size, "below 1024")
         if self.limits.max_state_size < 1024:
@@ -212,6 +220,12 @@ OPTIONS: tuple[Option, ...] = (
         "upper bound in seconds of the first retry delay (full jitter, doubling)",
     ),
     Option("store", "retry_max_delay", _positive(float), "cap in seconds on a retry delay"),
+    Option(
+        "store",
+        "max_connections",
+        _positive(int),
+        "Redis connections per process; operations queue for a free one",
+    ),
     Option(
         "keepalive",
         "ping_interval",

@@ -44,7 +44,11 @@ def open_store(config: Config) -> SessionStore:
     if s.redis_url is None:
         return MemoryStore(settings)
     return RedisStore(
-        s.redis_url, settings, socket_timeout=s.socket_timeout, connect_timeout=s.connect_timeout
+        s.redis_url,
+        settings,
+        socket_timeout=s.socket_timeout,
+        connect_timeout=s.connect_timeout,
+        max_connections=s.max_connections,
     )
 
 
@@ -79,7 +83,7 @@ class Gateway:
             max_state_size=config.limits.max_state_size,
             default_region=config.caller.default_region,
             # A third of the shorter lifetime: two renewals may fail before either runs out.
-            touch_interval=min(s.ttl, s.max_age or s.ttl) / 3,
+            touch_interval=max(0.1, min(s.ttl, s.max_age or s.ttl) / 3),
             delays=delays
             or functools.partial(
                 backoff,

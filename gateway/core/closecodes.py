@@ -25,6 +25,7 @@ __all__ = [
     "SESSION_CONFLICT",
     "SESSION_ENDED",
     "SESSION_REPLACED",
+    "STATE_TOO_BIG",
     "STORE_UNAVAILABLE",
     "UNSUPPORTED_DATA",
     "CloseReason",
@@ -58,6 +59,8 @@ POLICY_VIOLATION = CloseReason(1008, "policy violation", reconnect=False)
 """RFC 6455 7.4.1: a well-formed message that is not allowed (unknown type, wrong order)."""
 MESSAGE_TOO_BIG = CloseReason(1009, "message too big", reconnect=False)
 """RFC 6455 7.4.1: the frame is larger than ``--max-message-size``."""
+STATE_TOO_BIG = CloseReason(1009, "session state too big", reconnect=False)
+"""RFC 6455 7.4.1: the turn would grow the session state past ``--max-state-size``."""
 INTERNAL_ERROR = CloseReason(1011, "internal error", reconnect=True)
 """RFC 6455 7.4.1: an unexpected condition on the gateway; resume on reconnect."""
 SERVICE_RESTART = CloseReason(1012, "service restart", reconnect=True)

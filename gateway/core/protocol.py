@@ -58,7 +58,7 @@ ERRORS: Final[Mapping[str, CloseReason]] = {
     "invalid_message": closecodes.INVALID_PAYLOAD,
     "unsupported_data": closecodes.UNSUPPORTED_DATA,
     "message_too_big": closecodes.MESSAGE_TOO_BIG,
-    "state_too_big": closecodes.MESSAGE_TOO_BIG,
+    "state_too_big": closecodes.STATE_TOO_BIG,
     "unknown_type": closecodes.POLICY_VIOLATION,
     "unexpected_message": closecodes.POLICY_VIOLATION,
     "invalid_caller": closecodes.POLICY_VIOLATION,

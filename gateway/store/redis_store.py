@@ -68,7 +68,9 @@ class RedisStore:
         settings: Key prefix and lifetimes.
         socket_timeout: Seconds to wait for a reply before :class:`StoreTimeout`.
         connect_timeout: Seconds to wait for a connection.
-        max_connections: Size of the connection pool.
+        max_connections: Size of the connection pool. When every connection is busy
+            an operation waits for one (up to ``socket_timeout``) instead of failing:
+            a reconnect storm queues in the gateway rather than erroring out.
     """
 
     name = "redis"
@@ -80,16 +82,18 @@ class RedisStore:
         *,
         socket_timeout: float = 2.0,
         connect_timeout: float = 2.0,
-        max_connections: int = 256,
+        max_connections: int = 64,
     ) -> None:
         self.settings = settings
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=socket_timeout,
             socket_timeout=socket_timeout,
             socket_connect_timeout=connect_timeout,
             retry=Retry(NoBackoff(), 0),
-            max_connections=max_connections,
         )
+        self.client: aioredis.Redis = aioredis.Redis.from_pool(pool)
         self._restore = self.client.register_script(_script("restore.lua"))
         self._turn = self.client.register_script(_script("turn.lua"))
         self._end = self.client.register_script(_script("end.lua"))

@@ -195,6 +195,7 @@ async def _turn(ctx: ClientContext, live: LiveSession, turn: Turn) -> None:
         return
     write = session.apply(turn, ctx.clock())
     if len(write.encoded) > ctx.max_state_size:
+        # Not retryable: the same turn would be refused again; the session itself is intact.
         protocol.fail(
             "state_too_big",
             f"the turn would grow the session state past {ctx.max_state_size} bytes",
@@ -247,6 +248,9 @@ async def _keep_fresh(ctx: ClientContext, live: LiveSession) -> None:
             await ctx.call("touch", lambda: ctx.store.touch(live.caller, sid, ctx.clock()))
         except StoreError as exc:
             log.warning("renewal failed session=%s error=%s", sid, exc)
+        except Exception:
+            # Renewal must outlive surprises: an expired session mid-call is worse than a log line.
+            log.exception("renewal failed session=%s", sid)
 
 
 async def _release(ctx: ClientContext, live: LiveSession) -> None:

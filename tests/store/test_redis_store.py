@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import AsyncIterator
 
@@ -85,3 +86,18 @@ async def test_one_round_trip_per_operation(store: RedisStore, redis_url: str) -
     from_clients = [name for kind, name in seen if kind != "lua"]
     assert from_clients == ["EVALSHA", "EVALSHA"]
     assert ("lua", "HSET") in seen
+
+
+async def test_busy_pool_queues_instead_of_failing(
+    redis_url: str, settings: StoreSettings
+) -> None:
+    """With more concurrent operations than connections, operations wait for a connection."""
+    store = RedisStore(redis_url, settings, max_connections=2)
+    try:
+        callers = [CallerKey("acme", "user", f"u{i}", "c") for i in range(50)]
+        results = await asyncio.gather(
+            *(store.restore(c, token=None, candidate=candidate(), now_ms=T0) for c in callers)
+        )
+        assert all(r.session is not None for r in results)
+    finally:
+        await store.aclose()
