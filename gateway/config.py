@@ -38,6 +38,11 @@ class ServerConfig:
     """TCP port for WebSocket and HTTP (``/healthz``, ``/readyz``, ``/metrics``); 0 picks one."""
     path: str = "/ws"
     """HTTP path of the protocol v1 WebSocket endpoint."""
+    backlog: int = 2048
+    """Pending TCP connections the kernel queues (capped by ``net.core.somaxconn``).
+
+    asyncio's default of 100 overflows when a thousand callers reconnect at once,
+    and each dropped SYN costs its caller a one-second retransmit."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,11 +65,11 @@ class StoreConfig:
     """Seconds a session's keys live after ``bye``."""
     max_age: float | None = 900.0
     """Seconds of inactivity after which stored state is stale and not resumed; ``None``: never."""
-    socket_timeout: float = 2.0
+    redis_timeout: float = 2.0
     """Seconds to wait for a Redis reply."""
-    connect_timeout: float = 2.0
+    redis_connect_timeout: float = 2.0
     """Seconds to wait for a Redis connection."""
-    max_connections: int = 64
+    redis_max_connections: int = 64
     """Redis connections per gateway process; operations queue for a free one."""
     retry_attempts: int = 6
     """Retries of a store operation after a transient error (0 disables retries)."""
@@ -191,6 +196,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("server", "port", _non_negative_int, "TCP port for WebSocket and HTTP; 0 picks one"),
     Option("server", "path", str, "HTTP path of the WebSocket endpoint"),
     Option(
+        "server",
+        "backlog",
+        _positive(int),
+        "pending TCP connections queued by the kernel (capped by net.core.somaxconn)",
+    ),
+    Option(
         "store",
         "redis_url",
         _or_none(str),
@@ -205,8 +216,10 @@ OPTIONS: tuple[Option, ...] = (
         _or_none(_positive(float)),
         "seconds of inactivity after which state is stale, not resumed ('none': never)",
     ),
-    Option("store", "socket_timeout", _positive(float), "seconds to wait for a Redis reply"),
-    Option("store", "connect_timeout", _positive(float), "seconds to wait for a Redis connection"),
+    Option("store", "redis_timeout", _positive(float), "seconds to wait for a Redis reply"),
+    Option(
+        "store", "redis_connect_timeout", _positive(float), "seconds to wait for a Redis connection"
+    ),
     Option(
         "store",
         "retry_attempts",
@@ -222,7 +235,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("store", "retry_max_delay", _positive(float), "cap in seconds on a retry delay"),
     Option(
         "store",
-        "max_connections",
+        "redis_max_connections",
         _positive(int),
         "Redis connections per process; operations queue for a free one",
     ),

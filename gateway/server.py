@@ -46,9 +46,9 @@ def open_store(config: Config) -> SessionStore:
     return RedisStore(
         s.redis_url,
         settings,
-        socket_timeout=s.socket_timeout,
-        connect_timeout=s.connect_timeout,
-        max_connections=s.max_connections,
+        socket_timeout=s.redis_timeout,
+        connect_timeout=s.redis_connect_timeout,
+        max_connections=s.redis_max_connections,
     )
 
 
@@ -117,6 +117,7 @@ class Gateway:
             ping_timeout=self.config.keepalive.ping_timeout,
             compression=None,
             close_timeout=5,
+            backlog=self.config.server.backlog,
         )
 
     async def aclose(self) -> None:

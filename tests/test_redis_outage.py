@@ -22,7 +22,9 @@ DELAYS = [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
 
 @pytest.fixture
 async def gateway(own_redis: RedisServer, config: Config) -> AsyncIterator[Gateway]:
-    cfg = config.replace("store", redis_url=own_redis.url, socket_timeout=0.5, connect_timeout=0.5)
+    cfg = config.replace(
+        "store", redis_url=own_redis.url, redis_timeout=0.5, redis_connect_timeout=0.5
+    )
     async with Gateway(cfg, metrics=Metrics(), delays=lambda: DELAYS) as gw:
         yield gw
 

@@ -8,6 +8,7 @@ ack always follows a durable write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -128,7 +129,8 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection) -> None:
     except Exception:
         log.exception("unexpected error on a client connection")
         protocol.fail("internal_error", "unexpected error; reconnect to resume")
-        await _flush(ctx, ws, protocol)
+        with contextlib.suppress(ConnectionClosed):
+            await _flush(ctx, ws, protocol)
     finally:
         ctx.metrics.connections_active.dec()
         if live is not None:
@@ -180,10 +182,8 @@ async def _hello(
 async def _replace(ctx: ClientContext, old: LiveSession) -> None:
     """Close a connection whose session a newer connection just resumed."""
     old.protocol.fail("session_replaced", "a newer connection resumed this session")
-    try:
+    with contextlib.suppress(ConnectionClosed):
         await _flush(ctx, old.ws, old.protocol)
-    except ConnectionClosed:
-        pass
 
 
 async def _turn(ctx: ClientContext, live: LiveSession, turn: Turn) -> None:
@@ -241,16 +241,22 @@ async def _keep_fresh(ctx: ClientContext, live: LiveSession) -> None:
     Jitter keeps sessions that started together (after a reconnect storm) from
     renewing together.
     """
-    sid = live.session.session_id
     while True:
         await asyncio.sleep(ctx.touch_interval * (0.5 + random.random() / 2))
         try:
-            await ctx.call("touch", lambda: ctx.store.touch(live.caller, sid, ctx.clock()))
-        except StoreError as exc:
-            log.warning("renewal failed session=%s error=%s", sid, exc)
+            await _touch(ctx, live, "renewal")
         except Exception:
             # Renewal must outlive surprises: an expired session mid-call is worse than a log line.
-            log.exception("renewal failed session=%s", sid)
+            log.exception("renewal failed session=%s", live.session.session_id)
+
+
+async def _touch(ctx: ClientContext, live: LiveSession, why: str) -> None:
+    """Restart the session's TTL and age in the store; a failure is logged, not raised."""
+    sid = live.session.session_id
+    try:
+        await ctx.call("touch", lambda: ctx.store.touch(live.caller, sid, ctx.clock()))
+    except StoreError as exc:
+        log.warning("%s failed session=%s error=%s", why, sid, exc)
 
 
 async def _release(ctx: ClientContext, live: LiveSession) -> None:
@@ -260,10 +266,6 @@ async def _release(ctx: ClientContext, live: LiveSession) -> None:
     if ctx.live.get(sid) is live:
         del ctx.live[sid]
     ctx.metrics.sessions_active.dec()
-    if live.ended:
-        return
-    try:
-        # Best effort: a crash skips this, and the age then counts from the last write.
-        await ctx.call("touch", lambda: ctx.store.touch(live.caller, sid, ctx.clock()))
-    except StoreError as exc:
-        log.warning("touch on disconnect failed session=%s error=%s", sid, exc)
+    if not live.ended:
+        # Best effort: a crash skips this, and the age then counts from the last renewal.
+        await _touch(ctx, live, "touch on disconnect")

@@ -88,9 +88,7 @@ async def test_one_round_trip_per_operation(store: RedisStore, redis_url: str) -
     assert ("lua", "HSET") in seen
 
 
-async def test_busy_pool_queues_instead_of_failing(
-    redis_url: str, settings: StoreSettings
-) -> None:
+async def test_busy_pool_queues_instead_of_failing(redis_url: str, settings: StoreSettings) -> None:
     """With more concurrent operations than connections, operations wait for a connection."""
     store = RedisStore(redis_url, settings, max_connections=2)
     try:
