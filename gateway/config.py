@@ -66,7 +66,7 @@ class StoreConfig:
     max_age: float | None = 900.0
     """Seconds of inactivity after which stored state is stale and not resumed; ``None``: never."""
     redis_timeout: float = 2.0
-    """Seconds to wait for a Redis reply."""
+    """Seconds to wait for a Redis reply, and for a free connection from the pool."""
     redis_connect_timeout: float = 2.0
     """Seconds to wait for a Redis connection."""
     redis_max_connections: int = 64
@@ -76,6 +76,10 @@ class StoreConfig:
     retry_initial_delay: float = 0.05
     """Upper bound, in seconds, of the first retry delay (full jitter, doubling)."""
     retry_max_delay: float = 1.0
+    retry_budget: float | None = 10.0
+    """Seconds after a store operation's first try past which it is not retried; ``None``: no
+    limit but ``retry_attempts``. Bounds how long a hello or turn waits before the client
+    is told ``store_unavailable``."""
     """Cap, in seconds, on a retry delay."""
 
 
@@ -105,7 +109,7 @@ class Config:
 
     def __post_init__(self) -> None:
         s = self.store
-        if not self.server.host:
+        if not self.server.host.strip():
             raise ConfigError(
                 "--host", self.server.host, "must not be empty (that means every interface)"
             )
@@ -117,7 +121,9 @@ class Config:
             raise ConfigError("--key-prefix", s.key_prefix, "must not contain { or } (hash tags)")
         if s.max_age is not None and s.max_age > s.ttl:
             raise ConfigError(
-                "--max-age", s.max_age, f"must not exceed the ttl ({s.ttl}); lower both together"
+                "--max-age",
+                s.max_age,
+                f"must not exceed the ttl ({s.ttl}): lower one or raise the other",
             )
         if self.limits.max_message_size < 1024:
             raise ConfigError("--max-message-size", self.limits.max_message_size, "below 1024")
@@ -143,7 +149,9 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
         if not math.isfinite(value) or value <= 0:
-            raise ValueError("must be a positive finite number")
+            raise ValueError(
+                "must be a positive " + ("integer" if kind is int else "finite number")
+            )
         return value
 
     return parse
@@ -216,7 +224,12 @@ OPTIONS: tuple[Option, ...] = (
         _or_none(_positive(float)),
         "seconds of inactivity after which state is stale, not resumed ('none': never)",
     ),
-    Option("store", "redis_timeout", _positive(float), "seconds to wait for a Redis reply"),
+    Option(
+        "store",
+        "redis_timeout",
+        _positive(float),
+        "seconds to wait for a Redis reply, and for a free pooled connection",
+    ),
     Option(
         "store", "redis_connect_timeout", _positive(float), "seconds to wait for a Redis connection"
     ),
@@ -233,6 +246,12 @@ OPTIONS: tuple[Option, ...] = (
         "upper bound in seconds of the first retry delay (full jitter, doubling)",
     ),
     Option("store", "retry_max_delay", _positive(float), "cap in seconds on a retry delay"),
+    Option(
+        "store",
+        "retry_budget",
+        _or_none(_positive(float)),
+        "seconds after a store operation's first try past which it is not retried",
+    ),
     Option(
         "store",
         "redis_max_connections",

@@ -91,6 +91,7 @@ class Gateway:
                 max_delay=s.retry_max_delay,
                 attempts=s.retry_attempts,
             ),
+            retry_budget=s.retry_budget,
             clock=clock,
         )
         self.server: Server | None = None

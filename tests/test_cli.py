@@ -74,6 +74,8 @@ def test_flag_error_names_flag(capsys: pytest.CaptureFixture[str]) -> None:
         ({"HANGON_MAX_STATE_SIZE": "10"}, "HANGON_MAX_STATE_SIZE"),
         ({"HANGON_PORT": "70000"}, "HANGON_PORT"),
         ({"HANGON_HOST": ""}, "HANGON_HOST"),
+        ({"HANGON_HOST": "  "}, "HANGON_HOST"),
+        ({"HANGON_RETRY_BUDGET": "-1"}, "HANGON_RETRY_BUDGET"),
         ({"HANGON_REDIS_MAX_CONNECTIONS": "0"}, "HANGON_REDIS_MAX_CONNECTIONS"),
         ({"HANGON_PING_INTERVAL": "0"}, "HANGON_PING_INTERVAL"),
         ({"HANGON_TTL": "nan"}, "HANGON_TTL"),

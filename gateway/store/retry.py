@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
@@ -18,8 +19,10 @@ async def retry(
     op: Callable[[], Awaitable[T]],
     delays: Iterable[float],
     *,
+    budget: float | None = None,
     on_error: Callable[[StoreError], None] | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """Run ``op``, retrying after each delay while it fails with a retryable store error.
 
@@ -31,13 +34,18 @@ async def retry(
         op: Starts one attempt.
         delays: Seconds to wait before each retry; when exhausted, the last error
             is raised.
+        budget: Seconds after the first try past which no retry starts; ``None``
+            leaves only ``delays`` as the bound. A try under way is not cut short:
+            the client waits at most about this plus one try.
         on_error: Called with every error, retried or not (for metrics).
         sleep: Injected in tests.
+        clock: Monotonic seconds, injected in tests.
 
     Raises:
         StoreError: The first non-retryable error, or the last retryable one.
     """
     pending = iter(delays)
+    deadline = None if budget is None else clock() + budget
     while True:
         try:
             return await op()
@@ -45,6 +53,6 @@ async def retry(
             if on_error is not None:
                 on_error(exc)
             delay = next(pending, None) if exc.retryable else None
-            if delay is None:
+            if delay is None or (deadline is not None and clock() + delay > deadline):
                 raise
         await sleep(delay)

@@ -79,6 +79,8 @@ class ClientContext:
     """Seconds between renewals of a connected session's TTL and age."""
     delays: Callable[[], Iterable[float]]
     """A new sequence of retry delays per store operation."""
+    retry_budget: float | None = None
+    """Seconds after a store operation's first try past which it is not retried."""
     clock: Callable[[], int] = now_ms
     live: dict[SessionId, LiveSession] = field(default_factory=dict)
     """Sessions connected here, to replace a half-open connection on reconnect."""
@@ -86,7 +88,9 @@ class ClientContext:
     async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run a store operation with retries, timing it."""
         with self.metrics.store_seconds.labels(op).time():
-            return await retry(fn, self.delays(), on_error=self.metrics.store_error)
+            return await retry(
+                fn, self.delays(), budget=self.retry_budget, on_error=self.metrics.store_error
+            )
 
 
 async def _flush(ctx: ClientContext, ws: ServerConnection, protocol: Protocol) -> None:
