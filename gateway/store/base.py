@@ -17,13 +17,13 @@ Redis Cluster slot. Every key carries a TTL refreshed on each write.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from gateway.core.callerkey import CallerKey
 from gateway.core.resume import Outcome
 from gateway.core.session import Session, SessionId, TurnWrite
 
-__all__ = ["Restored", "SessionStore", "StoreSettings", "session_keys"]
+__all__ = ["Restored", "SessionStore", "StoreSettings", "Written", "session_keys"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +54,15 @@ class Restored:
     session: Session | None
 
 
+class Written(NamedTuple):
+    """What a turn write did."""
+
+    version: int
+    """The version the turn produced."""
+    applied: bool
+    """``False`` if the turn ID had been applied before: nothing was written now."""
+
+
 class SessionStore(Protocol):
     """Durable session snapshots keyed by caller.
 
@@ -79,12 +88,14 @@ class SessionStore(Protocol):
         """
         ...
 
-    async def write_turn(self, caller: CallerKey, session_id: SessionId, write: TurnWrite) -> int:
+    async def write_turn(
+        self, caller: CallerKey, session_id: SessionId, write: TurnWrite
+    ) -> Written:
         """Write the snapshot after a turn and record its turn ID, in one step.
 
         Returns:
-            The version the turn produced: ``write.version``, or the version
-            recorded earlier if this turn ID was already applied.
+            ``write.version`` and ``applied=True``, or, if this turn ID was
+            applied before, the version it produced then and ``applied=False``.
 
         Raises:
             StoreConflict: If the stored session is not ``session_id`` at

@@ -14,7 +14,7 @@ from gateway.core.callerkey import CallerKey
 from gateway.core.resume import Outcome, classify
 from gateway.core.session import RECENT_TURNS, ResumeToken, Session, SessionId, TurnWrite, remember
 from gateway.exceptions import StoreConflict
-from gateway.store.base import Restored, StoreSettings, session_keys
+from gateway.store.base import Restored, StoreSettings, Written, session_keys
 
 __all__ = ["MemoryStore"]
 
@@ -109,13 +109,15 @@ class MemoryStore:
         )
         return Restored(outcome, self._records[key].session())
 
-    async def write_turn(self, caller: CallerKey, session_id: SessionId, write: TurnWrite) -> int:
+    async def write_turn(
+        self, caller: CallerKey, session_id: SessionId, write: TurnWrite
+    ) -> Written:
         _, record = self._get(caller, write.at_ms)
         if record is None or record.sid != session_id:
             raise StoreConflict("write_turn", "session expired or was replaced")
         seen = record.turns.get(write.turn_id)
         if seen is not None:
-            return seen
+            return Written(seen, applied=False)
         if record.ended is not None:
             raise StoreConflict("write_turn", "session ended")
         if record.ver != write.base_version:
@@ -126,7 +128,7 @@ class MemoryStore:
         record.expires = write.at_ms + self._ttl_ms()
         remember(record.turns, write.turn_id, write.version)
         assert len(record.turns) <= RECENT_TURNS
-        return write.version
+        return Written(write.version, applied=True)
 
     async def end(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
         _, record = self._get(caller, now_ms)

@@ -33,7 +33,7 @@ from gateway.exceptions import (
     StoreTimeout,
     StoreUnavailable,
 )
-from gateway.store.base import Restored, StoreSettings, session_keys
+from gateway.store.base import Restored, StoreSettings, Written, session_keys
 
 __all__ = ["RedisStore"]
 
@@ -133,7 +133,9 @@ class RedisStore:
         )
         return Restored(outcome, session)
 
-    async def write_turn(self, caller: CallerKey, session_id: SessionId, write: TurnWrite) -> int:
+    async def write_turn(
+        self, caller: CallerKey, session_id: SessionId, write: TurnWrite
+    ) -> Written:
         with _mapped("write_turn"):
             reply: list[Any] = await self._turn(
                 keys=session_keys(self.settings.key_prefix, caller),
@@ -150,7 +152,7 @@ class RedisStore:
             )
         status = _text(reply[0])
         if status in ("ok", "dup"):
-            return int(reply[1])
+            return Written(int(reply[1]), applied=status == "ok")
         if status == "conflict":
             raise StoreConflict("write_turn", f"stored version is {_text(reply[1])}")
         raise StoreConflict(

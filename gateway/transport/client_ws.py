@@ -206,7 +206,7 @@ async def _turn(ctx: ClientContext, live: LiveSession, turn: Turn) -> None:
         )
         return
     try:
-        version = await ctx.call(
+        written = await ctx.call(
             "write_turn", lambda: ctx.store.write_turn(live.caller, session.session_id, write)
         )
     except StoreConflict as exc:
@@ -217,14 +217,14 @@ async def _turn(ctx: ClientContext, live: LiveSession, turn: Turn) -> None:
         log.warning("turn not written session=%s error=%s", session.session_id, exc)
         protocol.fail("store_unavailable", "turn not saved: store unavailable; reconnect, resend")
         return
-    if version == write.version:
+    if written.applied:
         session.commit(write)
         ctx.metrics.turns.labels("applied").inc()
     else:
-        # Another connection applied this turn ID first; our copy is behind and the
-        # next write will be refused as a conflict, which makes the client resume.
+        # Another connection applied this turn ID first. Our copy is now behind what is
+        # stored, so the next write is refused as a conflict and the client resumes.
         ctx.metrics.turns.labels("duplicate").inc()
-    protocol.send_ack(turn.turn_id, version)
+    protocol.send_ack(turn.turn_id, written.version)
 
 
 async def _bye(ctx: ClientContext, live: LiveSession) -> None:

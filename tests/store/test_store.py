@@ -15,7 +15,7 @@ from gateway.core.session import (
     new_resume_token,
 )
 from gateway.exceptions import StoreConflict
-from gateway.store.base import SessionStore, StoreSettings
+from gateway.store.base import SessionStore, StoreSettings, Written
 from tests.conftest import StoreFactory
 from tests.store.records import CALLER, OTHER, T0, candidate, write
 
@@ -40,10 +40,10 @@ async def test_hit_returns_written_state(store: SessionStore) -> None:
     first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
     assert first is not None
     w1 = write(first, "t1", T0 + 1, name="Zoë ✓")
-    assert await store.write_turn(CALLER, first.session_id, w1) == 1
+    assert await store.write_turn(CALLER, first.session_id, w1) == Written(1, applied=True)
     first.commit(w1)
     w2 = write(first, "t2", T0 + 2, date={"day": 3}, name="Ada")  # type: ignore[arg-type]
-    assert await store.write_turn(CALLER, first.session_id, w2) == 2
+    assert (await store.write_turn(CALLER, first.session_id, w2)).version == 2
     restored = await store.restore(
         CALLER, token=first.resume_token, candidate=candidate(), now_ms=T0 + 5
     )
@@ -100,7 +100,7 @@ async def test_duplicate_turn_returns_first_version(store: SessionStore) -> None
     s.commit(w1)
     await store.write_turn(CALLER, s.session_id, write(s, "t2", T0 + 2, name="Bob"))
     replay = dataclasses.replace(w1, base_version=2, version=3, state={"bogus": True})
-    assert await store.write_turn(CALLER, s.session_id, replay) == 1
+    assert await store.write_turn(CALLER, s.session_id, replay) == Written(1, applied=False)
     got = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0 + 3)).session
     assert got is not None and got.version == 2
     assert got.state["form_answers"] == {"name": "Bob"}
@@ -136,7 +136,9 @@ async def test_stale_session_replaced(store: SessionStore) -> None:
     assert restored.session == cand
     # The old session's turns are gone and its writes are refused.
     fresh = cand
-    assert await store.write_turn(CALLER, fresh.session_id, write(fresh, "t1", T0 + 30_001)) == 1
+    assert (
+        await store.write_turn(CALLER, fresh.session_id, write(fresh, "t1", T0 + 30_001))
+    ).version == 1
     with pytest.raises(StoreConflict):
         await store.write_turn(CALLER, s.session_id, write(s, "t9", T0 + 30_002))
 
