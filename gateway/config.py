@@ -119,11 +119,13 @@ class Config:
             raise ConfigError("--path", self.server.path, "must start with /")
         if "{" in s.key_prefix or "}" in s.key_prefix:
             raise ConfigError("--key-prefix", s.key_prefix, "must not contain { or } (hash tags)")
-        if s.max_age is not None and s.max_age > s.ttl:
+        if s.max_age is not None and s.max_age >= s.ttl:
+            # At max_age == ttl the keys expire just as the state turns stale, and a
+            # returning caller would get a plain miss instead of the stale flag.
             raise ConfigError(
                 "--max-age",
                 s.max_age,
-                f"must not exceed the ttl ({s.ttl}): lower one or raise the other",
+                f"must be below the ttl ({s.ttl}): lower one or raise the other",
             )
         if self.limits.max_message_size < 1024:
             raise ConfigError("--max-message-size", self.limits.max_message_size, "below 1024")

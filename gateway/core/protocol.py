@@ -42,6 +42,10 @@ PROTOCOL_VERSION: Final = 1
 
 _MAX_ID = 128
 _MAX_TOKEN = 256
+_MAX_DEPTH = 32
+"""Nesting allowed in ``form`` and ``context``. orjson reads 1024 levels but writes only 255,
+and state nests the form once more (in ``last_turn``): without a bound a small frame could
+produce a state that cannot be stored."""
 
 
 class Phase(enum.Enum):
@@ -178,17 +182,19 @@ class Protocol:
                 "invalid_message",
                 f"field 'turn_id' must be a non-empty string of at most {_MAX_ID} characters",
             )
-        return Turn(
-            turn_id,
-            _optional(msg, "text", str),
-            _optional(msg, "form", dict),
-            _optional(msg, "context", dict),
-        )
+        form = _optional(msg, "form", dict)
+        context = _optional(msg, "context", dict)
+        for name, value in (("form", form), ("context", context)):
+            if value is not None and _too_deep(value, _MAX_DEPTH):
+                raise _Invalid("invalid_message", f"field '{name}' nests deeper than {_MAX_DEPTH}")
+        return Turn(turn_id, _optional(msg, "text", str), form, context)
 
     # Sending
 
     def send_welcome(self, session: Session, *, resumed: bool, stale: bool) -> None:
-        """Answer the hello: the session is open."""
+        """Answer the hello: the session is open (nothing once closed)."""
+        if self.phase is Phase.CLOSED:
+            return
         frame: dict[str, Any] = {
             "type": "welcome",
             "protocol": PROTOCOL_VERSION,
@@ -204,7 +210,13 @@ class Protocol:
         self.phase = Phase.OPEN
 
     def send_ack(self, turn_id: str, version: int) -> None:
-        """Acknowledge a turn that is durable at ``version``."""
+        """Acknowledge a turn that is durable at ``version`` (nothing once closed).
+
+        A connection closed meanwhile (replaced, failed) sends nothing after its
+        error frame; the client re-sends the turn and gets its ack then.
+        """
+        if self.phase is Phase.CLOSED:
+            return
         self._outbox.append(codec.dumps({"type": "ack", "turn_id": turn_id, "version": version}))
 
     def fail(self, code: str, message: str) -> None:
@@ -236,6 +248,19 @@ class Protocol:
         """Return and forget the frames queued since the last call."""
         out, self._outbox = self._outbox, []
         return out
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` levels deep."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _optional(msg: dict[str, Any], name: str, kind: type) -> Any:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import enum
 import hmac
+from dataclasses import dataclass
 
-__all__ = ["Outcome", "classify"]
+__all__ = ["Decision", "Outcome", "classify"]
 
 
 class Outcome(enum.Enum):
@@ -28,6 +29,14 @@ class Outcome(enum.Enum):
     """The session ended with ``bye``: not resumed, nothing changed."""
 
 
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What a hello gets, and whether the store puts a new session in place of the old."""
+
+    outcome: Outcome
+    replace: bool
+
+
 def classify(
     *,
     exists: bool,
@@ -35,26 +44,36 @@ def classify(
     updated_ms: int,
     stored_token: str,
     token: str | None,
+    version: int,
+    origin: Outcome,
     now_ms: int,
     max_age_ms: int | None,
-) -> Outcome:
+) -> Decision:
     """Decide what a hello gets.
+
+    A session nobody has written to yet (version 0) is not guarded by its token:
+    a hello with another token gets the answer the session's creator got (miss
+    or stale) and this session. That is the client whose welcome was lost after
+    its old session had gone stale or expired, coming back with the only token
+    it holds; refusing it would lock the call out for good.
 
     Args:
         exists: Whether a session is stored for the caller key.
         ended: Whether it ended with ``bye``.
-        updated_ms: When it last changed (a turn, a resume or a disconnect).
+        updated_ms: When it last changed (a turn, a resume, a renewal, a disconnect).
         stored_token: Its resume token.
         token: The token the hello carried, if any (``None``: authentication off).
+        version: Its version: how many turns were applied.
+        origin: The outcome that created it (miss or stale).
         now_ms: The current time.
         max_age_ms: Sessions idle for longer are stale; ``None`` disables.
     """
     if not exists:
-        return Outcome.MISS
+        return Decision(Outcome.MISS, replace=True)
     if ended:
-        return Outcome.ENDED
+        return Decision(Outcome.ENDED, replace=False)
     if max_age_ms is not None and now_ms - updated_ms > max_age_ms:
-        return Outcome.STALE
+        return Decision(Outcome.STALE, replace=True)
     if token is not None and not hmac.compare_digest(token.encode(), stored_token.encode()):
-        return Outcome.REFUSED
-    return Outcome.HIT
+        return Decision(origin if version == 0 else Outcome.REFUSED, replace=False)
+    return Decision(Outcome.HIT, replace=False)

@@ -81,18 +81,21 @@ class MemoryStore:
         if record is not None and record.sid == candidate.session_id:
             return Restored(record.origin, record.session())
         max_age = self.settings.max_age
-        outcome = classify(
+        decision = classify(
             exists=record is not None,
             ended=record is not None and record.ended is not None,
             updated_ms=record.updated if record else 0,
             stored_token=record.tok if record else "",
             token=token,
+            version=record.ver if record else 0,
+            origin=record.origin if record else Outcome.MISS,
             now_ms=now_ms,
             max_age_ms=None if max_age is None else int(max_age * 1000),
         )
+        outcome = decision.outcome
         if outcome in (Outcome.REFUSED, Outcome.ENDED):
             return Restored(outcome, None)
-        if outcome is Outcome.HIT:
+        if not decision.replace:
             assert record is not None
             record.updated = now_ms
             record.expires = now_ms + self._ttl_ms()
@@ -117,7 +120,9 @@ class MemoryStore:
             raise StoreConflict("write_turn", "session expired or was replaced")
         seen = record.turns.get(write.turn_id)
         if seen is not None:
-            return Written(seen, applied=False)
+            # As in turn.lua: an identical stored state means this very write landed before.
+            mine = seen == record.ver == write.version and record.state == write.encoded
+            return Written(seen, applied=mine)
         if record.ended is not None:
             raise StoreConflict("write_turn", "session ended")
         if record.ver != write.base_version:

@@ -84,6 +84,8 @@ class ClientContext:
     clock: Callable[[], int] = now_ms
     live: dict[SessionId, LiveSession] = field(default_factory=dict)
     """Sessions connected here, to replace a half-open connection on reconnect."""
+    closing: set[asyncio.Task[None]] = field(default_factory=set)
+    """Replaced connections being closed in the background (kept from garbage collection)."""
 
     async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run a store operation with retries, timing it."""
@@ -94,13 +96,19 @@ class ClientContext:
 
 
 async def _flush(ctx: ClientContext, ws: ServerConnection, protocol: Protocol) -> None:
-    """Write queued frames; close if the protocol says so, counting the error first."""
-    for frame in protocol.data_to_send():
-        await ws.send(frame, text=True)
+    """Write queued frames; close if the protocol says so.
+
+    An error is counted when its frame leaves the queue, before anything is sent,
+    so it is counted exactly once (nothing is queued after an error frame) and
+    even when the client is already gone.
+    """
+    frames = protocol.data_to_send()
     reason = protocol.close_reason
+    if frames and reason is not None and protocol.error_code is not None:
+        ctx.metrics.protocol_errors.labels(protocol.error_code).inc()
+    for frame in frames:
+        await ws.send(frame, text=True)
     if reason is not None and ws.state is State.OPEN:
-        if protocol.error_code is not None:
-            ctx.metrics.protocol_errors.labels(protocol.error_code).inc()
         await ws.close(reason.code, reason.reason)
 
 
@@ -165,13 +173,15 @@ async def _hello(
         protocol.fail(*_REFUSALS[outcome])
         log.info("hello refused outcome=%s caller=%s", outcome.value, caller.digest())
         return None
-    old = ctx.live.get(session.session_id)
-    if old is not None:
-        await _replace(ctx, old)
     protocol.send_welcome(session, resumed=outcome is Outcome.HIT, stale=outcome is Outcome.STALE)
     live = LiveSession(caller, session, ws, protocol)
     live.keeper = asyncio.create_task(_keep_fresh(ctx, live))
+    # Take the session over before any await, so that of several hellos racing for it
+    # the last one registered wins and every other one is told.
+    old = ctx.live.get(session.session_id)
     ctx.live[session.session_id] = live
+    if old is not None:
+        _replace(ctx, old)
     ctx.metrics.sessions_active.inc()
     log.info(
         "session open outcome=%s session=%s tenant=%s version=%d",
@@ -183,11 +193,22 @@ async def _hello(
     return live
 
 
-async def _replace(ctx: ClientContext, old: LiveSession) -> None:
-    """Close a connection whose session a newer connection just resumed."""
+def _replace(ctx: ClientContext, old: LiveSession) -> None:
+    """Close, in the background, a connection whose session a newer one just resumed.
+
+    The old connection is often half-open (that is why the client came back), and
+    closing it may wait ``close_timeout`` for a close frame that never comes; the
+    new client's welcome must not wait for that.
+    """
     old.protocol.fail("session_replaced", "a newer connection resumed this session")
+    task = asyncio.create_task(_close_quietly(ctx, old))
+    ctx.closing.add(task)
+    task.add_done_callback(ctx.closing.discard)
+
+
+async def _close_quietly(ctx: ClientContext, live: LiveSession) -> None:
     with contextlib.suppress(ConnectionClosed):
-        await _flush(ctx, old.ws, old.protocol)
+        await _flush(ctx, live.ws, live.protocol)
 
 
 async def _turn(ctx: ClientContext, live: LiveSession, turn: Turn) -> None:

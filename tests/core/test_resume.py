@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.core.resume import Outcome, classify
+from gateway.core.resume import Decision, Outcome, classify
 
 BASE: dict[str, Any] = dict(
     exists=True,
@@ -14,26 +14,32 @@ BASE: dict[str, Any] = dict(
     updated_ms=1000,
     stored_token="tok",
     token="tok",
+    version=3,
+    origin=Outcome.MISS,
     now_ms=2000,
     max_age_ms=5000,
 )
+HIT, MISS, STALE = Outcome.HIT, Outcome.MISS, Outcome.STALE
 
 
 @pytest.mark.parametrize(
-    ("changes", "outcome"),
+    ("changes", "decision"),
     [
-        ({}, Outcome.HIT),
-        ({"token": None}, Outcome.HIT),
-        ({"max_age_ms": None, "now_ms": 10**12}, Outcome.HIT),
-        ({"now_ms": 6000}, Outcome.HIT),
-        ({"exists": False}, Outcome.MISS),
-        ({"ended": True, "token": "bad"}, Outcome.ENDED),
-        ({"now_ms": 6001}, Outcome.STALE),
-        ({"now_ms": 6001, "token": "bad"}, Outcome.STALE),
-        ({"token": "bad"}, Outcome.REFUSED),
-        ({"token": "to"}, Outcome.REFUSED),
+        ({}, Decision(HIT, replace=False)),
+        ({"token": None}, Decision(HIT, replace=False)),
+        ({"max_age_ms": None, "now_ms": 10**12}, Decision(HIT, replace=False)),
+        ({"now_ms": 6000}, Decision(HIT, replace=False)),
+        ({"exists": False}, Decision(MISS, replace=True)),
+        ({"ended": True, "token": "bad"}, Decision(Outcome.ENDED, replace=False)),
+        ({"now_ms": 6001}, Decision(STALE, replace=True)),
+        ({"now_ms": 6001, "token": "bad"}, Decision(STALE, replace=True)),
+        ({"token": "bad"}, Decision(Outcome.REFUSED, replace=False)),
+        ({"token": "to"}, Decision(Outcome.REFUSED, replace=False)),
+        ({"token": "old", "version": 0}, Decision(MISS, replace=False)),
+        ({"token": "old", "version": 0, "origin": STALE}, Decision(STALE, replace=False)),
+        ({"version": 0, "origin": STALE}, Decision(HIT, replace=False)),
     ],
 )
-def test_classify(changes: dict[str, Any], outcome: Outcome) -> None:
-    """classify() orders its checks: missing, ended, stale, token, hit."""
-    assert classify(**{**BASE, **changes}) is outcome
+def test_classify(changes: dict[str, Any], decision: Decision) -> None:
+    """classify() orders its checks: missing, ended, stale, token (unless unwritten), hit."""
+    assert classify(**{**BASE, **changes}) == decision

@@ -73,6 +73,7 @@ async def test_wrong_token_refused_and_changes_nothing(store: SessionStore) -> N
     """A wrong token is refused and does not refresh the session's age."""
     first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
     assert first is not None
+    await store.write_turn(CALLER, first.session_id, write(first, "t1", T0 + 1, name="Ada"))
     refused = await store.restore(CALLER, token="wrong", candidate=candidate(), now_ms=T0 + 15_000)
     assert refused == type(refused)(Outcome.REFUSED, None)
     # max_age is 20 s: had the refused hello refreshed it, this would be a hit.
@@ -80,6 +81,33 @@ async def test_wrong_token_refused_and_changes_nothing(store: SessionStore) -> N
         CALLER, token=first.resume_token, candidate=candidate(), now_ms=T0 + 21_000
     )
     assert later.outcome is Outcome.STALE
+
+
+async def test_unwritten_session_answers_as_created(store: SessionStore) -> None:
+    """A session with no turn yet is not guarded by its token: a hello with the token of the
+    session it replaced (its welcome was lost) gets it, with the answer its creator got."""
+    old = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert old is not None
+    await store.write_turn(CALLER, old.session_id, write(old, "t1", T0 + 1, name="Ada"))
+    cand = candidate(T0 + 30_000)
+    stale = await store.restore(CALLER, token=old.resume_token, candidate=cand, now_ms=T0 + 30_000)
+    assert stale == type(stale)(Outcome.STALE, cand)
+    # The welcome carrying cand's token was lost; the client comes back with the old one.
+    again = await store.restore(
+        CALLER, token=old.resume_token, candidate=candidate(), now_ms=T0 + 31_000
+    )
+    assert again.outcome is Outcome.STALE
+    assert again.session is not None
+    assert (again.session.session_id, again.session.resume_token) == (
+        cand.session_id,
+        cand.resume_token,
+    )
+    # Once a turn is written, the token guards the session again.
+    await store.write_turn(CALLER, cand.session_id, write(cand, "t1", T0 + 32_000, name="Bea"))
+    refused = await store.restore(
+        CALLER, token=old.resume_token, candidate=candidate(), now_ms=T0 + 33_000
+    )
+    assert refused.outcome is Outcome.REFUSED
 
 
 async def test_callers_are_isolated(store: SessionStore) -> None:
@@ -104,6 +132,17 @@ async def test_duplicate_turn_returns_first_version(store: SessionStore) -> None
     got = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0 + 3)).session
     assert got is not None and got.version == 2
     assert got.state["form_answers"] == {"name": "Bob"}
+
+
+async def test_retried_write_after_lost_reply_counts_as_applied(store: SessionStore) -> None:
+    """The same write sent again (its reply was lost) reports applied, so it is adopted."""
+    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert s is not None
+    w1 = write(s, "t1", T0 + 1, name="Ada")
+    assert await store.write_turn(CALLER, s.session_id, w1) == Written(1, applied=True)
+    assert await store.write_turn(CALLER, s.session_id, w1) == Written(1, applied=True)
+    other = write(s, "t1", T0 + 2, name="Bob")  # same turn ID, another write: not ours
+    assert await store.write_turn(CALLER, s.session_id, other) == Written(1, applied=False)
 
 
 async def test_stale_version_conflicts(store: SessionStore) -> None:

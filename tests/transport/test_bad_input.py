@@ -188,3 +188,17 @@ async def test_bad_phone_number(gateway: Gateway, bystander: ClientConnection) -
     )
     assert result.error is not None and "phone" in result.error["message"]
     assert "555" not in result.error["message"]
+
+
+async def test_too_deeply_nested_turn(gateway: Gateway, bystander: ClientConnection) -> None:
+    """A small turn nested past 32 levels is invalid_message, 1007, not an internal error
+    (orjson reads 1024 levels but writes only 255, so it could never be stored)."""
+    deep = "[" * 260 + "]" * 260
+
+    async def act(ws: ClientConnection) -> None:
+        await ws.send('{"type":"turn","turn_id":"t1","form":{"k":' + deep + "}}")
+
+    result = await check(
+        gateway, bystander, act, code="invalid_message", close_code=1007, after_hello=True
+    )
+    assert result.error is not None and "nests deeper than 32" in result.error["message"]

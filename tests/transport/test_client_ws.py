@@ -244,3 +244,25 @@ async def test_state_size_is_bounded(gateway: Gateway) -> None:
         again = await hello(ws, PHONE, resume_token=welcome["resume_token"])
     assert again["version"] == 3
     assert sorted(again["state"]["form_answers"]) == ["f0", "f1", "f2"]
+
+
+async def test_lost_welcome_after_stale_does_not_lock_out(gateway: Gateway, clock: Clock) -> None:
+    """A client whose welcome was lost after its stale session was replaced comes back with
+    its old token and gets the new session (still flagged stale), not resume_refused."""
+    async with connect(url(gateway.port)) as ws:
+        welcome = await hello(ws, PHONE)
+        await turn(ws, "t1", form={"a": 1})
+    await settled(gateway)
+    clock.advance(25)  # past max_age (20 s), before ttl (60 s): stale
+    token = welcome["resume_token"]
+    async with connect(url(gateway.port)) as ws:  # the client is gone before the welcome
+        await send(ws, {"type": "hello", "caller": PHONE, "resume_token": token})
+    await settled(gateway)
+    async with connect(url(gateway.port)) as ws:
+        again = await hello(ws, PHONE, resume_token=token)
+        ack = await turn(ws, "t1", form={"b": 2})
+    assert again["type"] == "welcome"
+    assert again["stale"] is True and again["resumed"] is False
+    assert again["session_id"] != welcome["session_id"]
+    assert again["resume_token"] != token
+    assert ack["version"] == 1

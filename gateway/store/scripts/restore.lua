@@ -21,16 +21,23 @@ if h[1] then
   end
   if max_age >= 0 and now - tonumber(h[6]) > max_age then
     outcome = 'stale'
-  -- Digests, not tokens, are compared, so the comparison's timing does not depend on
-  -- how much of a guessed token is right.
-  elseif ARGV[4] ~= '' and redis.sha1hex(ARGV[4]) ~= redis.sha1hex(h[2]) then
-    return {'refused'}
   else
+    outcome = 'hit'
+    -- Digests, not tokens, are compared, so the comparison's timing does not depend on
+    -- how much of a guessed token is right.
+    if ARGV[4] ~= '' and redis.sha1hex(ARGV[4]) ~= redis.sha1hex(h[2]) then
+      if h[3] ~= '0' then
+        return {'refused'}
+      end
+      -- Nothing written yet: a client whose welcome was lost after its old session was
+      -- replaced comes back with the old token. It gets what the creator got.
+      outcome = h[8]
+    end
     redis.call('HSET', KEYS[1], 'updated', ARGV[1])
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
     redis.call('PEXPIRE', KEYS[2], ARGV[3])
     local turns = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-    return {'hit', h[1], h[2], h[3], h[4], h[5], ARGV[1], turns}
+    return {outcome, h[1], h[2], h[3], h[4], h[5], ARGV[1], turns}
   end
 end
 redis.call('DEL', KEYS[1], KEYS[2])

@@ -7,6 +7,11 @@ if cur[1] ~= ARGV[1] then
 end
 local seen = redis.call('ZSCORE', KEYS[2], ARGV[5])
 if seen then
+  -- The stored state being exactly this write's means an earlier try of this very write
+  -- succeeded and only its reply was lost: report it as applied, so the caller adopts it.
+  if seen == ARGV[3] and cur[2] == ARGV[3] and redis.call('HGET', KEYS[1], 'state') == ARGV[4] then
+    return {'ok', seen}
+  end
   return {'dup', seen}
 end
 if cur[3] then
