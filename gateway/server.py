@@ -127,6 +127,7 @@ class Gateway:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        await asyncio.gather(*self.context.closing, return_exceptions=True)
         await self.store.aclose()
 
     async def __aenter__(self) -> Gateway:

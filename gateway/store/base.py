@@ -60,7 +60,8 @@ class Written(NamedTuple):
     version: int
     """The version the turn produced."""
     applied: bool
-    """``False`` if the turn ID had been applied before: nothing was written now."""
+    """Whether the stored state is this write's: written now, or by an earlier try of this
+    very write whose reply was lost. ``False`` for a turn ID applied by another write."""
 
 
 class SessionStore(Protocol):
@@ -84,7 +85,9 @@ class SessionStore(Protocol):
         its ``updated`` time is refreshed; a missing or stale one is replaced by
         ``candidate``; a refused or ended one is left untouched. Finding
         ``candidate`` itself (a retry after a lost reply) answers as the attempt
-        that stored it did.
+        that stored it did. A session with no turn yet (version 0) is not guarded
+        by its token: a hello with another token gets it, with the outcome that
+        created it (see :func:`gateway.core.resume.classify`).
         """
         ...
 
@@ -94,8 +97,9 @@ class SessionStore(Protocol):
         """Write the snapshot after a turn and record its turn ID, in one step.
 
         Returns:
-            ``write.version`` and ``applied=True``, or, if this turn ID was
-            applied before, the version it produced then and ``applied=False``.
+            ``write.version`` and ``applied=True`` if the stored state is now this
+            write's (including an earlier try of it whose reply was lost); else,
+            for a turn ID another write applied, its version and ``applied=False``.
 
         Raises:
             StoreConflict: If the stored session is not ``session_id`` at

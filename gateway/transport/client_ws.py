@@ -173,6 +173,10 @@ async def _hello(
         protocol.fail(*_REFUSALS[outcome])
         log.info("hello refused outcome=%s caller=%s", outcome.value, caller.digest())
         return None
+    if ws.state is not State.OPEN:
+        # The client gave up on this hello (a slow restore) and has likely reconnected;
+        # taking the session over now would close its live connection.
+        return None
     protocol.send_welcome(session, resumed=outcome is Outcome.HIT, stale=outcome is Outcome.STALE)
     live = LiveSession(caller, session, ws, protocol)
     live.keeper = asyncio.create_task(_keep_fresh(ctx, live))

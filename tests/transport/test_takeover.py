@@ -1,10 +1,18 @@
 """A reconnect takes its session over from an older connection on the same instance, even one
-that is half-open, and of several racing reconnects exactly one keeps the session."""
+that is half-open; of several racing reconnects exactly one keeps the session; and a hello
+its client abandoned takes nothing over."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+from gateway.config import Config
+from gateway.metrics import Metrics
 from gateway.server import Gateway
-from tests.wsclient import connect, hello, recv, send, url
+from gateway.store.base import StoreSettings
+from tests.conftest import StoreFactory
+from tests.wsclient import connect, hello, recv, send, turn, url
 
 PHONE = {"phone": "+14155550100", "call_id": "call-takeover"}
 
@@ -39,3 +47,44 @@ async def test_racing_takeovers_leave_one_connection(gateway: Gateway) -> None:
             assert len(live) == 1
         old.transport.resume_reading()
     assert replaced["type"] == "error" and replaced["code"] == "session_replaced"
+
+
+class SlowFirstRestore:
+    """Delegates to a real store; the first restore answers only when released."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.release = asyncio.Event()
+        self.first = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def restore(self, *args: Any, **kwargs: Any) -> Any:
+        if self.first:
+            self.first = False
+            await self.release.wait()
+        return await self.inner.restore(*args, **kwargs)
+
+
+async def test_abandoned_hello_does_not_take_over(
+    config: Config, settings: StoreSettings, make_store: StoreFactory
+) -> None:
+    """A hello whose client left while its restore was slow does not take the session from
+    the connection the client opened next."""
+    store = SlowFirstRestore(make_store(settings))
+    async with Gateway(config, store=store, metrics=Metrics()) as gw:
+        async with connect(url(gw.port)) as abandoned:
+            await send(abandoned, {"type": "hello", "caller": PHONE})
+            while store.first:
+                await asyncio.sleep(0.01)
+        async with connect(url(gw.port)) as again:
+            await hello(again, PHONE)
+            store.release.set()
+            while gw.metrics.registry.get_sample_value("hangon_connection_active") != 1:
+                await asyncio.sleep(0.01)  # until the abandoned hello's handler is done
+            ack = await turn(again, "t1", form={"a": 1})
+            live = list(gw.context.live.values())
+    assert ack == {"type": "ack", "turn_id": "t1", "version": 1}
+    assert len(live) == 1

@@ -31,7 +31,7 @@ if h[1] then
       end
       -- Nothing written yet: a client whose welcome was lost after its old session was
       -- replaced comes back with the old token. It gets what the creator got.
-      outcome = h[8]
+      outcome = h[8] or 'miss'
     end
     redis.call('HSET', KEYS[1], 'updated', ARGV[1])
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
