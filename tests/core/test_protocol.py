@@ -209,3 +209,45 @@ def test_hello_token_length_is_bounded() -> None:
         protocol = Protocol(max_message_size=4096)
         protocol.receive_text(frame({"type": "hello", "caller": CALLER, "resume_token": token}))
         assert frames(protocol)[0]["code"] == "invalid_message"
+
+
+def test_nothing_queued_after_error() -> None:
+    """Once an error frame is queued, a welcome or ack is not sent after it."""
+    protocol = Protocol(max_message_size=1024)
+    protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
+    protocol.fail("store_unavailable", "down")
+    session = Session(SessionId("s_1"), ResumeToken("tok"), 0, {}, 1, 1)
+    protocol.send_welcome(session, resumed=False, stale=False)
+    protocol.send_ack("t1", 1)
+    assert [f["type"] for f in frames(protocol)] == ["error"]
+
+
+def nested(levels: int) -> dict[str, Any]:
+    """An object nesting ``levels`` levels deep, counting itself as level 1."""
+    value: Any = 1
+    for _ in range(levels - 1):
+        value = [value]
+    return {"k": value}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "ok"),
+    [
+        ("form", {"a": [[{"b": 1}]] * 3, "c": "x"}, True),
+        ("form", nested(32), True),
+        ("context", nested(32), True),
+        ("context", {"k": [nested(31)]}, False),
+        ("form", nested(33), False),
+        ("form", nested(300), False),
+    ],
+)
+def test_nesting_is_bounded(field: str, value: dict[str, Any], ok: bool) -> None:
+    """form and context may nest 32 levels (the object itself is level 1), not more."""
+    protocol = opened()
+    event = protocol.receive_text(frame({"type": "turn", "turn_id": "t", field: value}))
+    if ok:
+        assert isinstance(event, Turn)
+    else:
+        (error,) = frames(protocol)
+        assert (error["code"], error["close_code"]) == ("invalid_message", 1007)
+        assert f"field '{field}' nests deeper than 32" in error["message"]
