@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from gateway import __version__
 from gateway.config import OPTIONS, Config, from_values
+from gateway.demo_agent import serve_demo_agent
 from gateway.exceptions import ConfigError
 from gateway.server import Gateway
 
@@ -53,13 +54,24 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             metavar=option.name.split("_")[-1].upper(),
             help=f"{option.help} (default: {shown}; env {option.env}){note}",
         )
-    serve.add_argument(
-        "--log-level",
-        default=environ.get("HANGON_LOG_LEVEL", "INFO"),
-        type=lambda text: text.strip().upper(),
-        choices=_LEVELS,
-        help="log level (default: INFO; env HANGON_LOG_LEVEL)",
+    demo = sub.add_parser(
+        "demo-agent",
+        help="run the demo voice agent on its own",
+        description="Run the demo voice agent (appointment booking) as a WebSocket server, "
+        "to stand in for a real agent: hangon serve --downstream ws://HOST:PORT/",
     )
+    demo.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
+    demo.add_argument(
+        "--port", type=int, default=8766, help="TCP port; 0 picks one (default: 8766)"
+    )
+    for command in (serve, demo):
+        command.add_argument(
+            "--log-level",
+            default=environ.get("HANGON_LOG_LEVEL", "INFO"),
+            type=lambda text: text.strip().upper(),
+            choices=_LEVELS,
+            help="log level (default: INFO; env HANGON_LOG_LEVEL)",
+        )
     return parser
 
 
@@ -98,20 +110,46 @@ async def _serve(config: Config) -> None:
         "of its caller key"
     )
     await gateway.start()
+    down = config.agent.downstream
+    log.info(
+        "agent=%s",
+        "off: sessions only store state"
+        if down == "off"
+        else "demo: the demo agent runs in this process (--downstream names a real one)"
+        if down == "demo"
+        else down,
+    )
     log.info(
         "listening host=%s port=%d path=%s loop=%s",
         config.server.host,
         gateway.port,
         config.server.path,
-        type(asyncio.get_running_loop()).__module__.split(".")[0],
+        _loop_name(),
     )
+    await _until_signal()
+    log.info("shutting down: closing connections with 1001")
+    await gateway.aclose()
+
+
+async def _demo_agent(host: str, port: int) -> None:
+    server = await serve_demo_agent(host, port)
+    bound = server.sockets[0].getsockname()[1]
+    log.info("demo agent listening host=%s port=%d loop=%s", host, bound, _loop_name())
+    await _until_signal()
+    server.close()
+    await server.wait_closed()
+
+
+def _loop_name() -> str:
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+async def _until_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: closing connections with 1001")
-    await gateway.aclose()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -126,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level, handlers=[handler])
     # One line per connection open and close drowns the log in a reconnect storm.
     logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.command == "demo-agent":
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_demo_agent(args.host, args.port))
+        return
     try:
         config = config_from_args(args, environ)
     except ConfigError as exc:

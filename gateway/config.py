@@ -20,6 +20,7 @@ from gateway.exceptions import ConfigError
 
 __all__ = [
     "OPTIONS",
+    "AgentConfig",
     "CallerConfig",
     "Config",
     "KeepaliveConfig",
@@ -76,11 +77,28 @@ class StoreConfig:
     retry_initial_delay: float = 0.05
     """Upper bound, in seconds, of the first retry delay (full jitter, doubling)."""
     retry_max_delay: float = 1.0
+    """Cap, in seconds, on a retry delay."""
     retry_budget: float | None = 10.0
     """Seconds after a store operation's first try past which it is not retried; ``None``: no
     limit but ``retry_attempts``. Bounds how long a hello or turn waits before the client
     is told ``store_unavailable``."""
-    """Cap, in seconds, on a retry delay."""
+    replay_window: int = 128
+    """Agent messages kept per session for a client that missed them; older ones are dropped
+    and a client that missed them is told ``"replay": "partial"``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    downstream: str = "demo"
+    """The voice agent: a ``ws://`` or ``wss://`` URL, ``demo`` (the demo agent, run
+    in-process) or ``off`` (no agent: sessions only store state)."""
+    agent_linger: float = 30.0
+    """Seconds a session keeps its agent link after the client dropped without ``bye``;
+    what the agent says meanwhile is stored and replayed. 0 closes the link at once."""
+    agent_open_timeout: float = 5.0
+    """Seconds to wait for the agent's WebSocket handshake."""
+    agent_retry_max_delay: float = 5.0
+    """Cap, in seconds, on the delay between redials of a dropped agent link."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,6 +124,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     caller: CallerConfig = field(default_factory=CallerConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
         s = self.store
@@ -127,6 +146,9 @@ class Config:
                 s.max_age,
                 f"must be below the ttl ({s.ttl}): lower one or raise the other",
             )
+        down = self.agent.downstream
+        if down not in ("demo", "off") and not down.startswith(("ws://", "wss://")):
+            raise ConfigError("--downstream", down, "must be a ws:// or wss:// URL, demo or off")
         if self.limits.max_message_size < 1024:
             raise ConfigError("--max-message-size", self.limits.max_message_size, "below 1024")
         if self.limits.max_state_size < 1024:
@@ -163,6 +185,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise ValueError("must not be negative")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a finite number, 0 or more")
     return value
 
 
@@ -259,6 +288,36 @@ OPTIONS: tuple[Option, ...] = (
         "redis_max_connections",
         _positive(int),
         "Redis connections per process; operations queue for a free one",
+    ),
+    Option(
+        "store",
+        "replay_window",
+        _positive(int),
+        "agent messages kept per session for a client that missed them",
+    ),
+    Option(
+        "agent",
+        "downstream",
+        str,
+        "voice agent: ws:// or wss:// URL, 'demo' (in-process demo agent) or 'off'",
+    ),
+    Option(
+        "agent",
+        "agent_linger",
+        _non_negative_float,
+        "seconds a dropped client's session keeps its agent link; agent output is stored",
+    ),
+    Option(
+        "agent",
+        "agent_open_timeout",
+        _positive(float),
+        "seconds to wait for the agent's WebSocket handshake",
+    ),
+    Option(
+        "agent",
+        "agent_retry_max_delay",
+        _positive(float),
+        "cap in seconds on the delay between redials of a dropped agent link",
     ),
     Option(
         "keepalive",

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from gateway.core.agent import AGENT_ERRORS
 from gateway.core.protocol import ERRORS
 from gateway.core.resume import Outcome
 from gateway.exceptions import StoreConflict, StoreError, StoreTimeout, StoreUnavailable
 
 __all__ = ["Metrics"]
 
-_STORE_OPS = ("restore", "write_turn", "end", "touch", "ping")
+_STORE_OPS = ("restore", "write_turn", "push", "end", "touch", "ping")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -95,6 +96,45 @@ class Metrics:
             subsystem="store",
             registry=r,
         )
+        self.agent_connects = Counter(
+            "connects",
+            "Connection attempts to the voice agent, by outcome (ok or error).",
+            ["outcome"],
+            namespace="hangon",
+            subsystem="agent",
+            registry=r,
+        )
+        self.agent_links_active = Gauge(
+            "links_active",
+            "Open connections to the voice agent.",
+            namespace="hangon",
+            subsystem="agent",
+            registry=r,
+        )
+        self.agent_errors = Counter(
+            "frames_rejected",
+            "Frames from the voice agent rejected and not relayed, by error code.",
+            ["code"],
+            namespace="hangon",
+            subsystem="agent",
+            registry=r,
+        )
+        self.messages = Counter(
+            "messages",
+            "Agent messages: stored for replay, relayed live to a client, or replayed on resume.",
+            ["how"],
+            namespace="hangon",
+            subsystem="relay",
+            registry=r,
+        )
+        self.replays = Counter(
+            "resumes",
+            "Welcomes by replay completeness: full, or partial when the window overran.",
+            ["replay"],
+            namespace="hangon",
+            subsystem="relay",
+            registry=r,
+        )
         # Pre-create children so that dashboards see zeros, not gaps.
         for outcome in Outcome:
             self.restores.labels(outcome.value)
@@ -105,6 +145,14 @@ class Metrics:
             self.protocol_errors.labels(code)
         for op in _STORE_OPS:
             self.store_seconds.labels(op)
+        for result in ("ok", "error"):
+            self.agent_connects.labels(result)
+        for code in AGENT_ERRORS:
+            self.agent_errors.labels(code)
+        for how in ("stored", "relayed", "replayed"):
+            self.messages.labels(how)
+        for replay in ("full", "partial"):
+            self.replays.labels(replay)
 
     def store_error(self, exc: StoreError) -> None:
         """Count one failed store attempt."""

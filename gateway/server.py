@@ -21,6 +21,7 @@ from websockets.http11 import Request, Response
 
 from gateway.config import Config
 from gateway.core.backoff import backoff
+from gateway.demo_agent import serve_demo_agent
 from gateway.exceptions import StoreError, StoreTimeout
 from gateway.metrics import Metrics
 from gateway.store.base import SessionStore, StoreSettings
@@ -39,7 +40,11 @@ def open_store(config: Config) -> SessionStore:
     """Create the store ``config`` names: Redis if a URL is set, else memory."""
     s = config.store
     settings = StoreSettings(
-        key_prefix=s.key_prefix, ttl=s.ttl, end_ttl=s.end_ttl, max_age=s.max_age
+        key_prefix=s.key_prefix,
+        ttl=s.ttl,
+        end_ttl=s.end_ttl,
+        max_age=s.max_age,
+        replay_window=s.replay_window,
     )
     if s.redis_url is None:
         return MemoryStore(settings)
@@ -61,6 +66,9 @@ class Gateway:
         metrics: Use these metrics (and their registry) instead of fresh ones.
         delays: Retry delays per store operation; backoff from ``config`` by default.
         clock: Milliseconds since the epoch.
+
+    With ``--downstream demo`` the demo agent runs in this process on a loopback
+    port of its own, and sessions reach it as they would a remote agent.
     """
 
     def __init__(
@@ -93,7 +101,16 @@ class Gateway:
             ),
             retry_budget=s.retry_budget,
             clock=clock,
+            agent_delays=functools.partial(
+                backoff, initial_delay=0.1, max_delay=config.agent.agent_retry_max_delay
+            ),
+            agent_open_timeout=config.agent.agent_open_timeout,
+            agent_linger=config.agent.agent_linger,
         )
+        down = config.agent.downstream
+        if down.startswith(("ws://", "wss://")):
+            self.context.downstream = down
+        self.demo_agent: Server | None = None
         self.server: Server | None = None
         self.closing = False
 
@@ -104,7 +121,11 @@ class Gateway:
         return int(self.server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        """Start listening."""
+        """Start listening (and the in-process demo agent, if configured)."""
+        if self.config.agent.downstream == "demo":
+            self.demo_agent = await serve_demo_agent("127.0.0.1", 0)
+            port = self.demo_agent.sockets[0].getsockname()[1]
+            self.context.downstream = f"ws://127.0.0.1:{port}/"
         max_size = self.config.limits.max_message_size
         self.server = await serve(
             functools.partial(handle_client, self.context),
@@ -122,12 +143,15 @@ class Gateway:
         )
 
     async def aclose(self) -> None:
-        """Stop accepting, close every client with 1001 and release the store."""
+        """Stop accepting, close every client with 1001, then agent links, then the store."""
         self.closing = True
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-        await asyncio.gather(*self.context.closing, return_exceptions=True)
+        await self.context.aclose()
+        if self.demo_agent is not None:
+            self.demo_agent.close()
+            await self.demo_agent.wait_closed()
         await self.store.aclose()
 
     async def __aenter__(self) -> Gateway:

@@ -128,7 +128,9 @@ def settings(key_prefix: str) -> StoreSettings:
 
 @pytest.fixture
 def config(settings: StoreSettings) -> Config:
-    base = Config().replace("server", port=0)
+    # No agent: these tests read the client's frames one by one. Tests of the relay
+    # start a demo agent of their own (tests/transport/agents.py).
+    base = Config().replace("server", port=0).replace("agent", downstream="off")
     return base.replace(
         "store",
         key_prefix=settings.key_prefix,

@@ -22,7 +22,7 @@ SESSIONS = 30
 
 @pytest.fixture
 def gateway_args(own_redis: RedisServer) -> list[str]:
-    return ["--redis-url", own_redis.url]
+    return ["--redis-url", own_redis.url, "--downstream", "off"]
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["DecodeError", "dumps", "loads"]
+__all__ = ["DecodeError", "dumps", "loads", "too_deep"]
 
 DecodeError = orjson.JSONDecodeError
 """Raised by :func:`loads` on malformed JSON (a subclass of :class:`ValueError`)."""
@@ -31,3 +31,20 @@ def loads(data: str | bytes) -> Any:
         DecodeError: If ``data`` is not valid JSON or not valid UTF-8.
     """
     return orjson.loads(data)
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` levels deep.
+
+    orjson reads 1024 levels but writes only 255: without a bound, a small frame
+    could produce a state that cannot be stored.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False

@@ -7,7 +7,7 @@ from typing import Any
 
 from gateway.core.callerkey import CallerKey
 
-__all__ = ["Bye", "Event", "Hello", "Turn"]
+__all__ = ["Ack", "Bye", "Event", "Hello", "Turn"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +17,7 @@ class Hello:
     caller: CallerKey
     resume_token: str | None
     last_seq: int | None
+    """The last message sequence number the client received; ``None``: none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,8 +31,15 @@ class Turn:
 
 
 @dataclass(frozen=True, slots=True)
+class Ack:
+    """The client received every message up to ``seq``."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class Bye:
     """The client ended the session."""
 
 
-Event = Hello | Turn | Bye
+Event = Hello | Turn | Ack | Bye

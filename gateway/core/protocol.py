@@ -21,7 +21,12 @@ Phases and what each accepts (anything else is ``unexpected_message``)::
     AWAIT_HELLO --hello--> RESTORING --send_welcome()--> OPEN --bye--> CLOSED
                                      --fail()---------> CLOSED
                  OPEN --turn--> OPEN  (the driver answers each with send_ack)
+                 OPEN --ack---> OPEN  (the client received messages up to a seq)
                  any  --fail()/close()--> CLOSED
+
+Besides answers, the driver queues the voice agent's messages with
+:meth:`Protocol.send_msg` (each with its sequence number, replayed ones first)
+and state changes with :meth:`Protocol.send_state`, in OPEN only.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Any, Final
 from gateway.core import closecodes, codec
 from gateway.core.callerkey import InvalidCaller, parse_caller
 from gateway.core.closecodes import CloseReason
-from gateway.core.events import Bye, Event, Hello, Turn
+from gateway.core.events import Ack, Bye, Event, Hello, Turn
 from gateway.core.session import Session
 
 __all__ = ["ERRORS", "PROTOCOL_VERSION", "Phase", "Protocol"]
@@ -79,10 +84,10 @@ ERRORS: Final[Mapping[str, CloseReason]] = {
 _ACCEPTS: Final[Mapping[Phase, frozenset[str]]] = {
     Phase.AWAIT_HELLO: frozenset({"hello"}),
     Phase.RESTORING: frozenset(),
-    Phase.OPEN: frozenset({"turn", "bye"}),
+    Phase.OPEN: frozenset({"turn", "ack", "bye"}),
     Phase.CLOSED: frozenset(),
 }
-_KNOWN_TYPES: Final = frozenset({"hello", "turn", "bye"})
+_KNOWN_TYPES: Final = frozenset({"hello", "turn", "ack", "bye"})
 
 
 class _Invalid(Exception):
@@ -154,6 +159,11 @@ class Protocol:
             self.phase = Phase.RESTORING
         elif kind == "turn":
             event = self._turn(msg)
+        elif kind == "ack":
+            seq = msg.get("seq")
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+                raise _Invalid("invalid_message", "field 'seq' must be a non-negative integer")
+            event = Ack(seq)
         else:
             event = Bye()
         return event
@@ -185,14 +195,21 @@ class Protocol:
         form = _optional(msg, "form", dict)
         context = _optional(msg, "context", dict)
         for name, value in (("form", form), ("context", context)):
-            if value is not None and _too_deep(value, _MAX_DEPTH):
+            if value is not None and codec.too_deep(value, _MAX_DEPTH):
                 raise _Invalid("invalid_message", f"field '{name}' nests deeper than {_MAX_DEPTH}")
         return Turn(turn_id, _optional(msg, "text", str), form, context)
 
     # Sending
 
-    def send_welcome(self, session: Session, *, resumed: bool, stale: bool) -> None:
-        """Answer the hello: the session is open (nothing once closed)."""
+    def send_welcome(
+        self, session: Session, *, resumed: bool, stale: bool, replay_from: int | None = None
+    ) -> None:
+        """Answer the hello: the session is open (nothing once closed).
+
+        Args:
+            replay_from: The first sequence number still held, when the client
+                missed older messages that are gone (``"replay": "partial"``).
+        """
         if self.phase is Phase.CLOSED:
             return
         frame: dict[str, Any] = {
@@ -202,12 +219,28 @@ class Protocol:
             "resumed": resumed,
             "state": session.state,
             "version": session.version,
+            "seq": session.seq,
+            "replay": "full" if replay_from is None else "partial",
             "resume_token": session.resume_token,
         }
+        if replay_from is not None:
+            frame["replay_from"] = replay_from
         if stale:
             frame["stale"] = True
         self._outbox.append(codec.dumps(frame))
         self.phase = Phase.OPEN
+
+    def send_msg(self, seq: int, data: bytes) -> None:
+        """Queue an agent message: ``data`` is its JSON, sent as is (nothing unless open)."""
+        if self.phase is Phase.OPEN:
+            self._outbox.append(b'{"type":"msg","seq":%d,"data":%b}' % (seq, data))
+
+    def send_state(self, session: Session) -> None:
+        """Queue the session's state after the agent changed it (nothing unless open)."""
+        if self.phase is Phase.OPEN:
+            self._outbox.append(
+                codec.dumps({"type": "state", "version": session.version, "state": session.state})
+            )
 
     def send_ack(self, turn_id: str, version: int) -> None:
         """Acknowledge a turn that is durable at ``version`` (nothing once closed).
@@ -248,19 +281,6 @@ class Protocol:
         """Return and forget the frames queued since the last call."""
         out, self._outbox = self._outbox, []
         return out
-
-
-def _too_deep(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests objects and arrays more than ``limit`` levels deep."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return False
 
 
 def _optional(msg: dict[str, Any], name: str, kind: type) -> Any:

@@ -3,6 +3,11 @@
 The Redis store takes the same decisions inside ``scripts/restore.lua`` (one
 round trip); the memory store calls :func:`classify`. The shared store tests
 hold both to the same answers.
+
+A resume position is the last message sequence number the client received
+(``last_seq`` in its hello); the session ID is the epoch of that position:
+a new session starts again at 0, and ``welcome`` says ``resumed: false``.
+:func:`replay_from` decides what a resumed client is sent again.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import enum
 import hmac
 from dataclasses import dataclass
 
-__all__ = ["Decision", "Outcome", "classify"]
+__all__ = ["Decision", "Outcome", "Replay", "classify", "plan_replay"]
 
 
 class Outcome(enum.Enum):
@@ -77,3 +82,36 @@ def classify(
     if token is not None and not hmac.compare_digest(token.encode(), stored_token.encode()):
         return Decision(origin if version == 0 else Outcome.REFUSED, replace=False)
     return Decision(Outcome.HIT, replace=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a resumed client is sent again: messages ``start`` to the newest.
+
+    ``partial`` means the client missed messages that are no longer held (the
+    replay window overran); ``welcome`` then says ``"replay": "partial"`` and
+    ``replay_from: start``, and the client accepts the gap.
+    """
+
+    start: int
+    partial: bool
+
+
+def plan_replay(last_seq: int | None, *, seq: int, first: int) -> Replay:
+    """Decide which messages a resuming client gets again.
+
+    ``scripts/restore.lua`` reads the messages from the same position.
+
+    Args:
+        last_seq: The last sequence number the client received (``None``: none).
+        seq: The newest sequence number of the session.
+        first: The oldest sequence number still held (``seq + 1`` if none is).
+    """
+    want = (last_seq or 0) + 1
+    if want > seq + 1:
+        # The client saw messages the store no longer knows of (a store that lost
+        # writes): say so, or it would discard the next ones as already seen.
+        return Replay(seq + 1, partial=True)
+    if want >= first:
+        return Replay(want, partial=False)
+    return Replay(first, partial=True)

@@ -8,6 +8,16 @@ A turn shallow-merges ``form`` into ``form_answers`` and ``context`` into
 ``context``, records itself as ``last_turn`` and bumps ``version`` by one. The
 gateway applies a turn to a copy, writes the copy, and only adopts it once the
 write succeeded (see :meth:`Session.commit`).
+
+The voice agent changes state too: its ``state`` patches merge into
+``form_answers`` and ``context`` (a ``null`` value deletes a key, as in JSON
+Merge Patch, RFC 7396, one level down). Its messages get consecutive sequence
+numbers (``seq``) per session. Patches and messages that arrive together are
+written as one :class:`Push`.
+
+``epoch`` counts restores: every hello that resumes a session bumps it in the
+store, and a write carrying an older epoch is refused, so a connection (or a
+lingering agent link) that another hello superseded cannot write.
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ from gateway.core import codec
 from gateway.core.events import Turn
 
 __all__ = [
+    "PATCHABLE",
+    "Push",
     "ResumeToken",
     "Session",
     "SessionId",
@@ -34,6 +46,9 @@ ResumeToken = NewType("ResumeToken", str)
 
 RECENT_TURNS = 64
 """How many applied turn IDs a session remembers to recognise a re-sent turn."""
+
+PATCHABLE = ("form_answers", "context")
+"""The state fields a voice agent's ``state`` patch may change."""
 
 
 def new_session_id() -> SessionId:
@@ -62,6 +77,35 @@ class TurnWrite:
     at_ms: int
     encoded: bytes
     """``state`` as JSON, encoded once for the size check and the store."""
+    epoch: int = 0
+    """The epoch the session was restored at; the store refuses the write under another."""
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """What the voice agent sent, ready to be written in one step.
+
+    ``messages`` get the sequence numbers ``base_seq + 1`` onwards. ``state`` is
+    ``None`` when no patch came with them; otherwise ``version`` is
+    ``base_version + 1``.
+    """
+
+    epoch: int
+    base_version: int
+    version: int
+    state: dict[str, Any] | None
+    encoded: bytes | None
+    base_seq: int
+    messages: tuple[bytes, ...]
+    """Each message's ``data``, as JSON."""
+    acked_seq: int
+    """The highest sequence number the client acknowledged: older messages may go."""
+    at_ms: int
+
+    @property
+    def seq(self) -> int:
+        """The sequence number of the last message after this push."""
+        return self.base_seq + len(self.messages)
 
 
 @dataclass(slots=True)
@@ -79,6 +123,10 @@ class Session:
     created_ms: int
     updated_ms: int
     recent_turns: dict[str, int] = field(default_factory=dict)
+    seq: int = 0
+    """Sequence number of the last agent message stored for this session."""
+    epoch: int = 1
+    """1 for a new session, plus one per restore (see the module docstring)."""
 
     def applied_version(self, turn_id: str) -> int | None:
         """Return the version ``turn_id`` produced if it was already applied, else ``None``."""
@@ -98,8 +146,58 @@ class Session:
             last["form"] = turn.form
         state["last_turn"] = last
         return TurnWrite(
-            turn.turn_id, self.version, self.version + 1, state, now_ms, codec.dumps(state)
+            turn.turn_id,
+            self.version,
+            self.version + 1,
+            state,
+            now_ms,
+            codec.dumps(state),
+            self.epoch,
         )
+
+    def push(
+        self,
+        patches: list[dict[str, Any]],
+        messages: list[bytes],
+        *,
+        acked_seq: int,
+        now_ms: int,
+    ) -> Push:
+        """Apply the agent's ``patches`` to a copy of the state and number its ``messages``.
+
+        Patches must have been checked with :func:`gateway.core.agent.parse_frame`.
+        """
+        state: dict[str, Any] | None = None
+        if patches:
+            state = dict(self.state)
+            for patch in patches:
+                for name, changes in patch.items():
+                    merged = dict(state.get(name) or {})
+                    for key, value in changes.items():
+                        if value is None:
+                            merged.pop(key, None)
+                        else:
+                            merged[key] = value
+                    state[name] = merged
+        return Push(
+            epoch=self.epoch,
+            base_version=self.version,
+            version=self.version + (state is not None),
+            state=state,
+            encoded=None if state is None else codec.dumps(state),
+            base_seq=self.seq,
+            messages=tuple(messages),
+            acked_seq=min(acked_seq, self.seq),
+            at_ms=now_ms,
+        )
+
+    def commit_push(self, push: Push) -> None:
+        """Adopt ``push`` once it is durable."""
+        if push.state is not None:
+            self.state = push.state
+            self.version = push.version
+        self.seq = push.seq
+        self.updated_ms = push.at_ms
 
     def commit(self, write: TurnWrite) -> None:
         """Adopt ``write`` once it is durable."""

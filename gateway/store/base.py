@@ -2,12 +2,17 @@
 
 Storage layout (Redis; the memory store keeps the same records in a dict)::
 
-    {prefix}{tenant}:{digest}:session   hash  sid tok ver state created updated origin [ended]
+    {prefix}{tenant}:{digest}:session   hash  sid tok ver state created updated origin
+                                              epoch seq [ended]
     {prefix}{tenant}:{digest}:turns     zset  turn_id -> version it produced (last 64)
+    {prefix}{tenant}:{digest}:msgs      list  the agent's messages (their data as JSON),
+                                              oldest first, the newest being number ``seq``
 
 ``{digest}`` is literal braces around the digest: the Redis Cluster hash tag.
 ``origin`` is the outcome that created the session (``miss`` or ``stale``), so
-that a retried restore whose first reply was lost answers the same.
+that a retried restore whose first reply was lost answers the same. ``epoch``
+grows by one on every restore; a write carrying another epoch is refused.
+``msgs`` holds at most the replay window and drops what the client acknowledged.
 
 ``digest`` is :meth:`CallerKey.digest`: no phone number or user ID appears in a
 key. Every key of one session shares the hash tag, so each script touches one
@@ -20,8 +25,8 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from gateway.core.callerkey import CallerKey
-from gateway.core.resume import Outcome
-from gateway.core.session import Session, SessionId, TurnWrite
+from gateway.core.resume import Outcome, Replay
+from gateway.core.session import Push, Session, SessionId, TurnWrite
 
 __all__ = ["Restored", "SessionStore", "StoreSettings", "Written", "session_keys"]
 
@@ -38,20 +43,27 @@ class StoreSettings:
     """Seconds a session's keys live after ``bye``."""
     max_age: float | None = 900.0
     """Seconds of inactivity after which a session is stale; ``None`` disables."""
+    replay_window: int = 128
+    """Messages kept per session for a client that missed them."""
 
 
-def session_keys(prefix: str, caller: CallerKey) -> tuple[str, str]:
-    """Return the (session hash, turns zset) keys of ``caller``."""
+def session_keys(prefix: str, caller: CallerKey) -> tuple[str, str, str]:
+    """Return the (session hash, turns zset, messages list) keys of ``caller``."""
     base = f"{prefix}{caller.tenant}:{{{caller.digest()}}}"
-    return f"{base}:session", f"{base}:turns"
+    return f"{base}:session", f"{base}:turns", f"{base}:msgs"
 
 
 @dataclass(frozen=True, slots=True)
 class Restored:
-    """What a restore found: the outcome and, unless refused or ended, the session."""
+    """What a restore found: the outcome and, unless refused or ended, the session.
+
+    ``messages`` are those the client missed, from ``replay.start`` on.
+    """
 
     outcome: Outcome
     session: Session | None
+    replay: Replay = Replay(1, partial=False)
+    messages: tuple[bytes, ...] = ()
 
 
 class Written(NamedTuple):
@@ -77,12 +89,19 @@ class SessionStore(Protocol):
     """``memory`` or ``redis``; a metrics label."""
 
     async def restore(
-        self, caller: CallerKey, *, token: str | None, candidate: Session, now_ms: int
+        self,
+        caller: CallerKey,
+        *,
+        token: str | None,
+        candidate: Session,
+        now_ms: int,
+        last_seq: int | None = None,
     ) -> Restored:
         """Find the session of ``caller`` and load it, in one step.
 
-        A live session whose token matches (or ``token`` is ``None``) is a hit and
-        its ``updated`` time is refreshed; a missing or stale one is replaced by
+        A live session whose token matches (or ``token`` is ``None``) is a hit: its
+        ``updated`` time is refreshed, its epoch bumped, and the messages after
+        ``last_seq`` still held are returned; a missing or stale one is replaced by
         ``candidate``; a refused or ended one is left untouched. Finding
         ``candidate`` itself (a retry after a lost reply) answers as the attempt
         that stored it did. A session with no turn yet (version 0) is not guarded
@@ -103,7 +122,19 @@ class SessionStore(Protocol):
 
         Raises:
             StoreConflict: If the stored session is not ``session_id`` at
-                ``write.base_version``.
+                ``write.epoch`` and ``write.base_version``.
+        """
+        ...
+
+    async def push(self, caller: CallerKey, session_id: SessionId, push: Push) -> None:
+        """Write the agent's state patch and messages, in one step.
+
+        The messages list then holds at most ``replay_window`` messages and none
+        up to ``push.acked_seq``. A retry of a push that landed succeeds.
+
+        Raises:
+            StoreConflict: If the stored session is not ``session_id`` at
+                ``push.epoch``, ``push.base_version`` and ``push.base_seq``.
         """
         ...
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from gateway.core import codec
 from gateway.core.callerkey import CallerKey
-from gateway.core.resume import Outcome, classify
-from gateway.core.session import ResumeToken, Session, SessionId, TurnWrite, remember
+from gateway.core.resume import Outcome, classify, plan_replay
+from gateway.core.session import Push, ResumeToken, Session, SessionId, TurnWrite, remember
 from gateway.exceptions import StoreConflict
 from gateway.store.base import Restored, StoreSettings, Written, session_keys
 
@@ -33,6 +33,10 @@ class _Record:
     origin: Outcome
     ended: int | None = None
     turns: dict[str, int] = field(default_factory=dict)
+    epoch: int = 1
+    seq: int = 0
+    msgs: list[bytes] = field(default_factory=list)
+    """Messages ``seq - len(msgs) + 1`` to ``seq``."""
 
     def session(self) -> Session:
         return Session(
@@ -43,7 +47,14 @@ class _Record:
             self.created,
             self.updated,
             dict(self.turns),
+            seq=self.seq,
+            epoch=self.epoch,
         )
+
+    def restored(self, outcome: Outcome, last_seq: int | None) -> Restored:
+        first = self.seq - len(self.msgs) + 1
+        replay = plan_replay(last_seq, seq=self.seq, first=first)
+        return Restored(outcome, self.session(), replay, tuple(self.msgs[replay.start - first :]))
 
 
 class MemoryStore:
@@ -75,11 +86,17 @@ class MemoryStore:
         return int(self.settings.ttl * 1000)
 
     async def restore(
-        self, caller: CallerKey, *, token: str | None, candidate: Session, now_ms: int
+        self,
+        caller: CallerKey,
+        *,
+        token: str | None,
+        candidate: Session,
+        now_ms: int,
+        last_seq: int | None = None,
     ) -> Restored:
         key, record = self._get(caller, now_ms)
         if record is not None and record.sid == candidate.session_id:
-            return Restored(record.origin, record.session())
+            return record.restored(record.origin, last_seq)
         max_age = self.settings.max_age
         decision = classify(
             exists=record is not None,
@@ -99,7 +116,8 @@ class MemoryStore:
             assert record is not None
             record.updated = now_ms
             record.expires = now_ms + self._ttl_ms()
-            return Restored(outcome, record.session())
+            record.epoch += 1
+            return record.restored(outcome, last_seq)
         self._records[key] = _Record(
             candidate.session_id,
             candidate.resume_token,
@@ -118,6 +136,8 @@ class MemoryStore:
         _, record = self._get(caller, write.at_ms)
         if record is None or record.sid != session_id:
             raise StoreConflict("write_turn", "session expired or was replaced")
+        if record.epoch != write.epoch:
+            raise StoreConflict("write_turn", "a newer connection resumed this session")
         seen = record.turns.get(write.turn_id)
         if seen is not None:
             # As in turn.lua: an identical stored state means this very write landed before.
@@ -133,6 +153,31 @@ class MemoryStore:
         record.expires = write.at_ms + self._ttl_ms()
         remember(record.turns, write.turn_id, write.version)
         return Written(write.version, applied=True)
+
+    async def push(self, caller: CallerKey, session_id: SessionId, push: Push) -> None:
+        _, record = self._get(caller, push.at_ms)
+        if record is None or record.sid != session_id:
+            raise StoreConflict("push", "session expired or was replaced")
+        if record.epoch != push.epoch:
+            raise StoreConflict("push", "a newer connection resumed this session")
+        if record.ended is not None:
+            raise StoreConflict("push", "session ended")
+        # As in push.lua: within one epoch this connection is the only writer.
+        changed = push.version != push.base_version or push.messages
+        if changed and record.ver == push.version and record.seq == push.seq:
+            return
+        if record.ver != push.base_version or record.seq != push.base_seq:
+            raise StoreConflict("push", f"stored version is {record.ver}")
+        if push.encoded is not None:
+            record.ver = push.version
+            record.state = push.encoded
+        record.seq = push.seq
+        record.updated = push.at_ms
+        record.expires = push.at_ms + self._ttl_ms()
+        msgs = record.msgs + list(push.messages)
+        held = len(msgs)
+        drop = max(held - self.settings.replay_window, push.acked_seq - (push.seq - held))
+        record.msgs = msgs[max(drop, 0) :]
 
     async def end(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
         _, record = self._get(caller, now_ms)

@@ -25,8 +25,8 @@ from redis.backoff import NoBackoff
 
 from gateway.core import codec
 from gateway.core.callerkey import CallerKey
-from gateway.core.resume import Outcome
-from gateway.core.session import RECENT_TURNS, ResumeToken, Session, SessionId, TurnWrite
+from gateway.core.resume import Outcome, plan_replay
+from gateway.core.session import RECENT_TURNS, Push, ResumeToken, Session, SessionId, TurnWrite
 from gateway.exceptions import (
     StoreConflict,
     StoreError,
@@ -58,6 +58,16 @@ def _mapped(op: str) -> Iterator[None]:
 
 def _text(value: bytes) -> str:
     return value.decode()
+
+
+def _conflict(op: str, status: str, reply: list[Any]) -> StoreConflict:
+    if status == "conflict":
+        return StoreConflict(op, f"stored version is {_text(reply[1])}")
+    detail = {
+        "ended": "session ended",
+        "superseded": "a newer connection resumed this session",
+    }.get(status, "session expired or was replaced")
+    return StoreConflict(op, detail)
 
 
 class RedisStore:
@@ -98,10 +108,17 @@ class RedisStore:
         self._turn = self.client.register_script(_script("turn.lua"))
         self._end = self.client.register_script(_script("end.lua"))
         self._touch = self.client.register_script(_script("touch.lua"))
+        self._push = self.client.register_script(_script("push.lua"))
         self._ttl_ms = int(settings.ttl * 1000)
 
     async def restore(
-        self, caller: CallerKey, *, token: str | None, candidate: Session, now_ms: int
+        self,
+        caller: CallerKey,
+        *,
+        token: str | None,
+        candidate: Session,
+        now_ms: int,
+        last_seq: int | None = None,
     ) -> Restored:
         max_age = self.settings.max_age
         with _mapped("restore"):
@@ -115,12 +132,13 @@ class RedisStore:
                     candidate.session_id,
                     candidate.resume_token,
                     codec.dumps(candidate.state),
+                    -1 if last_seq is None else last_seq,
                 ],
             )
         outcome = Outcome(_text(reply[0]))
         if len(reply) == 1:
             return Restored(outcome, None)
-        sid, tok, ver, state, created, updated, turns = reply[1:]
+        sid, tok, ver, state, created, updated, turns, epoch, seq, first, msgs = reply[1:]
         recent = {_text(turns[i]): int(turns[i + 1]) for i in range(0, len(turns), 2)}
         session = Session(
             SessionId(_text(sid)),
@@ -130,8 +148,11 @@ class RedisStore:
             int(created),
             int(updated),
             recent,
+            seq=int(seq),
+            epoch=int(epoch),
         )
-        return Restored(outcome, session)
+        replay = plan_replay(last_seq, seq=session.seq, first=int(first))
+        return Restored(outcome, session, replay, tuple(msgs))
 
     async def write_turn(
         self, caller: CallerKey, session_id: SessionId, write: TurnWrite
@@ -148,17 +169,35 @@ class RedisStore:
                     write.at_ms,
                     self._ttl_ms,
                     RECENT_TURNS,
+                    write.epoch,
                 ],
             )
         status = _text(reply[0])
         if status in ("ok", "dup"):
             return Written(int(reply[1]), applied=status == "ok")
-        if status == "conflict":
-            raise StoreConflict("write_turn", f"stored version is {_text(reply[1])}")
-        raise StoreConflict(
-            "write_turn",
-            "session ended" if status == "ended" else "session expired or was replaced",
-        )
+        raise _conflict("write_turn", status, reply)
+
+    async def push(self, caller: CallerKey, session_id: SessionId, push: Push) -> None:
+        with _mapped("push"):
+            reply: list[Any] = await self._push(
+                keys=session_keys(self.settings.key_prefix, caller),
+                args=[
+                    session_id,
+                    push.epoch,
+                    push.base_version,
+                    push.version,
+                    push.encoded or b"",
+                    push.base_seq,
+                    push.acked_seq,
+                    self.settings.replay_window,
+                    push.at_ms,
+                    self._ttl_ms,
+                    *push.messages,
+                ],
+            )
+        status = _text(reply[0])
+        if status != "ok":
+            raise _conflict("push", status, reply)
 
     async def end(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
         with _mapped("end"):

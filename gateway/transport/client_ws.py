@@ -1,8 +1,22 @@
-"""Drive :class:`gateway.core.protocol.Protocol` over one client WebSocket.
+"""Drive :class:`gateway.core.protocol.Protocol` over client WebSockets, and relay the agent.
 
-Frames of one connection are handled strictly in order: a turn is written and
-acknowledged before the next frame is read, so acks leave in turn order and an
-ack always follows a durable write.
+Each caller key served here has one :class:`LiveSession`: the session as last
+written, the client connection attached to it (if any), its link to the voice
+agent and a pump that persists and relays what the agent sends. A lock per
+live session orders every write to it (turns, the agent's patches and
+messages, a resume), so versions and sequence numbers never race in this
+process; the store's epoch check refuses writes from anywhere else.
+
+A client connection has two tasks: the handler reads and acts on frames
+strictly in order (a turn is written and acknowledged before the next frame is
+read), and a writer sends what the protocol queued, in queue order. Nothing
+ever waits on a client's socket while holding the session lock, so a
+half-open connection cannot hold up the client that replaces it.
+
+When the client drops without ``bye``, the session lingers for
+``agent_linger`` seconds: the agent link stays open and what the agent says
+is stored for the client's return. A hello within that time on this instance
+adopts the lingering session.
 """
 
 from __future__ import annotations
@@ -12,22 +26,22 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from gateway.core import agent
 from gateway.core.callerkey import CallerKey
 from gateway.core.closecodes import BYE
-from gateway.core.events import Bye, Hello, Turn
+from gateway.core.events import Ack, Bye, Hello, Turn
 from gateway.core.protocol import Protocol
 from gateway.core.resume import Outcome
 from gateway.core.session import (
     Session,
-    SessionId,
     empty_state,
     new_resume_token,
     new_session_id,
@@ -36,8 +50,9 @@ from gateway.exceptions import StoreConflict, StoreError
 from gateway.metrics import Metrics
 from gateway.store.base import SessionStore
 from gateway.store.retry import retry
+from gateway.transport.downstream import AgentLink
 
-__all__ = ["ClientContext", "LiveSession", "handle_client", "now_ms"]
+__all__ = ["ClientContext", "Connection", "LiveSession", "handle_client", "now_ms"]
 
 log = logging.getLogger("gateway.client")
 T = TypeVar("T")
@@ -46,6 +61,10 @@ _REFUSALS = {
     Outcome.REFUSED: ("resume_refused", "the resume token does not match this session"),
     Outcome.ENDED: ("session_ended", "this call ended with bye; a new call needs a new call_id"),
 }
+_BATCH = 64
+"""Agent frames persisted in one store write at most."""
+_INBOX = 1024
+"""Agent frames waiting to be persisted before the link stops reading (backpressure)."""
 
 
 def now_ms() -> int:
@@ -53,17 +72,41 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(slots=True)
-class LiveSession:
-    """A session with a client connected to this instance."""
+@dataclass(slots=True, eq=False)
+class Connection:
+    """One client WebSocket: its protocol state and the writer that drains it."""
 
-    caller: CallerKey
-    session: Session
     ws: ServerConnection
     protocol: Protocol
-    ended: bool = False
-    keeper: asyncio.Task[None] | None = None
-    """Renews the session in the store while the client is connected."""
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    sent_seq: int = 0
+    """The newest agent message queued on this connection."""
+    done: bool = False
+    """The handler has stopped reading; the writer sends what is left and stops."""
+
+    def flush(self) -> None:
+        """Let the writer send what is queued."""
+        self.wake.set()
+
+
+@dataclass(slots=True, eq=False)
+class LiveSession:
+    """A caller's session as this instance serves it."""
+
+    caller: CallerKey
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    session: Session | None = None
+    """``None`` until the first restore completes."""
+    client: Connection | None = None
+    link: AgentLink | None = None
+    inbox: asyncio.Queue[str | bytes] = field(default_factory=lambda: asyncio.Queue(maxsize=_INBOX))
+    acked_seq: int = 0
+    """The newest message the client acknowledged; older ones may leave the store."""
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    """The pump and the renewal task."""
+    linger: asyncio.TimerHandle | None = None
+    gone: bool = False
+    """Dropped from this instance: ended, moved elsewhere, or lingered out."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -82,10 +125,17 @@ class ClientContext:
     retry_budget: float | None = None
     """Seconds after a store operation's first try past which it is not retried."""
     clock: Callable[[], int] = now_ms
-    live: dict[SessionId, LiveSession] = field(default_factory=dict)
-    """Sessions connected here, to replace a half-open connection on reconnect."""
+    downstream: str | None = None
+    """The voice agent's URL; ``None``: no agent, sessions only store state."""
+    agent_delays: Callable[[], Iterator[float]] = lambda: iter(())
+    """A new endless sequence of redial delays per agent outage."""
+    agent_open_timeout: float = 5.0
+    agent_linger: float = 30.0
+    """Seconds a session stays here after its client dropped, storing what the agent says."""
+    live: dict[CallerKey, LiveSession] = field(default_factory=dict)
+    """Sessions served here, by caller key."""
     closing: set[asyncio.Task[None]] = field(default_factory=set)
-    """Replaced connections being closed in the background (kept from garbage collection)."""
+    """Background closes (replaced connections, agent links), kept from garbage collection."""
 
     async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run a store operation with retries, timing it."""
@@ -94,27 +144,27 @@ class ClientContext:
                 fn, self.delays(), budget=self.retry_budget, on_error=self.metrics.store_error
             )
 
+    def background(self, coro: Awaitable[None]) -> None:
+        """Run ``coro`` in the background; :meth:`aclose` waits for it."""
+        task = asyncio.ensure_future(coro)
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
 
-async def _flush(ctx: ClientContext, ws: ServerConnection, protocol: Protocol) -> None:
-    """Write queued frames; close if the protocol says so.
-
-    An error is counted when its frame leaves the queue, before anything is sent,
-    so it is counted exactly once (nothing is queued after an error frame) and
-    even when the client is already gone.
-    """
-    frames = protocol.data_to_send()
-    reason = protocol.close_reason
-    if frames and reason is not None and protocol.error_code is not None:
-        ctx.metrics.protocol_errors.labels(protocol.error_code).inc()
-    for frame in frames:
-        await ws.send(frame, text=True)
-    if reason is not None and ws.state is State.OPEN:
-        await ws.close(reason.code, reason.reason)
+    async def aclose(self) -> None:
+        """Drop every session (agent links close; stored state stays) and wait for closes."""
+        for live in list(self.live.values()):
+            _drop(self, live)
+        while self.closing:
+            await asyncio.gather(*self.closing, return_exceptions=True)
 
 
 async def handle_client(ctx: ClientContext, ws: ServerConnection) -> None:
     """Serve one client connection until it closes."""
-    protocol = Protocol(max_message_size=ctx.max_message_size, default_region=ctx.default_region)
+    conn = Connection(
+        ws, Protocol(max_message_size=ctx.max_message_size, default_region=ctx.default_region)
+    )
+    writer = asyncio.create_task(_write(ctx, conn))
+    protocol = conn.protocol
     live: LiveSession | None = None
     ctx.metrics.connections_active.inc()
     try:
@@ -126,14 +176,18 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection) -> None:
             else:
                 event = protocol.receive_text(message)
             if isinstance(event, Hello):
-                live = await _hello(ctx, ws, protocol, event)
+                live = await _hello(ctx, conn, event)
             elif isinstance(event, Turn):
                 assert live is not None
-                await _turn(ctx, live, event)
+                await _turn(ctx, live, conn, event)
+            elif isinstance(event, Ack):
+                assert live is not None
+                if live.client is conn and live.session is not None:
+                    live.acked_seq = max(live.acked_seq, min(event.seq, live.session.seq))
             elif isinstance(event, Bye):
                 assert live is not None
-                await _bye(ctx, live)
-            await _flush(ctx, ws, protocol)
+                await _bye(ctx, live, conn)
+            conn.flush()
     except ConnectionClosed as exc:
         if exc.sent is not None and exc.sent.code == 1009:
             # websockets refused a frame above the hard limit before we saw it.
@@ -141,160 +195,397 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection) -> None:
     except Exception:
         log.exception("unexpected error on a client connection")
         protocol.fail("internal_error", "unexpected error; reconnect to resume")
-        with contextlib.suppress(ConnectionClosed):
-            await _flush(ctx, ws, protocol)
     finally:
         ctx.metrics.connections_active.dec()
-        if live is not None:
-            await _release(ctx, live)
+        if live is not None and live.client is conn:
+            _detach(ctx, live)
+        conn.done = True
+        conn.flush()
+        # The handler's return closes the connection: let the writer send the error
+        # frame and the close code first.
+        with contextlib.suppress(ConnectionClosed):
+            await writer
 
 
-async def _hello(
-    ctx: ClientContext, ws: ServerConnection, protocol: Protocol, hello: Hello
-) -> LiveSession | None:
-    now = ctx.clock()
-    candidate = Session(new_session_id(), new_resume_token(), 0, empty_state(), now, now)
+async def _write(ctx: ClientContext, conn: Connection) -> None:
+    """Send what the protocol queues, in order, and close when it says so.
+
+    An error is counted when its frame leaves the queue, before anything is sent,
+    so it is counted exactly once (nothing is queued after an error frame) and
+    even when the client is already gone.
+    """
+    protocol, ws = conn.protocol, conn.ws
+    while True:
+        await conn.wake.wait()
+        conn.wake.clear()
+        while frames := protocol.data_to_send():
+            if protocol.close_reason is not None and protocol.error_code is not None:
+                ctx.metrics.protocol_errors.labels(protocol.error_code).inc()
+            for frame in frames:
+                await ws.send(frame, text=True)
+        reason = protocol.close_reason
+        if reason is not None:
+            if ws.state is State.OPEN:
+                await ws.close(reason.code, reason.reason)
+            return
+        if conn.done:
+            return
+
+
+def _live_for(ctx: ClientContext, caller: CallerKey) -> LiveSession:
+    live = ctx.live.get(caller)
+    if live is None:
+        live = ctx.live[caller] = LiveSession(caller)
+    return live
+
+
+async def _hello(ctx: ClientContext, conn: Connection, hello: Hello) -> LiveSession | None:
     caller = hello.caller
+    while True:
+        live = _live_for(ctx, caller)
+        async with live.lock:
+            if ctx.live.get(caller) is not live:
+                continue  # dropped while we waited for it: take the new one
+            opened = await _open(ctx, live, conn, hello)
+            if live.session is None and ctx.live.get(caller) is live:
+                del ctx.live[caller]
+            return live if opened else None
+
+
+async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: Hello) -> bool:
+    """Restore the session, attach ``conn`` and tell the agent; under the session lock."""
+    now = ctx.clock()
+    protocol, caller = conn.protocol, hello.caller
+    candidate = Session(new_session_id(), new_resume_token(), 0, empty_state(), now, now)
     try:
         restored = await ctx.call(
             "restore",
             lambda: ctx.store.restore(
-                caller, token=hello.resume_token, candidate=candidate, now_ms=now
+                caller,
+                token=hello.resume_token,
+                candidate=candidate,
+                now_ms=now,
+                last_seq=hello.last_seq,
             ),
         )
     except StoreError as exc:
         ctx.metrics.restores.labels("error").inc()
         log.warning("restore failed caller=%s error=%s", caller.digest(), exc)
         protocol.fail("store_unavailable", "session store unavailable; reconnect to retry")
-        return None
+        return False
     outcome, session = restored.outcome, restored.session
     ctx.metrics.restores.labels(outcome.value).inc()
     if session is None:
         protocol.fail(*_REFUSALS[outcome])
         log.info("hello refused outcome=%s caller=%s", outcome.value, caller.digest())
-        return None
-    if ws.state is not State.OPEN:
+        return False
+    if conn.ws.state is not State.OPEN:
         # The client gave up on this hello (a slow restore) and has likely reconnected;
         # taking the session over now would close its live connection.
-        return None
-    protocol.send_welcome(session, resumed=outcome is Outcome.HIT, stale=outcome is Outcome.STALE)
-    live = LiveSession(caller, session, ws, protocol)
-    live.keeper = asyncio.create_task(_keep_fresh(ctx, live))
-    # Take the session over before any await, so that of several hellos racing for it
-    # the last one registered wins and every other one is told.
-    old = ctx.live.get(session.session_id)
-    ctx.live[session.session_id] = live
+        return False
+    if live.session is not None and live.session.session_id != session.session_id:
+        # What this instance held went stale or was replaced: its agent link, pump and
+        # unread agent frames belong to another session.
+        _close_link(ctx, live, None)
+        for task in live.tasks:
+            task.cancel()
+        live.tasks = []
+        live.inbox = asyncio.Queue(maxsize=_INBOX)
+    old = live.client
     if old is not None:
-        _replace(ctx, old)
-    ctx.metrics.sessions_active.inc()
+        old.protocol.fail("session_replaced", "a newer connection resumed this session")
+        old.flush()
+    else:
+        ctx.metrics.sessions_active.inc()
+    if live.linger is not None:
+        live.linger.cancel()
+        live.linger = None
+    live.session = session
+    live.client = conn
+    live.acked_seq = max(live.acked_seq, hello.last_seq or 0) if outcome is Outcome.HIT else 0
+    replay = restored.replay
+    protocol.send_welcome(
+        session,
+        resumed=outcome is Outcome.HIT,
+        stale=outcome is Outcome.STALE,
+        replay_from=replay.start if replay.partial else None,
+    )
+    for offset, data in enumerate(restored.messages):
+        protocol.send_msg(replay.start + offset, data)
+    conn.sent_seq = session.seq
+    ctx.metrics.replays.labels("partial" if replay.partial else "full").inc()
+    if restored.messages:
+        ctx.metrics.messages.labels("replayed").inc(len(restored.messages))
+    _start_tasks(ctx, live)
+    if ctx.downstream is not None:
+        if live.link is not None:
+            live.link.reopen("client_resumed")
+        else:
+            fresh = outcome is not Outcome.HIT and session.version == 0
+            live.link = _dial(ctx, live, "start" if fresh else "client_resumed")
     log.info(
-        "session open outcome=%s session=%s tenant=%s version=%d",
+        "session open outcome=%s session=%s tenant=%s version=%d seq=%d replayed=%d%s",
         outcome.value,
         session.session_id,
         caller.tenant,
         session.version,
+        session.seq,
+        len(restored.messages),
+        " partial" if replay.partial else "",
     )
-    return live
+    return True
 
 
-def _replace(ctx: ClientContext, old: LiveSession) -> None:
-    """Close, in the background, a connection whose session a newer one just resumed.
+def _dial(ctx: ClientContext, live: LiveSession, reason: str) -> AgentLink:
+    assert ctx.downstream is not None and live.session is not None
 
-    The old connection is often half-open (that is why the client came back), and
-    closing it may wait ``close_timeout`` for a close frame that never comes; the
-    new client's welcome must not wait for that.
-    """
-    old.protocol.fail("session_replaced", "a newer connection resumed this session")
-    task = asyncio.create_task(_close_quietly(ctx, old))
-    ctx.closing.add(task)
-    task.add_done_callback(ctx.closing.discard)
+    def opening(why: str) -> bytes:
+        assert live.session is not None
+        if why == "start":
+            return agent.session_open(live.session, live.caller, kind="session.start")
+        return agent.session_open(live.session, live.caller, kind="session.resume", reason=why)
+
+    return AgentLink(
+        ctx.downstream,
+        opening=opening,
+        reason=reason,
+        inbox=live.inbox,
+        metrics=ctx.metrics,
+        delays=ctx.agent_delays,
+        max_size=ctx.max_message_size,
+        open_timeout=ctx.agent_open_timeout,
+        session_id=live.session.session_id,
+    )
 
 
-async def _close_quietly(ctx: ClientContext, live: LiveSession) -> None:
-    with contextlib.suppress(ConnectionClosed):
-        await _flush(ctx, live.ws, live.protocol)
+def _start_tasks(ctx: ClientContext, live: LiveSession) -> None:
+    if not live.tasks:
+        live.tasks = [
+            asyncio.create_task(_pump(ctx, live)),
+            asyncio.create_task(_keep_fresh(ctx, live)),
+        ]
 
 
-async def _turn(ctx: ClientContext, live: LiveSession, turn: Turn) -> None:
-    session, protocol = live.session, live.protocol
-    applied = session.applied_version(turn.turn_id)
-    if applied is not None:
-        ctx.metrics.turns.labels("duplicate").inc()
-        protocol.send_ack(turn.turn_id, applied)
-        return
-    write = session.apply(turn, ctx.clock())
-    if len(write.encoded) > ctx.max_state_size:
-        # Not retryable: the same turn would be refused again; the session itself is intact.
-        protocol.fail(
-            "state_too_big",
-            f"the turn would grow the session state past {ctx.max_state_size} bytes",
-        )
-        return
-    try:
-        written = await ctx.call(
-            "write_turn", lambda: ctx.store.write_turn(live.caller, session.session_id, write)
-        )
-    except StoreConflict as exc:
-        log.info("turn refused session=%s reason=%s", session.session_id, exc.detail)
-        protocol.fail("session_conflict", f"{exc.detail}; reconnect to resume")
-        return
-    except StoreError as exc:
-        log.warning("turn not written session=%s error=%s", session.session_id, exc)
-        protocol.fail("store_unavailable", "turn not saved: store unavailable; reconnect, resend")
-        return
-    if written.applied:
-        session.commit(write)
-        ctx.metrics.turns.labels("applied").inc()
+async def _turn(ctx: ClientContext, live: LiveSession, conn: Connection, turn: Turn) -> None:
+    async with live.lock:
+        session, protocol = live.session, conn.protocol
+        if live.client is not conn or session is None:
+            return  # replaced meanwhile: this connection was told and is closing
+        applied = session.applied_version(turn.turn_id)
+        if applied is not None:
+            ctx.metrics.turns.labels("duplicate").inc()
+            protocol.send_ack(turn.turn_id, applied)
+            return
+        write = session.apply(turn, ctx.clock())
+        if len(write.encoded) > ctx.max_state_size:
+            # Not retryable: the same turn would be refused again; the session is intact.
+            protocol.fail(
+                "state_too_big",
+                f"the turn would grow the session state past {ctx.max_state_size} bytes",
+            )
+            return
+        try:
+            written = await ctx.call(
+                "write_turn", lambda: ctx.store.write_turn(live.caller, session.session_id, write)
+            )
+        except StoreConflict as exc:
+            log.info("turn refused session=%s reason=%s", session.session_id, exc.detail)
+            protocol.fail("session_conflict", f"{exc.detail}; reconnect to resume")
+            return
+        except StoreError as exc:
+            log.warning("turn not written session=%s error=%s", session.session_id, exc)
+            protocol.fail(
+                "store_unavailable", "turn not saved: store unavailable; reconnect, resend"
+            )
+            return
+        if written.applied:
+            session.commit(write)
+            ctx.metrics.turns.labels("applied").inc()
+            if live.link is not None:
+                live.link.send(agent.turn_frame(session, turn))
+        else:
+            # Another connection applied this turn ID first. Our copy is now behind what
+            # is stored, so the next write is refused as a conflict and the client resumes.
+            ctx.metrics.turns.labels("duplicate").inc()
+        protocol.send_ack(turn.turn_id, written.version)
+
+
+async def _bye(ctx: ClientContext, live: LiveSession, conn: Connection) -> None:
+    async with live.lock:
+        session = live.session
+        if live.client is not conn or session is None:
+            return
+        try:
+            await ctx.call(
+                "end", lambda: ctx.store.end(live.caller, session.session_id, ctx.clock())
+            )
+        except StoreError:
+            conn.protocol.fail("store_unavailable", "bye not saved: store unavailable; reconnect")
+            return
+        conn.protocol.close(BYE)
+        live.client = None
+        ctx.metrics.sessions_active.dec()
+        _drop(ctx, live, final=agent.session_end(session))
+        log.info("session end session=%s", session.session_id)
+
+
+def _detach(ctx: ClientContext, live: LiveSession) -> None:
+    """The client of ``live`` went away without bye: linger, then drop."""
+    live.client = None
+    ctx.metrics.sessions_active.dec()
+    session = live.session
+    if session is not None:
+        # Best effort: a crash skips this, and the age then counts from the last renewal.
+        ctx.background(_touch(ctx, live, session, "touch on disconnect"))
+    if live.link is None or ctx.agent_linger <= 0:
+        _drop(ctx, live)
     else:
-        # Another connection applied this turn ID first. Our copy is now behind what is
-        # stored, so the next write is refused as a conflict and the client resumes.
-        ctx.metrics.turns.labels("duplicate").inc()
-    protocol.send_ack(turn.turn_id, written.version)
+        live.linger = asyncio.get_running_loop().call_later(
+            ctx.agent_linger, _linger_over, ctx, live
+        )
 
 
-async def _bye(ctx: ClientContext, live: LiveSession) -> None:
-    sid = live.session.session_id
+def _linger_over(ctx: ClientContext, live: LiveSession) -> None:
+    live.linger = None
+
+    async def drop() -> None:
+        async with live.lock:
+            if live.client is None:
+                _drop(ctx, live)
+
+    ctx.background(drop())
+
+
+def _drop(ctx: ClientContext, live: LiveSession, final: bytes | None = None) -> None:
+    """Stop serving ``live`` here: close its agent link (after ``final``) and its tasks."""
+    live.gone = True
+    if ctx.live.get(live.caller) is live:
+        del ctx.live[live.caller]
+    if live.linger is not None:
+        live.linger.cancel()
+        live.linger = None
+    current = asyncio.current_task()
+    for task in live.tasks:
+        if task is not current:
+            task.cancel()
+    live.tasks = []
+    if live.client is not None:
+        live.client = None
+        ctx.metrics.sessions_active.dec()
+    _close_link(ctx, live, final)
+
+
+def _close_link(ctx: ClientContext, live: LiveSession, final: bytes | None) -> None:
+    if live.link is not None:
+        ctx.background(live.link.aclose(final))
+        live.link = None
+
+
+async def _pump(ctx: ClientContext, live: LiveSession) -> None:
+    """Persist what the agent sends, then relay it to the client; batch what queued up."""
+    pending: list[str | bytes] = []
+    delays: Iterator[float] | None = None
+    while True:
+        if not pending:
+            pending.append(await live.inbox.get())
+        while len(pending) < _BATCH and not live.inbox.empty():
+            pending.append(live.inbox.get_nowait())
+        async with live.lock:
+            if live.gone:
+                return
+            done = await _persist(ctx, live, pending)
+        if done == "retry":
+            # The store is down: keep the frames (the inbox fills and the link stops
+            # reading, which holds the agent back) and try again.
+            if delays is None:
+                delays = iter(ctx.delays())
+            await asyncio.sleep(next(delays, 1.0))
+            continue
+        pending, delays = [], None
+        if done == "drop":
+            return
+
+
+async def _persist(
+    ctx: ClientContext, live: LiveSession, frames: list[str | bytes]
+) -> Literal["ok", "retry", "drop"]:
+    session = live.session
+    assert session is not None
+    patches: list[dict[str, dict[str, object]]] = []
+    messages: list[bytes] = []
+    now = ctx.clock()
+    for frame in frames:
+        try:
+            parsed = agent.parse_frame(frame, max_size=ctx.max_message_size)
+            if isinstance(parsed, agent.AgentMessage):
+                messages.append(parsed.data)
+                continue
+            trial = session.push([*patches, parsed.patch], [], acked_seq=0, now_ms=now)
+            assert trial.encoded is not None
+            if len(trial.encoded) > ctx.max_state_size:
+                raise agent.InvalidAgentFrame(
+                    "state_too_big", f"the patch would grow the state past {ctx.max_state_size}"
+                )
+            patches.append(parsed.patch)
+        except agent.InvalidAgentFrame as exc:
+            ctx.metrics.agent_errors.labels(exc.code).inc()
+            log.warning("agent frame rejected session=%s %s", session.session_id, exc)
+            if live.link is not None:
+                live.link.send(agent.error_frame(exc))
+    if not patches and not messages:
+        return "ok"
+    push = session.push(patches, messages, acked_seq=live.acked_seq, now_ms=now)
     try:
-        await ctx.call("end", lambda: ctx.store.end(live.caller, sid, ctx.clock()))
-    except StoreError:
-        live.protocol.fail("store_unavailable", "bye not saved: store unavailable; reconnect")
-        return
-    live.ended = True
-    live.protocol.close(BYE)
-    log.info("session end session=%s", sid)
+        await ctx.call("push", lambda: ctx.store.push(live.caller, session.session_id, push))
+    except StoreConflict as exc:
+        log.info("agent output refused session=%s reason=%s", session.session_id, exc.detail)
+        if live.client is not None:
+            live.client.protocol.fail("session_conflict", f"{exc.detail}; reconnect to resume")
+            live.client.flush()
+        _drop(ctx, live)
+        return "drop"
+    except StoreError as exc:
+        log.warning("agent output not written session=%s error=%s", session.session_id, exc)
+        return "retry"
+    session.commit_push(push)
+    ctx.metrics.messages.labels("stored").inc(len(messages))
+    conn = live.client
+    if conn is not None:
+        if push.state is not None:
+            conn.protocol.send_state(session)
+        for offset, data in enumerate(messages):
+            seq = push.base_seq + 1 + offset
+            if seq > conn.sent_seq:
+                conn.protocol.send_msg(seq, data)
+                conn.sent_seq = seq
+                ctx.metrics.messages.labels("relayed").inc()
+        conn.flush()
+    return "ok"
 
 
 async def _keep_fresh(ctx: ClientContext, live: LiveSession) -> None:
     """Renew a connected session's TTL and age, so a quiet call neither expires nor goes stale.
 
     Jitter keeps sessions that started together (after a reconnect storm) from
-    renewing together.
+    renewing together. A lingering session is not renewed: its age runs from the
+    disconnect.
     """
     while True:
         await asyncio.sleep(ctx.touch_interval * (0.5 + random.random() / 2))
+        session = live.session
+        if live.client is None or session is None:
+            continue
         try:
-            await _touch(ctx, live, "renewal")
+            await _touch(ctx, live, session, "renewal")
         except Exception:
             # Renewal must outlive surprises: an expired session mid-call is worse than a log line.
-            log.exception("renewal failed session=%s", live.session.session_id)
+            log.exception("renewal failed session=%s", session.session_id)
 
 
-async def _touch(ctx: ClientContext, live: LiveSession, why: str) -> None:
+async def _touch(ctx: ClientContext, live: LiveSession, session: Session, why: str) -> None:
     """Restart the session's TTL and age in the store; a failure is logged, not raised."""
-    sid = live.session.session_id
+    sid = session.session_id
     try:
         await ctx.call("touch", lambda: ctx.store.touch(live.caller, sid, ctx.clock()))
     except StoreError as exc:
         log.warning("%s failed session=%s error=%s", why, sid, exc)
-
-
-async def _release(ctx: ClientContext, live: LiveSession) -> None:
-    sid = live.session.session_id
-    if live.keeper is not None:
-        live.keeper.cancel()
-    if ctx.live.get(sid) is live:
-        del ctx.live[sid]
-    ctx.metrics.sessions_active.dec()
-    if not live.ended:
-        # Best effort: a crash skips this, and the age then counts from the last renewal.
-        await _touch(ctx, live, "touch on disconnect")

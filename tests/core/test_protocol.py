@@ -68,6 +68,8 @@ def test_welcome_frame_carries_session() -> None:
         "resumed": False,
         "state": {"context": {}},
         "version": 0,
+        "seq": 0,
+        "replay": "full",
         "resume_token": "tok",
         "stale": True,
     }

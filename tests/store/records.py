@@ -25,4 +25,12 @@ def candidate(now: int = T0) -> Session:
 
 def write(session: Session, turn_id: str, at: int, **form: str) -> TurnWrite:
     state = {**session.state, "form_answers": {**session.state["form_answers"], **form}}
-    return TurnWrite(turn_id, session.version, session.version + 1, state, at, codec.dumps(state))
+    return TurnWrite(
+        turn_id,
+        session.version,
+        session.version + 1,
+        state,
+        at,
+        codec.dumps(state),
+        session.epoch,
+    )

@@ -26,20 +26,33 @@ async def store(redis_url: str, settings: StoreSettings) -> AsyncIterator[RedisS
 
 
 async def test_key_layout(store: RedisStore, redis_url: str, key_prefix: str) -> None:
-    """Both keys sit under prefix and tenant, share one hash tag and hold no phone number."""
+    """Every key sits under prefix and tenant, they share one hash tag, none holds a phone
+    number."""
     s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
     assert s is not None
     await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 1))
+    s.version = 1
+    await store.push(CALLER, s.session_id, s.push([], [b'{"type":"say"}'], acked_seq=0, now_ms=T0))
     client = redis.Redis.from_url(redis_url)
     keys = sorted(k.decode() for k in client.scan_iter(match=key_prefix + "*"))
-    tag = CALLER.digest()
-    assert keys == [f"{key_prefix}acme:{{{tag}}}:session", f"{key_prefix}acme:{{{tag}}}:turns"]
-    assert key_slot(keys[0].encode()) == key_slot(keys[1].encode())
+    base = f"{key_prefix}acme:{{{CALLER.digest()}}}"
+    assert keys == [f"{base}:msgs", f"{base}:session", f"{base}:turns"]
+    assert len({key_slot(key.encode()) for key in keys}) == 1
     for key in keys:
         assert "4155550100" not in key
         assert 0 < client.pttl(key) <= 60_000
-    fields = client.hgetall(keys[0])
-    assert set(fields) == {b"sid", b"tok", b"ver", b"state", b"created", b"updated", b"origin"}
+    fields = client.hgetall(keys[1])
+    assert set(fields) == {
+        b"sid",
+        b"tok",
+        b"ver",
+        b"state",
+        b"created",
+        b"updated",
+        b"origin",
+        b"epoch",
+        b"seq",
+    }
     client.close()
 
 

@@ -103,7 +103,9 @@ async def test_unwritten_session_answers_as_created(store: SessionStore) -> None
         cand.resume_token,
     )
     # Once a turn is written, the token guards the session again.
-    await store.write_turn(CALLER, cand.session_id, write(cand, "t1", T0 + 32_000, name="Bea"))
+    await store.write_turn(
+        CALLER, cand.session_id, write(again.session, "t1", T0 + 32_000, name="Bea")
+    )
     refused = await store.restore(
         CALLER, token=old.resume_token, candidate=candidate(), now_ms=T0 + 33_000
     )

@@ -1,10 +1,11 @@
 -- Mark a session ended (bye) so that its keys live for the end-of-session TTL.
--- KEYS[1] session hash, KEYS[2] turns zset; ARGV: sid, now_ms, end_ttl_ms
+-- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list; ARGV: sid, now_ms, end_ttl_ms
 local cur = redis.call('HMGET', KEYS[1], 'sid', 'ended')
 if cur[1] ~= ARGV[1] or cur[2] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'ended', ARGV[2], 'updated', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+for i = 1, 3 do
+  redis.call('PEXPIRE', KEYS[i], ARGV[3])
+end
 return 1

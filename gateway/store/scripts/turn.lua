@@ -1,9 +1,12 @@
 -- Write the snapshot after a turn and record its turn ID; one round trip, one hash slot.
--- KEYS[1] session hash, KEYS[2] turns zset
--- ARGV: sid, base version, new version, state, turn_id, now_ms, ttl_ms, turns kept
-local cur = redis.call('HMGET', KEYS[1], 'sid', 'ver', 'ended')
+-- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list
+-- ARGV: sid, base version, new version, state, turn_id, now_ms, ttl_ms, turns kept, epoch
+local cur = redis.call('HMGET', KEYS[1], 'sid', 'ver', 'ended', 'epoch')
 if cur[1] ~= ARGV[1] then
   return {'gone'}
+end
+if cur[4] ~= ARGV[9] then
+  return {'superseded'}
 end
 local seen = redis.call('ZSCORE', KEYS[2], ARGV[5])
 if seen then
@@ -23,6 +26,7 @@ end
 redis.call('HSET', KEYS[1], 'ver', ARGV[3], 'state', ARGV[4], 'updated', ARGV[6])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[8]) + 1))
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-redis.call('PEXPIRE', KEYS[2], ARGV[7])
+for i = 1, 3 do
+  redis.call('PEXPIRE', KEYS[i], ARGV[7])
+end
 return {'ok', ARGV[3]}

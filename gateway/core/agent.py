@@ -1,0 +1,171 @@
+"""The downstream protocol between the gateway and a voice agent, without I/O.
+
+The gateway opens one WebSocket to the agent per live session and sends JSON
+text frames::
+
+    {"type": "session.start",  "session_id", "caller", "state", "version"}
+    {"type": "session.resume", "session_id", "caller", "state", "version", "reason"}
+    {"type": "turn", "session_id", "turn_id", "text"?, "form"?, "context"?, "version"}
+    {"type": "session.end", "session_id"}
+    {"type": "error", "code", "message"}      (a frame of the agent's was rejected)
+
+``session.start`` opens a new session; ``session.resume`` follows every
+restore (``reason``: ``client_resumed``) and every redial of a dropped agent
+link (``agent_reconnected``), with the state as it stands. A turn is sent
+once it is durable.
+
+The agent sends JSON objects with a string ``type``. ``{"type": "state",
+"patch": {...}}`` changes the session state (see :func:`parse_frame`); any
+other object is a message for the client, relayed as the ``data`` of a
+sequenced ``msg`` frame. A bad frame is rejected with an ``error`` frame back
+to the agent and never reaches the client or the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from gateway.core import codec
+from gateway.core.callerkey import CallerKey
+from gateway.core.events import Turn
+from gateway.core.session import PATCHABLE, Session
+
+__all__ = [
+    "AGENT_ERRORS",
+    "AgentMessage",
+    "InvalidAgentFrame",
+    "StatePatch",
+    "caller_object",
+    "error_frame",
+    "parse_frame",
+    "session_end",
+    "session_open",
+    "turn_frame",
+]
+
+AGENT_ERRORS: Final[Mapping[str, str]] = {
+    "invalid_json": "the frame is not JSON",
+    "invalid_message": "the frame is not an object with a string type",
+    "unsupported_data": "the frame is binary",
+    "message_too_big": "the frame is larger than the limit",
+    "invalid_patch": "a state patch has the wrong shape",
+    "state_too_big": "a state patch would grow the state past the limit",
+}
+"""Every reason the gateway rejects an agent frame (an ``error`` frame's ``code``)."""
+
+_MAX_DEPTH = 32
+
+
+class InvalidAgentFrame(ValueError):
+    """An agent frame the gateway rejects; ``code`` is a key of :data:`AGENT_ERRORS`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentMessage:
+    """A message for the client: ``data`` is the agent's frame as JSON."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StatePatch:
+    """A change to ``form_answers`` and ``context``; ``null`` deletes a key."""
+
+    patch: dict[str, dict[str, Any]]
+
+
+def parse_frame(data: str | bytes, *, max_size: int) -> AgentMessage | StatePatch:
+    """Check one frame from the agent.
+
+    Raises:
+        InvalidAgentFrame: If the frame is binary, too big, not a JSON object
+            with a string ``type``, or a ``state`` frame whose ``patch`` is not an
+            object of objects keyed by ``form_answers`` or ``context``.
+    """
+    if isinstance(data, bytes):
+        raise InvalidAgentFrame("unsupported_data", "binary frames are not relayed; send JSON")
+    raw = data.encode()
+    if len(raw) > max_size:
+        raise InvalidAgentFrame("message_too_big", f"frames are limited to {max_size} bytes")
+    try:
+        msg = codec.loads(raw)
+    except codec.DecodeError as exc:
+        raise InvalidAgentFrame("invalid_json", f"frame is not valid JSON: {exc}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise InvalidAgentFrame("invalid_message", "a frame must be an object with a string type")
+    if msg["type"] != "state":
+        return AgentMessage(raw)
+    patch = msg.get("patch")
+    if not isinstance(patch, dict) or not patch:
+        raise InvalidAgentFrame("invalid_patch", "field 'patch' must be a non-empty object")
+    for name, changes in patch.items():
+        if name not in PATCHABLE:
+            raise InvalidAgentFrame(
+                "invalid_patch", f"a patch may change {' and '.join(PATCHABLE)}, not {name[:40]!r}"
+            )
+        if not isinstance(changes, dict):
+            raise InvalidAgentFrame("invalid_patch", f"patch field {name!r} must be an object")
+        if codec.too_deep(changes, _MAX_DEPTH):
+            raise InvalidAgentFrame("invalid_patch", f"patch nests deeper than {_MAX_DEPTH}")
+    return StatePatch(patch)
+
+
+def caller_object(caller: CallerKey) -> dict[str, str]:
+    """The caller as the agent sees it: the hello's fields, normalised."""
+    field = "phone" if caller.kind == "phone" else "user_id"
+    return {"tenant": caller.tenant, field: caller.subject, "call_id": caller.call_id}
+
+
+def session_open(
+    session: Session,
+    caller: CallerKey,
+    *,
+    kind: Literal["session.start", "session.resume"],
+    reason: str | None = None,
+) -> bytes:
+    """Return a ``session.start`` or ``session.resume`` frame with the state as it stands."""
+    frame: dict[str, Any] = {
+        "type": kind,
+        "session_id": session.session_id,
+        "caller": caller_object(caller),
+        "state": session.state,
+        "version": session.version,
+    }
+    if reason is not None:
+        frame["reason"] = reason
+    return codec.dumps(frame)
+
+
+def turn_frame(session: Session, turn: Turn) -> bytes:
+    """Return the ``turn`` frame for a durable turn (``session.version`` is its version)."""
+    frame: dict[str, Any] = {
+        "type": "turn",
+        "session_id": session.session_id,
+        "turn_id": turn.turn_id,
+        "version": session.version,
+    }
+    for name in ("text", "form", "context"):
+        value = getattr(turn, name)
+        if value is not None:
+            frame[name] = value
+    return codec.dumps(frame)
+
+
+def session_end(session: Session) -> bytes:
+    """Return the ``session.end`` frame sent after the client's bye."""
+    return codec.dumps({"type": "session.end", "session_id": session.session_id})
+
+
+def error_frame(exc: InvalidAgentFrame) -> bytes:
+    """Return the ``error`` frame telling the agent which of its frames was rejected."""
+    return codec.dumps({"type": "error", "code": exc.code, "message": exc.message})

@@ -1,0 +1,44 @@
+-- Write what the voice agent sent: a state patch and messages, in one round trip, one slot.
+-- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list
+-- ARGV: sid, epoch, base version, new version, state ('' : unchanged), base seq,
+--       acked seq, window, now_ms, ttl_ms, message...
+local cur = redis.call('HMGET', KEYS[1], 'sid', 'ver', 'ended', 'epoch', 'seq')
+if cur[1] ~= ARGV[1] then
+  return {'gone'}
+end
+if cur[4] ~= ARGV[2] then
+  return {'superseded'}
+end
+if cur[3] then
+  return {'ended'}
+end
+local count = #ARGV - 10
+local seq = tonumber(ARGV[6]) + count
+if cur[2] == ARGV[4] and tonumber(cur[5]) == seq and (ARGV[3] ~= ARGV[4] or count > 0) then
+  -- Within one epoch this connection is the only writer: a store already at this push's
+  -- version and seq means an earlier try landed and only its reply was lost.
+  return {'ok'}
+end
+if cur[2] ~= ARGV[3] or tonumber(cur[5]) ~= tonumber(ARGV[6]) then
+  return {'conflict', cur[2]}
+end
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'ver', ARGV[4], 'state', ARGV[5])
+end
+redis.call('HSET', KEYS[1], 'seq', seq, 'updated', ARGV[9])
+if count > 0 then
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, 11))
+end
+-- Keep at most the window, and nothing the client acknowledged.
+local window = tonumber(ARGV[8])
+local held = redis.call('LLEN', KEYS[3])
+local drop = math.max(held - window, tonumber(ARGV[7]) - (seq - held))
+if drop >= held then
+  redis.call('DEL', KEYS[3])
+elseif drop > 0 then
+  redis.call('LTRIM', KEYS[3], drop, -1)
+end
+for i = 1, 3 do
+  redis.call('PEXPIRE', KEYS[i], ARGV[10])
+end
+return {'ok'}

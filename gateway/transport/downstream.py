@@ -1,0 +1,175 @@
+"""One WebSocket to the voice agent per live session, redialled with backoff.
+
+:class:`AgentLink` opens the connection, sends ``session.start`` or
+``session.resume`` first (built when the connection opens, so it carries the
+state as it stands then), then whatever the session forwards (turns,
+``session.end``). Frames the agent sends go to ``inbox`` unparsed; the session
+checks, persists and relays them (:mod:`gateway.transport.client_ws`).
+
+While the link is down, forwarded frames are dropped rather than queued: the
+``session.resume`` sent on the next connection carries the state they produced.
+The client is told nothing about the agent's connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from gateway.metrics import Metrics
+
+__all__ = ["AgentLink", "Opening"]
+
+log = logging.getLogger("gateway.downstream")
+
+_STABLE = 5.0
+"""Seconds a connection must have lasted for the redial delays to start small again."""
+
+Opening = Callable[[str], bytes]
+"""Builds a connection's first frame (``session.start`` or ``session.resume``) for a reason."""
+
+
+class AgentLink:
+    """The connection of one session to the voice agent.
+
+    Args:
+        url: The agent's ``ws://`` or ``wss://`` URL.
+        opening: Builds the first frame for a reason: ``start`` (a new session),
+            ``client_resumed`` or ``agent_reconnected``.
+        reason: The reason for the first connection.
+        inbox: Where the agent's frames go, as received.
+        metrics: Counts connections and their failures.
+        delays: A fresh, endless sequence of redial delays (seconds) per outage.
+        max_size: Largest frame accepted from the agent; larger ones drop the link.
+        open_timeout: Seconds to wait for the agent's handshake.
+        session_id: For log lines.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        opening: Opening,
+        reason: str,
+        inbox: asyncio.Queue[str | bytes],
+        metrics: Metrics,
+        delays: Callable[[], Iterator[float]],
+        max_size: int,
+        open_timeout: float,
+        session_id: str,
+    ) -> None:
+        self.url = url
+        self._opening = opening
+        self._reason = reason
+        self._inbox = inbox
+        self._metrics = metrics
+        self._delays = delays
+        self._max_size = max_size
+        self._open_timeout = open_timeout
+        self._session_id = session_id
+        self._ws: ClientConnection | None = None
+        self._outbox: deque[bytes] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._final: bytes | None = None
+        self.connected = asyncio.Event()
+        """Set while a connection to the agent is open (tests wait on it)."""
+        self._task = asyncio.create_task(self._run())
+
+    def send(self, frame: bytes) -> None:
+        """Forward ``frame`` if the agent is connected; drop it otherwise (see module doc)."""
+        if self._ws is not None and not self._closing:
+            self._outbox.append(frame)
+            self._wake.set()
+
+    def reopen(self, reason: str) -> None:
+        """Tell the agent where the session stands, now or on the next connection."""
+        if self._ws is not None:
+            self.send(self._opening(reason))
+        else:
+            self._reason = reason
+
+    async def aclose(self, final: bytes | None = None) -> None:
+        """Send ``final`` (``session.end``) if connected, close the connection and stop."""
+        self._closing = True
+        self._final = final
+        self._wake.set()
+        if self._ws is None:
+            self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        delays = self._delays()
+        while not self._closing:
+            try:
+                ws = await connect(
+                    self.url,
+                    open_timeout=self._open_timeout,
+                    max_size=2 * self._max_size,
+                    compression=None,
+                )
+            except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+                self._metrics.agent_connects.labels("error").inc()
+                delay = next(delays)
+                log.warning(
+                    "agent unreachable session=%s error=%s retry_in=%.2fs",
+                    self._session_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            self._metrics.agent_connects.labels("ok").inc()
+            opened = time.monotonic()
+            await self._serve(ws)
+            self._reason = "agent_reconnected"
+            if time.monotonic() - opened > _STABLE:
+                delays = self._delays()
+            if not self._closing:
+                # An agent that accepts and hangs up at once must not be redialled in a loop.
+                await asyncio.sleep(next(delays))
+
+    async def _serve(self, ws: ClientConnection) -> None:
+        self._metrics.agent_links_active.inc()
+        self._outbox.clear()
+        self._outbox.append(self._opening(self._reason))
+        self._ws = ws
+        self.connected.set()
+        reader = asyncio.create_task(self._read(ws))
+        try:
+            while not reader.done():
+                while self._outbox:
+                    await ws.send(self._outbox.popleft(), text=True)
+                if self._closing:
+                    if self._final is not None:
+                        await ws.send(self._final, text=True)
+                    await ws.close(1000, "session closed")
+                    break
+                self._wake.clear()
+                waiter = asyncio.create_task(self._wake.wait())
+                await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+        except ConnectionClosed:
+            pass
+        finally:
+            self._ws = None
+            self.connected.clear()
+            self._metrics.agent_links_active.dec()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await reader
+            if not self._closing:
+                log.warning("agent link dropped session=%s", self._session_id)
+
+    async def _read(self, ws: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for frame in ws:
+                await self._inbox.put(frame)
