@@ -134,4 +134,5 @@ async def _handle(ws: ServerConnection) -> None:
 
 async def serve_demo_agent(host: str = "127.0.0.1", port: int = 0) -> Server:
     """Start the demo agent's WebSocket server; the caller closes it."""
-    return await serve(_handle, host, port, compression=None)
+    # Every live session opens a connection: after a reconnect storm, thousands at once.
+    return await serve(_handle, host, port, compression=None, backlog=2048)

@@ -34,6 +34,8 @@ class Stats:
     resume_ms: list[float] = field(default_factory=list)
     ack_ms: list[float] = field(default_factory=list)
     turns: int = 0
+    messages: int = 0
+    """Agent messages received (each exactly once, in order, or it is a mismatch)."""
     mismatches: list[str] = field(default_factory=list)
 
 
@@ -71,11 +73,40 @@ def loopback_only(url: str) -> None:
     raise SystemExit(f"refusing target {host!r}: only loopback addresses may be load-tested")
 
 
-async def request(ws: ClientConnection, message: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    start = time.perf_counter()
-    await ws.send(json.dumps(message))
-    reply: dict[str, Any] = json.loads(await ws.recv())
-    return reply, (time.perf_counter() - start) * 1000
+class Inbox:
+    """One caller's view of the agent's messages: ``last_seq`` across connections."""
+
+    def __init__(self, name: str, stats: Stats) -> None:
+        self.name = name
+        self.stats = stats
+        self.last_seq = 0
+
+    async def request(
+        self, ws: ClientConnection, message: dict[str, Any]
+    ) -> tuple[dict[str, Any], float]:
+        """Send ``message``; return the gateway's answer, checking agent messages on the way."""
+        start = time.perf_counter()
+        await ws.send(json.dumps(message))
+        while True:
+            reply: dict[str, Any] = json.loads(await ws.recv())
+            kind = reply.get("type")
+            if kind == "msg":
+                if reply["seq"] != self.last_seq + 1:
+                    self.stats.mismatches.append(
+                        f"{self.name}: message {reply['seq']} after {self.last_seq}"
+                    )
+                self.last_seq = reply["seq"]
+                self.stats.messages += 1
+                await ws.send(json.dumps({"type": "ack", "seq": self.last_seq}))
+            elif kind != "state":
+                return reply, (time.perf_counter() - start) * 1000
+
+    def welcomed(self, welcome: dict[str, Any], resumed: bool) -> None:
+        if not resumed:
+            self.last_seq = 0
+        elif welcome.get("replay") == "partial":
+            self.stats.mismatches.append(f"{self.name}: replay partial from {welcome}")
+            self.last_seq = welcome["replay_from"] - 1
 
 
 async def session(i: int, args: argparse.Namespace, stats: Stats, meets: list[Rendezvous]) -> None:
@@ -96,14 +127,18 @@ async def converse(
     version = 0
     token = None
     resumed = False
+    inbox = Inbox(f"session {i}", stats)
+    request = inbox.request
     for round_ in range(args.drops + 1):
         ws = await connect(args.url, open_timeout=60)
         hello = {"type": "hello", "caller": caller, "resume_token": token}
+        hello["last_seq"] = inbox.last_seq
         welcome, ms = await request(ws, {k: v for k, v in hello.items() if v is not None})
         (stats.resume_ms if resumed else stats.hello_ms).append(ms)
         if welcome.get("type") != "welcome":
             stats.mismatches.append(f"session {i}: {welcome}")
             return
+        inbox.welcomed(welcome, resumed)
         got = (welcome["version"], welcome["state"]["form_answers"])
         if got != (version, expected):
             stats.mismatches.append(f"session {i} round {round_}: {got} != {(version, expected)}")
@@ -158,6 +193,7 @@ async def main(args: argparse.Namespace) -> int:
         "sessions": args.sessions,
         "drops_per_session": args.drops,
         "turns_acked": stats.turns,
+        "agent_messages": stats.messages,
         "elapsed_s": round(elapsed, 2),
         "turns_per_s": round(stats.turns / elapsed, 1),
         "hello_ms_p50_p99": [round(pct(stats.hello_ms, 50), 1), round(pct(stats.hello_ms, 99), 1)],

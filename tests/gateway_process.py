@@ -1,4 +1,5 @@
-"""The gateway as a real subprocess (``python -m gateway serve``), for crash tests."""
+"""The gateway (or the demo agent) as a real subprocess (``python -m gateway ...``), for crash
+tests."""
 
 from __future__ import annotations
 
@@ -16,18 +17,23 @@ _LISTENING = re.compile(r"listening host=\S+ port=(\d+)")
 
 
 class GatewayProcess:
-    """One ``hangon serve`` process on a free port; its log goes to ``log_path``."""
+    """One ``hangon serve`` process on a free port; its log goes to ``log_path``.
 
-    def __init__(self, log_path: Path, *args: str) -> None:
+    ``command="demo-agent"`` runs the demo agent instead; ``port`` asks for a given port
+    (to restart a process where its clients expect it).
+    """
+
+    def __init__(self, log_path: Path, *args: str, command: str = "serve", port: int = 0) -> None:
         self.log_path = log_path
         self.args = args
+        self.command = command
         self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
+        self.port = port
 
     def start(self, timeout: float = 15) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--port", "0", *self.args],
+            [sys.executable, "-m", "gateway", self.command, "--port", str(self.port), *self.args],
             stdout=log,
             stderr=log,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

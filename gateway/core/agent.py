@@ -56,6 +56,7 @@ AGENT_ERRORS: Final[Mapping[str, str]] = {
 """Every reason the gateway rejects an agent frame (an ``error`` frame's ``code``)."""
 
 _MAX_DEPTH = 32
+"""Nesting allowed in a message, and inside a patch field (as in a client turn's ``form``)."""
 
 
 class InvalidAgentFrame(ValueError):
@@ -104,6 +105,9 @@ def parse_frame(data: str | bytes, *, max_size: int) -> AgentMessage | StatePatc
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise InvalidAgentFrame("invalid_message", "a frame must be an object with a string type")
     if msg["type"] != "state":
+        if codec.too_deep(msg, _MAX_DEPTH):
+            # A client must be able to parse the msg frame around it (orjson stops at 1024).
+            raise InvalidAgentFrame("invalid_message", f"the frame nests deeper than {_MAX_DEPTH}")
         return AgentMessage(raw)
     patch = msg.get("patch")
     if not isinstance(patch, dict) or not patch:

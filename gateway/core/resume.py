@@ -7,7 +7,7 @@ hold both to the same answers.
 A resume position is the last message sequence number the client received
 (``last_seq`` in its hello); the session ID is the epoch of that position:
 a new session starts again at 0, and ``welcome`` says ``resumed: false``.
-:func:`replay_from` decides what a resumed client is sent again.
+:func:`plan_replay` decides what a resumed client is sent again.
 """
 
 from __future__ import annotations

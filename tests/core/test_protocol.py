@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.core import closecodes
-from gateway.core.events import Bye, Hello, Turn
+from gateway.core.events import Ack, Bye, Hello, Turn
 from gateway.core.protocol import ERRORS, Phase, Protocol
 from gateway.core.session import ResumeToken, Session, SessionId
 
@@ -253,3 +253,103 @@ def test_nesting_is_bounded(field: str, value: dict[str, Any], ok: bool) -> None
         (error,) = frames(protocol)
         assert (error["code"], error["close_code"]) == ("invalid_message", 1007)
         assert f"field '{field}' nests deeper than 32" in error["message"]
+
+
+def test_ack_event() -> None:
+    """An ack on an open session yields Ack with its seq and keeps the session open."""
+    protocol = opened()
+    assert protocol.receive_text(frame({"type": "ack", "seq": 0})) == Ack(0)
+    assert protocol.receive_text(frame({"type": "ack", "seq": 12, "extra": 1})) == Ack(12)
+    assert protocol.phase is Phase.OPEN
+    assert protocol.data_to_send() == []
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "ack"},
+        {"type": "ack", "seq": None},
+        {"type": "ack", "seq": -1},
+        {"type": "ack", "seq": True},
+        {"type": "ack", "seq": False},
+        {"type": "ack", "seq": "3"},
+        {"type": "ack", "seq": 3.0},
+        {"type": "ack", "seq": [3]},
+    ],
+)
+def test_malformed_ack_fails(message: dict[str, Any]) -> None:
+    """An ack whose seq is missing or not a non-negative integer is invalid_message, close 1007."""
+    protocol = opened()
+    assert protocol.receive_text(frame(message)) is None
+    (error,) = frames(protocol)
+    assert error["code"] == "invalid_message"
+    assert "'seq'" in error["message"]
+    assert protocol.close_reason == closecodes.INVALID_PAYLOAD
+
+
+def test_ack_before_welcome_is_unexpected() -> None:
+    """An ack before hello, or while the session is restoring, is unexpected_message, close 1008."""
+    protocol = Protocol(max_message_size=1024)
+    assert protocol.receive_text(frame({"type": "ack", "seq": 1})) is None
+    assert frames(protocol)[0]["code"] == "unexpected_message"
+    assert protocol.close_reason == closecodes.POLICY_VIOLATION
+    protocol = Protocol(max_message_size=1024)
+    protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
+    assert protocol.receive_text(frame({"type": "ack", "seq": 1})) is None
+    assert frames(protocol)[0]["code"] == "unexpected_message"
+
+
+def test_send_msg_embeds_data_verbatim() -> None:
+    """send_msg queues a msg frame with the seq and the agent's JSON bytes unchanged."""
+    protocol = opened()
+    data = r'{"type": "say",  "text": "h\u00e9 \"x\" é", "n": [1.50, null]}'.encode()
+    protocol.send_msg(7, data)
+    protocol.send_msg(8, b'{"type":"x"}')
+    first, second = protocol.data_to_send()
+    assert first.endswith(b',"data":' + data + b"}")
+    assert json.loads(first) == {"type": "msg", "seq": 7, "data": json.loads(data)}
+    assert json.loads(second) == {"type": "msg", "seq": 8, "data": {"type": "x"}}
+
+
+def test_send_state_frame() -> None:
+    """send_state queues the session's version and state."""
+    protocol = opened()
+    session = Session(SessionId("s_1"), ResumeToken("tok"), 5, {"context": {"k": [1]}}, 1, 2)
+    protocol.send_state(session)
+    assert frames(protocol) == [{"type": "state", "version": 5, "state": {"context": {"k": [1]}}}]
+
+
+def test_msg_and_state_only_when_open() -> None:
+    """send_msg and send_state queue nothing before welcome, nor after the session closed."""
+    session = Session(SessionId("s_1"), ResumeToken("tok"), 5, {}, 1, 2)
+    protocol = Protocol(max_message_size=1024)
+    protocol.send_msg(1, b"{}")
+    protocol.send_state(session)
+    protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
+    protocol.send_msg(1, b"{}")
+    protocol.send_state(session)
+    assert protocol.data_to_send() == []
+    protocol.send_welcome(session, resumed=False, stale=False)
+    protocol.send_msg(1, b"{}")
+    protocol.close(closecodes.BYE)
+    protocol.send_msg(2, b"{}")
+    protocol.send_state(session)
+    assert [f["type"] for f in frames(protocol)] == ["welcome", "msg"]
+    failed = opened()
+    failed.fail("session_replaced", "newer")
+    failed.send_msg(1, b"{}")
+    failed.send_state(session)
+    assert [f["type"] for f in frames(failed)] == ["error"]
+
+
+def test_welcome_with_partial_replay() -> None:
+    """A welcome with replay_from says the replay is partial and where it starts."""
+    protocol = Protocol(max_message_size=1024)
+    protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
+    session = Session(SessionId("s_1"), ResumeToken("tok"), 2, {}, 1, 1, seq=40, epoch=4)
+    protocol.send_welcome(session, resumed=True, stale=False, replay_from=31)
+    (welcome,) = frames(protocol)
+    assert welcome["resumed"] is True
+    assert (welcome["seq"], welcome["replay"], welcome["replay_from"]) == (40, "partial", 31)
+    assert "stale" not in welcome
+    assert "epoch" not in welcome

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.core.resume import Decision, Outcome, classify
+from gateway.core.resume import Decision, Outcome, Replay, classify, plan_replay
 
 BASE: dict[str, Any] = dict(
     exists=True,
@@ -43,3 +43,38 @@ HIT, MISS, STALE = Outcome.HIT, Outcome.MISS, Outcome.STALE
 def test_classify(changes: dict[str, Any], decision: Decision) -> None:
     """classify() orders its checks: missing, ended, stale, token (unless unwritten), hit."""
     assert classify(**{**BASE, **changes}) == decision
+
+
+@pytest.mark.parametrize(
+    ("last_seq", "seq", "first", "replay"),
+    [
+        # No position, everything held from 1: the whole history.
+        (None, 5, 1, Replay(1, partial=False)),
+        (0, 5, 1, Replay(1, partial=False)),
+        (None, 0, 1, Replay(1, partial=False)),
+        # A position inside the window: from the next one.
+        (3, 5, 1, Replay(4, partial=False)),
+        (3, 10, 4, Replay(4, partial=False)),
+        (9, 10, 4, Replay(10, partial=False)),
+        # Up to date: nothing to send, and nothing missed.
+        (5, 5, 1, Replay(6, partial=False)),
+        (5, 5, 6, Replay(6, partial=False)),
+        (0, 0, 1, Replay(1, partial=False)),
+        # The next message the client needs is gone: from the oldest held.
+        (2, 10, 4, Replay(4, partial=True)),
+        (None, 10, 4, Replay(4, partial=True)),
+        (0, 10, 4, Replay(4, partial=True)),
+        # Nothing held at all, yet the client is behind.
+        (None, 5, 6, Replay(6, partial=True)),
+        (3, 5, 6, Replay(6, partial=True)),
+        (4, 5, 6, Replay(6, partial=True)),
+        # The client saw more than the store knows of.
+        (6, 5, 1, Replay(6, partial=True)),
+        (6, 5, 6, Replay(6, partial=True)),
+        (99, 5, 3, Replay(6, partial=True)),
+        (1, 0, 1, Replay(1, partial=True)),
+    ],
+)
+def test_plan_replay(last_seq: int | None, seq: int, first: int, replay: Replay) -> None:
+    """plan_replay() resends from last_seq + 1 if held, else says partial and where it starts."""
+    assert plan_replay(last_seq, seq=seq, first=first) == replay

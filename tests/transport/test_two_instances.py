@@ -3,6 +3,7 @@ cannot overwrite newer state; it is told to resume and then sees everything."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.server import Gateway
+from tests.agents import TestAgent
+from tests.relayclient import Caller
 from tests.wsclient import closed, connect, hello, send, turn, url
 
 CALLER = {"user_id": "u-two", "call_id": "c-1"}
@@ -41,3 +44,27 @@ async def test_superseded_connection_cannot_write(pair: tuple[Gateway, Gateway])
         back = await hello(on_a, CALLER, resume_token=welcome["resume_token"])
     assert back["version"] == 2
     assert back["state"]["form_answers"] == {"name": "Ada", "date": "Friday"}
+
+
+async def test_lingering_agent_link_elsewhere_cannot_write(config: Config, redis_url: str) -> None:
+    """A client that moved to instance B fences the agent link still lingering on A: what
+    the agent says there is refused, not stored or relayed, and A closes that link."""
+    async with TestAgent() as voice:
+        cfg = config.replace("store", redis_url=redis_url).replace("agent", downstream=voice.url)
+        async with Gateway(cfg, metrics=Metrics()) as a, Gateway(cfg, metrics=Metrics()) as b:
+            caller = Caller(url(a.port), CALLER)
+            await caller.connect()
+            await voice.wait_for(lambda r: len(r) == 1)
+            caller.drop()
+            caller.url = url(b.port)
+            await caller.connect()
+            await voice.wait_for(lambda r: len(r) == 2)
+            on_a, on_b = voice.connections
+            await on_a.send('{"type": "say", "from": "a"}')
+            await asyncio.wait_for(on_a.wait_closed(), 5)
+            await on_b.send('{"type": "say", "from": "b"}')
+            msg = await caller.until(lambda f: f["type"] == "msg")
+            await caller.aclose()
+            assert not a.context.live
+    assert msg == {"type": "msg", "seq": 1, "data": {"type": "say", "from": "b"}}
+    assert [f["type"] for f in voice.received] == ["session.start", "session.resume"]

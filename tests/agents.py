@@ -1,0 +1,96 @@
+"""Voice agents for tests: a recording agent on 127.0.0.1 with a pluggable reply rule."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from gateway.demo_agent import BookingForm
+
+__all__ = ["Reply", "TestAgent", "booking", "silent"]
+
+Reply = Callable[[dict[str, Any], dict[str, Any]], list[str | bytes | dict[str, Any]]]
+"""(frame, per-connection scratch) -> frames to send back."""
+
+
+def silent(frame: dict[str, Any], scratch: dict[str, Any]) -> list[str | bytes | dict[str, Any]]:
+    """Say nothing."""
+    return []
+
+
+def booking(frame: dict[str, Any], scratch: dict[str, Any]) -> list[str | bytes | dict[str, Any]]:
+    """Answer as the demo agent does (its form logic, one form per connection)."""
+    form: BookingForm = scratch.setdefault("form", BookingForm())
+    if frame["type"] in ("session.start", "session.resume"):
+        return list(form.open(frame))
+    if frame["type"] == "turn":
+        return list(form.turn(frame))
+    return []
+
+
+class TestAgent:
+    """A WebSocket voice agent that records every frame it receives, in order."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, reply: Reply = silent, *, port: int = 0) -> None:
+        self.reply = reply
+        self.wanted_port = port
+        self.received: list[dict[str, Any]] = []
+        self.connections: list[ServerConnection] = []
+        self.server: Server | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    async def __aenter__(self) -> TestAgent:
+        self.server = await serve(self._handle, "127.0.0.1", self.wanted_port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.connections.append(ws)
+        scratch: dict[str, Any] = {}
+        try:
+            async for raw in ws:
+                frame = json.loads(raw)
+                self.received.append(frame)
+                self._changed.set()
+                for out in self.reply(frame, scratch):
+                    await ws.send(out if isinstance(out, str | bytes) else json.dumps(out))
+        except ConnectionClosed:
+            pass
+
+    async def send(self, *frames: str | bytes | dict[str, Any]) -> None:
+        """Send ``frames`` on the newest connection."""
+        ws = self.connections[-1]
+        for out in frames:
+            await ws.send(out if isinstance(out, str | bytes) else json.dumps(out))
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [f for f in self.received if f["type"] == kind]
+
+    async def wait_for(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 5
+    ) -> None:
+        """Wait until ``predicate(received)`` holds."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self.received):
+                self._changed.clear()
+                await self._changed.wait()
