@@ -81,6 +81,9 @@ def test_flag_error_names_flag(capsys: pytest.CaptureFixture[str]) -> None:
         ({"HANGON_TTL": "nan"}, "HANGON_TTL"),
         ({"HANGON_TTL": "inf"}, "HANGON_TTL"),
         ({"HANGON_DEFAULT_REGION": "XX"}, "HANGON_DEFAULT_REGION"),
+        ({"HANGON_DOWNSTREAM": "http://agent"}, "HANGON_DOWNSTREAM"),
+        ({"HANGON_AGENT_LINGER": "-1"}, "HANGON_AGENT_LINGER"),
+        ({"HANGON_REPLAY_WINDOW": "0"}, "HANGON_REPLAY_WINDOW"),
     ],
 )
 def test_invalid_values(environ: dict[str, str], name: str) -> None:
@@ -136,3 +139,20 @@ def test_startup_log_warns(tmp_path: Path) -> None:
     assert "store=memory: sessions live in this process only and do not survive a restart" in log
     assert "authentication is off" in log
     assert "loop=uvloop" in log
+    assert "agent=demo: the demo agent runs in this process" in log
+
+
+@pytest.mark.slow
+def test_demo_agent_command(tmp_path: Path) -> None:
+    """`hangon demo-agent` serves the demo agent until SIGTERM, then exits 0; `hangon serve`
+    says which agent it relays to."""
+    agent = GatewayProcess(tmp_path / "agent.log", command="demo-agent")
+    agent.start()
+    gw = GatewayProcess(tmp_path / "gw.log", "--downstream", f"ws://127.0.0.1:{agent.port}/")
+    gw.start()
+    try:
+        assert gw.terminate() == 0
+    finally:
+        assert agent.terminate() == 0
+    assert f"agent=ws://127.0.0.1:{agent.port}/" in (tmp_path / "gw.log").read_text()
+    assert "demo agent listening" in (tmp_path / "agent.log").read_text()

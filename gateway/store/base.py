@@ -138,8 +138,16 @@ class SessionStore(Protocol):
         """
         ...
 
-    async def end(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
-        """Mark the session ended; its keys then live for ``end_ttl``."""
+    async def end(
+        self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int
+    ) -> None:
+        """Mark the session ended; its keys then live for ``end_ttl``.
+
+        A session already ended or gone is left alone.
+
+        Raises:
+            StoreConflict: If a newer hello superseded ``epoch``.
+        """
         ...
 
     async def touch(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:

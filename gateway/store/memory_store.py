@@ -179,9 +179,13 @@ class MemoryStore:
         drop = max(held - self.settings.replay_window, push.acked_seq - (push.seq - held))
         record.msgs = msgs[max(drop, 0) :]
 
-    async def end(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
+    async def end(
+        self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int
+    ) -> None:
         _, record = self._get(caller, now_ms)
         if record is not None and record.sid == session_id and record.ended is None:
+            if record.epoch != epoch:
+                raise StoreConflict("end", "a newer connection resumed this session")
             record.ended = record.updated = now_ms
             record.expires = now_ms + int(self.settings.end_ttl * 1000)
 

@@ -199,12 +199,16 @@ class RedisStore:
         if status != "ok":
             raise _conflict("push", status, reply)
 
-    async def end(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
+    async def end(
+        self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int
+    ) -> None:
         with _mapped("end"):
-            await self._end(
+            done = await self._end(
                 keys=session_keys(self.settings.key_prefix, caller),
-                args=[session_id, now_ms, int(self.settings.end_ttl * 1000)],
+                args=[session_id, now_ms, int(self.settings.end_ttl * 1000), epoch],
             )
+        if done == -1:
+            raise _conflict("end", "superseded", [])
 
     async def touch(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
         with _mapped("touch"):

@@ -281,7 +281,11 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
         return False
     if conn.ws.state is not State.OPEN:
         # The client gave up on this hello (a slow restore) and has likely reconnected;
-        # taking the session over now would close its live connection.
+        # taking the session over now would close its live connection. The restore did
+        # start a new epoch; a connection here holding the session adopts it, or its
+        # next write would be refused.
+        if live.session is not None and live.session.session_id == session.session_id:
+            live.session.epoch = session.epoch
         return False
     if live.session is not None and live.session.session_id != session.session_id:
         # What this instance held went stale or was replaced: its agent link, pump and
@@ -415,10 +419,12 @@ async def _bye(ctx: ClientContext, live: LiveSession, conn: Connection) -> None:
         session = live.session
         if live.client is not conn or session is None:
             return
+        sid, epoch = session.session_id, session.epoch
         try:
-            await ctx.call(
-                "end", lambda: ctx.store.end(live.caller, session.session_id, ctx.clock())
-            )
+            await ctx.call("end", lambda: ctx.store.end(live.caller, sid, ctx.clock(), epoch=epoch))
+        except StoreConflict as exc:
+            conn.protocol.fail("session_conflict", f"{exc.detail}; reconnect to resume")
+            return
         except StoreError:
             conn.protocol.fail("store_unavailable", "bye not saved: store unavailable; reconnect")
             return

@@ -61,11 +61,27 @@ async def test_end_shortens_ttl(store: RedisStore, redis_url: str, key_prefix: s
     s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
     assert s is not None
     await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 1))
-    await store.end(CALLER, s.session_id, T0 + 2)
+    await store.end(CALLER, s.session_id, T0 + 2, epoch=s.epoch)
     client = redis.Redis.from_url(redis_url)
     for key in client.scan_iter(match=key_prefix + "*"):
         assert 0 < client.pttl(key) <= 30_000
     client.close()
+
+
+async def test_session_without_seq_takes_agent_output(
+    store: RedisStore, redis_url: str, key_prefix: str
+) -> None:
+    """A session stored before messages existed (no seq field) counts as having sent none."""
+    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert s is not None
+    client = redis.Redis.from_url(redis_url)
+    (key,) = client.scan_iter(match=key_prefix + "*:session")
+    client.hdel(key, "seq")
+    client.close()
+    await store.push(CALLER, s.session_id, s.push([], [b'{"type":"say"}'], acked_seq=0, now_ms=T0))
+    again = await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0, last_seq=0)
+    assert again.session is not None and again.session.seq == 1
+    assert again.messages == (b'{"type":"say"}',)
 
 
 def _monitor(url: str, seen: list[tuple[str, str]], ready: threading.Event) -> None:

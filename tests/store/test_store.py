@@ -216,8 +216,8 @@ async def test_end_refuses_resume_and_writes(store: SessionStore) -> None:
     """After end(), hellos get ENDED and writes are refused; touch and end do nothing more."""
     s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
     assert s is not None
-    await store.end(CALLER, s.session_id, T0 + 1)
-    await store.end(CALLER, s.session_id, T0 + 2)
+    await store.end(CALLER, s.session_id, T0 + 1, epoch=s.epoch)
+    await store.end(CALLER, s.session_id, T0 + 2, epoch=s.epoch)
     await store.touch(CALLER, s.session_id, T0 + 3)
     again = await store.restore(CALLER, token=s.resume_token, candidate=candidate(), now_ms=T0 + 4)
     assert again.outcome is Outcome.ENDED

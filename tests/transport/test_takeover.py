@@ -55,20 +55,27 @@ async def test_racing_takeovers_leave_one_connection(gateway: Gateway) -> None:
 
 
 class SlowFirstRestore:
-    """Delegates to a real store; the first restore answers only when released."""
+    """Delegates to a real store; restore number ``slow`` (the first by default) answers
+    only when released."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, *, slow: int = 1) -> None:
         self.inner = inner
         self.name = inner.name
         self.release = asyncio.Event()
-        self.first = True
+        self.calls = 0
+        self.slow = slow
+
+    @property
+    def first(self) -> bool:
+        """Whether the slow restore has not started yet."""
+        return self.calls < self.slow
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     async def restore(self, *args: Any, **kwargs: Any) -> Any:
-        if self.first:
-            self.first = False
+        self.calls += 1
+        if self.calls == self.slow:
             await self.release.wait()
         return await self.inner.restore(*args, **kwargs)
 
@@ -92,3 +99,25 @@ async def test_abandoned_hello_does_not_take_over(
             live = [s.client.ws.state if s.client else None for s in gw.context.live.values()]
     assert ack == {"type": "ack", "turn_id": "t1", "version": 1}
     assert live == [State.OPEN]
+
+
+async def test_abandoned_hello_leaves_the_live_connection_writing(
+    config: Config, settings: StoreSettings, make_store: StoreFactory
+) -> None:
+    """A hello abandoned during its restore started a new epoch; the connection that holds
+    the session here adopts it and its turns are still written."""
+    store = SlowFirstRestore(make_store(settings), slow=2)
+    async with Gateway(config, store=store, metrics=Metrics()) as gw:
+        async with connect(url(gw.port)) as live:
+            welcome = await hello(live, PHONE)
+            async with connect(url(gw.port)) as abandoned:
+                await send(abandoned, {"type": "hello", "caller": PHONE})
+                while store.first:
+                    await asyncio.sleep(0.01)
+            assert gw.server is not None
+            while sum(c.state is State.OPEN for c in gw.server.connections) != 1:
+                await asyncio.sleep(0.01)  # the abandoned connection is gone
+            store.release.set()
+            ack = await turn(live, "t1", form={"a": 1})
+    assert welcome["resumed"] is False
+    assert ack == {"type": "ack", "turn_id": "t1", "version": 1}

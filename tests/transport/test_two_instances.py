@@ -68,3 +68,17 @@ async def test_lingering_agent_link_elsewhere_cannot_write(config: Config, redis
             assert not a.context.live
     assert msg == {"type": "msg", "seq": 1, "data": {"type": "say", "from": "b"}}
     assert [f["type"] for f in voice.received] == ["session.start", "session.resume"]
+
+
+async def test_superseded_bye_does_not_end_the_session(pair: tuple[Gateway, Gateway]) -> None:
+    """A bye from a connection that a newer hello elsewhere superseded is refused with 4003;
+    the session goes on for the newer connection."""
+    a, b = pair
+    async with connect(url(a.port)) as on_a, connect(url(b.port)) as on_b:
+        welcome = await hello(on_a, CALLER)
+        await hello(on_b, CALLER, resume_token=welcome["resume_token"])
+        await send(on_a, {"type": "bye"})
+        result = await closed(on_a)
+        ack = await turn(on_b, "t1", form={"name": "Ada"})
+    assert result.code == 4003
+    assert ack == {"type": "ack", "turn_id": "t1", "version": 1}

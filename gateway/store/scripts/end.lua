@@ -1,8 +1,13 @@
 -- Mark a session ended (bye) so that its keys live for the end-of-session TTL.
--- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list; ARGV: sid, now_ms, end_ttl_ms
-local cur = redis.call('HMGET', KEYS[1], 'sid', 'ended')
+-- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list
+-- ARGV: sid, now_ms, end_ttl_ms, epoch
+local cur = redis.call('HMGET', KEYS[1], 'sid', 'ended', 'epoch')
 if cur[1] ~= ARGV[1] or cur[2] then
   return 0
+end
+if cur[3] ~= ARGV[4] then
+  -- A connection that a newer hello superseded cannot end the session under it.
+  return -1
 end
 redis.call('HSET', KEYS[1], 'ended', ARGV[2], 'updated', ARGV[2])
 for i = 1, 3 do

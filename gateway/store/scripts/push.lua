@@ -3,6 +3,8 @@
 -- ARGV: sid, epoch, base version, new version, state ('' : unchanged), base seq,
 --       acked seq, window, now_ms, ttl_ms, message...
 local cur = redis.call('HMGET', KEYS[1], 'sid', 'ver', 'ended', 'epoch', 'seq')
+-- A session stored before messages existed has no seq: it has sent none.
+cur[5] = tonumber(cur[5] or '0')
 if cur[1] ~= ARGV[1] then
   return {'gone'}
 end
@@ -14,12 +16,12 @@ if cur[3] then
 end
 local count = #ARGV - 10
 local seq = tonumber(ARGV[6]) + count
-if cur[2] == ARGV[4] and tonumber(cur[5]) == seq and (ARGV[3] ~= ARGV[4] or count > 0) then
+if cur[2] == ARGV[4] and cur[5] == seq and (ARGV[3] ~= ARGV[4] or count > 0) then
   -- Within one epoch this connection is the only writer: a store already at this push's
   -- version and seq means an earlier try landed and only its reply was lost.
   return {'ok'}
 end
-if cur[2] ~= ARGV[3] or tonumber(cur[5]) ~= tonumber(ARGV[6]) then
+if cur[2] ~= ARGV[3] or cur[5] ~= tonumber(ARGV[6]) then
   return {'conflict', cur[2]}
 end
 if ARGV[5] ~= '' then
