@@ -1,5 +1,6 @@
 # hangon gateway. Build: docker build -t hangon .
-# Run:  docker run -p 8765:8765 hangon serve --redis-url redis://redis:6379/0
+# Run:  docker run -p 8765:8765 hangon serve --redis-url redis://redis:6379/0 \
+#         --downstream ws://agent:8080/      (without --downstream: the in-process demo agent)
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
