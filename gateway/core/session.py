@@ -101,6 +101,8 @@ class Push:
     acked_seq: int
     """The highest sequence number the client acknowledged: older messages may go."""
     at_ms: int
+    push_id: str = ""
+    """Random; stored with the push, so a retry whose first try landed is recognised."""
 
     @property
     def seq(self) -> int:
@@ -125,6 +127,8 @@ class Session:
     recent_turns: dict[str, int] = field(default_factory=dict)
     seq: int = 0
     """Sequence number of the last agent message stored for this session."""
+    last_push: str = ""
+    """The ``push_id`` of the last :class:`Push` written."""
     epoch: int = 1
     """1 for a new session, plus one per restore (see the module docstring)."""
 
@@ -189,6 +193,7 @@ class Session:
             messages=tuple(messages),
             acked_seq=min(acked_seq, self.seq),
             at_ms=now_ms,
+            push_id=secrets.token_urlsafe(9),
         )
 
     def commit_push(self, push: Push) -> None:
@@ -197,6 +202,7 @@ class Session:
             self.state = push.state
             self.version = push.version
         self.seq = push.seq
+        self.last_push = push.push_id
         self.updated_ms = push.at_ms
 
     def commit(self, write: TurnWrite) -> None:

@@ -3,7 +3,7 @@
 Storage layout (Redis; the memory store keeps the same records in a dict)::
 
     {prefix}{tenant}:{digest}:session   hash  sid tok ver state created updated origin
-                                              epoch seq [ended]
+                                              epoch seq push [ended]
     {prefix}{tenant}:{digest}:turns     zset  turn_id -> version it produced (last 64)
     {prefix}{tenant}:{digest}:msgs      list  the agent's messages (their data as JSON),
                                               oldest first, the newest being number ``seq``
@@ -12,6 +12,7 @@ Storage layout (Redis; the memory store keeps the same records in a dict)::
 ``origin`` is the outcome that created the session (``miss`` or ``stale``), so
 that a retried restore whose first reply was lost answers the same. ``epoch``
 grows by one on every restore; a write carrying another epoch is refused.
+``push`` is the ID of the last agent write, so that a retried one is recognised.
 ``msgs`` holds at most the replay window and drops what the client acknowledged.
 
 ``digest`` is :meth:`CallerKey.digest`: no phone number or user ID appears in a

@@ -35,6 +35,7 @@ class _Record:
     turns: dict[str, int] = field(default_factory=dict)
     epoch: int = 1
     seq: int = 0
+    last_push: str = ""
     msgs: list[bytes] = field(default_factory=list)
     """Messages ``seq - len(msgs) + 1`` to ``seq``."""
 
@@ -49,6 +50,7 @@ class _Record:
             dict(self.turns),
             seq=self.seq,
             epoch=self.epoch,
+            last_push=self.last_push,
         )
 
     def restored(self, outcome: Outcome, last_seq: int | None) -> Restored:
@@ -162,16 +164,16 @@ class MemoryStore:
             raise StoreConflict("push", "a newer connection resumed this session")
         if record.ended is not None:
             raise StoreConflict("push", "session ended")
-        # As in push.lua: within one epoch this connection is the only writer.
-        changed = push.version != push.base_version or push.messages
-        if changed and record.ver == push.version and record.seq == push.seq:
-            return
+        if record.last_push == push.push_id:
+            return  # as in push.lua: an earlier try of this push landed
+
         if record.ver != push.base_version or record.seq != push.base_seq:
             raise StoreConflict("push", f"stored version is {record.ver}")
         if push.encoded is not None:
             record.ver = push.version
             record.state = push.encoded
         record.seq = push.seq
+        record.last_push = push.push_id
         record.updated = push.at_ms
         record.expires = push.at_ms + self._ttl_ms()
         msgs = record.msgs + list(push.messages)

@@ -138,7 +138,7 @@ class RedisStore:
         outcome = Outcome(_text(reply[0]))
         if len(reply) == 1:
             return Restored(outcome, None)
-        sid, tok, ver, state, created, updated, turns, epoch, seq, first, msgs = reply[1:]
+        sid, tok, ver, state, created, updated, turns, epoch, seq, first, msgs, last = reply[1:]
         recent = {_text(turns[i]): int(turns[i + 1]) for i in range(0, len(turns), 2)}
         session = Session(
             SessionId(_text(sid)),
@@ -150,6 +150,7 @@ class RedisStore:
             recent,
             seq=int(seq),
             epoch=int(epoch),
+            last_push=_text(last),
         )
         replay = plan_replay(last_seq, seq=session.seq, first=int(first))
         return Restored(outcome, session, replay, tuple(msgs))
@@ -192,6 +193,7 @@ class RedisStore:
                     self.settings.replay_window,
                     push.at_ms,
                     self._ttl_ms,
+                    push.push_id,
                     *push.messages,
                 ],
             )

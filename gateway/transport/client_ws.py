@@ -28,7 +28,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -41,6 +41,7 @@ from gateway.core.events import Ack, Bye, Hello, Turn
 from gateway.core.protocol import Protocol
 from gateway.core.resume import Outcome
 from gateway.core.session import (
+    Push,
     Session,
     empty_state,
     new_resume_token,
@@ -284,8 +285,16 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
         # taking the session over now would close its live connection. The restore did
         # start a new epoch; a connection here holding the session adopts it, or its
         # next write would be refused.
-        if live.session is not None and live.session.session_id == session.session_id:
-            live.session.epoch = session.epoch
+        held = live.session
+        if (
+            held is not None
+            and live.client is not None
+            and (held.session_id, held.epoch + 1, held.version, held.seq)
+            == (session.session_id, session.epoch, session.version, session.seq)
+        ):
+            # Only when no other hello came between (anywhere): else the held connection
+            # is superseded, and must stay fenced.
+            held.epoch = session.epoch
         return False
     if live.session is not None and live.session.session_id != session.session_id:
         # What this instance held went stale or was replaced: its agent link, pump and
@@ -293,6 +302,7 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
         _close_link(ctx, live, None)
         for task in live.tasks:
             task.cancel()
+            ctx.background(task)
         live.tasks = []
         live.inbox = asyncio.Queue(maxsize=_INBOX)
     old = live.client
@@ -304,9 +314,15 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
     if live.linger is not None:
         live.linger.cancel()
         live.linger = None
+    same = live.session is not None and live.session.session_id == session.session_id
     live.session = session
     live.client = conn
-    live.acked_seq = max(live.acked_seq, hello.last_seq or 0) if outcome is Outcome.HIT else 0
+    if outcome is not Outcome.HIT:
+        live.acked_seq = 0
+    else:
+        # What the client says it has: an ack, but never of messages not yet written.
+        acked = max(live.acked_seq if same else 0, hello.last_seq or 0)
+        live.acked_seq = min(acked, session.seq)
     replay = restored.replay
     protocol.send_welcome(
         session,
@@ -368,6 +384,13 @@ def _start_tasks(ctx: ClientContext, live: LiveSession) -> None:
             asyncio.create_task(_pump(ctx, live)),
             asyncio.create_task(_keep_fresh(ctx, live)),
         ]
+        for task in live.tasks:
+            task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", exc_info=task.exception())
 
 
 async def _turn(ctx: ClientContext, live: LiveSession, conn: Connection, turn: Turn) -> None:
@@ -444,7 +467,7 @@ def _detach(ctx: ClientContext, live: LiveSession) -> None:
         # Best effort: a crash skips this, and the age then counts from the last renewal.
         ctx.background(_touch(ctx, live, session, "touch on disconnect"))
     if live.link is None or ctx.agent_linger <= 0:
-        _drop(ctx, live)
+        _linger_over(ctx, live)
     else:
         live.linger = asyncio.get_running_loop().call_later(
             ctx.agent_linger, _linger_over, ctx, live
@@ -452,6 +475,7 @@ def _detach(ctx: ClientContext, live: LiveSession) -> None:
 
 
 def _linger_over(ctx: ClientContext, live: LiveSession) -> None:
+    """Drop ``live`` unless a client came back; under its lock, so never mid-hello."""
     live.linger = None
 
     async def drop() -> None:
@@ -474,6 +498,7 @@ def _drop(ctx: ClientContext, live: LiveSession, final: bytes | None = None) -> 
     for task in live.tasks:
         if task is not current:
             task.cancel()
+            ctx.background(task)  # shutdown waits until it has stopped
     live.tasks = []
     if live.client is not None:
         live.client = None
@@ -483,23 +508,53 @@ def _drop(ctx: ClientContext, live: LiveSession, final: bytes | None = None) -> 
 
 def _close_link(ctx: ClientContext, live: LiveSession, final: bytes | None) -> None:
     if live.link is not None:
-        ctx.background(live.link.aclose(final))
+        # stop() takes effect at once: the link sends nothing more for this session.
+        ctx.background(live.link.stop(final))
         live.link = None
 
 
+@dataclass(slots=True)
+class _Batch:
+    """Agent frames checked and ready to write; ``size`` frames of the pump's queue."""
+
+    size: int
+    patches: list[dict[str, Any]]
+    messages: list[bytes]
+    push: Push | None = None
+    """The write last tried; retried unchanged while the session's epoch holds."""
+
+
 async def _pump(ctx: ClientContext, live: LiveSession) -> None:
-    """Persist what the agent sends, then relay it to the client; batch what queued up."""
+    """Persist what the agent sends, then relay it to the client; batch what queued up.
+
+    A write that failed for want of a store is retried unchanged, so that a try which
+    landed (its reply lost) is recognised by its push ID. If a resume re-based the
+    session meanwhile, the restored session says whether it landed; if not, the same
+    frames are written again on top of what was restored.
+    """
     pending: list[str | bytes] = []
+    batch: _Batch | None = None
     delays: Iterator[float] | None = None
     while True:
         if not pending:
             pending.append(await live.inbox.get())
-        while len(pending) < _BATCH and not live.inbox.empty():
-            pending.append(live.inbox.get_nowait())
+        if batch is None:
+            while len(pending) < _BATCH and not live.inbox.empty():
+                pending.append(live.inbox.get_nowait())
         async with live.lock:
             if live.gone:
                 return
-            done = await _persist(ctx, live, pending)
+            if batch is None:
+                batch = _check(ctx, live, pending)
+            try:
+                done = await _persist(ctx, live, batch)
+            except Exception:
+                log.exception("relay failed session=%s", live.session and live.session.session_id)
+                done = "drop"
+                if live.client is not None:
+                    live.client.protocol.fail("internal_error", "unexpected error; reconnect")
+                    live.client.flush()
+                _drop(ctx, live)
         if done == "retry":
             # The store is down: keep the frames (the inbox fills and the link stops
             # reading, which holds the agent back) and try again.
@@ -507,40 +562,56 @@ async def _pump(ctx: ClientContext, live: LiveSession) -> None:
                 delays = iter(ctx.delays())
             await asyncio.sleep(next(delays, 1.0))
             continue
-        pending, delays = [], None
         if done == "drop":
             return
+        del pending[: batch.size]
+        batch, delays = None, None
 
 
-async def _persist(
-    ctx: ClientContext, live: LiveSession, frames: list[str | bytes]
-) -> Literal["ok", "retry", "drop"]:
+def _check(ctx: ClientContext, live: LiveSession, frames: list[str | bytes]) -> _Batch:
+    """Sort the agent's frames into patches and messages; reject the bad ones."""
     session = live.session
     assert session is not None
-    patches: list[dict[str, dict[str, object]]] = []
-    messages: list[bytes] = []
-    now = ctx.clock()
+    batch = _Batch(len(frames), [], [])
     for frame in frames:
         try:
             parsed = agent.parse_frame(frame, max_size=ctx.max_message_size)
             if isinstance(parsed, agent.AgentMessage):
-                messages.append(parsed.data)
+                batch.messages.append(parsed.data)
                 continue
-            trial = session.push([*patches, parsed.patch], [], acked_seq=0, now_ms=now)
+            trial = session.push([*batch.patches, parsed.patch], [], acked_seq=0, now_ms=0)
             assert trial.encoded is not None
             if len(trial.encoded) > ctx.max_state_size:
                 raise agent.InvalidAgentFrame(
                     "state_too_big", f"the patch would grow the state past {ctx.max_state_size}"
                 )
-            patches.append(parsed.patch)
+            batch.patches.append(parsed.patch)
         except agent.InvalidAgentFrame as exc:
             ctx.metrics.agent_errors.labels(exc.code).inc()
             log.warning("agent frame rejected session=%s %s", session.session_id, exc)
             if live.link is not None:
                 live.link.send(agent.error_frame(exc))
-    if not patches and not messages:
+    return batch
+
+
+async def _persist(
+    ctx: ClientContext, live: LiveSession, batch: _Batch
+) -> Literal["ok", "retry", "drop"]:
+    session = live.session
+    assert session is not None
+    if not batch.patches and not batch.messages:
         return "ok"
-    push = session.push(patches, messages, acked_seq=live.acked_seq, now_ms=now)
+    push = batch.push
+    if push is not None and push.epoch != session.epoch:
+        # A resume re-based the session while this write waited for the store.
+        if session.last_push == push.push_id:
+            return "ok"  # it had landed: the resume restored and replayed it
+        push = None
+    if push is None:
+        push = session.push(
+            batch.patches, batch.messages, acked_seq=live.acked_seq, now_ms=ctx.clock()
+        )
+        batch.push = push
     try:
         await ctx.call("push", lambda: ctx.store.push(live.caller, session.session_id, push))
     except StoreConflict as exc:
@@ -554,12 +625,12 @@ async def _persist(
         log.warning("agent output not written session=%s error=%s", session.session_id, exc)
         return "retry"
     session.commit_push(push)
-    ctx.metrics.messages.labels("stored").inc(len(messages))
+    ctx.metrics.messages.labels("stored").inc(len(push.messages))
     conn = live.client
     if conn is not None:
         if push.state is not None:
             conn.protocol.send_state(session)
-        for offset, data in enumerate(messages):
+        for offset, data in enumerate(push.messages):
             seq = push.base_seq + 1 + offset
             if seq > conn.sent_seq:
                 conn.protocol.send_msg(seq, data)

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -29,6 +29,8 @@ __all__ = ["AgentLink", "Opening"]
 
 log = logging.getLogger("gateway.downstream")
 
+_CLOSE_TIMEOUT = 5.0
+"""Seconds to send ``session.end`` and close a link before it is dropped."""
 _STABLE = 5.0
 """Seconds a connection must have lasted for the redial delays to start small again."""
 
@@ -90,19 +92,30 @@ class AgentLink:
             self._wake.set()
 
     def reopen(self, reason: str) -> None:
-        """Tell the agent where the session stands, now or on the next connection."""
+        """Tell the agent where the session stands, now or on the next connection.
+
+        Before the first connection, ``start`` stays the reason: the agent has not
+        heard of the session yet.
+        """
         if self._ws is not None:
             self.send(self._opening(reason))
-        else:
+        elif self._reason != "start":
             self._reason = reason
 
-    async def aclose(self, final: bytes | None = None) -> None:
-        """Send ``final`` (``session.end``) if connected, close the connection and stop."""
+    def stop(self, final: bytes | None = None) -> Awaitable[None]:
+        """Stop at once: send ``final`` (``session.end``) if connected, then close.
+
+        Nothing else is sent from this call on. Returns what to await for the link
+        to be closed (at most :data:`_CLOSE_TIMEOUT` seconds for a stuck agent).
+        """
         self._closing = True
         self._final = final
         self._wake.set()
         if self._ws is None:
             self._task.cancel()
+        return self._wait()
+
+    async def _wait(self) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
@@ -140,7 +153,10 @@ class AgentLink:
     async def _serve(self, ws: ClientConnection) -> None:
         self._metrics.agent_links_active.inc()
         self._outbox.clear()
-        self._outbox.append(self._opening(self._reason))
+        if not self._closing:
+            # Built now, so it carries the state as it stands; never once stopped, when the
+            # session it would describe may be another one.
+            self._outbox.append(self._opening(self._reason))
         self._ws = ws
         self.connected.set()
         reader = asyncio.create_task(self._read(ws))
@@ -149,9 +165,11 @@ class AgentLink:
                 while self._outbox:
                     await ws.send(self._outbox.popleft(), text=True)
                 if self._closing:
-                    if self._final is not None:
-                        await ws.send(self._final, text=True)
-                    await ws.close(1000, "session closed")
+                    # An agent that stops reading must not hold up a shutdown.
+                    async with asyncio.timeout(_CLOSE_TIMEOUT):
+                        if self._final is not None:
+                            await ws.send(self._final, text=True)
+                        await ws.close(1000, "session closed")
                     break
                 self._wake.clear()
                 waiter = asyncio.create_task(self._wake.wait())
@@ -159,6 +177,8 @@ class AgentLink:
                 waiter.cancel()
         except ConnectionClosed:
             pass
+        except TimeoutError:
+            ws.transport.abort()
         finally:
             self._ws = None
             self.connected.clear()

@@ -93,8 +93,18 @@ def test_push_numbers_messages_without_patch() -> None:
         messages=(b'{"type":"a"}', b'{"type":"b"}'),
         acked_seq=4,
         at_ms=9,
+        push_id=push.push_id,
     )
     assert push.seq == 8
+    assert push.push_id and push.push_id != session.push([], [], acked_seq=0, now_ms=9).push_id
+
+
+def test_commit_push_records_its_id() -> None:
+    """After commit_push the session knows the ID of the last push written."""
+    session = agent_session()
+    push = session.push([], [b'{"type":"a"}'], acked_seq=0, now_ms=9)
+    session.commit_push(push)
+    assert session.last_push == push.push_id
 
 
 def test_push_merges_patches_in_order() -> None:

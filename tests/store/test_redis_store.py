@@ -52,6 +52,7 @@ async def test_key_layout(store: RedisStore, redis_url: str, key_prefix: str) ->
         b"origin",
         b"epoch",
         b"seq",
+        b"push",
     }
     client.close()
 

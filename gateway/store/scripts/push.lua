@@ -1,8 +1,8 @@
 -- Write what the voice agent sent: a state patch and messages, in one round trip, one slot.
 -- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list
 -- ARGV: sid, epoch, base version, new version, state ('' : unchanged), base seq,
---       acked seq, window, now_ms, ttl_ms, message...
-local cur = redis.call('HMGET', KEYS[1], 'sid', 'ver', 'ended', 'epoch', 'seq')
+--       acked seq, window, now_ms, ttl_ms, push id, message...
+local cur = redis.call('HMGET', KEYS[1], 'sid', 'ver', 'ended', 'epoch', 'seq', 'push')
 -- A session stored before messages existed has no seq: it has sent none.
 cur[5] = tonumber(cur[5] or '0')
 if cur[1] ~= ARGV[1] then
@@ -14,22 +14,21 @@ end
 if cur[3] then
   return {'ended'}
 end
-local count = #ARGV - 10
-local seq = tonumber(ARGV[6]) + count
-if cur[2] == ARGV[4] and cur[5] == seq and (ARGV[3] ~= ARGV[4] or count > 0) then
-  -- Within one epoch this connection is the only writer: a store already at this push's
-  -- version and seq means an earlier try landed and only its reply was lost.
+if cur[6] == ARGV[11] then
+  -- An earlier try of this very push landed; only its reply was lost.
   return {'ok'}
 end
+local count = #ARGV - 11
+local seq = tonumber(ARGV[6]) + count
 if cur[2] ~= ARGV[3] or cur[5] ~= tonumber(ARGV[6]) then
   return {'conflict', cur[2]}
 end
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[1], 'ver', ARGV[4], 'state', ARGV[5])
 end
-redis.call('HSET', KEYS[1], 'seq', seq, 'updated', ARGV[9])
+redis.call('HSET', KEYS[1], 'seq', seq, 'updated', ARGV[9], 'push', ARGV[11])
 if count > 0 then
-  redis.call('RPUSH', KEYS[3], unpack(ARGV, 11))
+  redis.call('RPUSH', KEYS[3], unpack(ARGV, 12))
 end
 -- Keep at most the window, and nothing the client acknowledged.
 local window = tonumber(ARGV[8])

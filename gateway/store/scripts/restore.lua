@@ -5,11 +5,11 @@
 --       candidate sid, candidate token, candidate state, last_seq (-1: none)
 -- Returns {outcome} for refused and ended, else
 --         {outcome, sid, token, version, state, created, updated, {turn_id, version, ...},
---          epoch, seq, first held seq, {message, ...} from the replay start}
+--          epoch, seq, first held seq, {message, ...} from the replay start, last push id}
 local now = tonumber(ARGV[1])
 local max_age = tonumber(ARGV[2])
 local h = redis.call('HMGET', KEYS[1], 'sid', 'tok', 'ver', 'state', 'created', 'updated', 'ended',
-  'origin', 'epoch', 'seq')
+  'origin', 'epoch', 'seq', 'push')
 
 local function replay(seq)
   local held = redis.call('LLEN', KEYS[3])
@@ -26,7 +26,7 @@ local function loaded(outcome, updated)
   local seq = tonumber(h[10] or '0')
   local first, msgs = replay(seq)
   return {outcome, h[1], h[2], h[3], h[4], h[5], updated,
-    redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'), h[9], seq, first, msgs}
+    redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'), h[9], seq, first, msgs, h[11] or ''}
 end
 
 if h[1] == ARGV[5] then
@@ -66,4 +66,4 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('HSET', KEYS[1], 'sid', ARGV[5], 'tok', ARGV[6], 'ver', '0', 'state', ARGV[7],
   'created', ARGV[1], 'updated', ARGV[1], 'origin', outcome, 'epoch', '1', 'seq', '0')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {outcome, ARGV[5], ARGV[6], '0', ARGV[7], ARGV[1], ARGV[1], {}, '1', 0, 1, {}}
+return {outcome, ARGV[5], ARGV[6], '0', ARGV[7], ARGV[1], ARGV[1], {}, '1', 0, 1, {}, ''}
