@@ -166,7 +166,6 @@ class MemoryStore:
             raise StoreConflict("push", "session ended")
         if record.last_push == push.push_id:
             return  # as in push.lua: an earlier try of this push landed
-
         if record.ver != push.base_version or record.seq != push.base_seq:
             raise StoreConflict("push", f"stored version is {record.ver}")
         if push.encoded is not None:

@@ -46,6 +46,17 @@ class LostPushReply:
         await self.inner.push(*args, **kwargs)
 
 
+async def _push_reply_lost(gw: Gateway, voice: TestAgent, store: LostPushReply) -> Caller:
+    """Connect a caller, then have the agent say n=1: stored, but its reply lost."""
+    caller = Caller(url(gw.port), PHONE)
+    await caller.connect()
+    await voice.wait_for(lambda r: len(r) == 1)
+    store.lose = store.down = True
+    await voice.send({"type": "say", "n": 1})
+    await asyncio.wait_for(store.landed.wait(), 5)
+    return caller
+
+
 async def _frames_until(caller: Caller, n: int, timeout: float) -> list[dict[str, Any]]:
     """Read until the msg with data n == ``n`` or an error; return what was read."""
     seen: list[dict[str, Any]] = []
@@ -98,20 +109,9 @@ async def test_lost_push_reply_then_more_frames_loses_nothing(
 ) -> None:
     """A push that landed but whose reply was lost is retried unchanged (and recognised by
     its push ID) while more agent frames queue behind it: nothing is lost or refused."""
-    holder: dict[str, LostPushReply] = {}
-
-    def flaky(s: StoreSettings) -> Any:
-        holder["s"] = LostPushReply(make_store(s))
-        return holder["s"]
-
-    async with relay(config, settings, flaky, clock, silent) as (gw, voice):
-        store = holder["s"]
-        caller = Caller(url(gw.port), PHONE)
-        await caller.connect()
-        await voice.wait_for(lambda r: len(r) == 1)
-        store.lose = store.down = True
-        await voice.send({"type": "say", "n": 1})
-        await asyncio.wait_for(store.landed.wait(), 5)
+    store = LostPushReply(make_store(settings))
+    async with relay(config, settings, lambda _: store, clock, silent) as (gw, voice):
+        caller = await _push_reply_lost(gw, voice, store)
         await voice.send({"type": "say", "n": 2})
         await asyncio.sleep(0.3)  # the pump retries, its batch now holds both frames
         store.down = False
@@ -130,20 +130,9 @@ async def test_lost_push_reply_then_resume_does_not_duplicate(
 ) -> None:
     """A push that landed but whose reply was lost, followed by a resume that replays it, is
     not written a second time under a new seq."""
-    holder: dict[str, LostPushReply] = {}
-
-    def flaky(s: StoreSettings) -> Any:
-        holder["s"] = LostPushReply(make_store(s))
-        return holder["s"]
-
-    async with relay(config, settings, flaky, clock, silent) as (gw, voice):
-        store = holder["s"]
-        caller = Caller(url(gw.port), PHONE)
-        await caller.connect()
-        await voice.wait_for(lambda r: len(r) == 1)
-        store.lose = store.down = True
-        await voice.send({"type": "say", "n": 1})
-        await asyncio.wait_for(store.landed.wait(), 5)
+    store = LostPushReply(make_store(settings))
+    async with relay(config, settings, lambda _: store, clock, silent) as (gw, voice):
+        caller = await _push_reply_lost(gw, voice, store)
         caller.drop()
         welcome = await caller.connect()  # replays seq 1
         store.down = False
