@@ -28,8 +28,26 @@ from typing import NamedTuple, Protocol
 from gateway.core.callerkey import CallerKey
 from gateway.core.resume import Outcome, Replay
 from gateway.core.session import Push, Session, SessionId, TurnWrite
+from gateway.exceptions import StoreConflict
 
-__all__ = ["Restored", "SessionStore", "StoreSettings", "Written", "session_keys"]
+__all__ = ["Restored", "SessionStore", "StoreSettings", "Written", "conflict", "session_keys"]
+
+_REFUSALS = {
+    "gone": "session expired or was replaced",
+    "superseded": "a newer connection resumed this session",
+    "ended": "session ended",
+}
+
+
+def conflict(op: str, status: str, stored_version: object = None) -> StoreConflict:
+    """The error for a write the store refused, by the status its scripts return.
+
+    ``status`` is ``gone``, ``superseded``, ``ended`` or ``conflict`` (with the
+    ``stored_version`` found); both stores give the client the same words.
+    """
+    if status == "conflict":
+        return StoreConflict(op, f"stored version is {stored_version}")
+    return StoreConflict(op, _REFUSALS[status])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

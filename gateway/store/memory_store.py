@@ -13,8 +13,7 @@ from gateway.core import codec
 from gateway.core.callerkey import CallerKey
 from gateway.core.resume import Outcome, classify, plan_replay
 from gateway.core.session import Push, ResumeToken, Session, SessionId, TurnWrite, remember
-from gateway.exceptions import StoreConflict
-from gateway.store.base import Restored, StoreSettings, Written, session_keys
+from gateway.store.base import Restored, StoreSettings, Written, conflict, session_keys
 
 __all__ = ["MemoryStore"]
 
@@ -137,18 +136,18 @@ class MemoryStore:
     ) -> Written:
         _, record = self._get(caller, write.at_ms)
         if record is None or record.sid != session_id:
-            raise StoreConflict("write_turn", "session expired or was replaced")
+            raise conflict("write_turn", "gone")
         if record.epoch != write.epoch:
-            raise StoreConflict("write_turn", "a newer connection resumed this session")
+            raise conflict("write_turn", "superseded")
         seen = record.turns.get(write.turn_id)
         if seen is not None:
             # As in turn.lua: an identical stored state means this very write landed before.
             mine = seen == record.ver == write.version and record.state == write.encoded
             return Written(seen, applied=mine)
         if record.ended is not None:
-            raise StoreConflict("write_turn", "session ended")
+            raise conflict("write_turn", "ended")
         if record.ver != write.base_version:
-            raise StoreConflict("write_turn", f"stored version is {record.ver}")
+            raise conflict("write_turn", "conflict", record.ver)
         record.ver = write.version
         record.state = write.encoded
         record.updated = write.at_ms
@@ -159,15 +158,15 @@ class MemoryStore:
     async def push(self, caller: CallerKey, session_id: SessionId, push: Push) -> None:
         _, record = self._get(caller, push.at_ms)
         if record is None or record.sid != session_id:
-            raise StoreConflict("push", "session expired or was replaced")
+            raise conflict("push", "gone")
         if record.epoch != push.epoch:
-            raise StoreConflict("push", "a newer connection resumed this session")
+            raise conflict("push", "superseded")
         if record.ended is not None:
-            raise StoreConflict("push", "session ended")
+            raise conflict("push", "ended")
         if record.last_push == push.push_id:
             return  # as in push.lua: an earlier try of this push landed
         if record.ver != push.base_version or record.seq != push.base_seq:
-            raise StoreConflict("push", f"stored version is {record.ver}")
+            raise conflict("push", "conflict", record.ver)
         if push.encoded is not None:
             record.ver = push.version
             record.state = push.encoded
@@ -186,7 +185,7 @@ class MemoryStore:
         _, record = self._get(caller, now_ms)
         if record is not None and record.sid == session_id and record.ended is None:
             if record.epoch != epoch:
-                raise StoreConflict("end", "a newer connection resumed this session")
+                raise conflict("end", "superseded")
             record.ended = record.updated = now_ms
             record.expires = now_ms + int(self.settings.end_ttl * 1000)
 

@@ -33,7 +33,7 @@ from gateway.exceptions import (
     StoreTimeout,
     StoreUnavailable,
 )
-from gateway.store.base import Restored, StoreSettings, Written, session_keys
+from gateway.store.base import Restored, StoreSettings, Written, conflict, session_keys
 
 __all__ = ["RedisStore"]
 
@@ -60,14 +60,9 @@ def _text(value: bytes) -> str:
     return value.decode()
 
 
-def _conflict(op: str, status: str, reply: list[Any]) -> StoreConflict:
-    if status == "conflict":
-        return StoreConflict(op, f"stored version is {_text(reply[1])}")
-    detail = {
-        "ended": "session ended",
-        "superseded": "a newer connection resumed this session",
-    }.get(status, "session expired or was replaced")
-    return StoreConflict(op, detail)
+def _conflict(op: str, reply: list[Any]) -> StoreConflict:
+    status = _text(reply[0])
+    return conflict(op, status, _text(reply[1]) if status == "conflict" else None)
 
 
 class RedisStore:
@@ -176,7 +171,7 @@ class RedisStore:
         status = _text(reply[0])
         if status in ("ok", "dup"):
             return Written(int(reply[1]), applied=status == "ok")
-        raise _conflict("write_turn", status, reply)
+        raise _conflict("write_turn", reply)
 
     async def push(self, caller: CallerKey, session_id: SessionId, push: Push) -> None:
         with _mapped("push"):
@@ -199,7 +194,7 @@ class RedisStore:
             )
         status = _text(reply[0])
         if status != "ok":
-            raise _conflict("push", status, reply)
+            raise _conflict("push", reply)
 
     async def end(
         self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int
@@ -210,7 +205,7 @@ class RedisStore:
                 args=[session_id, now_ms, int(self.settings.end_ttl * 1000), epoch],
             )
         if done == -1:
-            raise _conflict("end", "superseded", [])
+            raise conflict("end", "superseded")
 
     async def touch(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
         with _mapped("touch"):
