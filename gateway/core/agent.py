@@ -55,9 +55,6 @@ AGENT_ERRORS: Final[Mapping[str, str]] = {
 }
 """Every reason the gateway rejects an agent frame (an ``error`` frame's ``code``)."""
 
-_MAX_DEPTH = 32
-"""Nesting allowed in a message, and inside a patch field (as in a client turn's ``form``)."""
-
 
 class InvalidAgentFrame(ValueError):
     """An agent frame the gateway rejects; ``code`` is a key of :data:`AGENT_ERRORS`."""
@@ -105,9 +102,10 @@ def parse_frame(data: str | bytes, *, max_size: int) -> AgentMessage | StatePatc
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise InvalidAgentFrame("invalid_message", "a frame must be an object with a string type")
     if msg["type"] != "state":
-        if codec.too_deep(msg, _MAX_DEPTH):
-            # A client must be able to parse the msg frame around it (orjson stops at 1024).
-            raise InvalidAgentFrame("invalid_message", f"the frame nests deeper than {_MAX_DEPTH}")
+        if codec.too_deep(msg, codec.MAX_DEPTH):
+            raise InvalidAgentFrame(
+                "invalid_message", f"the frame nests deeper than {codec.MAX_DEPTH}"
+            )
         return AgentMessage(raw)
     patch = msg.get("patch")
     if not isinstance(patch, dict) or not patch:
@@ -119,8 +117,8 @@ def parse_frame(data: str | bytes, *, max_size: int) -> AgentMessage | StatePatc
             )
         if not isinstance(changes, dict):
             raise InvalidAgentFrame("invalid_patch", f"patch field {name!r} must be an object")
-        if codec.too_deep(changes, _MAX_DEPTH):
-            raise InvalidAgentFrame("invalid_patch", f"patch nests deeper than {_MAX_DEPTH}")
+        if codec.too_deep(changes, codec.MAX_DEPTH):
+            raise InvalidAgentFrame("invalid_patch", f"patch nests deeper than {codec.MAX_DEPTH}")
     return StatePatch(patch)
 
 

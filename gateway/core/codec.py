@@ -6,7 +6,13 @@ from typing import Any
 
 import orjson
 
-__all__ = ["DecodeError", "dumps", "loads", "too_deep"]
+__all__ = ["MAX_DEPTH", "DecodeError", "dumps", "loads", "too_deep"]
+
+MAX_DEPTH = 32
+"""Nesting allowed in what becomes state or reaches a client: a turn's ``form`` and
+``context``, a state patch's fields, an agent message. orjson reads 1024 levels but writes
+only 255, and state nests a form once more (in ``last_turn``): without a bound a small
+frame could produce a state that cannot be stored, or a message a client cannot parse."""
 
 DecodeError = orjson.JSONDecodeError
 """Raised by :func:`loads` on malformed JSON (a subclass of :class:`ValueError`)."""

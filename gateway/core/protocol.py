@@ -47,10 +47,6 @@ PROTOCOL_VERSION: Final = 1
 
 _MAX_ID = 128
 _MAX_TOKEN = 256
-_MAX_DEPTH = 32
-"""Nesting allowed in ``form`` and ``context``. orjson reads 1024 levels but writes only 255,
-and state nests the form once more (in ``last_turn``): without a bound a small frame could
-produce a state that cannot be stored."""
 
 
 class Phase(enum.Enum):
@@ -195,8 +191,10 @@ class Protocol:
         form = _optional(msg, "form", dict)
         context = _optional(msg, "context", dict)
         for name, value in (("form", form), ("context", context)):
-            if value is not None and codec.too_deep(value, _MAX_DEPTH):
-                raise _Invalid("invalid_message", f"field '{name}' nests deeper than {_MAX_DEPTH}")
+            if value is not None and codec.too_deep(value, codec.MAX_DEPTH):
+                raise _Invalid(
+                    "invalid_message", f"field '{name}' nests deeper than {codec.MAX_DEPTH}"
+                )
         return Turn(turn_id, _optional(msg, "text", str), form, context)
 
     # Sending

@@ -37,6 +37,7 @@ __all__ = [
     "SessionId",
     "TurnWrite",
     "empty_state",
+    "merge_patch",
     "new_resume_token",
     "new_session_id",
 ]
@@ -173,16 +174,9 @@ class Session:
         """
         state: dict[str, Any] | None = None
         if patches:
-            state = dict(self.state)
+            state = self.state
             for patch in patches:
-                for name, changes in patch.items():
-                    merged = dict(state.get(name) or {})
-                    for key, value in changes.items():
-                        if value is None:
-                            merged.pop(key, None)
-                        else:
-                            merged[key] = value
-                    state[name] = merged
+                state = merge_patch(state, patch)
         return Push(
             epoch=self.epoch,
             base_version=self.version,
@@ -211,6 +205,20 @@ class Session:
         self.version = write.version
         self.updated_ms = write.at_ms
         remember(self.recent_turns, write.turn_id, write.version)
+
+
+def merge_patch(state: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``state`` with one checked patch merged in (``null`` deletes a key)."""
+    state = dict(state)
+    for name, changes in patch.items():
+        merged = dict(state.get(name) or {})
+        for key, value in changes.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        state[name] = merged
+    return state
 
 
 def remember(recent: dict[str, int], turn_id: str, version: int) -> None:

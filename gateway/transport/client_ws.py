@@ -34,7 +34,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from gateway.core import agent
+from gateway.core import agent, codec
 from gateway.core.callerkey import CallerKey
 from gateway.core.closecodes import BYE
 from gateway.core.events import Ack, Bye, Hello, Turn
@@ -44,6 +44,7 @@ from gateway.core.session import (
     Push,
     Session,
     empty_state,
+    merge_patch,
     new_resume_token,
     new_session_id,
 )
@@ -573,18 +574,19 @@ def _check(ctx: ClientContext, live: LiveSession, frames: list[str | bytes]) -> 
     session = live.session
     assert session is not None
     batch = _Batch(len(frames), [], [])
+    state = session.state  # as the patches accepted so far leave it
     for frame in frames:
         try:
             parsed = agent.parse_frame(frame, max_size=ctx.max_message_size)
             if isinstance(parsed, agent.AgentMessage):
                 batch.messages.append(parsed.data)
                 continue
-            trial = session.push([*batch.patches, parsed.patch], [], acked_seq=0, now_ms=0)
-            assert trial.encoded is not None
-            if len(trial.encoded) > ctx.max_state_size:
+            trial = merge_patch(state, parsed.patch)
+            if len(codec.dumps(trial)) > ctx.max_state_size:
                 raise agent.InvalidAgentFrame(
                     "state_too_big", f"the patch would grow the state past {ctx.max_state_size}"
                 )
+            state = trial
             batch.patches.append(parsed.patch)
         except agent.InvalidAgentFrame as exc:
             ctx.metrics.agent_errors.labels(exc.code).inc()
