@@ -298,14 +298,12 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
             held.epoch = session.epoch
         return False
     if live.session is not None and live.session.session_id != session.session_id:
-        # What this instance held went stale or was replaced: its agent link, pump and
-        # unread agent frames belong to another session.
+        # What this instance held went stale or was replaced: its agent link, pump,
+        # unread agent frames and client acks belong to another session.
         _close_link(ctx, live, None)
-        for task in live.tasks:
-            task.cancel()
-            ctx.background(task)
-        live.tasks = []
+        _stop_tasks(ctx, live)
         live.inbox = asyncio.Queue(maxsize=_INBOX)
+        live.acked_seq = 0
     old = live.client
     if old is not None:
         old.protocol.fail("session_replaced", "a newer connection resumed this session")
@@ -315,15 +313,13 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
     if live.linger is not None:
         live.linger.cancel()
         live.linger = None
-    same = live.session is not None and live.session.session_id == session.session_id
     live.session = session
     live.client = conn
     if outcome is not Outcome.HIT:
         live.acked_seq = 0
     else:
         # What the client says it has: an ack, but never of messages not yet written.
-        acked = max(live.acked_seq if same else 0, hello.last_seq or 0)
-        live.acked_seq = min(acked, session.seq)
+        live.acked_seq = min(max(live.acked_seq, hello.last_seq or 0), session.seq)
     replay = restored.replay
     protocol.send_welcome(
         session,
@@ -495,16 +491,21 @@ def _drop(ctx: ClientContext, live: LiveSession, final: bytes | None = None) -> 
     if live.linger is not None:
         live.linger.cancel()
         live.linger = None
+    _stop_tasks(ctx, live)
+    if live.client is not None:
+        live.client = None
+        ctx.metrics.sessions_active.dec()
+    _close_link(ctx, live, final)
+
+
+def _stop_tasks(ctx: ClientContext, live: LiveSession) -> None:
+    """Cancel the pump and the renewal task (not the caller, if it is one of them)."""
     current = asyncio.current_task()
     for task in live.tasks:
         if task is not current:
             task.cancel()
             ctx.background(task)  # shutdown waits until it has stopped
     live.tasks = []
-    if live.client is not None:
-        live.client = None
-        ctx.metrics.sessions_active.dec()
-    _close_link(ctx, live, final)
 
 
 def _close_link(ctx: ClientContext, live: LiveSession, final: bytes | None) -> None:
