@@ -78,7 +78,7 @@ class TurnWrite:
     at_ms: int
     encoded: bytes
     """``state`` as JSON, encoded once for the size check and the store."""
-    epoch: int = 0
+    epoch: int
     """The epoch the session was restored at; the store refuses the write under another."""
 
 
@@ -102,7 +102,7 @@ class Push:
     acked_seq: int
     """The highest sequence number the client acknowledged: older messages may go."""
     at_ms: int
-    push_id: str = ""
+    push_id: str
     """Random; stored with the push, so a retry whose first try landed is recognised."""
 
     @property
