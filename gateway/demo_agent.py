@@ -48,6 +48,14 @@ class BookingForm:
         """The first question without an answer, or ``None`` once booked."""
         return next((name for name, _ in FIELDS if name not in self.answers), None)
 
+    def reply(self, frame: dict[str, Any]) -> list[dict[str, Any]]:
+        """Answer one frame from the gateway (nothing for frames that need no answer)."""
+        if frame.get("type") in ("session.start", "session.resume"):
+            return self.open(frame)
+        if frame.get("type") == "turn":
+            return self.turn(frame)
+        return []
+
     def open(self, frame: dict[str, Any]) -> list[dict[str, Any]]:
         """Answer ``session.start`` or ``session.resume``: pick up where the state stands."""
         state = frame.get("state") or {}
@@ -115,18 +123,12 @@ async def _handle(ws: ServerConnection) -> None:
             except (ValueError, TypeError, KeyError):
                 log.warning("demo agent: ignoring a malformed frame")
                 continue
-            if kind in ("session.start", "session.resume"):
-                replies = form.open(frame)
-            elif kind == "turn":
-                replies = form.turn(frame)
-            elif kind == "session.end":
+            if kind == "session.end":
                 await ws.close(1000, "session ended")
                 return
-            else:
-                if kind == "error":
-                    log.warning("demo agent: the gateway rejected a frame: %s", frame)
-                continue
-            for reply in replies:
+            if kind == "error":
+                log.warning("demo agent: the gateway rejected a frame: %s", frame)
+            for reply in form.reply(frame):
                 await ws.send(json.dumps(reply))
     except ConnectionClosed:
         pass

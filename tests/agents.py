@@ -26,11 +26,7 @@ def silent(frame: dict[str, Any], scratch: dict[str, Any]) -> list[str | bytes |
 def booking(frame: dict[str, Any], scratch: dict[str, Any]) -> list[str | bytes | dict[str, Any]]:
     """Answer as the demo agent does (its form logic, one form per connection)."""
     form: BookingForm = scratch.setdefault("form", BookingForm())
-    if frame["type"] in ("session.start", "session.resume"):
-        return list(form.open(frame))
-    if frame["type"] == "turn":
-        return list(form.turn(frame))
-    return []
+    return list(form.reply(frame))
 
 
 class TestAgent:
