@@ -81,8 +81,6 @@ class AgentLink:
         self._wake = asyncio.Event()
         self._closing = False
         self._final: bytes | None = None
-        self.connected = asyncio.Event()
-        """Set while a connection to the agent is open (tests wait on it)."""
         self._task = asyncio.create_task(self._run())
 
     def send(self, frame: bytes) -> None:
@@ -158,7 +156,6 @@ class AgentLink:
             # session it would describe may be another one.
             self._outbox.append(self._opening(self._reason))
         self._ws = ws
-        self.connected.set()
         reader = asyncio.create_task(self._read(ws))
         try:
             while not reader.done():
@@ -181,7 +178,6 @@ class AgentLink:
             ws.transport.abort()
         finally:
             self._ws = None
-            self.connected.clear()
             self._metrics.agent_links_active.dec()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
