@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from gateway import __version__
 from gateway.config import OPTIONS, Config, from_values
@@ -19,6 +21,9 @@ from gateway.server import Gateway
 __all__ = ["build_parser", "config_from_args", "main"]
 
 log = logging.getLogger("gateway")
+
+_WORKER_ENV = "HANGON_WORKER"
+"""Set by ``--workers`` in each worker process: its index."""
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -97,6 +102,7 @@ class _Formatter(logging.Formatter):
 
 
 async def _serve(config: Config) -> None:
+    signals = _signals()
     gateway = Gateway(config)
     if config.store.redis_url is None:
         log.warning(
@@ -120,22 +126,79 @@ async def _serve(config: Config) -> None:
         else down,
     )
     log.info(
-        "listening host=%s port=%d path=%s loop=%s",
+        "listening host=%s port=%d path=%s loop=%s instance=%s",
         config.server.host,
         gateway.port,
         config.server.path,
         _loop_name(),
+        gateway.instance,
     )
-    await _until_signal()
-    log.info("shutting down: closing connections with 1001")
+    await signals.get()
+    log.info(
+        "draining: /readyz fails, clients are closed with 1012 over %.1f s "
+        "(signal again to close them now)",
+        config.server.drain_period,
+    )
+    drain = asyncio.create_task(gateway.drain())
+    second = asyncio.create_task(signals.get())
+    await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+    second.cancel()
+    if not drain.done():
+        log.warning("second signal: closing every connection now")
+        drain.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await drain
     await gateway.aclose()
+    log.info("stopped")
+
+
+async def _supervise(argv: Sequence[str], workers: int) -> int:
+    """Run ``workers`` gateway processes on one port; pass signals on; restart crashed ones."""
+    signals = _signals()
+    stopping = False
+    procs: dict[int, asyncio.subprocess.Process] = {}
+
+    async def run(index: int) -> int:
+        while True:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gateway",
+                *argv,
+                env={**os.environ, _WORKER_ENV: str(index)},
+            )
+            procs[index] = proc
+            log.info("worker started index=%d pid=%d", index, proc.pid)
+            code = await proc.wait()
+            if stopping:
+                return code
+            log.error("worker exited index=%d code=%d: starting it again in 1 s", index, code)
+            await asyncio.sleep(1.0)
+
+    runs = [asyncio.create_task(run(i)) for i in range(workers)]
+    waiting = asyncio.ensure_future(asyncio.gather(*runs))
+    while not waiting.done():
+        got = asyncio.create_task(signals.get())
+        either: set[asyncio.Future[Any]] = {waiting, got}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if got.done():
+            stopping = True
+            for proc in procs.values():
+                if proc.returncode is None:
+                    proc.send_signal(got.result())
+        else:
+            got.cancel()
+    codes = waiting.result()
+    log.info("workers stopped codes=%s", codes)
+    return 0 if all(code == 0 for code in codes) else 1
 
 
 async def _demo_agent(host: str, port: int) -> None:
+    signals = _signals()
     server = await serve_demo_agent(host, port)
     bound = server.sockets[0].getsockname()[1]
     log.info("demo agent listening host=%s port=%d loop=%s", host, bound, _loop_name())
-    await _until_signal()
+    await signals.get()
     server.close()
     await server.wait_closed()
 
@@ -144,12 +207,13 @@ def _loop_name() -> str:
     return type(asyncio.get_running_loop()).__module__.split(".")[0]
 
 
-async def _until_signal() -> None:
-    stop = asyncio.Event()
+def _signals() -> asyncio.Queue[int]:
+    """Return a queue that receives each SIGTERM and SIGINT from now on."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, queue.put_nowait, sig)
+    return queue
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -173,5 +237,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"hangon: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    worker = environ.get(_WORKER_ENV)
+    if config.server.workers > 1 and worker is None:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            code = runner.run(
+                _supervise(sys.argv[1:] if argv is None else argv, config.server.workers)
+            )
+        raise SystemExit(code)
+    if worker is not None and config.server.instance_id is not None:
+        config = config.replace("server", instance_id=f"{config.server.instance_id}-{worker}")
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_serve(config))

@@ -44,6 +44,14 @@ class ServerConfig:
 
     asyncio's default of 100 overflows when a thousand callers reconnect at once,
     and each dropped SYN costs its caller a one-second retransmit."""
+    drain_period: float = 10.0
+    """Seconds over which a SIGTERM closes clients with 1012, each at a random moment,
+    so that a deploy does not set off a reconnect storm of its own."""
+    workers: int = 1
+    """Processes serving the port (``SO_REUSEPORT``), each its own instance."""
+    instance_id: str | None = None
+    """This instance's ID in session ownership records; ``None``: host name, PID and a
+    random suffix."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,7 +65,8 @@ class KeepaliveConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StoreConfig:
     redis_url: str | None = None
-    """``redis://`` URL of the Redis store; ``None`` uses the embedded memory store."""
+    """``redis://`` URL of the Redis store (``redis+cluster://`` for a Redis Cluster);
+    ``None`` uses the embedded memory store."""
     key_prefix: str = "hangon:"
     """Prefix of every storage key."""
     ttl: float = 3600.0
@@ -85,6 +94,12 @@ class StoreConfig:
     replay_window: int = 128
     """Agent messages kept per session for a client that missed them; older ones are dropped
     and a client that missed them is told ``"replay": "partial"``."""
+    owner_lease: float = 60.0
+    """Seconds an instance's ownership of a session lasts; renewed every third of it
+    while the session is served."""
+    ack_replicas: int = 0
+    """Replicas that must hold a write (Redis ``WAIT``) before it is acknowledged; 0: the
+    primary's word is enough."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,6 +164,17 @@ class Config:
         down = self.agent.downstream
         if down not in ("demo", "off") and not down.startswith(("ws://", "wss://")):
             raise ConfigError("--downstream", down, "must be a ws:// or wss:// URL, demo or off")
+        if self.server.workers > 1:
+            if self.server.port == 0:
+                raise ConfigError("--workers", self.server.workers, "needs a fixed --port")
+            if s.redis_url is None:
+                raise ConfigError(
+                    "--workers",
+                    self.server.workers,
+                    "needs --redis-url: workers do not share the memory store",
+                )
+        if s.ack_replicas and s.redis_url is None:
+            raise ConfigError("--ack-replicas", s.ack_replicas, "needs --redis-url")
         if self.limits.max_message_size < 1024:
             raise ConfigError("--max-message-size", self.limits.max_message_size, "below 1024")
         if self.limits.max_state_size < 1024:
@@ -241,10 +267,28 @@ OPTIONS: tuple[Option, ...] = (
         "pending TCP connections queued by the kernel (capped by net.core.somaxconn)",
     ),
     Option(
+        "server",
+        "drain_period",
+        _non_negative_float,
+        "seconds over which SIGTERM closes clients with 1012, at random moments",
+    ),
+    Option(
+        "server",
+        "workers",
+        _positive(int),
+        "processes sharing the port (SO_REUSEPORT), each its own instance",
+    ),
+    Option(
+        "server",
+        "instance_id",
+        _or_none(str),
+        "this instance's ID in ownership records; unset: host-pid-random",
+    ),
+    Option(
         "store",
         "redis_url",
         _or_none(str),
-        "Redis URL (redis://host:port/db); unset: embedded memory store",
+        "Redis URL (redis://host:port/db, redis+cluster://host:port); unset: memory store",
     ),
     Option("store", "key_prefix", str, "prefix of every storage key"),
     Option("store", "ttl", _positive(float), "seconds a session's keys live after activity"),
@@ -294,6 +338,18 @@ OPTIONS: tuple[Option, ...] = (
         "replay_window",
         _positive(int),
         "agent messages kept per session for a client that missed them",
+    ),
+    Option(
+        "store",
+        "owner_lease",
+        _positive(float),
+        "seconds an instance's ownership of a session lasts unless renewed",
+    ),
+    Option(
+        "store",
+        "ack_replicas",
+        _non_negative_int,
+        "replicas that must hold a write (Redis WAIT) before it is acknowledged",
     ),
     Option(
         "agent",

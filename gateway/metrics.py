@@ -16,7 +16,7 @@ from gateway.exceptions import StoreConflict, StoreError, StoreTimeout, StoreUna
 
 __all__ = ["Metrics"]
 
-_STORE_OPS = ("restore", "write_turn", "push", "end", "touch", "ping")
+_STORE_OPS = ("restore", "write_turn", "push", "end", "touch", "notify", "ping")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -135,7 +135,25 @@ class Metrics:
             subsystem="relay",
             registry=r,
         )
+        self.takeovers = Counter(
+            "takeovers",
+            "Sessions moved between connections: local (a newer connection on this instance),"
+            " remote (taken from another live instance, which is told), lost (taken from here).",
+            ["kind"],
+            namespace="hangon",
+            subsystem="session",
+            registry=r,
+        )
+        self.draining = Gauge(
+            "draining",
+            "1 while this instance drains for a shutdown: /readyz fails, clients get 1012.",
+            namespace="hangon",
+            subsystem="server",
+            registry=r,
+        )
         # Pre-create children so that dashboards see zeros, not gaps.
+        for kind in ("local", "remote", "lost"):
+            self.takeovers.labels(kind)
         for outcome in Outcome:
             self.restores.labels(outcome.value)
         self.restores.labels("error")

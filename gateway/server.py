@@ -1,16 +1,25 @@
 """The gateway server: accepts WebSocket clients and answers HTTP probes on one port.
 
 ``GET /healthz`` answers while the event loop runs; ``GET /readyz`` answers 200
-only when the store answers a ping and the server is not shutting down;
+only when the store answers a ping and the server is not draining;
 ``GET /metrics`` is the Prometheus text format. The WebSocket endpoint is
 ``--path`` (``/ws``); any other path is 404.
+
+A drain (SIGTERM) fails ``/readyz`` at once and refuses new WebSocket upgrades
+with 503 and ``Retry-After`` (a balancer retries them on another instance), then
+closes every client with 1012 over ``--drain-period`` seconds, each at a random
+moment, after persisting what its agent sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import os
+import secrets
+import socket
 from collections.abc import Callable, Iterable
 from types import TracebackType
 
@@ -29,11 +38,16 @@ from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
 from gateway.transport.client_ws import ClientContext, handle_client, now_ms
 
-__all__ = ["Gateway", "open_store"]
+__all__ = ["Gateway", "instance_id", "open_store"]
 
 log = logging.getLogger("gateway.server")
 
 _READY_TIMEOUT = 1.0
+
+
+def instance_id() -> str:
+    """A fresh instance ID: host name, process ID and a random suffix (restarts differ)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def open_store(config: Config) -> SessionStore:
@@ -45,6 +59,7 @@ def open_store(config: Config) -> SessionStore:
         end_ttl=s.end_ttl,
         max_age=s.max_age,
         replay_window=s.replay_window,
+        lease=s.owner_lease,
     )
     if s.redis_url is None:
         return MemoryStore(settings)
@@ -54,6 +69,7 @@ def open_store(config: Config) -> SessionStore:
         socket_timeout=s.redis_timeout,
         connect_timeout=s.redis_connect_timeout,
         max_connections=s.redis_max_connections,
+        ack_replicas=s.ack_replicas,
     )
 
 
@@ -83,6 +99,7 @@ class Gateway:
         self.config = config
         self.store = store if store is not None else open_store(config)
         self.metrics = metrics if metrics is not None else Metrics()
+        self.instance = config.server.instance_id or instance_id()
         s = config.store
         self.context = ClientContext(
             store=self.store,
@@ -90,8 +107,8 @@ class Gateway:
             max_message_size=config.limits.max_message_size,
             max_state_size=config.limits.max_state_size,
             default_region=config.caller.default_region,
-            # A third of the shorter lifetime: two renewals may fail before either runs out.
-            touch_interval=max(0.1, min(s.ttl, s.max_age or s.ttl) / 3),
+            # A third of the shortest lifetime: two renewals may fail before any runs out.
+            touch_interval=max(0.1, min(s.ttl, s.max_age or s.ttl, s.owner_lease) / 3),
             delays=delays
             or functools.partial(
                 backoff,
@@ -106,6 +123,7 @@ class Gateway:
             ),
             agent_open_timeout=config.agent.agent_open_timeout,
             agent_linger=config.agent.agent_linger,
+            instance=self.instance,
         )
         down = config.agent.downstream
         if down.startswith(("ws://", "wss://")):
@@ -113,6 +131,7 @@ class Gateway:
         self.demo_agent: Server | None = None
         self.server: Server | None = None
         self.closing = False
+        self._listener: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -140,11 +159,25 @@ class Gateway:
             compression=None,
             close_timeout=5,
             backlog=self.config.server.backlog,
+            reuse_port=self.config.server.workers > 1,
         )
+        self._listener = asyncio.create_task(
+            self.store.listen(self.instance, self.context.taken_over)
+        )
+
+    async def drain(self) -> None:
+        """Fail readiness, refuse new clients, close the others with 1012 over the drain period."""
+        self.closing = True
+        self.metrics.draining.set(1)
+        await self.context.drain(self.config.server.drain_period)
 
     async def aclose(self) -> None:
         """Stop accepting, close every client with 1001, then agent links, then the store."""
         self.closing = True
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
@@ -166,6 +199,10 @@ class Gateway:
     async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
         if path == self.config.server.path:
+            if self.closing:
+                response = connection.respond(503, "draining: connect to another instance\n")
+                response.headers["Retry-After"] = "1"
+                return response
             return None
         if path == "/healthz":
             return connection.respond(200, "ok\n")

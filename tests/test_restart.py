@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
 from tests.gateway_process import GatewayProcess
+from tests.httpget import get
 from tests.redis_server import RedisServer
 from tests.wsclient import connect, hello, recv, send, turn, url
 
@@ -144,13 +145,65 @@ async def test_sigkill_loses_no_acked_turn(
 
 
 @pytest.mark.slow
-async def test_sigterm_exits_zero(first: GatewayProcess) -> None:
-    """SIGTERM closes clients with 1001 (going away) and the process exits 0."""
-    async with connect(url(first.port)) as ws:
-        await hello(ws, {"user_id": "u", "call_id": "term"})
-        assert first.proc is not None
-        first.proc.terminate()
-        with pytest.raises(ConnectionClosed) as info:
-            await recv(ws)
-        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
-    assert await asyncio.to_thread(first.proc.wait, 10) == 0
+async def test_sigterm_drains_with_1012_spread_over_the_period(
+    tmp_path: Path, gateway_args: list[str]
+) -> None:
+    """SIGTERM fails /readyz and refuses new upgrades with 503 at once, keeps serving turns,
+    closes every client with 1012 at moments spread over the drain period, keeps every acked
+    turn, and exits 0."""
+    gw = GatewayProcess(tmp_path / "drain.log", *gateway_args, "--drain-period", "2")
+    gw.start()
+    assert gw.proc is not None
+    callers = [{"user_id": f"u{i}", "call_id": "drain"} for i in range(20)]
+    sockets = [await connect(url(gw.port)).__aenter__() for _ in callers]
+    acked = [1] * len(callers)
+    try:
+        for ws, caller in zip(sockets, callers, strict=True):
+            await hello(ws, caller)
+            assert (await turn(ws, "t1", form={"n": 1}))["version"] == 1
+        assert (await get(gw.port, "/readyz"))[0] == 200
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        gw.proc.terminate()
+        status = 200
+        while status == 200 and loop.time() - started < 1:
+            status = (await get(gw.port, "/readyz"))[0]
+        assert status == 503
+        refused, _, headers = await get(gw.port, "/ws")
+        assert refused == 503 and headers["retry-after"] == "1"
+
+        async def until_closed(ws: Any, i: int) -> tuple[float, int | None]:
+            # Turns still apply while the drain has not reached this session.
+            n = 2
+            try:
+                while True:
+                    ack = await turn(ws, f"t{n}", form={"n": n})
+                    assert ack["version"] == n, ack
+                    acked[i] = n
+                    n += 1
+                    await asyncio.sleep(0.05)
+            except ConnectionClosed as exc:
+                return loop.time() - started, exc.rcvd.code if exc.rcvd else None
+
+        closes = await asyncio.gather(*(until_closed(ws, i) for i, ws in enumerate(sockets)))
+        assert await asyncio.to_thread(gw.proc.wait, 15) == 0
+    finally:
+        for ws in sockets:
+            await ws.close()
+        if gw.proc.poll() is None:
+            gw.kill()
+    assert {code for _, code in closes} == {1012}
+    moments = sorted(t for t, _ in closes)
+    # Spread, not all at once: the drain period is 2 s.
+    assert moments[-1] - moments[0] > 0.8, moments
+    assert moments[-1] < 2 + 5, moments
+    again = GatewayProcess(tmp_path / "again.log", *gateway_args)
+    again.start()
+    try:
+        for caller, last in zip(callers, acked, strict=True):
+            async with connect(url(again.port)) as ws:
+                restored = await hello(ws, caller)
+            assert restored["state"]["form_answers"]["n"] == last
+            assert restored["version"] == last
+    finally:
+        assert await asyncio.to_thread(again.terminate) == 0

@@ -3,7 +3,7 @@
 Storage layout (Redis; the memory store keeps the same records in a dict)::
 
     {prefix}{tenant}:{digest}:session   hash  sid tok ver state created updated origin
-                                              epoch seq push [ended]
+                                              epoch seq push owner lease [ended]
     {prefix}{tenant}:{digest}:turns     zset  turn_id -> version it produced (last 64)
     {prefix}{tenant}:{digest}:msgs      list  the agent's messages (their data as JSON),
                                               oldest first, the newest being number ``seq``
@@ -13,6 +13,11 @@ Storage layout (Redis; the memory store keeps the same records in a dict)::
 that a retried restore whose first reply was lost answers the same. ``epoch``
 grows by one on every restore; a write carrying another epoch is refused.
 ``push`` is the ID of the last agent write, so that a retried one is recognised.
+``owner`` is the ID of the instance serving the session and ``lease`` the time
+(ms) until which its claim holds; it renews the lease while it serves. A
+restore makes its instance the owner; if another owner's lease was still
+running, that instance is told on the channel ``{prefix}owner:{instance}``
+(message ``{sid} {epoch}``) to close its stale client and agent connections.
 ``msgs`` holds at most the replay window and drops what the client acknowledged.
 
 ``digest`` is :meth:`CallerKey.digest`: no phone number or user ID appears in a
@@ -22,6 +27,7 @@ Redis Cluster slot. Every key carries a TTL refreshed on each write.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -30,7 +36,16 @@ from gateway.core.resume import Outcome, Replay
 from gateway.core.session import Push, Session, SessionId, TurnWrite
 from gateway.exceptions import StoreConflict
 
-__all__ = ["Restored", "SessionStore", "StoreSettings", "Written", "conflict", "session_keys"]
+__all__ = [
+    "Restored",
+    "SessionStore",
+    "StoreSettings",
+    "Takeover",
+    "Written",
+    "conflict",
+    "owner_channel",
+    "session_keys",
+]
 
 _REFUSALS = {
     "gone": "session expired or was replaced",
@@ -64,6 +79,17 @@ class StoreSettings:
     """Seconds of inactivity after which a session is stale; ``None`` disables."""
     replay_window: int = 128
     """Messages kept per session for a client that missed them."""
+    lease: float = 60.0
+    """Seconds an instance's ownership of a session lasts unless renewed."""
+
+
+Takeover = Callable[[SessionId, int], None]
+"""Called with a session ID and the epoch at which another instance took it over."""
+
+
+def owner_channel(prefix: str, owner: str) -> str:
+    """Return the pub/sub channel on which instance ``owner`` hears of takeovers."""
+    return f"{prefix}owner:{owner}"
 
 
 def session_keys(prefix: str, caller: CallerKey) -> tuple[str, str, str]:
@@ -77,12 +103,15 @@ class Restored:
     """What a restore found: the outcome and, unless refused or ended, the session.
 
     ``messages`` are those the client missed, from ``replay.start`` on.
+    ``displaced`` is the instance that owned the session with a running lease
+    until this restore took it over; it is to be told.
     """
 
     outcome: Outcome
     session: Session | None
     replay: Replay = Replay(1, partial=False)
     messages: tuple[bytes, ...] = ()
+    displaced: str | None = None
 
 
 class Written(NamedTuple):
@@ -115,8 +144,11 @@ class SessionStore(Protocol):
         candidate: Session,
         now_ms: int,
         last_seq: int | None = None,
+        owner: str = "",
     ) -> Restored:
         """Find the session of ``caller`` and load it, in one step.
+
+        The session's owner becomes ``owner``, with a fresh lease.
 
         A live session whose token matches (or ``token`` is ``None``) is a hit: its
         ``updated`` time is refreshed, its epoch bumped, and the messages after
@@ -169,8 +201,28 @@ class SessionStore(Protocol):
         """
         ...
 
-    async def touch(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
-        """Record activity (a disconnect) so the session's age restarts."""
+    async def touch(
+        self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int, owner: str
+    ) -> None:
+        """Restart the session's age and TTL and renew ``owner``'s lease.
+
+        A session ended or gone is left alone.
+
+        Raises:
+            StoreConflict: If a newer hello superseded ``epoch``.
+        """
+        ...
+
+    async def notify(self, owner: str, session_id: SessionId, epoch: int) -> None:
+        """Tell instance ``owner`` that another took ``session_id`` over at ``epoch``."""
+        ...
+
+    async def listen(self, owner: str, on_takeover: Takeover) -> None:
+        """Call ``on_takeover`` for each notification to ``owner``, until cancelled.
+
+        Notifications are best effort (Redis pub/sub): one sent while the
+        subscription is down is lost, and the epoch check is what fences.
+        """
         ...
 
     async def ping(self) -> None:

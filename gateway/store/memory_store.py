@@ -7,13 +7,21 @@ caller can never alias stored state.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from gateway.core import codec
 from gateway.core.callerkey import CallerKey
 from gateway.core.resume import Outcome, classify, plan_replay
 from gateway.core.session import Push, ResumeToken, Session, SessionId, TurnWrite, remember
-from gateway.store.base import Restored, StoreSettings, Written, conflict, session_keys
+from gateway.store.base import (
+    Restored,
+    StoreSettings,
+    Takeover,
+    Written,
+    conflict,
+    session_keys,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -35,6 +43,8 @@ class _Record:
     epoch: int = 1
     seq: int = 0
     last_push: str = ""
+    owner: str = ""
+    lease: int = 0
     msgs: list[bytes] = field(default_factory=list)
     """Messages ``seq - len(msgs) + 1`` to ``seq``."""
 
@@ -52,14 +62,21 @@ class _Record:
             last_push=self.last_push,
         )
 
-    def restored(self, outcome: Outcome, last_seq: int | None) -> Restored:
+    def restored(
+        self, outcome: Outcome, last_seq: int | None, displaced: str | None = None
+    ) -> Restored:
         first = self.seq - len(self.msgs) + 1
         replay = plan_replay(last_seq, seq=self.seq, first=first)
-        return Restored(outcome, self.session(), replay, tuple(self.msgs[replay.start - first :]))
+        messages = tuple(self.msgs[replay.start - first :])
+        return Restored(outcome, self.session(), replay, messages, displaced)
 
 
 class MemoryStore:
-    """A :class:`~gateway.store.base.SessionStore` in a dict."""
+    """A :class:`~gateway.store.base.SessionStore` in a dict.
+
+    Gateways in one process may share it; takeover notifications then reach
+    them as Redis pub/sub would.
+    """
 
     name = "memory"
 
@@ -67,6 +84,7 @@ class MemoryStore:
         self.settings = settings
         self._records: dict[str, _Record] = {}
         self._ops = 0
+        self._listeners: dict[str, Takeover] = {}
 
     def _get(self, caller: CallerKey, now_ms: int) -> tuple[str, _Record | None]:
         key = session_keys(self.settings.key_prefix, caller)[0]
@@ -94,10 +112,12 @@ class MemoryStore:
         candidate: Session,
         now_ms: int,
         last_seq: int | None = None,
+        owner: str = "",
     ) -> Restored:
         key, record = self._get(caller, now_ms)
         if record is not None and record.sid == candidate.session_id:
             return record.restored(record.origin, last_seq)
+        lease = now_ms + int(self.settings.lease * 1000)
         max_age = self.settings.max_age
         decision = classify(
             exists=record is not None,
@@ -118,7 +138,11 @@ class MemoryStore:
             record.updated = now_ms
             record.expires = now_ms + self._ttl_ms()
             record.epoch += 1
-            return record.restored(outcome, last_seq)
+            displaced = None
+            if record.owner not in ("", owner) and record.lease > now_ms:
+                displaced = record.owner
+            record.owner, record.lease = owner, lease
+            return record.restored(outcome, last_seq, displaced)
         self._records[key] = _Record(
             candidate.session_id,
             candidate.resume_token,
@@ -128,6 +152,8 @@ class MemoryStore:
             now_ms,
             now_ms + self._ttl_ms(),
             outcome,
+            owner=owner,
+            lease=lease,
         )
         return Restored(outcome, self._records[key].session())
 
@@ -189,11 +215,29 @@ class MemoryStore:
             record.ended = record.updated = now_ms
             record.expires = now_ms + int(self.settings.end_ttl * 1000)
 
-    async def touch(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
+    async def touch(
+        self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int, owner: str
+    ) -> None:
         _, record = self._get(caller, now_ms)
         if record is not None and record.sid == session_id and record.ended is None:
+            if record.epoch != epoch:
+                raise conflict("touch", "superseded")
             record.updated = now_ms
             record.expires = now_ms + self._ttl_ms()
+            record.owner = owner
+            record.lease = now_ms + int(self.settings.lease * 1000)
+
+    async def notify(self, owner: str, session_id: SessionId, epoch: int) -> None:
+        listener = self._listeners.get(owner)
+        if listener is not None:
+            asyncio.get_running_loop().call_soon(listener, session_id, epoch)
+
+    async def listen(self, owner: str, on_takeover: Takeover) -> None:
+        self._listeners[owner] = on_takeover
+        try:
+            await asyncio.Event().wait()
+        finally:
+            del self._listeners[owner]
 
     async def ping(self) -> None:
         return None

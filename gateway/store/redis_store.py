@@ -3,25 +3,41 @@
 Scripts live in ``scripts/*.lua`` and are read once. redis-py runs them with
 EVALSHA; after a ``NOSCRIPT`` (the first call, or Redis restarted) it sends
 ``SCRIPT LOAD`` and EVALSHA again. Each script touches only the keys of one
-session, which share a hash tag, so the scripts are ready for Redis Cluster;
-this client is the standalone one.
+session, which share a hash tag, so every script runs on Redis Cluster too:
+a ``redis+cluster://`` (or ``rediss+cluster://``) URL names one node of a
+cluster and selects redis-py's cluster client.
 
-redis-py's own retries are switched off: :mod:`gateway.store.retry` retries
-with the gateway's backoff, and redis-py exceptions are mapped to store errors
-in :func:`_mapped` alone.
+With ``ack_replicas`` set, each write (turn, agent output, bye) is followed on
+the same connection, in the same round trip, by ``WAIT ack_replicas``: the
+write is acknowledged only once that many replicas have it, so it survives a
+failover to one of them. Without it Redis replicates asynchronously and an
+acknowledged write can be lost if its primary dies before a replica has it.
+
+Takeover notifications are Redis pub/sub messages on one channel per instance
+(:func:`~gateway.store.base.owner_channel`); on a cluster, ``PUBLISH`` reaches
+every node, so the subscriber may sit on any of them.
+
+redis-py's own retries are switched off for standalone Redis:
+:mod:`gateway.store.retry` retries with the gateway's backoff, and redis-py
+exceptions are mapped to store errors in :func:`_mapped` alone. The cluster
+client keeps its own retries, which follow ``MOVED`` redirections.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 
 from gateway.core import codec
 from gateway.core.callerkey import CallerKey
@@ -33,9 +49,28 @@ from gateway.exceptions import (
     StoreTimeout,
     StoreUnavailable,
 )
-from gateway.store.base import Restored, StoreSettings, Written, conflict, session_keys
+from gateway.store.base import (
+    Restored,
+    StoreSettings,
+    Takeover,
+    Written,
+    conflict,
+    owner_channel,
+    session_keys,
+)
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisStore", "is_cluster_url"]
+
+log = logging.getLogger("gateway.store")
+
+_CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+_LISTEN_RETRY = 1.0
+"""Seconds between attempts to subscribe again after the subscription broke."""
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return url.startswith(_CLUSTER_SCHEMES)
 
 
 def _script(name: str) -> str:
@@ -49,7 +84,15 @@ def _mapped(op: str) -> Iterator[None]:
         yield
     except (rex.TimeoutError, TimeoutError) as exc:
         raise StoreTimeout(op, str(exc) or "timed out") from exc
-    except (rex.ConnectionError, rex.ReadOnlyError, rex.TryAgainError, OSError) as exc:
+    except (
+        rex.ConnectionError,
+        rex.ReadOnlyError,
+        rex.TryAgainError,
+        rex.ClusterDownError,
+        rex.MaxConnectionsError,
+        rex.SlotNotCoveredError,
+        OSError,
+    ) as exc:
         # ReadOnlyError: a failover left us talking to a replica for a moment.
         raise StoreUnavailable(op, str(exc) or type(exc).__name__) from exc
     except rex.RedisError as exc:
@@ -69,13 +112,16 @@ class RedisStore:
     """A :class:`~gateway.store.base.SessionStore` on Redis.
 
     Args:
-        url: ``redis://`` or ``rediss://`` URL.
+        url: ``redis://``, ``rediss://``, ``redis+cluster://`` or ``rediss+cluster://`` URL.
         settings: Key prefix and lifetimes.
         socket_timeout: Seconds to wait for a reply before :class:`StoreTimeout`.
         connect_timeout: Seconds to wait for a connection.
-        max_connections: Size of the connection pool. When every connection is busy
-            an operation waits for one (up to ``socket_timeout``) instead of failing:
-            a reconnect storm queues in the gateway rather than erroring out.
+        max_connections: Operations in flight at once (the pool size; on a cluster,
+            per node). When every connection is busy an operation waits for one
+            instead of failing: a reconnect storm queues in the gateway rather
+            than erroring out.
+        ack_replicas: Replicas that must hold a write before it is acknowledged
+            (Redis ``WAIT``); 0 acknowledges once the primary has it.
     """
 
     name = "redis"
@@ -88,23 +134,84 @@ class RedisStore:
         socket_timeout: float = 2.0,
         connect_timeout: float = 2.0,
         max_connections: int = 64,
+        ack_replicas: int = 0,
     ) -> None:
         self.settings = settings
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=socket_timeout,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self.client: aioredis.Redis = aioredis.Redis.from_pool(pool)
+        self.cluster = is_cluster_url(url)
+        self.client: aioredis.Redis | RedisCluster
+        self._slots: asyncio.Semaphore | None = None
+        if self.cluster:
+            # The cluster client fails, rather than waits, when a node's connections
+            # are all busy; the semaphore makes operations wait their turn instead.
+            self._slots = asyncio.Semaphore(max_connections)
+            self.client = RedisCluster.from_url(
+                url.replace("+cluster", "", 1),
+                max_connections=max_connections + 4,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+            )
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=socket_timeout,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+            self.client = aioredis.Redis.from_pool(pool)
+        self.ack_replicas = ack_replicas
+        # WAIT must give up before the socket read does, or a slow replica reads as a
+        # dead primary.
+        self._wait_ms = max(1, int(socket_timeout * 500))
         self._restore = self.client.register_script(_script("restore.lua"))
         self._turn = self.client.register_script(_script("turn.lua"))
         self._end = self.client.register_script(_script("end.lua"))
         self._touch = self.client.register_script(_script("touch.lua"))
         self._push = self.client.register_script(_script("push.lua"))
         self._ttl_ms = int(settings.ttl * 1000)
+        self._lease_ms = int(settings.lease * 1000)
+
+    async def _run(self, script: AsyncScript, keys: Sequence[str], args: list[Any]) -> Any:
+        """Run a script; with ``ack_replicas``, only return once enough replicas have it."""
+        if self._slots is None:
+            return await self._durable(script, keys, args)
+        async with self._slots:
+            return await self._durable(script, keys, args)
+
+    async def _durable(self, script: AsyncScript, keys: Sequence[str], args: list[Any]) -> Any:
+        if not self.ack_replicas or script is self._restore or script is self._touch:
+            # A restore or renewal lost in a failover costs a reconnect, never a turn:
+            # the epoch it bumped is gone, so the next write is refused and resumes.
+            return await script(keys=keys, args=args)
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            wait = ("WAIT", self.ack_replicas, self._wait_ms)
+            if isinstance(self.client, RedisCluster):
+                # WAIT counts the writes of its own connection: send it to the node that
+                # holds the keys, where the pipeline uses the script's connection.
+                node = self.client.get_node_from_key(keys[0])
+                pipe.execute_command(*wait, target_nodes=node)
+            else:
+                pipe.execute_command(*wait)
+            reply, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, rex.NoScriptError):
+                await self.client.script_load(script.script)
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            if isinstance(acked, Exception):
+                raise acked
+            if int(acked) < self.ack_replicas:
+                # Retried as unavailable; the scripts answer a retry of a write that
+                # landed as applied and write again, so the next WAIT covers it.
+                raise rex.ConnectionError(
+                    f"{acked} of {self.ack_replicas} replicas acknowledged the write"
+                    f" within {self._wait_ms} ms"
+                )
+            return reply
+        raise rex.NoScriptError("script vanished twice while loading it")
 
     async def restore(
         self,
@@ -114,12 +221,14 @@ class RedisStore:
         candidate: Session,
         now_ms: int,
         last_seq: int | None = None,
+        owner: str = "",
     ) -> Restored:
         max_age = self.settings.max_age
         with _mapped("restore"):
-            reply: list[Any] = await self._restore(
-                keys=session_keys(self.settings.key_prefix, caller),
-                args=[
+            reply: list[Any] = await self._run(
+                self._restore,
+                session_keys(self.settings.key_prefix, caller),
+                [
                     now_ms,
                     -1 if max_age is None else int(max_age * 1000),
                     self._ttl_ms,
@@ -128,12 +237,16 @@ class RedisStore:
                     candidate.resume_token,
                     codec.dumps(candidate.state),
                     -1 if last_seq is None else last_seq,
+                    owner,
+                    self._lease_ms,
                 ],
             )
         outcome = Outcome(_text(reply[0]))
         if len(reply) == 1:
             return Restored(outcome, None)
-        sid, tok, ver, state, created, updated, turns, epoch, seq, first, msgs, last = reply[1:]
+        sid, tok, ver, state, created, updated, turns, epoch, seq, first, msgs, last, away = reply[
+            1:
+        ]
         recent = {_text(turns[i]): int(turns[i + 1]) for i in range(0, len(turns), 2)}
         session = Session(
             SessionId(_text(sid)),
@@ -148,15 +261,16 @@ class RedisStore:
             last_push=_text(last),
         )
         replay = plan_replay(last_seq, seq=session.seq, first=int(first))
-        return Restored(outcome, session, replay, tuple(msgs))
+        return Restored(outcome, session, replay, tuple(msgs), _text(away) or None)
 
     async def write_turn(
         self, caller: CallerKey, session_id: SessionId, write: TurnWrite
     ) -> Written:
         with _mapped("write_turn"):
-            reply: list[Any] = await self._turn(
-                keys=session_keys(self.settings.key_prefix, caller),
-                args=[
+            reply: list[Any] = await self._run(
+                self._turn,
+                session_keys(self.settings.key_prefix, caller),
+                [
                     session_id,
                     write.base_version,
                     write.version,
@@ -175,9 +289,10 @@ class RedisStore:
 
     async def push(self, caller: CallerKey, session_id: SessionId, push: Push) -> None:
         with _mapped("push"):
-            reply: list[Any] = await self._push(
-                keys=session_keys(self.settings.key_prefix, caller),
-                args=[
+            reply: list[Any] = await self._run(
+                self._push,
+                session_keys(self.settings.key_prefix, caller),
+                [
                     session_id,
                     push.epoch,
                     push.base_version,
@@ -200,19 +315,53 @@ class RedisStore:
         self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int
     ) -> None:
         with _mapped("end"):
-            done = await self._end(
-                keys=session_keys(self.settings.key_prefix, caller),
-                args=[session_id, now_ms, int(self.settings.end_ttl * 1000), epoch],
+            done = await self._run(
+                self._end,
+                session_keys(self.settings.key_prefix, caller),
+                [session_id, now_ms, int(self.settings.end_ttl * 1000), epoch],
             )
         if done == -1:
             raise conflict("end", "superseded")
 
-    async def touch(self, caller: CallerKey, session_id: SessionId, now_ms: int) -> None:
+    async def touch(
+        self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int, owner: str
+    ) -> None:
         with _mapped("touch"):
-            await self._touch(
-                keys=session_keys(self.settings.key_prefix, caller),
-                args=[session_id, now_ms, self._ttl_ms],
+            done = await self._run(
+                self._touch,
+                session_keys(self.settings.key_prefix, caller),
+                [session_id, now_ms, self._ttl_ms, epoch, owner, self._lease_ms],
             )
+        if done == -1:
+            raise conflict("touch", "superseded")
+
+    async def notify(self, owner: str, session_id: SessionId, epoch: int) -> None:
+        with _mapped("notify"):
+            await self.client.publish(
+                owner_channel(self.settings.key_prefix, owner), f"{session_id} {epoch}"
+            )
+
+    async def listen(self, owner: str, on_takeover: Takeover) -> None:
+        channel = owner_channel(self.settings.key_prefix, owner)
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    sid, _, epoch = _text(message["data"]).partition(" ")
+                    on_takeover(SessionId(sid), int(epoch))
+            except (rex.RedisError, OSError, ValueError) as exc:
+                log.warning("takeover subscription lost channel=%s error=%s", channel, exc)
+            finally:
+                # aclose() of a pub/sub whose connection broke must not stop the listener.
+                try:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                except (rex.RedisError, OSError):
+                    pass
+            await asyncio.sleep(_LISTEN_RETRY)
 
     async def ping(self) -> None:
         with _mapped("ping"):

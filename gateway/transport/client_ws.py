@@ -17,6 +17,18 @@ When the client drops without ``bye``, the session lingers for
 ``agent_linger`` seconds: the agent link stays open and what the agent says
 is stored for the client's return. A hello within that time on this instance
 adopts the lingering session.
+
+Across instances, every restore makes its instance the session's owner and
+bumps the epoch. The instance it displaced hears of it (:meth:`ClientContext.
+taken_over`, fed by the store's takeover notifications) and closes its client
+with ``session_replaced`` and its agent link; if the notification is lost, the
+next renewal finds the epoch moved on and does the same with
+``session_conflict``. Either way the epoch check has already refused its writes.
+
+A drain (:meth:`ClientContext.drain`) closes every session at a random moment
+within the drain period: the agent link stops, what the agent had sent is
+persisted and relayed, then the client is closed with 1012 and resumes on
+another instance.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -36,13 +49,14 @@ from websockets.protocol import State
 
 from gateway.core import agent, codec
 from gateway.core.callerkey import CallerKey
-from gateway.core.closecodes import BYE
+from gateway.core.closecodes import BYE, SERVICE_RESTART
 from gateway.core.events import Ack, Bye, Hello, Turn
 from gateway.core.protocol import Protocol
 from gateway.core.resume import Outcome
 from gateway.core.session import (
     Push,
     Session,
+    SessionId,
     empty_state,
     merge_patch,
     new_resume_token,
@@ -67,6 +81,10 @@ _BATCH = 64
 """Agent frames persisted in one store write at most."""
 _INBOX = 1024
 """Agent frames waiting to be persisted before the link stops reading (backpressure)."""
+_FENCED = 4096
+"""Takeovers remembered for sessions not (yet) served here: a restore in flight loses."""
+_FLUSH_TIMEOUT = 5.0
+"""Seconds a drain waits for a session's agent output to be persisted."""
 
 
 def now_ms() -> int:
@@ -107,6 +125,8 @@ class LiveSession:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     """The pump and the renewal task."""
     linger: asyncio.TimerHandle | None = None
+    unsaved: int = 0
+    """Agent frames the pump took from the inbox and has not persisted yet."""
     gone: bool = False
     """Dropped from this instance: ended, moved elsewhere, or lingered out."""
 
@@ -134,8 +154,17 @@ class ClientContext:
     agent_open_timeout: float = 5.0
     agent_linger: float = 30.0
     """Seconds a session stays here after its client dropped, storing what the agent says."""
+    instance: str = ""
+    """This instance's ID: the owner it writes into the sessions it serves."""
     live: dict[CallerKey, LiveSession] = field(default_factory=dict)
     """Sessions served here, by caller key."""
+    by_sid: dict[SessionId, LiveSession] = field(default_factory=dict)
+    """The same sessions, by session ID (takeover notifications name sessions)."""
+    fenced: OrderedDict[SessionId, int] = field(default_factory=OrderedDict)
+    """Takeovers heard of for sessions not served here: session ID to epoch."""
+    connections: set[Connection] = field(default_factory=set)
+    """Every open client connection, with or without a session."""
+    draining: bool = False
     closing: set[asyncio.Task[None]] = field(default_factory=set)
     """Background closes (replaced connections, agent links), kept from garbage collection."""
 
@@ -159,6 +188,35 @@ class ClientContext:
         while self.closing:
             await asyncio.gather(*self.closing, return_exceptions=True)
 
+    def taken_over(self, session_id: SessionId, epoch: int) -> None:
+        """Another instance restored ``session_id`` at ``epoch``: stop serving it here."""
+        live = self.by_sid.get(session_id)
+        if live is None:
+            # Perhaps our own restore of it is still in flight: it must not win.
+            self.fenced[session_id] = max(epoch, self.fenced.get(session_id, 0))
+            self.fenced.move_to_end(session_id)
+            if len(self.fenced) > _FENCED:
+                self.fenced.popitem(last=False)
+            return
+        self.background(_superseded(self, live, session_id, epoch, "session_replaced"))
+
+    async def drain(self, period: float) -> None:
+        """Close every session and connection with 1012, spread over ``period`` seconds.
+
+        Each session's agent output is persisted and relayed before its client is
+        closed. Hellos that arrive meanwhile are refused with 1012 too.
+        """
+        self.draining = True
+        rng = random.Random()
+        lives = list(self.live.values())
+        await asyncio.gather(
+            *(_drain_session(self, live, rng.uniform(0, period)) for live in lives),
+            return_exceptions=True,
+        )
+        for conn in list(self.connections):
+            conn.protocol.close(SERVICE_RESTART)
+            conn.flush()
+
 
 async def handle_client(ctx: ClientContext, ws: ServerConnection) -> None:
     """Serve one client connection until it closes."""
@@ -169,6 +227,7 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection) -> None:
     protocol = conn.protocol
     live: LiveSession | None = None
     ctx.metrics.connections_active.inc()
+    ctx.connections.add(conn)
     try:
         while protocol.close_reason is None:
             message = await ws.recv()
@@ -178,7 +237,10 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection) -> None:
             else:
                 event = protocol.receive_text(message)
             if isinstance(event, Hello):
-                live = await _hello(ctx, conn, event)
+                if ctx.draining:
+                    protocol.close(SERVICE_RESTART)
+                else:
+                    live = await _hello(ctx, conn, event)
             elif isinstance(event, Turn):
                 assert live is not None
                 await _turn(ctx, live, conn, event)
@@ -199,6 +261,7 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection) -> None:
         protocol.fail("internal_error", "unexpected error; reconnect to resume")
     finally:
         ctx.metrics.connections_active.dec()
+        ctx.connections.discard(conn)
         if live is not None and live.client is conn:
             _detach(ctx, live)
         conn.done = True
@@ -268,6 +331,7 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
                 candidate=candidate,
                 now_ms=now,
                 last_seq=hello.last_seq,
+                owner=ctx.instance,
             ),
         )
     except StoreError as exc:
@@ -297,6 +361,13 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
             # is superseded, and must stay fenced.
             held.epoch = session.epoch
         return False
+    if ctx.fenced.get(session.session_id, 0) > session.epoch:
+        # Another instance restored it after us, and said so before our reply came.
+        protocol.fail("session_replaced", "another connection resumed this session first")
+        return False
+    if restored.displaced is not None:
+        ctx.metrics.takeovers.labels("remote").inc()
+        ctx.background(_notify(ctx, restored.displaced, session))
     if live.session is not None and live.session.session_id != session.session_id:
         # What this instance held went stale or was replaced: its agent link, pump,
         # unread agent frames and client acks belong to another session.
@@ -308,12 +379,16 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
     if old is not None:
         old.protocol.fail("session_replaced", "a newer connection resumed this session")
         old.flush()
+        ctx.metrics.takeovers.labels("local").inc()
     else:
         ctx.metrics.sessions_active.inc()
     if live.linger is not None:
         live.linger.cancel()
         live.linger = None
+    if live.session is not None and ctx.by_sid.get(live.session.session_id) is live:
+        del ctx.by_sid[live.session.session_id]
     live.session = session
+    ctx.by_sid[session.session_id] = live
     live.client = conn
     if outcome is not Outcome.HIT:
         live.acked_seq = 0
@@ -351,6 +426,54 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
         " partial" if replay.partial else "",
     )
     return True
+
+
+async def _notify(ctx: ClientContext, owner: str, session: Session) -> None:
+    """Tell ``owner`` that this instance took ``session`` over (best effort)."""
+    try:
+        await ctx.call("notify", lambda: ctx.store.notify(owner, session.session_id, session.epoch))
+    except StoreError as exc:
+        log.warning("takeover notice not sent session=%s error=%s", session.session_id, exc)
+
+
+async def _superseded(
+    ctx: ClientContext, live: LiveSession, session_id: SessionId, epoch: int, code: str
+) -> None:
+    """Stop serving ``live`` if its session is still ``session_id`` from before ``epoch``."""
+    async with live.lock:
+        session = live.session
+        if live.gone or session is None or session.session_id != session_id:
+            return
+        if session.epoch >= epoch:
+            return  # restored here again since: ours is the newest
+        ctx.metrics.takeovers.labels("lost").inc()
+        log.info("session taken over elsewhere session=%s epoch=%d", session_id, epoch)
+        if live.client is not None:
+            live.client.protocol.fail(code, "another connection resumed this session")
+            live.client.flush()
+        _drop(ctx, live)
+
+
+async def _drain_session(ctx: ClientContext, live: LiveSession, delay: float) -> None:
+    """After ``delay``: stop the agent link, persist what it sent, close the client with 1012."""
+    await asyncio.sleep(delay)
+    link = live.link
+    if link is not None and ctx.live.get(live.caller) is live:
+        live.link = None
+        await link.stop()
+        # The pump persists and relays what the agent sent before it was stopped.
+        deadline = time.monotonic() + _FLUSH_TIMEOUT
+        while (live.unsaved or not live.inbox.empty()) and time.monotonic() < deadline:
+            if live.gone:
+                break
+            await asyncio.sleep(0.02)
+    async with live.lock:
+        if live.gone:
+            return
+        if live.client is not None:
+            live.client.protocol.close(SERVICE_RESTART)
+            live.client.flush()
+        _drop(ctx, live)
 
 
 def _dial(ctx: ClientContext, live: LiveSession, reason: str) -> AgentLink:
@@ -488,6 +611,8 @@ def _drop(ctx: ClientContext, live: LiveSession, final: bytes | None = None) -> 
     live.gone = True
     if ctx.live.get(live.caller) is live:
         del ctx.live[live.caller]
+    if live.session is not None and ctx.by_sid.get(live.session.session_id) is live:
+        del ctx.by_sid[live.session.session_id]
     if live.linger is not None:
         live.linger.cancel()
         live.linger = None
@@ -543,6 +668,7 @@ async def _pump(ctx: ClientContext, live: LiveSession) -> None:
         if batch is None:
             while len(pending) < _BATCH and not live.inbox.empty():
                 pending.append(live.inbox.get_nowait())
+        live.unsaved = len(pending)
         async with live.lock:
             if live.gone:
                 return
@@ -567,6 +693,7 @@ async def _pump(ctx: ClientContext, live: LiveSession) -> None:
         if done == "drop":
             return
         del pending[: batch.size]
+        live.unsaved = len(pending)
         batch, delays = None, None
 
 
@@ -663,9 +790,19 @@ async def _keep_fresh(ctx: ClientContext, live: LiveSession) -> None:
 
 
 async def _touch(ctx: ClientContext, live: LiveSession, session: Session, why: str) -> None:
-    """Restart the session's TTL and age in the store; a failure is logged, not raised."""
-    sid = session.session_id
+    """Restart the session's TTL and age and renew the lease in the store.
+
+    A store failure is logged. If a newer hello superseded the session and the
+    takeover notice never came, this instance stops serving it.
+    """
+    sid, epoch = session.session_id, session.epoch
+
+    def touch() -> Awaitable[None]:
+        return ctx.store.touch(live.caller, sid, ctx.clock(), epoch=epoch, owner=ctx.instance)
+
     try:
-        await ctx.call("touch", lambda: ctx.store.touch(live.caller, sid, ctx.clock()))
+        await ctx.call("touch", touch)
+    except StoreConflict:
+        await _superseded(ctx, live, sid, epoch + 1, "session_conflict")
     except StoreError as exc:
         log.warning("%s failed session=%s error=%s", why, sid, exc)

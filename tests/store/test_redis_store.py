@@ -53,6 +53,8 @@ async def test_key_layout(store: RedisStore, redis_url: str, key_prefix: str) ->
         b"epoch",
         b"seq",
         b"push",
+        b"owner",
+        b"lease",
     }
     client.close()
 

@@ -207,7 +207,7 @@ async def test_touch_restarts_age(store: SessionStore) -> None:
     """touch() on disconnect restarts the max_age clock."""
     s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
     assert s is not None
-    await store.touch(CALLER, s.session_id, T0 + 15_000)
+    await store.touch(CALLER, s.session_id, T0 + 15_000, epoch=s.epoch, owner="")
     restored = await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0 + 30_000)
     assert restored.outcome is Outcome.HIT
 
@@ -218,7 +218,7 @@ async def test_end_refuses_resume_and_writes(store: SessionStore) -> None:
     assert s is not None
     await store.end(CALLER, s.session_id, T0 + 1, epoch=s.epoch)
     await store.end(CALLER, s.session_id, T0 + 2, epoch=s.epoch)
-    await store.touch(CALLER, s.session_id, T0 + 3)
+    await store.touch(CALLER, s.session_id, T0 + 3, epoch=s.epoch, owner="")
     again = await store.restore(CALLER, token=s.resume_token, candidate=candidate(), now_ms=T0 + 4)
     assert again.outcome is Outcome.ENDED
     assert again.session is None

@@ -15,6 +15,7 @@ from gateway.store.base import StoreSettings
 from tests.agents import TestAgent, silent
 from tests.conftest import Clock, StoreFactory
 from tests.relayclient import Caller
+from tests.storewrap import Deaf
 from tests.transport.test_relay import PHONE, relay
 from tests.transport.test_takeover import SlowFirstRestore
 from tests.wsclient import url
@@ -176,12 +177,13 @@ async def test_hello_last_seq_beyond_seq_is_not_an_ack_of_future_messages(
 async def test_abandoned_hello_does_not_unfence_a_superseded_connection(
     config: Config, settings: StoreSettings, make_store: StoreFactory
 ) -> None:
-    """A connection superseded from another instance stays fenced when a hello abandoned on
-    its own instance starts yet another epoch: its turn is refused and never stored."""
+    """A connection superseded from another instance (whose notice was lost) stays fenced
+    when a hello abandoned on its own instance starts yet another epoch: its turn is refused
+    and never stored."""
     from tests.wsclient import connect, hello, send, turn
 
     inner = make_store(settings)
-    slow = SlowFirstRestore(inner, slow=2)
+    slow = SlowFirstRestore(Deaf(inner), slow=2)
     async with (
         Gateway(config, store=slow, metrics=Metrics()) as a,
         Gateway(config, store=inner, metrics=Metrics()) as b,

@@ -1,5 +1,6 @@
-"""Two gateway instances on one Redis: a connection superseded by a newer hello elsewhere
-cannot overwrite newer state; it is told to resume and then sees everything."""
+"""Two gateway instances on one Redis, instance A deaf to takeover notices (as when pub/sub
+lost them): a connection superseded by a newer hello elsewhere still cannot overwrite newer
+state; the epoch check refuses it, it is told to resume and then sees everything."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import pytest
 
 from gateway.config import Config
 from gateway.metrics import Metrics
-from gateway.server import Gateway
+from gateway.server import Gateway, open_store
 from tests.agents import TestAgent
 from tests.relayclient import Caller
+from tests.storewrap import Deaf
 from tests.wsclient import closed, connect, hello, send, turn, url
 
 CALLER = {"user_id": "u-two", "call_id": "c-1"}
@@ -21,7 +23,11 @@ CALLER = {"user_id": "u-two", "call_id": "c-1"}
 @pytest.fixture
 async def pair(config: Config, redis_url: str) -> AsyncIterator[tuple[Gateway, Gateway]]:
     cfg = config.replace("store", redis_url=redis_url)
-    async with Gateway(cfg, metrics=Metrics()) as a, Gateway(cfg, metrics=Metrics()) as b:
+    deaf = Deaf(open_store(cfg))
+    async with (
+        Gateway(cfg, store=deaf, metrics=Metrics()) as a,
+        Gateway(cfg, metrics=Metrics()) as b,
+    ):
         yield a, b
 
 
@@ -51,7 +57,11 @@ async def test_lingering_agent_link_elsewhere_cannot_write(config: Config, redis
     the agent says there is refused, not stored or relayed, and A closes that link."""
     async with TestAgent() as voice:
         cfg = config.replace("store", redis_url=redis_url).replace("agent", downstream=voice.url)
-        async with Gateway(cfg, metrics=Metrics()) as a, Gateway(cfg, metrics=Metrics()) as b:
+        deaf = Deaf(open_store(cfg))
+        async with (
+            Gateway(cfg, store=deaf, metrics=Metrics()) as a,
+            Gateway(cfg, metrics=Metrics()) as b,
+        ):
             caller = Caller(url(a.port), CALLER)
             await caller.connect()
             await voice.wait_for(lambda r: len(r) == 1)

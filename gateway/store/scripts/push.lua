@@ -15,7 +15,9 @@ if cur[3] then
   return {'ended'}
 end
 if cur[6] == ARGV[11] then
-  -- An earlier try of this very push landed; only its reply was lost.
+  -- An earlier try of this very push landed; only its reply was lost. Write, so that a
+  -- WAIT after this call covers that try too.
+  redis.call('HSET', KEYS[1], 'updated', ARGV[9])
   return {'ok'}
 end
 local count = #ARGV - 11

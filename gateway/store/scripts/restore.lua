@@ -2,14 +2,19 @@
 -- Mirrors gateway/core/resume.py classify() and plan_replay(); one round trip, one hash slot.
 -- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list
 -- ARGV: now_ms, max_age_ms (-1: none), ttl_ms, token ('' : none),
---       candidate sid, candidate token, candidate state, last_seq (-1: none)
+--       candidate sid, candidate token, candidate state, last_seq (-1: none),
+--       owner (this instance's ID), lease_ms
 -- Returns {outcome} for refused and ended, else
 --         {outcome, sid, token, version, state, created, updated, {turn_id, version, ...},
---          epoch, seq, first held seq, {message, ...} from the replay start, last push id}
+--          epoch, seq, first held seq, {message, ...} from the replay start, last push id,
+--          displaced owner ('' : none)}
+-- The caller becomes the owner, with a lease until now + lease_ms. The displaced owner is
+-- another instance whose lease had not run out: it still serves the session and is told.
 local now = tonumber(ARGV[1])
 local max_age = tonumber(ARGV[2])
 local h = redis.call('HMGET', KEYS[1], 'sid', 'tok', 'ver', 'state', 'created', 'updated', 'ended',
-  'origin', 'epoch', 'seq', 'push')
+  'origin', 'epoch', 'seq', 'push', 'owner', 'lease')
+local lease = now + tonumber(ARGV[10])
 
 local function replay(seq)
   local held = redis.call('LLEN', KEYS[3])
@@ -22,17 +27,18 @@ local function replay(seq)
   return first, redis.call('LRANGE', KEYS[3], from, -1)
 end
 
-local function loaded(outcome, updated)
+local function loaded(outcome, updated, displaced)
   local seq = tonumber(h[10] or '0')
   local first, msgs = replay(seq)
   return {outcome, h[1], h[2], h[3], h[4], h[5], updated,
-    redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'), h[9], seq, first, msgs, h[11] or ''}
+    redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'), h[9], seq, first, msgs, h[11] or '',
+    displaced}
 end
 
 if h[1] == ARGV[5] then
   -- Our own candidate: this is a retry of a restore whose reply was lost. Answer as the
   -- first attempt did (miss or stale), whatever token the hello carried.
-  return loaded(h[8], h[6])
+  return loaded(h[8], h[6], '')
 end
 local outcome = 'miss'
 if h[1] then
@@ -53,17 +59,21 @@ if h[1] then
       -- replaced comes back with the old token. It gets what the creator got.
       outcome = h[8] or 'miss'
     end
+    local displaced = ''
+    if h[12] and h[12] ~= ARGV[9] and tonumber(h[13] or '0') > now then
+      displaced = h[12]
+    end
     -- A new epoch: writes of every earlier connection to this session are refused.
     h[9] = tostring(redis.call('HINCRBY', KEYS[1], 'epoch', 1))
-    redis.call('HSET', KEYS[1], 'updated', ARGV[1])
+    redis.call('HSET', KEYS[1], 'updated', ARGV[1], 'owner', ARGV[9], 'lease', lease)
     for i = 1, 3 do
       redis.call('PEXPIRE', KEYS[i], ARGV[3])
     end
-    return loaded(outcome, ARGV[1])
+    return loaded(outcome, ARGV[1], displaced)
   end
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('HSET', KEYS[1], 'sid', ARGV[5], 'tok', ARGV[6], 'ver', '0', 'state', ARGV[7],
-  'created', ARGV[1], 'updated', ARGV[1], 'origin', outcome, 'epoch', '1', 'seq', '0')
+  'created', ARGV[1], 'updated', ARGV[1], 'origin', outcome, 'epoch', '1', 'seq', '0', 'owner', ARGV[9], 'lease', lease)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {outcome, ARGV[5], ARGV[6], '0', ARGV[7], ARGV[1], ARGV[1], {}, '1', 0, 1, {}, ''}
+return {outcome, ARGV[5], ARGV[6], '0', ARGV[7], ARGV[1], ARGV[1], {}, '1', 0, 1, {}, '', ''}

@@ -1,10 +1,16 @@
--- Record activity on a live session (a disconnect) so that its age and TTL restart.
--- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list; ARGV: sid, now_ms, ttl_ms
-local cur = redis.call('HMGET', KEYS[1], 'sid', 'ended')
+-- Renew a served session: restart its age and TTL and extend this instance's lease.
+-- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list
+-- ARGV: sid, now_ms, ttl_ms, epoch, owner, lease_ms
+-- Returns 1, 0 for a session ended or gone, -1 when a newer hello superseded the epoch.
+local cur = redis.call('HMGET', KEYS[1], 'sid', 'ended', 'epoch')
 if cur[1] ~= ARGV[1] or cur[2] then
   return 0
 end
-redis.call('HSET', KEYS[1], 'updated', ARGV[2])
+if cur[3] ~= ARGV[4] then
+  return -1
+end
+redis.call('HSET', KEYS[1], 'updated', ARGV[2], 'owner', ARGV[5],
+  'lease', tonumber(ARGV[2]) + tonumber(ARGV[6]))
 for i = 1, 3 do
   redis.call('PEXPIRE', KEYS[i], ARGV[3])
 end
