@@ -1,0 +1,193 @@
+"""Takeover across instances on one Redis: the instance that lost a session is told (pub/sub)
+and closes its client with 4500 and its agent link; its late writes are refused by the epoch
+check; of two simultaneous hellos on two instances, one wins and the other is told why."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from websockets.exceptions import ConnectionClosed
+
+from gateway.config import Config
+from gateway.core.callerkey import parse_caller
+from gateway.exceptions import StoreConflict
+from gateway.metrics import Metrics
+from gateway.server import Gateway
+from gateway.store.base import session_keys
+from tests.agents import TestAgent
+from tests.relayclient import Caller
+from tests.store.records import write
+from tests.wsclient import closed, connect, hello, recv, send, turn, url
+
+CALLER = {"user_id": "u-notice", "call_id": "c-1"}
+
+
+@pytest.fixture
+def cfg(config: Config, redis_url: str) -> Config:
+    return config.replace("store", redis_url=redis_url)
+
+
+@pytest.fixture
+async def pair(cfg: Config) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    async with Gateway(cfg, metrics=Metrics()) as a, Gateway(cfg, metrics=Metrics()) as b:
+        yield a, b
+
+
+async def stored(redis_url: str, cfg: Config, caller: dict[str, Any]) -> dict[bytes, bytes]:
+    """The raw session hash as Redis holds it."""
+    key = session_keys(cfg.store.key_prefix, parse_caller(caller))[0]
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        return await client.hgetall(key)  # type: ignore[no-any-return]
+    finally:
+        await client.aclose()
+
+
+async def test_takeover_closes_the_old_client_and_fences_its_writes(
+    pair: tuple[Gateway, Gateway], cfg: Config, redis_url: str
+) -> None:
+    """A hello through B while A's socket is still open: A's client gets session_replaced and
+    4500 without writing anything, A forgets the session, and a late write with A's epoch is
+    refused: Redis holds B's state, epoch and ownership."""
+    a, b = pair
+    async with connect(url(a.port)) as on_a, connect(url(b.port)) as on_b:
+        welcome = await hello(on_a, CALLER)
+        assert (await turn(on_a, "t1", form={"name": "Ada"}))["version"] == 1
+        (live_a,) = a.context.live.values()
+        assert live_a.session is not None
+        old = live_a.session
+        held = await stored(redis_url, cfg, CALLER)
+        assert held[b"owner"] == a.instance.encode()
+        await hello(on_b, CALLER, resume_token=welcome["resume_token"])
+        result = await closed(on_a)
+        assert (await turn(on_b, "t2", form={"date": "Friday"}))["version"] == 2
+        assert not a.context.live
+        late = write(old, "t-late", old.updated_ms + 1, name="Late")
+        with pytest.raises(StoreConflict, match="newer connection"):
+            await a.store.write_turn(parse_caller(CALLER), old.session_id, late)
+        held = await stored(redis_url, cfg, CALLER)
+    assert result.code == 4500
+    assert result.error is not None and result.error["code"] == "session_replaced"
+    assert result.error["reconnect"] is False
+    assert held[b"owner"] == b.instance.encode()
+    assert int(held[b"epoch"]) == old.epoch + 1
+    assert held[b"ver"] == b"2"
+    assert b"Late" not in held[b"state"] and b"Friday" in held[b"state"]
+    assert a.metrics.takeovers.labels("lost")._value.get() == 1
+    assert b.metrics.takeovers.labels("remote")._value.get() == 1
+
+
+async def test_takeover_closes_the_old_agent_link(cfg: Config) -> None:
+    """The agent link of the instance that lost the session is closed by the notice; what
+    the agent says on the new link reaches the client once."""
+    async with TestAgent() as voice:
+        cfg = cfg.replace("agent", downstream=voice.url)
+        async with Gateway(cfg, metrics=Metrics()) as a, Gateway(cfg, metrics=Metrics()) as b:
+            first = Caller(url(a.port), CALLER)
+            await first.connect()
+            await voice.wait_for(lambda r: len(r) == 1)
+            second = Caller(url(b.port), CALLER)
+            second.token = first.token
+            await second.connect()
+            await voice.wait_for(lambda r: len(r) == 2)
+            on_a, on_b = voice.connections
+            await asyncio.wait_for(on_a.wait_closed(), 5)
+            await on_b.send('{"type": "say", "from": "b"}')
+            msg = await second.until(lambda f: f["type"] == "msg")
+            await second.aclose()
+            first.drop()
+            assert not a.context.live
+    assert msg == {"type": "msg", "seq": 1, "data": {"type": "say", "from": "b"}}
+
+
+async def test_notice_before_the_restore_reply_loses_the_race(cfg: Config) -> None:
+    """A's restore runs first in Redis but its reply is late; B's restore displaces A, and
+    the notice reaches A before A's reply: A refuses its own hello with session_replaced
+    rather than welcome a client onto a session B now holds."""
+    async with Gateway(cfg, metrics=Metrics()) as b:
+        slow = _ReplyLate(b.store)
+        async with Gateway(cfg, store=slow, metrics=Metrics()) as a:
+            async with connect(url(a.port)) as on_a, connect(url(b.port)) as on_b:
+                await send(on_a, {"type": "hello", "caller": CALLER})
+                while not slow.landed:
+                    await asyncio.sleep(0.01)
+                won = await hello(on_b, CALLER)
+                while not a.context.fenced:
+                    await asyncio.sleep(0.01)
+                slow.release.set()
+                lost = await closed(on_a)
+                ack = await turn(on_b, "t1", form={"name": "Bea"})
+    assert won["type"] == "welcome"
+    assert lost.code == 4500 and lost.error is not None
+    assert lost.error["code"] == "session_replaced"
+    assert ack["version"] == 1
+
+
+class _ReplyLate:
+    """Delegates to a real store; runs the first restore at once but returns its reply only
+    on release."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.landed = False
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def restore(self, *args: Any, **kwargs: Any) -> Any:
+        reply = await self.inner.restore(*args, **kwargs)
+        if not self.landed:
+            self.landed = True
+            await self.release.wait()
+        return reply
+
+
+async def test_simultaneous_hellos_on_two_instances_one_winner(
+    pair: tuple[Gateway, Gateway],
+) -> None:
+    """Two hellos for one new caller sent at once to A and B, twenty times over: each time
+    both name the same session, exactly one connection keeps it (its turn is acked) and the
+    other is closed with session_replaced (4500)."""
+    a, b = pair
+    for i in range(20):
+        caller = {"user_id": f"u-race-{i}", "call_id": "c-race"}
+        async with connect(url(a.port)) as on_a, connect(url(b.port)) as on_b:
+            await asyncio.gather(
+                send(on_a, {"type": "hello", "caller": caller}),
+                send(on_b, {"type": "hello", "caller": caller}),
+            )
+            outcomes = await asyncio.gather(_settle(on_a), _settle(on_b))
+        welcomes = {o["session_id"] for o in outcomes if o.get("session_id")}
+        winners = [o for o in outcomes if o["kept"]]
+        losers = [o for o in outcomes if not o["kept"]]
+        assert len(welcomes) == 1, outcomes
+        assert len(winners) == 1 and len(losers) == 1, outcomes
+        assert losers[0]["code"] == 4500 and losers[0]["error"] == "session_replaced", outcomes
+
+
+async def _settle(ws: Any) -> dict[str, Any]:
+    """Read the hello's answer, then try a turn: kept if acked, else how it was closed."""
+    first = await recv(ws)
+    out: dict[str, Any] = {"session_id": first.get("session_id"), "kept": False, "error": None}
+    if first["type"] == "error":
+        out["error"] = first["code"]
+        out["code"] = (await closed(ws)).code
+        return out
+    await asyncio.sleep(0.3)  # let a takeover notice arrive
+    try:
+        await send(ws, {"type": "turn", "turn_id": "t1", "form": {"x": "1"}})
+    except ConnectionClosed:
+        pass
+    reply = await recv(ws)
+    if reply["type"] == "ack":
+        out["kept"] = True
+        return out
+    out["error"] = reply["code"]
+    out["code"] = (await closed(ws)).code
+    return out
