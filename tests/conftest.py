@@ -1,7 +1,9 @@
-"""Shared fixtures: a private redis-server per test run, stores, and a running gateway."""
+"""Shared fixtures: a private redis-server and Redis Cluster per test run, stores, and a
+running gateway."""
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,6 +18,7 @@ from gateway.server import Gateway
 from gateway.store.base import SessionStore, StoreSettings
 from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
+from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer, ensure_redis_server
 
 
@@ -67,6 +70,31 @@ def own_redis(
     server.kill()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_binaries() -> None:
+    """Skip unless redis-server (installed with apt when root) and redis-cli are there."""
+    if ensure_redis_server() is None:
+        pytest.skip("redis-server not found: apt-get install redis-server")
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli not found: apt-get install redis-tools")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(
+    redis_cluster_binaries: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisCluster]:
+    """A three-primary Redis Cluster shared by the whole run; do not kill its nodes."""
+    with RedisCluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_redis_cluster(redis_cluster_binaries: None, tmp_path: Path) -> Iterator[RedisCluster]:
+    """A three-primary Redis Cluster for this test alone, whose nodes it may kill and restart."""
+    with RedisCluster(tmp_path / "redis-cluster") as cluster:
+        yield cluster
+
+
 @pytest.fixture
 def key_prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of this test's own; its keys are deleted afterwards (never FLUSHDB)."""
@@ -102,7 +130,7 @@ def clock() -> Clock:
 StoreFactory = Callable[[StoreSettings], SessionStore]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
     return kind
@@ -115,6 +143,8 @@ def make_store(store_kind: str, request: pytest.FixtureRequest) -> StoreFactory:
     def factory(settings: StoreSettings) -> SessionStore:
         if store_kind == "memory":
             return MemoryStore(settings)
+        if store_kind == "cluster":
+            return RedisStore(request.getfixturevalue("redis_cluster").url, settings)
         url = request.getfixturevalue("redis_url")
         return RedisStore(url, settings)
 

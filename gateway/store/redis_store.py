@@ -66,6 +66,8 @@ log = logging.getLogger("gateway.store")
 _CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 _LISTEN_RETRY = 1.0
 """Seconds between attempts to subscribe again after the subscription broke."""
+_POLL = 0.25
+"""Seconds each read of the takeover subscription waits for a message."""
 
 
 def is_cluster_url(url: str) -> bool:
@@ -343,12 +345,24 @@ class RedisStore:
 
     async def listen(self, owner: str, on_takeover: Takeover) -> None:
         channel = owner_channel(self.settings.key_prefix, owner)
+        pubsub: Any = None
+        reading: asyncio.Future[Any] | None = None
+        me = asyncio.current_task()
         while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
+                if isinstance(self.client, RedisCluster):
+                    # Its pub/sub picks a node from the slot map, which loads on first use.
+                    await self.client.initialize()
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(channel)
                 while True:
-                    message = await pubsub.get_message(timeout=1.0)
+                    if me is not None and me.cancelling():
+                        # redis-py may swallow a cancellation that lands mid-connect.
+                        raise asyncio.CancelledError
+                    # Cancelling redis-py mid-read can leave the read hanging; let each short
+                    # read finish on its own instead (below, on the way out).
+                    reading = asyncio.ensure_future(pubsub.get_message(timeout=_POLL))
+                    message = await asyncio.shield(reading)
                     if message is None:
                         continue
                     sid, _, epoch = _text(message["data"]).partition(" ")
@@ -356,11 +370,15 @@ class RedisStore:
             except (rex.RedisError, OSError, ValueError) as exc:
                 log.warning("takeover subscription lost channel=%s error=%s", channel, exc)
             finally:
-                # aclose() of a pub/sub whose connection broke must not stop the listener.
-                try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                except (rex.RedisError, OSError):
-                    pass
+                if reading is not None and not reading.done():
+                    await asyncio.wait({reading}, timeout=_POLL + 1)
+                if pubsub is not None:
+                    # aclose() of a pub/sub whose connection broke must not stop the listener.
+                    try:
+                        await pubsub.aclose()
+                    except (rex.RedisError, OSError):
+                        pass
+            pubsub = reading = None
             await asyncio.sleep(_LISTEN_RETRY)
 
     async def ping(self) -> None:
