@@ -1,0 +1,98 @@
+"""``hangon serve --workers N``: N processes share one port (SO_REUSEPORT), each its own
+instance; a crashed worker is started again, and SIGTERM drains them all and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from websockets.exceptions import ConnectionClosed
+
+from tests.gateway_process import GatewayProcess
+from tests.redis_server import RedisServer, free_port
+from tests.wsclient import connect, hello, recv, turn, url
+
+pytestmark = pytest.mark.slow
+
+_STARTED = re.compile(r"worker started index=(\d+) pid=(\d+)")
+
+
+def worker_pids(log: Path) -> dict[int, int]:
+    """The newest PID of each worker, from the supervisor's log."""
+    return {int(i): int(pid) for i, pid in _STARTED.findall(log.read_text())}
+
+
+async def owners(redis_url: str) -> set[bytes]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match="hangon:*:session")]
+        return {await client.hget(k, "owner") for k in keys}  # type: ignore[misc]
+    finally:
+        await client.aclose()
+
+
+async def test_workers_share_the_port_restart_and_drain(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """Sessions land on both workers (two owners in Redis); a SIGKILLed worker comes back
+    and the port keeps serving; SIGTERM closes clients with 1012 and the supervisor exits 0."""
+    log = tmp_path / "workers.log"
+    gw = GatewayProcess(
+        log,
+        "--workers",
+        "2",
+        "--redis-url",
+        own_redis.url,
+        "--downstream",
+        "off",
+        "--drain-period",
+        "0.5",
+        "--instance-id",
+        "w",
+        port=free_port(),
+    )
+    gw.start()
+    assert gw.proc is not None
+    try:
+        for i in range(24):
+            async with connect(url(gw.port)) as ws:
+                await hello(ws, {"user_id": f"u{i}", "call_id": "workers"})
+                assert (await turn(ws, "t1", form={"n": i}))["version"] == 1
+        assert await owners(own_redis.url) == {b"w-0", b"w-1"}
+
+        first = worker_pids(log)
+        assert sorted(first) == [0, 1]
+        os.kill(first[0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while worker_pids(log)[0] == first[0]:
+            assert time.monotonic() < deadline, log.read_text()
+            await asyncio.sleep(0.1)
+        while log.read_text().count("listening host=") < 3:
+            assert time.monotonic() < deadline, log.read_text()
+            await asyncio.sleep(0.1)
+        for i in range(24):
+            async with connect(url(gw.port)) as ws:
+                again = await hello(ws, {"user_id": f"u{i}", "call_id": "workers"})
+            assert again["resumed"] is True and again["state"]["form_answers"] == {"n": i}
+
+        async with connect(url(gw.port)) as ws:
+            await hello(ws, {"user_id": "last", "call_id": "workers"})
+            gw.proc.terminate()
+            with pytest.raises(ConnectionClosed) as info:
+                await recv(ws, timeout=10)
+        assert await asyncio.to_thread(gw.proc.wait, 20) == 0
+    finally:
+        if gw.proc.poll() is None:
+            gw.kill()
+        for pid in worker_pids(log).values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1012
