@@ -21,9 +21,20 @@ from tests.wsclient import connect, hello, recv, send, turn, url
 SESSIONS = 30
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def backend(request: pytest.FixtureRequest) -> tuple[str, list[str]]:
+    """A durable Redis of this test's own, or a three-primary Redis Cluster: the URL for
+    the gateway and one URL per primary, to pause them."""
+    if request.param == "redis":
+        own: RedisServer = request.getfixturevalue("own_redis")
+        return own.url, [own.url]
+    cluster = request.getfixturevalue("own_redis_cluster")
+    return cluster.url, [f"redis://127.0.0.1:{port}/0" for port in cluster.ports]
+
+
 @pytest.fixture
-def gateway_args(own_redis: RedisServer) -> list[str]:
-    return ["--redis-url", own_redis.url, "--downstream", "off"]
+def gateway_args(backend: tuple[str, list[str]]) -> list[str]:
+    return ["--redis-url", backend[0], "--downstream", "off"]
 
 
 @pytest.fixture
@@ -71,7 +82,10 @@ async def converse(port: int, c: Caller, turns: int, gate: asyncio.Event) -> Non
 
 @pytest.mark.slow
 async def test_sigkill_loses_no_acked_turn(
-    first: GatewayProcess, tmp_path: Path, gateway_args: list[str], own_redis: RedisServer
+    first: GatewayProcess,
+    tmp_path: Path,
+    gateway_args: list[str],
+    backend: tuple[str, list[str]],
 ) -> None:
     """After SIGKILL and a fresh start, each session gets exactly its acked state back.
 
@@ -99,13 +113,15 @@ async def test_sigkill_loses_no_acked_turn(
 
     await wait_in_flight(written)
     await asyncio.sleep(0.3)  # let those writes land
-    admin = aioredis.Redis.from_url(own_redis.url)
-    await admin.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
+    admins = [aioredis.Redis.from_url(primary) for primary in backend[1]]
+    for admin in admins:
+        await admin.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
     await wait_in_flight(paused)
     await asyncio.sleep(0.3)  # the turns reach the gateway and block in Redis
     first.kill()
-    await admin.execute_command("CLIENT", "UNPAUSE")
-    await admin.aclose()
+    for admin in admins:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(r, Exception) for r in results)  # every connection dropped
 
