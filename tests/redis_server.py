@@ -44,13 +44,17 @@ class RedisServer:
 
     Args:
         workdir: Where it keeps its append-only file.
+        replica_of: The port of a primary to replicate.
         durable: Persist every write (``appendfsync always``) so that a restart
             after SIGKILL keeps every acknowledged write.
     """
 
-    def __init__(self, workdir: Path, *, durable: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, *, durable: bool = False, replica_of: int | None = None
+    ) -> None:
         self.workdir = workdir
         self.durable = durable
+        self.replica_of = replica_of
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -77,6 +81,10 @@ class RedisServer:
                 "--dir",
                 str(self.workdir),
                 *persistence,
+                # A replica syncs at once rather than after the default 5 s.
+                "--repl-diskless-sync-delay",
+                "0",
+                *(["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []),
                 "--logfile",
                 str(self.workdir / "redis.log"),
             ],

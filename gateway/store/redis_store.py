@@ -188,7 +188,8 @@ class RedisStore:
             return await script(keys=keys, args=args)
         for _ in range(2):
             pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            # execute_command: the cluster pipeline blocks its evalsha() method, not the command.
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             wait = ("WAIT", self.ack_replicas, self._wait_ms)
             if isinstance(self.client, RedisCluster):
                 # WAIT counts the writes of its own connection: send it to the node that

@@ -1,0 +1,105 @@
+"""``--ack-replicas``: a write is acknowledged only once a replica holds it (Redis WAIT on
+the write's own connection), so acknowledged turns survive a failover, on one Redis with a
+replica and on a Redis Cluster whose primary is killed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from gateway.core.callerkey import parse_caller
+from gateway.exceptions import StoreUnavailable
+from gateway.store.base import StoreSettings
+from gateway.store.redis_store import RedisStore
+from tests.redis_cluster import RedisCluster
+from tests.redis_server import RedisServer
+from tests.store.records import T0, candidate, write
+
+pytestmark = pytest.mark.usefixtures("redis_binary")
+
+
+def wait_synced(primary: RedisServer, replicas: int = 1) -> None:
+    client = redis.Redis.from_url(primary.url)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            info = client.info("replication")
+            online = [v for k, v in info.items() if k.startswith("slave") and "online" in str(v)]
+            if len(online) >= replicas:
+                return
+            assert time.monotonic() < deadline, info
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+async def test_write_waits_for_the_replica(tmp_path: Path) -> None:
+    """With a replica up, turns are acknowledged; with it down, the write is not acknowledged
+    (store unavailable, to be retried) though the primary has it; once the replica is back, the
+    retry of the same write is acknowledged as applied, without applying it twice."""
+    primary = RedisServer(tmp_path / "primary")
+    primary.start()
+    replica = RedisServer(tmp_path / "replica", replica_of=primary.port)
+    replica.start()
+    store = RedisStore(
+        primary.url, StoreSettings(key_prefix="wait:"), socket_timeout=0.5, ack_replicas=1
+    )
+    caller = parse_caller({"user_id": "u-wait", "call_id": "c"})
+    try:
+        wait_synced(primary)
+        s = (await store.restore(caller, token=None, candidate=candidate(), now_ms=T0)).session
+        assert s is not None
+        first = write(s, "t1", T0 + 1, name="Ada")
+        assert (await store.write_turn(caller, s.session_id, first)).applied
+        s.commit(first)
+        replica.kill()
+        second = write(s, "t2", T0 + 2, date="Friday")
+        with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
+            await store.write_turn(caller, s.session_id, second)
+        # A new replica (on a fresh port), as after a replacement.
+        replica = RedisServer(tmp_path / "replica", replica_of=primary.port)
+        replica.start()
+        wait_synced(primary)
+        again = await store.write_turn(caller, s.session_id, second)
+        assert again.applied and again.version == 2
+    finally:
+        await store.aclose()
+        replica.kill()
+        primary.kill()
+
+
+async def test_cluster_failover_keeps_acknowledged_turns(
+    redis_cluster_binaries: None, tmp_path: Path
+) -> None:
+    """On a cluster with a replica per primary and ack_replicas=1, every acknowledged turn is
+    there after the primary holding it is killed and its replica takes over."""
+    with RedisCluster(tmp_path / "cluster", replicas=1, node_timeout=1.0) as cluster:
+        settings = StoreSettings(key_prefix="failover:")
+        store = RedisStore(cluster.url, settings, ack_replicas=1)
+        callers = [parse_caller({"user_id": f"u{i}", "call_id": "c"}) for i in range(30)]
+        acked = {}
+        try:
+            for caller in callers:
+                restored = await store.restore(caller, token=None, candidate=candidate(), now_ms=T0)
+                s = restored.session
+                assert s is not None
+                turn = write(s, "t1", T0 + 1, name=caller.digest()[:8])
+                assert (await store.write_turn(caller, s.session_id, turn)).applied
+                acked[caller] = turn.state
+        finally:
+            await store.aclose()
+        cluster.kill(0)
+        await asyncio.to_thread(cluster.wait_failover, 0)
+        # The URL names the node just killed; a client needs a live one to find the cluster.
+        store = RedisStore(f"redis+cluster://127.0.0.1:{cluster.ports[1]}", settings)
+        try:
+            for caller in callers:
+                back = await store.restore(caller, token=None, candidate=candidate(), now_ms=T0 + 2)
+                assert back.session is not None and back.session.version == 1
+                assert back.session.state["form_answers"] == acked[caller]["form_answers"]
+        finally:
+            await store.aclose()
