@@ -166,6 +166,9 @@ async def _supervise(argv: Sequence[str], workers: int) -> int:
                 "gateway",
                 *argv,
                 env={**os.environ, _WORKER_ENV: str(index)},
+                # Out of the terminal's process group: a Ctrl-C reaches the workers once,
+                # forwarded from here, and starts their drain rather than skipping it.
+                start_new_session=True,
             )
             procs[index] = proc
             log.info("worker started index=%d pid=%d", index, proc.pid)

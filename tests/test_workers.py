@@ -40,8 +40,9 @@ async def owners(redis_url: str) -> set[bytes]:
 async def test_workers_share_the_port_restart_and_drain(
     tmp_path: Path, own_redis: RedisServer
 ) -> None:
-    """Sessions land on both workers (two owners in Redis); a SIGKILLed worker comes back
-    and the port keeps serving; SIGTERM closes clients with 1012 and the supervisor exits 0."""
+    """Sessions land on both workers (two owners in Redis, released on disconnect); a
+    SIGKILLed worker comes back and the port keeps serving; SIGTERM closes clients with 1012
+    and the supervisor exits 0."""
     log = tmp_path / "workers.log"
     gw = GatewayProcess(
         log,
@@ -60,11 +61,19 @@ async def test_workers_share_the_port_restart_and_drain(
     gw.start()
     assert gw.proc is not None
     try:
-        for i in range(24):
-            async with connect(url(gw.port)) as ws:
-                await hello(ws, {"user_id": f"u{i}", "call_id": "workers"})
-                assert (await turn(ws, "t1", form={"n": i}))["version"] == 1
+        sockets = [await connect(url(gw.port)).__aenter__() for _ in range(24)]
+        for i, ws in enumerate(sockets):
+            await hello(ws, {"user_id": f"u{i}", "call_id": "workers"})
+            assert (await turn(ws, "t1", form={"n": i}))["version"] == 1
+        # While connected, each session is owned by the worker serving it; on disconnect
+        # the worker releases it.
         assert await owners(own_redis.url) == {b"w-0", b"w-1"}
+        for ws in sockets:
+            await ws.close()
+        deadline = time.monotonic() + 5
+        while await owners(own_redis.url) != {b""}:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
 
         first = worker_pids(log)
         assert sorted(first) == [0, 1]

@@ -206,7 +206,8 @@ class SessionStore(Protocol):
     ) -> None:
         """Restart the session's age and TTL and renew ``owner``'s lease.
 
-        A session ended or gone is left alone.
+        An ``owner`` of ``""`` releases the session: the next restore elsewhere
+        displaces nobody. A session ended or gone is left alone.
 
         Raises:
             StoreConflict: If a newer hello superseded ``epoch``.

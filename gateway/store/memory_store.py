@@ -139,7 +139,7 @@ class MemoryStore:
             record.expires = now_ms + self._ttl_ms()
             record.epoch += 1
             displaced = None
-            if record.owner not in ("", owner) and record.lease > now_ms:
+            if record.owner not in ("", owner) and record.lease > now_ms:  # '': released
                 displaced = record.owner
             record.owner, record.lease = owner, lease
             return record.restored(outcome, last_seq, displaced)

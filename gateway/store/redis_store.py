@@ -26,6 +26,7 @@ client keeps its own retries, which follow ``MOVED`` redirections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -163,6 +164,9 @@ class RedisStore:
             )
             self.client = aioredis.Redis.from_pool(pool)
         self.ack_replicas = ack_replicas
+        self._url = url
+        self._socket_timeout = socket_timeout
+        self._connect_timeout = connect_timeout
         # WAIT must give up before the socket read does, or a slow replica reads as a
         # dead primary.
         self._wait_ms = max(1, int(socket_timeout * 500))
@@ -178,8 +182,13 @@ class RedisStore:
         """Run a script; with ``ack_replicas``, only return once enough replicas have it."""
         if self._slots is None:
             return await self._durable(script, keys, args)
-        async with self._slots:
+        # Bounded like the standalone pool's wait for a connection.
+        async with asyncio.timeout(self._socket_timeout):
+            await self._slots.acquire()
+        try:
             return await self._durable(script, keys, args)
+        finally:
+            self._slots.release()
 
     async def _durable(self, script: AsyncScript, keys: Sequence[str], args: list[Any]) -> Any:
         if not self.ack_replicas or script is self._restore or script is self._touch:
@@ -346,15 +355,24 @@ class RedisStore:
 
     async def listen(self, owner: str, on_takeover: Takeover) -> None:
         channel = owner_channel(self.settings.key_prefix, owner)
-        pubsub: Any = None
-        reading: asyncio.Future[Any] | None = None
         me = asyncio.current_task()
         while True:
+            own: aioredis.Redis | None = None
+            pubsub: Any = None
+            reading: asyncio.Future[Any] | None = None
             try:
                 if isinstance(self.client, RedisCluster):
                     # Its pub/sub picks a node from the slot map, which loads on first use.
                     await self.client.initialize()
-                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                    pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                else:
+                    # A connection of its own, not one of the operations' pool.
+                    own = aioredis.Redis.from_url(
+                        self._url,
+                        socket_connect_timeout=self._connect_timeout,
+                        socket_timeout=self._socket_timeout,
+                    )
+                    pubsub = own.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(channel)
                 while True:
                     if me is not None and me.cancelling():
@@ -373,13 +391,12 @@ class RedisStore:
             finally:
                 if reading is not None and not reading.done():
                     await asyncio.wait({reading}, timeout=_POLL + 1)
-                if pubsub is not None:
-                    # aclose() of a pub/sub whose connection broke must not stop the listener.
-                    try:
+                # Closing a pub/sub whose connection broke must not stop the listener.
+                with contextlib.suppress(rex.RedisError, OSError):
+                    if pubsub is not None:
                         await pubsub.aclose()
-                    except (rex.RedisError, OSError):
-                        pass
-            pubsub = reading = None
+                    if own is not None:
+                        await own.aclose()
             await asyncio.sleep(_LISTEN_RETRY)
 
     async def ping(self) -> None:

@@ -474,6 +474,14 @@ async def _drain_session(ctx: ClientContext, live: LiveSession, delay: float) ->
             live.client.protocol.close(SERVICE_RESTART)
             live.client.flush()
         _drop(ctx, live)
+        _release(ctx, live)
+
+
+def _release(ctx: ClientContext, live: LiveSession) -> None:
+    """Give up ownership of a session no longer served here, so that the instance that
+    resumes it has nobody to notify."""
+    if live.session is not None:
+        ctx.background(_touch(ctx, live, live.session, "release", release=True))
 
 
 def _dial(ctx: ClientContext, live: LiveSession, reason: str) -> AgentLink:
@@ -583,12 +591,12 @@ def _detach(ctx: ClientContext, live: LiveSession) -> None:
     live.client = None
     ctx.metrics.sessions_active.dec()
     session = live.session
-    if session is not None:
-        # Best effort: a crash skips this, and the age then counts from the last renewal.
-        ctx.background(_touch(ctx, live, session, "touch on disconnect"))
     if live.link is None or ctx.agent_linger <= 0:
-        _linger_over(ctx, live)
+        _linger_over(ctx, live)  # the release touches the session too
     else:
+        if session is not None:
+            # Best effort: a crash skips this, and the age then counts from the last renewal.
+            ctx.background(_touch(ctx, live, session, "touch on disconnect"))
         live.linger = asyncio.get_running_loop().call_later(
             ctx.agent_linger, _linger_over, ctx, live
         )
@@ -600,8 +608,9 @@ def _linger_over(ctx: ClientContext, live: LiveSession) -> None:
 
     async def drop() -> None:
         async with live.lock:
-            if live.client is None:
+            if live.client is None and not live.gone:
                 _drop(ctx, live)
+                _release(ctx, live)
 
     ctx.background(drop())
 
@@ -789,16 +798,19 @@ async def _keep_fresh(ctx: ClientContext, live: LiveSession) -> None:
             log.exception("renewal failed session=%s", session.session_id)
 
 
-async def _touch(ctx: ClientContext, live: LiveSession, session: Session, why: str) -> None:
-    """Restart the session's TTL and age and renew the lease in the store.
+async def _touch(
+    ctx: ClientContext, live: LiveSession, session: Session, why: str, *, release: bool = False
+) -> None:
+    """Restart the session's TTL and age and renew the lease (or ``release`` it) in the store.
 
     A store failure is logged. If a newer hello superseded the session and the
     takeover notice never came, this instance stops serving it.
     """
     sid, epoch = session.session_id, session.epoch
+    owner = "" if release else ctx.instance
 
     def touch() -> Awaitable[None]:
-        return ctx.store.touch(live.caller, sid, ctx.clock(), epoch=epoch, owner=ctx.instance)
+        return ctx.store.touch(live.caller, sid, ctx.clock(), epoch=epoch, owner=owner)
 
     try:
         await ctx.call("touch", touch)

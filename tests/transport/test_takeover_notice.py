@@ -191,3 +191,24 @@ async def _settle(ws: Any) -> dict[str, Any]:
     out["error"] = reply["code"]
     out["code"] = (await closed(ws)).code
     return out
+
+
+async def test_drained_session_is_released(
+    pair: tuple[Gateway, Gateway], cfg: Config, redis_url: str
+) -> None:
+    """A session drained from A (1012) is released: resuming it on B displaces nobody, so
+    no takeover notice is sent, and B owns it."""
+    a, b = pair
+    async with connect(url(a.port)) as on_a:
+        welcome = await hello(on_a, CALLER)
+        await a.context.drain(0)
+        result = await closed(on_a)
+    while (await stored(redis_url, cfg, CALLER))[b"owner"] != b"":
+        await asyncio.sleep(0.01)
+    async with connect(url(b.port)) as on_b:
+        again = await hello(on_b, CALLER, resume_token=welcome["resume_token"])
+    held = await stored(redis_url, cfg, CALLER)
+    assert result.code == 1012
+    assert again["resumed"] is True
+    assert held[b"owner"] == b.instance.encode()
+    assert b.metrics.takeovers.labels("remote")._value.get() == 0

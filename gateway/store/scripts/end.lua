@@ -2,7 +2,13 @@
 -- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list
 -- ARGV: sid, now_ms, end_ttl_ms, epoch
 local cur = redis.call('HMGET', KEYS[1], 'sid', 'ended', 'epoch')
-if cur[1] ~= ARGV[1] or cur[2] then
+if cur[1] ~= ARGV[1] then
+  return 0
+end
+if cur[2] then
+  -- Ended before (a retried bye whose reply was lost): write, so that a WAIT after this
+  -- call covers the first try too.
+  redis.call('HSET', KEYS[1], 'updated', ARGV[2])
   return 0
 end
 if cur[3] ~= ARGV[4] then

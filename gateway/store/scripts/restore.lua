@@ -60,7 +60,8 @@ if h[1] then
       outcome = h[8] or 'miss'
     end
     local displaced = ''
-    if h[12] and h[12] ~= ARGV[9] and tonumber(h[13] or '0') > now then
+    -- An owner of '' released the session (drained, or its linger ended).
+    if h[12] and h[12] ~= '' and h[12] ~= ARGV[9] and tonumber(h[13] or '0') > now then
       displaced = h[12]
     end
     -- A new epoch: writes of every earlier connection to this session are refused.

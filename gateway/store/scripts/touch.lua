@@ -1,6 +1,6 @@
 -- Renew a served session: restart its age and TTL and extend this instance's lease.
 -- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list
--- ARGV: sid, now_ms, ttl_ms, epoch, owner, lease_ms
+-- ARGV: sid, now_ms, ttl_ms, epoch, owner ('' : release the session), lease_ms
 -- Returns 1, 0 for a session ended or gone, -1 when a newer hello superseded the epoch.
 local cur = redis.call('HMGET', KEYS[1], 'sid', 'ended', 'epoch')
 if cur[1] ~= ARGV[1] or cur[2] then
