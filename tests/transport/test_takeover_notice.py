@@ -207,7 +207,7 @@ async def test_drained_session_is_released(
         await asyncio.sleep(0.01)
     async with connect(url(b.port)) as on_b:
         again = await hello(on_b, CALLER, resume_token=welcome["resume_token"])
-    held = await stored(redis_url, cfg, CALLER)
+        held = await stored(redis_url, cfg, CALLER)
     assert result.code == 1012
     assert again["resumed"] is True
     assert held[b"owner"] == b.instance.encode()
