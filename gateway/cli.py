@@ -172,11 +172,15 @@ async def _supervise(argv: Sequence[str], workers: int) -> int:
             )
             procs[index] = proc
             log.info("worker started index=%d pid=%d", index, proc.pid)
+            if stopping:
+                proc.send_signal(signal.SIGTERM)  # the signal came while it was starting
             code = await proc.wait()
             if stopping:
                 return code
             log.error("worker exited index=%d code=%d: starting it again in 1 s", index, code)
             await asyncio.sleep(1.0)
+            if stopping:
+                return code
 
     runs = [asyncio.create_task(run(i)) for i in range(workers)]
     waiting = asyncio.ensure_future(asyncio.gather(*runs))

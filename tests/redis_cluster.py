@@ -231,6 +231,10 @@ class RedisCluster:
         """Port of each primary's replica, in the order of :attr:`ports`; empty without."""
         return [n.port for n in self._replicas]
 
+    def kill_replica(self, index: int) -> None:
+        """SIGKILL the replica of primary ``index``."""
+        self._replicas[index].kill()
+
     @property
     def url(self) -> str:
         """``redis+cluster://`` URL of the first primary, the scheme the gateway accepts."""

@@ -61,6 +61,8 @@ async def test_workers_share_the_port_restart_and_drain(
     gw.start()
     assert gw.proc is not None
     try:
+        while log.read_text().count("listening host=") < 2:  # both workers, not just one
+            await asyncio.sleep(0.05)
         sockets = [await connect(url(gw.port)).__aenter__() for _ in range(24)]
         for i, ws in enumerate(sockets):
             await hello(ws, {"user_id": f"u{i}", "call_id": "workers"})
@@ -105,3 +107,41 @@ async def test_workers_share_the_port_restart_and_drain(
             except ProcessLookupError:
                 pass
     assert info.value.rcvd is not None and info.value.rcvd.code == 1012
+
+
+async def test_sigterm_while_a_crashed_worker_waits_to_restart(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """SIGTERM in the second between a worker's crash and its restart: the supervisor starts
+    no worker it would never stop, and exits."""
+    log = tmp_path / "workers.log"
+    gw = GatewayProcess(
+        log,
+        "--workers",
+        "2",
+        "--redis-url",
+        own_redis.url,
+        "--downstream",
+        "off",
+        "--drain-period",
+        "0.2",
+        port=free_port(),
+    )
+    gw.start()
+    assert gw.proc is not None
+    try:
+        while log.read_text().count("listening host=") < 2:
+            await asyncio.sleep(0.05)
+        os.kill(worker_pids(log)[0], signal.SIGKILL)
+        while "worker exited index=0" not in log.read_text():
+            await asyncio.sleep(0.01)
+        gw.proc.terminate()
+        assert await asyncio.to_thread(gw.proc.wait, 10) in (0, 1)
+    finally:
+        if gw.proc.poll() is None:
+            gw.kill()
+        for pid in worker_pids(log).values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

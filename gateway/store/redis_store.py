@@ -195,22 +195,33 @@ class RedisStore:
             # A restore or renewal lost in a failover costs a reconnect, never a turn:
             # the epoch it bumped is gone, so the next write is refused and resumes.
             return await script(keys=keys, args=args)
-        for _ in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            # execute_command: the cluster pipeline blocks its evalsha() method, not the command.
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            wait = ("WAIT", self.ack_replicas, self._wait_ms)
+        # execute_command("EVALSHA"): the cluster pipeline blocks its evalsha() method.
+        evalsha = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        wait = ("WAIT", self.ack_replicas, self._wait_ms)
+        for _ in range(4):
             if isinstance(self.client, RedisCluster):
                 # WAIT counts the writes of its own connection: send it to the node that
-                # holds the keys, where the pipeline uses the script's connection.
-                node = self.client.get_node_from_key(keys[0])
-                pipe.execute_command(*wait, target_nodes=node)
+                # holds the keys, where the pipeline uses the script's connection. No
+                # redirection: a script redirected alone would be vouched for by the WAIT
+                # of the node it left.
+                cpipe = self.client.pipeline(transaction=False)
+                cpipe.execute_command(*evalsha)
+                cpipe.execute_command(*wait, target_nodes=self.client.get_node_from_key(keys[0]))
+                reply, acked = await cpipe.execute(raise_on_error=False, allow_redirections=False)
             else:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.execute_command(*evalsha)
                 pipe.execute_command(*wait)
-            reply, acked = await pipe.execute(raise_on_error=False)
+                reply, acked = await pipe.execute(raise_on_error=False)
             if isinstance(reply, rex.NoScriptError):
                 await self.client.script_load(script.script)
                 continue
+            if isinstance(reply, rex.MovedError) and isinstance(self.client, RedisCluster):
+                # The slot moved (failover, resharding): learn where, and send both again.
+                await self.client.nodes_manager.move_slot(reply)
+                continue
+            if isinstance(reply, rex.AskError):
+                raise rex.TryAgainError("slot migrating; try again")
             if isinstance(reply, Exception):
                 raise reply
             if isinstance(acked, Exception):
@@ -223,7 +234,7 @@ class RedisStore:
                     f" within {self._wait_ms} ms"
                 )
             return reply
-        raise rex.NoScriptError("script vanished twice while loading it")
+        raise rex.TryAgainError("script or slot moved under every try")
 
     async def restore(
         self,
@@ -392,10 +403,11 @@ class RedisStore:
                 if reading is not None and not reading.done():
                     await asyncio.wait({reading}, timeout=_POLL + 1)
                 # Closing a pub/sub whose connection broke must not stop the listener.
-                with contextlib.suppress(rex.RedisError, OSError):
-                    if pubsub is not None:
+                if pubsub is not None:
+                    with contextlib.suppress(rex.RedisError, OSError):
                         await pubsub.aclose()
-                    if own is not None:
+                if own is not None:
+                    with contextlib.suppress(rex.RedisError, OSError):
                         await own.aclose()
             await asyncio.sleep(_LISTEN_RETRY)
 

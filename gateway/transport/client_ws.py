@@ -374,6 +374,7 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
         _close_link(ctx, live, None)
         _stop_tasks(ctx, live)
         live.inbox = asyncio.Queue(maxsize=_INBOX)
+        live.unsaved = 0  # the cancelled pump's frames are gone with it
         live.acked_seq = 0
     old = live.client
     if old is not None:
@@ -786,9 +787,12 @@ async def _keep_fresh(ctx: ClientContext, live: LiveSession) -> None:
     renewing together. A lingering session is not renewed: its age runs from the
     disconnect.
     """
-    while True:
+    # A renewal that finds the session superseded drops it, and cannot cancel itself.
+    while not live.gone:
         await asyncio.sleep(ctx.touch_interval * (0.5 + random.random() / 2))
         session = live.session
+        if live.gone:
+            return
         if live.client is None or session is None:
             continue
         try:

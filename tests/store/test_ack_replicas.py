@@ -13,7 +13,7 @@ import redis
 
 from gateway.core.callerkey import parse_caller
 from gateway.exceptions import StoreUnavailable
-from gateway.store.base import StoreSettings
+from gateway.store.base import StoreSettings, session_keys
 from gateway.store.redis_store import RedisStore
 from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer
@@ -103,3 +103,44 @@ async def test_cluster_failover_keeps_acknowledged_turns(
                 assert back.session.state["form_answers"] == acked[caller]["form_answers"]
         finally:
             await store.aclose()
+
+
+async def test_cluster_write_redirected_by_a_moved_slot_still_waits(
+    redis_cluster_binaries: None, tmp_path: Path
+) -> None:
+    """The session's slot moves to another primary behind the client's back and that
+    primary's replica is down: the redirected write is not acknowledged (the WAIT goes with
+    it to the new primary), where a WAIT left on the old node would have vouched for it."""
+    with RedisCluster(tmp_path / "cluster", replicas=1, node_timeout=1.0) as cluster:
+        store = RedisStore(
+            cluster.url, StoreSettings(key_prefix="moved:"), socket_timeout=0.5, ack_replicas=1
+        )
+        caller = parse_caller({"user_id": "u-moved", "call_id": "c"})
+        key = session_keys("moved:", caller)[0]
+        nodes = {port: redis.Redis(port=port) for port in cluster.ports}
+        try:
+            s = (await store.restore(caller, token=None, candidate=candidate(), now_ms=T0)).session
+            assert s is not None
+            first = write(s, "t1", T0 + 1, name="Ada")
+            assert (await store.write_turn(caller, s.session_id, first)).applied
+            s.commit(first)
+            slot = nodes[cluster.ports[0]].cluster("KEYSLOT", key)
+            src = next(p for p in cluster.ports if nodes[p].cluster("COUNTKEYSINSLOT", slot))
+            dst = next(p for p in cluster.ports if p != src)
+            ids = {p: nodes[p].cluster("MYID") for p in cluster.ports}
+            ids = {p: i.decode() if isinstance(i, bytes) else i for p, i in ids.items()}
+            nodes[dst].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+            nodes[src].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])
+            keys = nodes[src].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+            nodes[src].execute_command("MIGRATE", "127.0.0.1", dst, "", 0, 5000, "KEYS", *keys)
+            for p in cluster.ports:
+                nodes[p].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
+            cluster.kill_replica(cluster.ports.index(dst))
+            await asyncio.sleep(0.5)
+            second = write(s, "t2", T0 + 2, date="Friday")
+            with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
+                await store.write_turn(caller, s.session_id, second)
+        finally:
+            await store.aclose()
+            for node in nodes.values():
+                node.close()

@@ -131,3 +131,27 @@ async def test_busy_pool_queues_instead_of_failing(redis_url: str, settings: Sto
         assert all(r.session is not None for r in results)
     finally:
         await store.aclose()
+
+
+async def test_retried_push_never_moves_updated_back(
+    store: RedisStore, redis_url: str, key_prefix: str
+) -> None:
+    """A push retried after a later turn (its first try landed, its reply was lost) leaves
+    the session's activity time where the turn put it, not at the push's older time."""
+    from gateway.core.callerkey import parse_caller
+    from gateway.store.base import session_keys
+
+    caller = parse_caller({"user_id": "u-upd", "call_id": "c"})
+    key = session_keys(key_prefix, caller)[0]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        s = (await store.restore(caller, token=None, candidate=candidate(), now_ms=T0)).session
+        assert s is not None
+        push = s.push([], [b'{"say":"hi"}'], acked_seq=0, now_ms=T0 + 1000)
+        await store.push(caller, s.session_id, push)
+        later = write(s, "t1", T0 + 9000, name="Ada")
+        assert (await store.write_turn(caller, s.session_id, later)).applied
+        await store.push(caller, s.session_id, push)
+        assert int(client.hget(key, "updated")) == T0 + 9000
+    finally:
+        client.close()

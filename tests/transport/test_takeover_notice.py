@@ -14,10 +14,12 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.config import Config
 from gateway.core.callerkey import parse_caller
+from gateway.core.session import Session, empty_state, new_resume_token, new_session_id
 from gateway.exceptions import StoreConflict
 from gateway.metrics import Metrics
 from gateway.server import Gateway
-from gateway.store.base import session_keys
+from gateway.store.base import StoreSettings, session_keys
+from gateway.store.redis_store import RedisStore
 from tests.agents import TestAgent
 from tests.relayclient import Caller
 from tests.store.records import write
@@ -212,3 +214,69 @@ async def test_drained_session_is_released(
     assert again["resumed"] is True
     assert held[b"owner"] == b.instance.encode()
     assert b.metrics.takeovers.labels("remote")._value.get() == 0
+
+
+def keep_fresh_tasks() -> list[asyncio.Task[Any]]:
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done() and getattr(t.get_coro(), "__qualname__", "") == "_keep_fresh"
+    ]
+
+
+async def test_lost_notice_is_caught_by_the_renewal(cfg: Config, redis_url: str) -> None:
+    """Another instance restores the session and its notice never comes: the next renewal
+    finds the epoch moved on, closes the client with session_conflict (4003, reconnect) and
+    stops, renewal task included."""
+    cfg = cfg.replace("store", owner_lease=0.3)  # renewals every 0.1 s
+    async with Gateway(cfg, metrics=Metrics()) as a:
+        async with connect(url(a.port)) as ws:
+            welcome = await hello(ws, CALLER)
+            assert len(keep_fresh_tasks()) == 1
+            other = RedisStore(redis_url, StoreSettings(key_prefix=cfg.store.key_prefix))
+            now = a.context.clock()
+            cand = Session(new_session_id(), new_resume_token(), 0, empty_state(), now, now)
+            await other.restore(
+                parse_caller(CALLER),
+                token=welcome["resume_token"],
+                candidate=cand,
+                now_ms=now,
+                owner="elsewhere",
+            )
+            await other.aclose()
+            result = await closed(ws)
+        assert not a.context.live and not a.context.by_sid
+        await asyncio.sleep(0.5)
+        assert keep_fresh_tasks() == []
+    assert result.code == 4003
+    assert result.error is not None and result.error["code"] == "session_conflict"
+
+
+async def test_drain_after_a_stale_replacement_does_not_wait(cfg: Config, clock: Any) -> None:
+    """A stale replacement cancels a pump holding an agent frame; the frame count it leaves
+    must not make a later drain wait its whole flush timeout for frames nobody will save."""
+    async with TestAgent() as voice:
+        c = cfg.replace("agent", downstream=voice.url)
+        async with Gateway(c, metrics=Metrics(), clock=clock, delays=lambda: [0.01]) as gw:
+            async with connect(url(gw.port)) as c1:
+                w = await hello(c1, CALLER)
+                await voice.wait_for(lambda r: len(r) == 1)
+                (live,) = gw.context.live.values()
+                await live.lock.acquire()
+                clock.advance(30)  # past max_age: the next hello replaces the session
+                async with connect(url(gw.port)) as c2:
+                    await send(
+                        c2, {"type": "hello", "caller": CALLER, "resume_token": w["resume_token"]}
+                    )
+                    await asyncio.sleep(0.2)  # the hello waits for the lock
+                    await voice.send({"type": "say", "n": 1})
+                    while live.unsaved == 0:
+                        await asyncio.sleep(0.01)
+                    live.lock.release()
+                    assert (await recv(c2))["stale"] is True
+                    await asyncio.sleep(0.3)
+                    started = asyncio.get_running_loop().time()
+                    await gw.context.drain(0)
+                    took = asyncio.get_running_loop().time() - started
+                    assert (await closed(c2)).code == 1012
+    assert took < 2

@@ -17,7 +17,9 @@ end
 if cur[6] == ARGV[11] then
   -- An earlier try of this very push landed; only its reply was lost. Write, so that a
   -- WAIT after this call covers that try too.
-  redis.call('HSET', KEYS[1], 'updated', ARGV[9])
+  -- never back in time: a turn may have been written since this push was built.
+  local updated = tonumber(redis.call('HGET', KEYS[1], 'updated') or '0')
+  redis.call('HSET', KEYS[1], 'updated', math.max(updated, tonumber(ARGV[9])))
   return {'ok'}
 end
 local count = #ARGV - 11

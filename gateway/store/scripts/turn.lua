@@ -12,7 +12,8 @@ local seen = redis.call('ZSCORE', KEYS[2], ARGV[5])
 if seen then
   -- A write, so that a WAIT after this call also covers the write that applied the turn
   -- (replication is one ordered stream; WAIT counts this connection's last write).
-  redis.call('HSET', KEYS[1], 'updated', ARGV[6])
+  local updated = tonumber(redis.call('HGET', KEYS[1], 'updated') or '0')
+  redis.call('HSET', KEYS[1], 'updated', math.max(updated, tonumber(ARGV[6])))
   -- The stored state being exactly this write's means an earlier try of this very write
   -- succeeded and only its reply was lost: report it as applied, so the caller adopts it.
   if seen == ARGV[3] and cur[2] == ARGV[3] and redis.call('HGET', KEYS[1], 'state') == ARGV[4] then
