@@ -1,5 +1,5 @@
-"""Three gateway processes behind a real HAProxy (round robin, no stickiness, the config in
-deploy/) with the demo agent in a process of its own and 200 callers streaming turns:
+"""Three gateway processes behind a real HAProxy or nginx (round robin, no stickiness, the
+configs in deploy/) with the demo agent in a process of its own and 200 callers streaming turns:
 SIGKILL one gateway, then restart all three one by one with SIGTERM. Every caller resumes
 each time with every acknowledged answer, no turn is applied twice and every agent message
 arrives exactly once."""
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.balancer import HAProxy, ensure_haproxy
+from tests.balancer import HAProxy, Nginx, ensure_haproxy, ensure_nginx
 from tests.gateway_process import GatewayProcess
+from tests.httpget import get
 from tests.redis_server import RedisServer, free_port
 from tests.streamer import Streamer
 
@@ -23,12 +24,30 @@ pytestmark = pytest.mark.slow
 CALLERS = int(os.environ.get("HANGON_TEST_CALLERS", "200"))
 
 
-@pytest.fixture
-def haproxy_binary() -> str:
-    found = ensure_haproxy()
-    if found is None:
-        pytest.skip("haproxy not found: apt-get install haproxy")
-    return found
+@pytest.fixture(params=["haproxy", "nginx"])
+def balancer(request: pytest.FixtureRequest) -> type[HAProxy] | type[Nginx]:
+    """The balancer class, once its binary is there (installed with apt when root)."""
+    if request.param == "haproxy":
+        if ensure_haproxy() is None:
+            pytest.skip("haproxy not found: apt-get install haproxy")
+        return HAProxy
+    if ensure_nginx() is None:
+        pytest.skip("nginx not found: apt-get install nginx")
+    return Nginx
+
+
+async def ready(port: int, timeout: float = 10) -> None:
+    """Wait until the gateway on ``port`` answers /readyz with 200."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            if (await get(port, "/readyz"))[0] == 200:
+                return
+        except OSError:
+            pass
+        assert loop.time() < deadline, f"gateway on {port} not ready"
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -70,17 +89,20 @@ async def progress(callers: list[Streamer], turns: int, timeout: float = 30) -> 
         await asyncio.sleep(0.2)
 
 
-async def test_kill_and_rolling_restart_behind_haproxy(
-    tmp_path: Path, own_redis: RedisServer, agent: GatewayProcess, haproxy_binary: str
+async def test_kill_and_rolling_restart_behind_a_balancer(
+    tmp_path: Path,
+    own_redis: RedisServer,
+    agent: GatewayProcess,
+    balancer: type[HAProxy] | type[Nginx],
 ) -> None:
     """SIGKILL of one of three gateways, then a rolling SIGTERM restart of all three, with
-    200 callers streaming through HAProxy: nothing acked is lost, nothing applied twice,
-    every agent message arrives once, and each SIGTERM exits 0."""
+    200 callers streaming through the balancer: nothing acked is lost, nothing applied
+    twice, every agent message arrives once, and each SIGTERM exits 0."""
     ports = [free_port() for _ in range(3)]
     gateways = [gateway(tmp_path, n, p, own_redis, agent.port) for n, p in enumerate(ports, 1)]
     runs: list[asyncio.Task[None]] = []
     try:
-        with HAProxy(tmp_path / "haproxy", ports) as lb:
+        with balancer(tmp_path / "balancer", ports) as lb:
             callers = [
                 Streamer(f"{lb.url}/ws", {"user_id": f"u{i}", "call_id": "lb"}, pace=0.5)
                 for i in range(CALLERS)
@@ -95,13 +117,17 @@ async def test_kill_and_rolling_restart_behind_haproxy(
             # Round robin put about a third of the callers on the killed gateway.
             assert moved >= CALLERS // 6, moved
             gateways[0] = gateway(tmp_path, 1, ports[0], own_redis, agent.port)
-            await asyncio.to_thread(lb.wait_state, "g1", "UP", 10)
+            await ready(ports[0])
+            if isinstance(lb, HAProxy):
+                await asyncio.to_thread(lb.wait_state, "g1", "UP", 10)
 
             for n in range(3):
                 welcomes = sum(c.welcomes for c in callers)
                 assert await asyncio.to_thread(gateways[n].terminate, 20) == 0
                 gateways[n] = gateway(tmp_path, n + 1, ports[n], own_redis, agent.port)
-                await asyncio.to_thread(lb.wait_state, f"g{n + 1}", "UP", 10)
+                await ready(ports[n])
+                if isinstance(lb, HAProxy):
+                    await asyncio.to_thread(lb.wait_state, f"g{n + 1}", "UP", 10)
                 await progress(callers, 2)
                 if n > 0:  # the first one, restarted after the kill, was serving nobody
                     assert sum(c.welcomes for c in callers) - welcomes >= CALLERS // 6
