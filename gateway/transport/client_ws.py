@@ -83,6 +83,8 @@ _INBOX = 1024
 """Agent frames waiting to be persisted before the link stops reading (backpressure)."""
 _FENCED = 4096
 """Takeovers remembered for sessions not (yet) served here: a restore in flight loses."""
+_ACLOSE_TIMEOUT = 10.0
+"""Seconds a shutdown waits for background closes (agent links, stopped tasks)."""
 _FLUSH_TIMEOUT = 5.0
 """Seconds a drain waits for a session's agent output to be persisted."""
 
@@ -185,8 +187,20 @@ class ClientContext:
         """Drop every session (agent links close; stored state stays) and wait for closes."""
         for live in list(self.live.values()):
             _drop(self, live)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _ACLOSE_TIMEOUT
         while self.closing:
-            await asyncio.gather(*self.closing, return_exceptions=True)
+            left = deadline - loop.time()
+            if left <= 0:
+                # On Python 3.11, asyncio.wait_for inside redis-py can swallow a
+                # cancellation; a task that missed its own must not hold up the exit.
+                log.warning("shutdown: %d background tasks did not stop", len(self.closing))
+                return
+            tasks = set(self.closing)
+            done, _ = await asyncio.wait(tasks, timeout=left)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: failures were logged where they happened
 
     def taken_over(self, session_id: SessionId, epoch: int) -> None:
         """Another instance restored ``session_id`` at ``epoch``: stop serving it here."""
