@@ -4,6 +4,7 @@ The tree::
 
     GatewayError
     ├── ConfigError          a setting has a bad value; names the setting
+    ├── ClientClosed         gateway.client stopped: a close that forbids resuming, or given up
     └── StoreError           the session store failed an operation
         ├── StoreUnavailable the store could not be reached (retryable)
         ├── StoreTimeout     the store did not answer in time (retryable)
@@ -16,6 +17,7 @@ records them and queues an error frame and a close instead.
 from __future__ import annotations
 
 __all__ = [
+    "ClientClosed",
     "ConfigError",
     "GatewayError",
     "StoreConflict",
@@ -27,6 +29,24 @@ __all__ = [
 
 class GatewayError(Exception):
     """Root of every exception hangon raises."""
+
+
+class ClientClosed(GatewayError):
+    """:class:`gateway.client.Client` stopped and will not reconnect.
+
+    Args:
+        code: The close code that forbids resuming (4500-4999, 1000 after ``bye``, a
+            protocol error), or ``None`` when no connection could be made.
+        reason: The close reason, or why the client gave up.
+    """
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"closed with {self.code}: {self.reason}" if self.code else self.reason
 
 
 class ConfigError(GatewayError):

@@ -1,0 +1,328 @@
+"""An asyncio client for protocol v1 that survives drops: for tests, load tests and bridges.
+
+:class:`Client` keeps one caller's session across any number of connections.
+It sends ``hello`` with the resume token and the last agent message it has
+(``last_seq``), acknowledges messages, and reconnects by itself after a drop
+with exponential backoff and full jitter (:func:`gateway.core.backoff.backoff`),
+waiting at least as long as a ``Retry-After`` the server sent with a refused
+upgrade. WebSocket pings detect a dead connection (``heartbeat_interval``,
+``heartbeat_timeout``). Turns not yet acknowledged are sent again, in order,
+with the same turn IDs after every reconnect, so each is applied once.
+
+A close in the terminal range (4500-4999: replaced, refused, ended), a ``bye``
+or a protocol error (1003, 1007, 1008, 1009) stops the client: :meth:`run`
+raises :class:`~gateway.exceptions.ClientClosed` naming the code. Anything
+else (1001, 1006, 1011, 1012, 1013, 4000-4499, a refused or failed connect) is
+followed by a reconnect.
+
+Example::
+
+    client = Client("ws://127.0.0.1:8765/ws", {"phone": "+14155550100", "call_id": "c1"},
+                    on_message=lambda data, seq: print(seq, data))
+    runner = asyncio.create_task(client.run())
+    version = await client.turn(text="Ada")
+    await client.bye()
+    await runner
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from gateway.core.backoff import backoff
+from gateway.exceptions import ClientClosed
+
+__all__ = ["Client", "Restored", "reconnects"]
+
+log = logging.getLogger("gateway.client")
+
+_TERMINAL = frozenset({1000, 1003, 1007, 1008, 1009})
+"""Close codes below 4000 after which the client must not come back as it was."""
+
+
+def reconnects(code: int | None) -> bool:
+    """Whether a connection closed with ``code`` (``None``: no close frame) is resumed."""
+    if code is None:
+        return True
+    return not (code in _TERMINAL or 4500 <= code <= 4999)
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What a ``welcome`` said: the session, its state and how it came back."""
+
+    session_id: str
+    resumed: bool
+    stale: bool
+    version: int
+    state: dict[str, Any]
+    replay_from: int | None
+    """The first message replayed when some were lost (``replay: partial``); else ``None``."""
+
+
+class Client:
+    """One caller's session, over as many connections as it takes.
+
+    Args:
+        url: The gateway's WebSocket endpoint (``ws://host:port/ws``).
+        caller: The ``caller`` object of ``hello`` (``phone`` or ``user_id``, ``call_id``).
+        tenant: The ``tenant`` of ``hello``, if any.
+        resume_token: A token from an earlier run of this caller, to resume its session.
+        last_seq: The newest agent message an earlier run handled.
+        on_restored: Called with each :class:`Restored`, after every ``welcome``.
+        on_message: Called with each agent message's data and number, once each, in order.
+        on_state: Called with the session state whenever the agent changes it.
+        on_reconnecting: Called with the close code (``None``: no close) and the delay
+            before the next attempt.
+        initial_delay: Upper bound of the first reconnect delay, seconds (0.5).
+        max_delay: Cap on the reconnect delay, seconds (30).
+        heartbeat_interval: Seconds between pings (15); ``None`` disables them.
+        heartbeat_timeout: Seconds to wait for a pong before the connection counts as dead (10).
+        open_timeout: Seconds to wait for the WebSocket handshake (10).
+        max_attempts: Connection attempts in a row before :meth:`run` gives up; ``None``:
+            never.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        caller: Mapping[str, Any],
+        *,
+        tenant: str | None = None,
+        resume_token: str | None = None,
+        last_seq: int = 0,
+        on_restored: Callable[[Restored], None] | None = None,
+        on_message: Callable[[Any, int], None] | None = None,
+        on_state: Callable[[dict[str, Any]], None] | None = None,
+        on_reconnecting: Callable[[int | None, float], None] | None = None,
+        initial_delay: float = 0.5,
+        max_delay: float = 30.0,
+        heartbeat_interval: float | None = 15.0,
+        heartbeat_timeout: float | None = 10.0,
+        open_timeout: float = 10.0,
+        max_attempts: int | None = None,
+    ) -> None:
+        self.url = url
+        self.caller = dict(caller)
+        self.tenant = tenant
+        self.resume_token = resume_token
+        self.last_seq = last_seq
+        self.session_id: str | None = None
+        self.state: dict[str, Any] = {}
+        self.version = 0
+        self.on_restored = on_restored
+        self.on_message = on_message
+        self.on_state = on_state
+        self.on_reconnecting = on_reconnecting
+        self.initial_delay = initial_delay
+        self.max_delay = max_delay
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.open_timeout = open_timeout
+        self.max_attempts = max_attempts
+        self.connected = asyncio.Event()
+        """Set while a connection is open and welcomed."""
+        self.connects = 0
+        """Welcomes received: 1 plus the number of reconnects."""
+        self._ws: ClientConnection | None = None
+        self._unacked: dict[str, tuple[str, asyncio.Future[int]]] = {}
+        self._closing = False
+        self._said_bye = False
+
+    async def run(self) -> None:
+        """Connect, and reconnect after every drop, until :meth:`bye` or :meth:`aclose`.
+
+        Raises:
+            ClientClosed: The gateway closed with a code that forbids resuming, or
+                ``max_attempts`` connection attempts failed in a row.
+        """
+        delays: Iterator[float] | None = None
+        failures = 0
+        while not self._closing:
+            code: int | None = None
+            wait = 0.0
+            try:
+                async with connect(
+                    self.url,
+                    open_timeout=self.open_timeout,
+                    ping_interval=self.heartbeat_interval,
+                    ping_timeout=self.heartbeat_timeout,
+                    close_timeout=2,
+                ) as ws:
+                    self._ws = ws
+                    try:
+                        await self._serve(ws)
+                    finally:
+                        rcvd = ws.protocol.close_rcvd
+                    delays, failures = None, 0
+                    code = rcvd.code if rcvd is not None else None
+                    if self._said_bye and rcvd is not None and rcvd.code == 1000:
+                        self._closing = True
+                    elif rcvd is not None and not reconnects(rcvd.code) and not self._closing:
+                        raise ConnectionClosed(rcvd, None)
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd else None
+                if exc.rcvd is not None and not reconnects(code) and not self._closing:
+                    error = ClientClosed(code, exc.rcvd.reason)
+                    self._fail(error)
+                    raise error from None
+            except InvalidStatus as exc:
+                # A draining or overloaded gateway refuses the upgrade and says when to retry.
+                wait = _retry_after(exc.response.headers.get("Retry-After"))
+                failures += 1
+            except (OSError, TimeoutError, InvalidHandshake):
+                failures += 1
+            finally:
+                self._ws = None
+                self.connected.clear()
+            if self._closing:
+                break
+            if self.max_attempts is not None and failures >= self.max_attempts:
+                error = ClientClosed(None, f"no connection after {failures} attempts")
+                self._fail(error)
+                raise error
+            if delays is None:
+                delays = backoff(initial_delay=self.initial_delay, max_delay=self.max_delay)
+            delay = max(wait, next(delays))
+            if self.on_reconnecting is not None:
+                self.on_reconnecting(code, delay)
+            await asyncio.sleep(delay)
+        self._fail(ClientClosed(1000, "closed"))
+
+    async def turn(
+        self,
+        turn_id: str | None = None,
+        *,
+        text: str | None = None,
+        form: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Send a turn and return the version its ack names, across reconnects if need be.
+
+        Raises:
+            ClientClosed: The client stopped before the turn was acknowledged.
+        """
+        turn_id = turn_id or uuid.uuid4().hex
+        message: dict[str, Any] = {"type": "turn", "turn_id": turn_id}
+        if text is not None:
+            message["text"] = text
+        if form is not None:
+            message["form"] = dict(form)
+        if context is not None:
+            message["context"] = dict(context)
+        frame = json.dumps(message)
+        acked: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._unacked[turn_id] = (frame, acked)
+        ws = self._ws
+        if ws is not None and self.connected.is_set():
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(frame)  # else it goes out after the next welcome
+        return await acked
+
+    async def bye(self) -> None:
+        """End the session: the gateway forgets it after its end TTL, and :meth:`run` returns."""
+        await self.connected.wait()
+        assert self._ws is not None
+        self._said_bye = True
+        await self._ws.send(json.dumps({"type": "bye"}))
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.wait_closed()
+
+    async def aclose(self) -> None:
+        """Stop reconnecting and close the connection; the session stays resumable."""
+        self._closing = True
+        if self._ws is not None:
+            await self._ws.close()
+        self._fail(ClientClosed(1000, "closed"))
+
+    def abort(self) -> None:
+        """Drop the connection without a close frame, as a network blip would (for tests)."""
+        if self._ws is not None:
+            self._ws.transport.abort()
+
+    async def _serve(self, ws: ClientConnection) -> None:
+        hello: dict[str, Any] = {"type": "hello", "caller": self.caller, "last_seq": self.last_seq}
+        if self.tenant is not None:
+            hello["tenant"] = self.tenant
+        if self.resume_token is not None:
+            hello["resume_token"] = self.resume_token
+        await ws.send(json.dumps(hello))
+        async for raw in ws:
+            frame = json.loads(raw)
+            kind = frame.get("type")
+            if kind == "welcome":
+                await self._welcome(ws, frame)
+            elif kind == "msg":
+                await self._message(ws, frame)
+            elif kind == "state":
+                self.state, self.version = frame["state"], frame["version"]
+                if self.on_state is not None:
+                    self.on_state(self.state)
+            elif kind == "ack":
+                pending = self._unacked.pop(frame["turn_id"], None)
+                self.version = max(self.version, frame["version"])
+                if pending is not None and not pending[1].done():
+                    pending[1].set_result(frame["version"])
+            elif kind == "error":
+                log.info("gateway error code=%s message=%s", frame["code"], frame["message"])
+
+    async def _welcome(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        if frame["session_id"] != self.session_id:
+            self.last_seq = 0  # a new session numbers its messages from 1
+        replay_from = frame.get("replay_from")
+        if replay_from is not None:
+            self.last_seq = replay_from - 1  # the gap is announced: messages were lost
+        self.session_id = frame["session_id"]
+        self.resume_token = frame["resume_token"]
+        self.state, self.version = frame["state"], frame["version"]
+        self.connects += 1
+        self.connected.set()
+        if self.on_restored is not None:
+            self.on_restored(
+                Restored(
+                    frame["session_id"],
+                    frame["resumed"],
+                    frame.get("stale", False),
+                    frame["version"],
+                    frame["state"],
+                    replay_from,
+                )
+            )
+        for text, _ in list(self._unacked.values()):
+            await ws.send(text)
+
+    async def _message(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        seq = frame["seq"]
+        if seq <= self.last_seq:
+            return  # already handled (a replay overlapping what arrived live)
+        self.last_seq = seq
+        if self.on_message is not None:
+            self.on_message(frame["data"], seq)
+        await ws.send(json.dumps({"type": "ack", "seq": seq}))
+
+    def _fail(self, error: ClientClosed) -> None:
+        """Fail every turn still waiting for its ack."""
+        for _, acked in self._unacked.values():
+            if not acked.done():
+                acked.set_exception(error)
+        self._unacked.clear()
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds from a ``Retry-After`` header (delay-seconds form only); 0 if absent or odd."""
+    if value is None:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return 0.0

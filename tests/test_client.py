@@ -1,0 +1,139 @@
+"""gateway.client.Client against real gateways over loopback: it resumes after a drop and
+after a gateway restart by itself, re-sends an unacknowledged turn once, hands each agent
+message over exactly once, honours Retry-After and stops on a close that forbids resuming."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.client import Client, Restored, reconnects
+from gateway.config import Config
+from gateway.exceptions import ClientClosed
+from gateway.metrics import Metrics
+from gateway.server import Gateway
+from tests.agents import TestAgent, booking
+from tests.gateway_process import GatewayProcess
+from tests.redis_server import RedisServer
+from tests.wsclient import connect, hello, url
+
+CALLER = {"phone": "+14155550100", "call_id": "call-client"}
+
+
+def fast(port: int, **kwargs: Any) -> Client:
+    """A client with short reconnect delays, for tests."""
+    return Client(url(port), CALLER, initial_delay=0.05, max_delay=0.5, **kwargs)
+
+
+async def until(condition: Any, timeout: float = 5) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+
+
+def test_which_closes_are_resumed() -> None:
+    """Drops, restarts, overload and retryable errors are resumed; bye, protocol errors and
+    the terminal range are not."""
+    assert all(reconnects(c) for c in (None, 1001, 1006, 1011, 1012, 1013, 4001, 4003, 4499))
+    assert not any(reconnects(c) for c in (1000, 1003, 1007, 1008, 1009, 4500, 4501, 4999))
+
+
+async def test_resumes_after_a_drop_and_delivers_each_message_once(config: Config) -> None:
+    """A connection aborted mid-call: the client reconnects by itself, resumes the session,
+    gets the turn sent while it was down acknowledged once, and every agent message once."""
+    messages: list[tuple[int, Any]] = []
+    restores: list[Restored] = []
+    async with TestAgent(booking) as voice:
+        cfg = config.replace("agent", downstream=voice.url)
+        async with Gateway(cfg, metrics=Metrics()) as gw:
+            client = fast(
+                gw.port,
+                on_message=lambda data, seq: messages.append((seq, data)),
+                on_restored=restores.append,
+            )
+            runner = asyncio.create_task(client.run())
+            await until(lambda: len(messages) >= 1)  # the greeting: the agent link is up
+            assert await client.turn("t1", text="Ada") == 1
+            await until(lambda: len(messages) >= 2)
+            client.abort()
+            second = await client.turn("t2", text="Friday")
+            await until(lambda: client.state.get("form_answers", {}).get("date") == "Friday")
+            await client.bye()
+            await asyncio.wait_for(runner, 5)
+    assert second >= 2
+    assert [seq for seq, _ in messages] == list(range(1, len(messages) + 1))
+    assert [r.resumed for r in restores] == [False, True]
+    assert restores[1].session_id == restores[0].session_id
+    assert restores[1].state["form_answers"]["name"] == "Ada"
+
+
+@pytest.mark.slow
+async def test_rides_out_a_gateway_restart(tmp_path: Path, own_redis: RedisServer) -> None:
+    """The gateway is SIGKILLed and started again on its port: a turn sent meanwhile waits,
+    then is acknowledged once, and the welcome restores every earlier answer."""
+    args = ["--redis-url", own_redis.url, "--downstream", "off"]
+    first = GatewayProcess(tmp_path / "first.log", *args)
+    first.start()
+    restores: list[Restored] = []
+    client = fast(first.port, on_restored=restores.append)
+    runner = asyncio.create_task(client.run())
+    second = GatewayProcess(tmp_path / "second.log", *args, port=first.port)
+    try:
+        assert await client.turn("t1", form={"name": "Ada"}) == 1
+        await asyncio.to_thread(first.kill)
+        pending = asyncio.create_task(client.turn("t2", form={"date": "Friday"}))
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        await asyncio.to_thread(second.start)
+        assert await asyncio.wait_for(pending, 10) == 2
+        await client.bye()
+        await asyncio.wait_for(runner, 5)
+    finally:
+        runner.cancel()
+        if second.proc is not None:
+            second.terminate()
+    assert [r.resumed for r in restores] == [False, True]
+    assert restores[1].state["form_answers"] == {"name": "Ada"}
+
+
+async def test_stops_when_another_connection_takes_the_session(gateway: Gateway) -> None:
+    """A newer connection resumes the session: the client is closed with 4500, does not
+    come back, and a turn still waiting for its ack fails with the code."""
+    client = fast(gateway.port)
+    runner = asyncio.create_task(client.run())
+    await client.connected.wait()
+    async with connect(url(gateway.port)) as other:
+        await hello(other, CALLER, resume_token=client.resume_token)
+        with pytest.raises(ClientClosed) as info:
+            await asyncio.wait_for(runner, 5)
+    assert info.value.code == 4500
+    assert client.connects == 1
+
+
+async def test_waits_for_retry_after_of_a_draining_gateway(gateway: Gateway) -> None:
+    """A gateway refusing upgrades with 503 and Retry-After: 1 (draining) is not retried
+    before a second has passed; once it accepts again the client connects."""
+    delays: list[float] = []
+    gateway.closing = True
+    client = fast(gateway.port, on_reconnecting=lambda code, delay: delays.append(delay))
+    runner = asyncio.create_task(client.run())
+    await until(lambda: len(delays) >= 1)
+    gateway.closing = False
+    await asyncio.wait_for(client.connected.wait(), 5)
+    await client.aclose()
+    await asyncio.wait_for(runner, 5)
+    assert delays[0] >= 1.0
+
+
+async def test_gives_up_after_max_attempts(config: Config) -> None:
+    """Nobody listens: after max_attempts failed connects, run() raises ClientClosed."""
+    from tests.redis_server import free_port
+
+    client = fast(free_port(), max_attempts=3)
+    with pytest.raises(ClientClosed, match="3 attempts"):
+        await asyncio.wait_for(client.run(), 10)
