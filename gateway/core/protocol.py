@@ -22,6 +22,8 @@ Phases and what each accepts (anything else is ``unexpected_message``)::
                                      --fail()---------> CLOSED
                  OPEN --turn--> OPEN  (the driver answers each with send_ack)
                  OPEN --ack---> OPEN  (the client received messages up to a seq)
+                 any but CLOSED --ping--> same phase, a ``pong`` queued (the heartbeat of
+                                          clients that cannot send WebSocket pings: browsers)
                  any  --fail()/close()--> CLOSED
 
 Besides answers, the driver queues the voice agent's messages with
@@ -78,12 +80,13 @@ ERRORS: Final[Mapping[str, CloseReason]] = {
 
 # Which message types each phase accepts (h11-style transition table).
 _ACCEPTS: Final[Mapping[Phase, frozenset[str]]] = {
-    Phase.AWAIT_HELLO: frozenset({"hello"}),
-    Phase.RESTORING: frozenset(),
-    Phase.OPEN: frozenset({"turn", "ack", "bye"}),
+    Phase.AWAIT_HELLO: frozenset({"hello", "ping"}),
+    Phase.RESTORING: frozenset({"ping"}),
+    Phase.OPEN: frozenset({"turn", "ack", "bye", "ping"}),
     Phase.CLOSED: frozenset(),
 }
-_KNOWN_TYPES: Final = frozenset({"hello", "turn", "ack", "bye"})
+_KNOWN_TYPES: Final = frozenset({"hello", "turn", "ack", "bye", "ping"})
+_PONG: Final = codec.dumps({"type": "pong"})
 
 
 class _Invalid(Exception):
@@ -113,7 +116,8 @@ class Protocol:
     # Receiving
 
     def receive_text(self, data: str) -> Event | None:
-        """Parse one text frame; return the event it carries, or ``None``."""
+        """Parse one text frame; return the event it carries, or ``None`` (a ``ping`` is
+        answered here, with a ``pong``)."""
         if self.phase is Phase.CLOSED:
             return None
         try:
@@ -127,7 +131,7 @@ class Protocol:
         if self.phase is not Phase.CLOSED:
             self.fail("unsupported_data", "binary frames are not accepted; send JSON text")
 
-    def _parse(self, data: str) -> Event:
+    def _parse(self, data: str) -> Event | None:
         size = len(data)
         if size > self.max_message_size or (
             size * 4 > self.max_message_size and len(data.encode()) > self.max_message_size
@@ -150,6 +154,9 @@ class Protocol:
             raise _Invalid(
                 "unexpected_message", f"'{kind}' is not allowed in phase {self.phase.value}"
             )
+        if kind == "ping":
+            self._outbox.append(_PONG)
+            return None
         if kind == "hello":
             event: Event = self._hello(msg)
             self.phase = Phase.RESTORING

@@ -353,3 +353,23 @@ def test_welcome_with_partial_replay() -> None:
     assert (welcome["seq"], welcome["replay"], welcome["replay_from"]) == (40, "partial", 31)
     assert "stale" not in welcome
     assert "epoch" not in welcome
+
+
+def test_ping_is_answered_with_pong_in_every_phase_but_closed() -> None:
+    """A ping (the heartbeat of browsers, which cannot send WebSocket pings) gets a pong
+    before hello, while restoring and when open, and changes nothing else."""
+    protocol = Protocol(max_message_size=1024)
+    assert protocol.receive_text(frame({"type": "ping"})) is None
+    assert frames(protocol) == [{"type": "pong"}]
+    protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
+    assert protocol.phase is Phase.RESTORING
+    assert protocol.receive_text(frame({"type": "ping"})) is None
+    assert frames(protocol) == [{"type": "pong"}]
+    open_ = opened()
+    frames(open_)
+    assert open_.receive_text(frame({"type": "ping"})) is None
+    assert frames(open_) == [{"type": "pong"}]
+    assert open_.phase is Phase.OPEN and open_.close_reason is None
+    open_.close(closecodes.BYE)
+    assert open_.receive_text(frame({"type": "ping"})) is None
+    assert frames(open_) == []

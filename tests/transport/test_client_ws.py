@@ -266,3 +266,17 @@ async def test_lost_welcome_after_stale_does_not_lock_out(gateway: Gateway, cloc
     assert again["session_id"] != welcome["session_id"]
     assert again["resume_token"] != token
     assert ack["version"] == 1
+
+
+async def test_ping_gets_pong_before_and_after_hello(gateway: Gateway) -> None:
+    """An application-level ping is answered with pong before hello and in an open session,
+    and the session carries on."""
+    from tests.wsclient import connect, hello, recv, send, turn, url
+
+    async with connect(url(gateway.port)) as ws:
+        await send(ws, {"type": "ping"})
+        assert await recv(ws) == {"type": "pong"}
+        await hello(ws, {"user_id": "u-ping", "call_id": "c"})
+        await send(ws, {"type": "ping"})
+        assert await recv(ws) == {"type": "pong"}
+        assert (await turn(ws, "t1", form={"a": 1}))["type"] == "ack"
