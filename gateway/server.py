@@ -2,8 +2,9 @@
 
 ``GET /healthz`` answers while the event loop runs; ``GET /readyz`` answers 200
 only when the store answers a ping and the server is not draining;
-``GET /metrics`` is the Prometheus text format. The WebSocket endpoint is
-``--path`` (``/ws``); any other path is 404.
+``GET /metrics`` is the Prometheus text format; ``GET /client.js`` and
+``GET /client.d.ts`` are the browser client and its types. The WebSocket
+endpoint is ``--path`` (``/ws``); any other path is 404.
 
 A drain (SIGTERM) fails ``/readyz`` at once and refuses new WebSocket upgrades
 with 503 and ``Retry-After`` (a balancer retries them on another instance), then
@@ -21,6 +22,7 @@ import os
 import secrets
 import socket
 from collections.abc import Callable, Iterable
+from importlib import resources
 from types import TracebackType
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -43,6 +45,15 @@ __all__ = ["Gateway", "instance_id", "open_store"]
 log = logging.getLogger("gateway.server")
 
 _READY_TIMEOUT = 1.0
+_STATIC = {
+    "/client.js": ("client.js", "text/javascript; charset=utf-8"),
+    "/client.d.ts": ("client.d.ts", "application/typescript; charset=utf-8"),
+}
+"""Files served as they are: path to (file in gateway/static, content type)."""
+
+
+def _static(name: str) -> bytes:
+    return resources.files("gateway").joinpath("static", name).read_bytes()
 
 
 def instance_id() -> str:
@@ -209,11 +220,10 @@ class Gateway:
         if path == "/readyz":
             return await self._ready(connection)
         if path == "/metrics":
-            body = self.metrics.render()
-            headers = Headers(
-                [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))]
-            )
-            return Response(200, "OK", headers, body)
+            return _response(self.metrics.render(), CONTENT_TYPE_LATEST)
+        if path in _STATIC:
+            name, kind = _STATIC[path]
+            return _response(_static(name), kind)
         if path == "/":
             return connection.respond(
                 200, f"hangon: WebSocket clients connect to {self.config.server.path}\n"
@@ -233,3 +243,8 @@ class Gateway:
             self.metrics.store_error(exc)
             return connection.respond(503, f"store unavailable: {exc}\n")
         return connection.respond(200, "ready\n")
+
+
+def _response(body: bytes, content_type: str) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body)))])
+    return Response(200, "OK", headers, body)

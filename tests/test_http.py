@@ -41,3 +41,15 @@ async def test_metrics(gateway: Gateway) -> None:
     assert "hangon_session_active 1.0" in text
     assert "hangon_store_errors_total" in text
     assert 'hangon_protocol_errors_total{code="invalid_json"} 0.0' in text
+
+
+async def test_serves_the_browser_client(gateway: Gateway) -> None:
+    """/client.js and /client.d.ts are the files in gateway/static, with their types."""
+    from pathlib import Path
+
+    static = Path(__file__).parent.parent / "gateway" / "static"
+    status, body, headers = await get(gateway.port, "/client.js")
+    assert status == 200 and headers["content-type"].startswith("text/javascript")
+    assert body == (static / "client.js").read_bytes()
+    status, body, _ = await get(gateway.port, "/client.d.ts")
+    assert status == 200 and body == (static / "client.d.ts").read_bytes()
