@@ -2,7 +2,8 @@
 
 ``GET /healthz`` answers while the event loop runs; ``GET /readyz`` answers 200
 only when the store answers a ping and the server is not draining;
-``GET /metrics`` is the Prometheus text format; ``GET /client.js`` and
+``GET /metrics`` is the Prometheus text format; ``GET /`` is the demo page (the
+demo voice form in the browser); ``GET /client.js`` and
 ``GET /client.d.ts`` are the browser client and its types. The WebSocket
 endpoint is ``--path`` (``/ws``); any other path is 404.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import html
 import logging
 import os
 import secrets
@@ -143,6 +145,11 @@ class Gateway:
         self.server: Server | None = None
         self.closing = False
         self._listener: asyncio.Task[None] | None = None
+        # The demo page, pointed at this gateway's WebSocket path.
+        self._demo_page = _static("index.html").replace(
+            b'name="hangon-path" content="/ws"',
+            f'name="hangon-path" content="{html.escape(config.server.path)}"'.encode(),
+        )
 
     @property
     def port(self) -> int:
@@ -225,9 +232,7 @@ class Gateway:
             name, kind = _STATIC[path]
             return _response(_static(name), kind)
         if path == "/":
-            return connection.respond(
-                200, f"hangon: WebSocket clients connect to {self.config.server.path}\n"
-            )
+            return _response(self._demo_page, "text/html; charset=utf-8")
         return connection.respond(404, "not found\n")
 
     async def _ready(self, connection: ServerConnection) -> Response:

@@ -14,10 +14,12 @@ async def test_healthz_and_readyz(gateway: Gateway) -> None:
 
 
 async def test_unknown_path_is_404(gateway: Gateway) -> None:
-    """Paths other than the endpoint and probes are 404; / says where to connect."""
+    """Paths other than the endpoint, probes and static files are 404; / is the demo page,
+    pointed at the WebSocket path."""
     assert (await get(gateway.port, "/nope"))[0] == 404
-    status, body, _ = await get(gateway.port, "/")
-    assert status == 200 and b"/ws" in body
+    status, body, headers = await get(gateway.port, "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert b'<meta name="hangon-path" content="/ws">' in body
 
 
 async def test_plain_get_on_endpoint_is_426(gateway: Gateway) -> None:

@@ -1,0 +1,106 @@
+"""The demo page in real headless Chromium (Debian's chromium, driven by Playwright): answer
+two fields, SIGKILL the gateway and start it again; the page reconnects on its own and shows
+the restored answers; a reload resumes again. The screenshot is kept in test-artifacts/."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.gateway_process import GatewayProcess
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+TIMEOUT = 15_000  # ms, for each wait on the page
+
+
+def find_chromium() -> str | None:
+    """Debian's chromium (installed with apt when root and missing)."""
+    found = shutil.which("chromium")
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], env=env, capture_output=True)
+        found = shutil.which("chromium")
+    return found
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    playwright = pytest.importorskip("playwright.async_api")
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("chromium not found: apt-get install chromium")
+    async with playwright.async_playwright() as pw:
+        chromium = await pw.chromium.launch(
+            executable_path=executable,
+            args=["--no-sandbox", "--disable-background-networking"],
+        )
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+async def answer(page: Any, text: str, count: int) -> None:
+    """Type an answer and wait until the page lists ``count`` answers."""
+    from playwright.async_api import expect
+
+    await page.fill("#text", text)
+    await page.press("#text", "Enter")
+    await expect(page.locator("#answers dt")).to_have_count(count, timeout=TIMEOUT)
+
+
+async def test_demo_page_survives_a_gateway_restart_and_a_reload(
+    browser: Any, tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """Two answers given, then SIGKILL and restart: the page shows reconnecting, then open
+    with "restored 2 answers" and both answers; after a reload, the same again."""
+    from playwright.async_api import expect
+
+    args = ["--redis-url", own_redis.url, "--downstream", "demo"]
+    first = GatewayProcess(tmp_path / "first.log", *args)
+    first.start()
+    second = GatewayProcess(tmp_path / "second.log", *args, port=first.port)
+    page = await browser.new_page()
+    status = page.locator("#status")
+    try:
+        await page.goto(f"http://127.0.0.1:{first.port}/")
+        await expect(status).to_have_text("open", timeout=TIMEOUT)
+        await expect(page.locator("#log .agent").first).to_contain_text("name", timeout=TIMEOUT)
+        await answer(page, "Ada Lovelace", 1)
+        await answer(page, "Friday", 2)
+
+        await asyncio.to_thread(first.kill)
+        await expect(status).to_have_text("reconnecting", timeout=TIMEOUT)
+        await asyncio.to_thread(second.start)
+        await expect(status).to_have_text("open", timeout=TIMEOUT)
+        await expect(page.locator("#restored")).to_have_text(
+            "Reconnected: restored 2 answers.", timeout=TIMEOUT
+        )
+        await expect(page.locator("#answers")).to_contain_text("Ada Lovelace")
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "demo-page-after-restart.png"))
+
+        await page.reload()
+        await expect(status).to_have_text("open", timeout=TIMEOUT)
+        await expect(page.locator("#restored")).to_have_text(
+            "Reconnected: restored 2 answers.", timeout=TIMEOUT
+        )
+        await expect(page.locator("#answers dt")).to_have_count(2)
+        await answer(page, "a check-up", 3)
+        await page.screenshot(path=str(ARTIFACTS / "demo-page-after-reload.png"))
+    finally:
+        await page.close()
+        if second.proc is not None:
+            second.terminate()
+        elif first.proc is not None and first.proc.poll() is None:
+            first.kill()
