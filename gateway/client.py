@@ -138,19 +138,37 @@ class Client:
         self._unacked: dict[str, tuple[str, asyncio.Future[int]]] = {}
         self._closing = False
         self._said_bye = False
+        self._welcomed = False
+        self._wake = asyncio.Event()
+        self._closed: ClientClosed | None = None
+        """Set once the client has stopped for good; later calls fail with it."""
 
     async def run(self) -> None:
         """Connect, and reconnect after every drop, until :meth:`bye` or :meth:`aclose`.
 
         Raises:
             ClientClosed: The gateway closed with a code that forbids resuming, or
-                ``max_attempts`` connection attempts failed in a row.
+                ``max_attempts`` connection attempts failed in a row. Turns still
+                waiting for their ack fail with the same error.
         """
+        try:
+            await self._run()
+        except ClientClosed as exc:
+            self._fail(exc)
+            raise
+        except BaseException as exc:
+            # A callback raised, or the task was cancelled: nothing will settle the turns.
+            self._fail(ClientClosed(None, f"client stopped: {exc!r}"))
+            raise
+        self._fail(ClientClosed(1000, "closed"))
+
+    async def _run(self) -> None:
         delays: Iterator[float] | None = None
         failures = 0
         while not self._closing:
             code: int | None = None
             wait = 0.0
+            self._welcomed = False
             try:
                 async with connect(
                     self.url,
@@ -159,12 +177,13 @@ class Client:
                     ping_timeout=self.heartbeat_timeout,
                     close_timeout=2,
                 ) as ws:
+                    if self._closing:
+                        break  # aclose() came while connecting
                     self._ws = ws
                     try:
                         await self._serve(ws)
                     finally:
                         rcvd = ws.protocol.close_rcvd
-                    delays, failures = None, 0
                     code = rcvd.code if rcvd is not None else None
                     if self._said_bye and rcvd is not None and rcvd.code == 1000:
                         self._closing = True
@@ -173,31 +192,31 @@ class Client:
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd else None
                 if exc.rcvd is not None and not reconnects(code) and not self._closing:
-                    error = ClientClosed(code, exc.rcvd.reason)
-                    self._fail(error)
-                    raise error from None
+                    raise ClientClosed(code, exc.rcvd.reason) from None
             except InvalidStatus as exc:
                 # A draining or overloaded gateway refuses the upgrade and says when to retry.
                 wait = _retry_after(exc.response.headers.get("Retry-After"))
-                failures += 1
             except (OSError, TimeoutError, InvalidHandshake):
-                failures += 1
+                pass
             finally:
                 self._ws = None
                 self.connected.clear()
             if self._closing:
                 break
+            if self._welcomed:
+                delays, failures = None, 0  # back to small delays after every welcome
+            else:
+                failures += 1
             if self.max_attempts is not None and failures >= self.max_attempts:
-                error = ClientClosed(None, f"no connection after {failures} attempts")
-                self._fail(error)
-                raise error
+                raise ClientClosed(None, f"no connection after {failures} attempts")
             if delays is None:
                 delays = backoff(initial_delay=self.initial_delay, max_delay=self.max_delay)
             delay = max(wait, next(delays))
             if self.on_reconnecting is not None:
                 self.on_reconnecting(code, delay)
-            await asyncio.sleep(delay)
-        self._fail(ClientClosed(1000, "closed"))
+            # aclose() cuts the wait short.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
 
     async def turn(
         self,
@@ -212,6 +231,8 @@ class Client:
         Raises:
             ClientClosed: The client stopped before the turn was acknowledged.
         """
+        if self._closed is not None:
+            raise self._closed
         turn_id = turn_id or uuid.uuid4().hex
         message: dict[str, Any] = {"type": "turn", "turn_id": turn_id}
         if text is not None:
@@ -230,17 +251,23 @@ class Client:
         return await acked
 
     async def bye(self) -> None:
-        """End the session: the gateway forgets it after its end TTL, and :meth:`run` returns."""
-        await self.connected.wait()
-        assert self._ws is not None
+        """End the session: the gateway forgets it after its end TTL, and :meth:`run` returns.
+
+        If the connection is down, ``bye`` goes out after the next ``welcome``.
+        """
+        if self._closed is not None:
+            raise self._closed
         self._said_bye = True
-        await self._ws.send(json.dumps({"type": "bye"}))
-        with contextlib.suppress(ConnectionClosed):
-            await self._ws.wait_closed()
+        ws = self._ws
+        if ws is not None and self.connected.is_set():
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(json.dumps({"type": "bye"}))
+                await ws.wait_closed()
 
     async def aclose(self) -> None:
         """Stop reconnecting and close the connection; the session stays resumable."""
         self._closing = True
+        self._wake.set()
         if self._ws is not None:
             await self._ws.close()
         self._fail(ClientClosed(1000, "closed"))
@@ -277,7 +304,7 @@ class Client:
                 log.info("gateway error code=%s message=%s", frame["code"], frame["message"])
 
     async def _welcome(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
-        if frame["session_id"] != self.session_id:
+        if not frame["resumed"]:
             self.last_seq = 0  # a new session numbers its messages from 1
         replay_from = frame.get("replay_from")
         if replay_from is not None:
@@ -286,6 +313,7 @@ class Client:
         self.resume_token = frame["resume_token"]
         self.state, self.version = frame["state"], frame["version"]
         self.connects += 1
+        self._welcomed = True
         self.connected.set()
         if self.on_restored is not None:
             self.on_restored(
@@ -300,18 +328,22 @@ class Client:
             )
         for text, _ in list(self._unacked.values()):
             await ws.send(text)
+        if self._said_bye:
+            await ws.send(json.dumps({"type": "bye"}))  # the last one was not saved
 
     async def _message(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
         seq = frame["seq"]
         if seq <= self.last_seq:
             return  # already handled (a replay overlapping what arrived live)
-        self.last_seq = seq
         if self.on_message is not None:
             self.on_message(frame["data"], seq)
+        self.last_seq = seq  # handled: a callback that raised leaves it to the replay
         await ws.send(json.dumps({"type": "ack", "seq": seq}))
 
     def _fail(self, error: ClientClosed) -> None:
-        """Fail every turn still waiting for its ack."""
+        """Stop for good: fail every turn still waiting for its ack, and later calls."""
+        if self._closed is None:
+            self._closed = error
         for _, acked in self._unacked.values():
             if not acked.done():
                 acked.set_exception(error)

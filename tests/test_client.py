@@ -137,3 +137,84 @@ async def test_gives_up_after_max_attempts(config: Config) -> None:
     client = fast(free_port(), max_attempts=3)
     with pytest.raises(ClientClosed, match="3 attempts"):
         await asyncio.wait_for(client.run(), 10)
+
+
+async def test_a_client_built_with_token_and_last_seq_gets_no_message_twice(
+    config: Config,
+) -> None:
+    """A second client given the first one's token and last_seq resumes after them: no
+    message the first handled is handed over again, even after a drop."""
+    async with TestAgent(booking) as voice:
+        cfg = config.replace("agent", downstream=voice.url)
+        async with Gateway(cfg, metrics=Metrics()) as gw:
+            first_seen: list[int] = []
+            first = fast(gw.port, on_message=lambda data, seq: first_seen.append(seq))
+            runner = asyncio.create_task(first.run())
+            await until(lambda: len(first_seen) >= 1)
+            await first.turn("t1", text="Ada")
+            await until(lambda: len(first_seen) >= 2)
+            await first.aclose()
+            await runner
+            seen: list[int] = []
+            second = fast(
+                gw.port,
+                resume_token=first.resume_token,
+                last_seq=first.last_seq,
+                on_message=lambda data, seq: seen.append(seq),
+            )
+            runner = asyncio.create_task(second.run())
+            await second.connected.wait()
+            second.abort()
+            await until(lambda: second.connects == 2)
+            await second.turn("t2", text="Friday")
+            await second.aclose()
+            await runner
+    assert seen and min(seen) > max(first_seen)
+    assert seen == list(range(seen[0], seen[0] + len(seen)))
+
+
+async def test_aclose_while_connecting_stops_at_once(gateway: Gateway) -> None:
+    """aclose() right after run() started: run() returns without serving a session."""
+    client = fast(gateway.port)
+    runner = asyncio.create_task(client.run())
+    await asyncio.sleep(0)
+    await client.aclose()
+    await asyncio.wait_for(runner, 2)
+    assert client.connects == 0
+
+
+async def test_calls_after_the_client_stopped_fail_at_once(gateway: Gateway) -> None:
+    """turn() and bye() on a stopped client raise ClientClosed instead of waiting forever."""
+    client = fast(gateway.port)
+    runner = asyncio.create_task(client.run())
+    await client.connected.wait()
+    await client.aclose()
+    await runner
+    with pytest.raises(ClientClosed):
+        await asyncio.wait_for(client.turn("late", text="x"), 2)
+    with pytest.raises(ClientClosed):
+        await asyncio.wait_for(client.bye(), 2)
+
+
+async def test_bye_while_disconnected_goes_out_after_the_next_welcome(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """bye() while the gateway is down is sent once the client has resumed; run() returns."""
+    args = ["--redis-url", own_redis.url, "--downstream", "off"]
+    first = GatewayProcess(tmp_path / "first.log", *args)
+    first.start()
+    second = GatewayProcess(tmp_path / "second.log", *args, port=first.port)
+    client = fast(first.port)
+    runner = asyncio.create_task(client.run())
+    try:
+        await client.connected.wait()
+        await asyncio.to_thread(first.kill)
+        await until(lambda: not client.connected.is_set())
+        await client.bye()
+        await asyncio.to_thread(second.start)
+        await asyncio.wait_for(runner, 10)
+    finally:
+        runner.cancel()
+        if second.proc is not None:
+            second.terminate()
+    assert client.connects == 2

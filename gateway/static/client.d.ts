@@ -88,6 +88,9 @@ export declare const DEFAULTS: Readonly<{
   storageKey: string;
 }>;
 
+/** A random ID (crypto.randomUUID where the context is secure, else getRandomValues). */
+export declare function randomId(): string;
+
 /** Whether a connection closed with `code` (null: no close frame) is resumed. */
 export declare function shouldReconnect(code: number | null | undefined): boolean;
 
@@ -108,7 +111,7 @@ export declare class HangonClient extends EventTarget {
   /** Connect, resuming what storage holds for this caller. */
   start(): void;
   /** Send a turn; resolves with the version its ack names, across reconnects. */
-  turn(turn: Turn): Promise<number>;
+  turn(turn?: Turn): Promise<number>;
   /** End the session; the client then stops and forgets it. */
   bye(): void;
   /** Stop without ending the session; it stays resumable. */

@@ -32,6 +32,13 @@ export function backoffDelay(attempt, { initialDelay, maxDelay, random = Math.ra
   return random() * bound;
 }
 
+/** A random ID; crypto.randomUUID exists only in secure contexts (HTTPS, localhost). */
+export function randomId() {
+  if (typeof globalThis.crypto?.randomUUID === "function") return globalThis.crypto.randomUUID();
+  const bytes = globalThis.crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 function defaultStorage() {
   try {
     return globalThis.sessionStorage ?? null;
@@ -53,7 +60,9 @@ export class HangonClient extends EventTarget {
     super();
     this.url = url;
     this.caller = caller;
-    this.options = { ...DEFAULTS, ...options };
+    // An option passed as undefined keeps its default (a NaN delay would spin).
+    const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined));
+    this.options = { ...DEFAULTS, ...given };
     this.tenant = this.options.tenant ?? null;
     this.storage = options.storage === undefined ? defaultStorage() : options.storage;
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
@@ -72,6 +81,7 @@ export class HangonClient extends EventTarget {
     this.unacked = new Map(); // turn_id -> { frame, resolve, reject }
     this.timers = { reconnect: null, heartbeat: null, deadline: null };
     this.saidBye = false;
+    this.closedWith = null;
     this._load();
   }
 
@@ -82,7 +92,12 @@ export class HangonClient extends EventTarget {
 
   /** Send a turn; resolves with the version its ack names, across reconnects. */
   turn({ turnId, text, form, context } = {}) {
-    const turn_id = turnId ?? globalThis.crypto.randomUUID();
+    if (this.status === "closed") {
+      const error = new Error("hangon client is closed");
+      error.code = this.closedWith;
+      return Promise.reject(error);
+    }
+    const turn_id = turnId ?? randomId();
     const message = { type: "turn", turn_id };
     if (text !== undefined) message.text = text;
     if (form !== undefined) message.form = form;
@@ -263,19 +278,24 @@ export class HangonClient extends EventTarget {
     this.clearTimeout(this.timers.heartbeat);
     this.clearTimeout(this.timers.deadline);
     if (this.status === "closed") return;
-    if (this.saidBye && code === 1000) {
-      this.storage?.removeItem(this.storageId);
+    if ((this.saidBye && code === 1000) || (!shouldReconnect(code) && code >= 4500)) {
+      this._forget(); // ended, or not ours to resume any more
       return this._stop(code, reason);
     }
-    if (!shouldReconnect(code)) {
-      if (code >= 4500) this.storage?.removeItem(this.storageId); // never resume it again
-      return this._stop(code, reason);
-    }
+    if (!shouldReconnect(code)) return this._stop(code, reason);
     const delay = Math.max(this.retryAfter, backoffDelay(this.attempt, { ...this.options, random: this.random }));
     this.attempt += 1;
     this._setStatus("reconnecting");
     this._emit("reconnecting", { code, delay, attempt: this.attempt });
     this.timers.reconnect = this.setTimeout(() => this._connect(), delay);
+  }
+
+  _forget() {
+    this.storage?.removeItem(this.storageId);
+    this.sessionId = null;
+    this.resumeToken = null;
+    this.lastSeq = 0;
+    this.saidBye = false;
   }
 
   _stop(code, reason) {
@@ -294,6 +314,7 @@ export class HangonClient extends EventTarget {
     error.code = code;
     for (const { reject } of this.unacked.values()) reject(error);
     this.unacked.clear();
+    this.closedWith = code;
     this._setStatus("closed");
     this._emit("closed", { code, reason });
   }

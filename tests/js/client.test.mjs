@@ -257,3 +257,39 @@ test("an error without a close event (Node 20's WebSocket) still reconnects, onc
   clock.advance(1000);
   assert.equal(Socket.made.length, 2);
 });
+
+test("a turn on a closed client is refused at once", async () => {
+  const { client } = setup();
+  client.start();
+  Socket.made[0].open();
+  Socket.made[0].deliver(welcome());
+  client.close();
+  await assert.rejects(client.turn({ text: "late" }), /closed/);
+});
+
+test("ids without crypto.randomUUID (plain http on a LAN address)", async () => {
+  const { randomId } = await import("../../gateway/static/client.js");
+  const saved = globalThis.crypto.randomUUID;
+  Object.defineProperty(globalThis.crypto, "randomUUID", { value: undefined, configurable: true });
+  try {
+    const id = randomId();
+    assert.match(id, /^[0-9a-f]{32}$/);
+    assert.notEqual(id, randomId());
+  } finally {
+    Object.defineProperty(globalThis.crypto, "randomUUID", { value: saved, configurable: true });
+  }
+});
+
+test("options passed as undefined keep their defaults", () => {
+  Socket.made = [];
+  const clock = new Clock();
+  const events = [];
+  const client = new HangonClient("ws://gw/ws", CALLER, {
+    WebSocket: Socket, storage: null, setTimeout: clock.setTimeout, clearTimeout: clock.clearTimeout,
+    random: () => 0.5, maxDelay: undefined, initialDelay: undefined,
+  });
+  client.addEventListener("reconnecting", (e) => events.push(e.detail.delay));
+  client.start();
+  Socket.made[0].drop(1006);
+  assert.deepEqual(events, [250]);
+});
