@@ -18,6 +18,7 @@ from gateway.server import Gateway
 from gateway.store.base import SessionStore, StoreSettings
 from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
+from tests.gateway_process import GatewayProcess
 from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer, ensure_redis_server
 
@@ -93,6 +94,16 @@ def own_redis_cluster(redis_cluster_binaries: None, tmp_path: Path) -> Iterator[
     """A three-primary Redis Cluster for this test alone, whose nodes it may kill and restart."""
     with RedisCluster(tmp_path / "redis-cluster") as cluster:
         yield cluster
+
+
+@pytest.fixture
+def demo_agent(tmp_path: Path) -> Iterator[GatewayProcess]:
+    """``hangon demo-agent`` in a process of its own, which the test may kill."""
+    agent = GatewayProcess(tmp_path / "agent.log", command="demo-agent")
+    agent.start()
+    yield agent
+    if agent.proc is not None and agent.proc.poll() is None:
+        agent.kill()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import NamedTuple
 
 import redis
 
-from tests.redis_server import free_port
+from tests.redis_server import free_port, wait_for_pong
 
 __all__ = ["RedisCluster"]
 
@@ -76,18 +75,7 @@ class _Node:
 
     def wait_pong(self, deadline: float) -> None:
         assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server on {self.port} exited:\n{self.log_tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server on {self.port} did not answer PING:\n{self.log_tail()}")
+        wait_for_pong(self.proc, self.port, deadline, lambda: "\n" + self.log_tail())
 
     def wait_synced(self, deadline: float) -> None:
         """Wait until this replica has its primary's data and has written it to its AOF.

@@ -8,9 +8,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["RedisServer", "ensure_redis_server", "free_port"]
+__all__ = ["RedisServer", "ensure_redis_server", "free_port", "wait_for_pong"]
 
 
 def free_port() -> int:
@@ -37,6 +38,29 @@ def ensure_redis_server() -> str | None:
         capture_output=True,
     )
     return shutil.which("redis-server")
+
+
+def wait_for_pong(
+    proc: subprocess.Popen[bytes], port: int, deadline: float, describe: Callable[[], str]
+) -> None:
+    """Wait until the redis-server ``proc`` answers PING on ``port``.
+
+    Raises:
+        RuntimeError: If it exits or stays silent until ``deadline``; ``describe()`` says
+            where to look.
+    """
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server on {port} exited: {describe()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"redis-server on {port} did not answer PING: {describe()}")
 
 
 class RedisServer:
@@ -91,19 +115,8 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited; see {self.workdir / 'redis.log'}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not answer PING within 10 s")
+        log = self.workdir / "redis.log"
+        wait_for_pong(self.proc, self.port, time.monotonic() + 10, lambda: f"see {log}")
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,15 +49,6 @@ async def ready(port: int, timeout: float = 10) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[GatewayProcess]:
-    proc = GatewayProcess(tmp_path / "agent.log", command="demo-agent")
-    proc.start()
-    yield proc
-    if proc.proc is not None and proc.proc.poll() is None:
-        proc.kill()
-
-
 def gateway(
     tmp_path: Path, n: int, port: int, redis: RedisServer, agent_port: int
 ) -> GatewayProcess:
@@ -92,14 +82,14 @@ async def progress(callers: list[Streamer], turns: int, timeout: float = 30) -> 
 async def test_kill_and_rolling_restart_behind_a_balancer(
     tmp_path: Path,
     own_redis: RedisServer,
-    agent: GatewayProcess,
+    demo_agent: GatewayProcess,
     balancer: type[HAProxy] | type[Nginx],
 ) -> None:
     """SIGKILL of one of three gateways, then a rolling SIGTERM restart of all three, with
     200 callers streaming through the balancer: nothing acked is lost, nothing applied
     twice, every agent message arrives once, and each SIGTERM exits 0."""
     ports = [free_port() for _ in range(3)]
-    gateways = [gateway(tmp_path, n, p, own_redis, agent.port) for n, p in enumerate(ports, 1)]
+    gateways = [gateway(tmp_path, n, p, own_redis, demo_agent.port) for n, p in enumerate(ports, 1)]
     runs: list[asyncio.Task[None]] = []
     try:
         with balancer(tmp_path / "balancer", ports) as lb:
@@ -116,7 +106,7 @@ async def test_kill_and_rolling_restart_behind_a_balancer(
             moved = sum(c.welcomes for c in callers) - welcomes
             # Round robin put about a third of the callers on the killed gateway.
             assert moved >= CALLERS // 6, moved
-            gateways[0] = gateway(tmp_path, 1, ports[0], own_redis, agent.port)
+            gateways[0] = gateway(tmp_path, 1, ports[0], own_redis, demo_agent.port)
             await ready(ports[0])
             if isinstance(lb, HAProxy):
                 await asyncio.to_thread(lb.wait_state, "g1", "UP", 10)
@@ -124,7 +114,7 @@ async def test_kill_and_rolling_restart_behind_a_balancer(
             for n in range(3):
                 welcomes = sum(c.welcomes for c in callers)
                 assert await asyncio.to_thread(gateways[n].terminate, 20) == 0
-                gateways[n] = gateway(tmp_path, n + 1, ports[n], own_redis, agent.port)
+                gateways[n] = gateway(tmp_path, n + 1, ports[n], own_redis, demo_agent.port)
                 await ready(ports[n])
                 if isinstance(lb, HAProxy):
                     await asyncio.to_thread(lb.wait_state, f"g{n + 1}", "UP", 10)

@@ -5,10 +5,7 @@ order, with no acked turn lost."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from gateway.config import Config
 from gateway.metrics import Metrics
@@ -21,15 +18,6 @@ from tests.wsclient import url
 ANSWERS = [("name", "Alice"), ("date", "Friday"), ("reason", "a checkup"), ("confirm", "yes")]
 BOOKED = {"name": "Alice", "date": "Friday", "reason": "a checkup", "confirm": "yes"}
 CALLERS = 12
-
-
-@pytest.fixture
-def demo_agent(tmp_path: Path) -> Iterator[GatewayProcess]:
-    agent = GatewayProcess(tmp_path / "agent.log", command="demo-agent")
-    agent.start()
-    yield agent
-    if agent.proc is not None and agent.proc.poll() is None:
-        agent.kill()
 
 
 async def answer(caller: Caller, n: int) -> None:
