@@ -145,10 +145,14 @@ class Gateway:
         self.server: Server | None = None
         self.closing = False
         self._listener: asyncio.Task[None] | None = None
-        # The demo page, pointed at this gateway's WebSocket path.
-        self._demo_page = _static("index.html").replace(
-            b'name="hangon-path" content="/ws"',
-            f'name="hangon-path" content="{html.escape(config.server.path)}"'.encode(),
+        # Static files, read once; the demo page pointed at this gateway's WebSocket path.
+        self._files = {path: (_static(name), kind) for path, (name, kind) in _STATIC.items()}
+        self._files["/"] = (
+            _static("index.html").replace(
+                b'name="hangon-path" content="/ws"',
+                f'name="hangon-path" content="{html.escape(config.server.path)}"'.encode(),
+            ),
+            "text/html; charset=utf-8",
         )
 
     @property
@@ -228,11 +232,8 @@ class Gateway:
             return await self._ready(connection)
         if path == "/metrics":
             return _response(self.metrics.render(), CONTENT_TYPE_LATEST)
-        if path in _STATIC:
-            name, kind = _STATIC[path]
-            return _response(_static(name), kind)
-        if path == "/":
-            return _response(self._demo_page, "text/html; charset=utf-8")
+        if path in self._files:
+            return _response(*self._files[path])
         return connection.respond(404, "not found\n")
 
     async def _ready(self, connection: ServerConnection) -> Response:
