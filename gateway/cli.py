@@ -51,8 +51,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     for option in OPTIONS:
         default = option.default()
-        shown = "none" if default is None else default
-        note = f" [now {environ[option.env]!r} from env]" if option.env in environ else ""
+        shown = "none" if default is None or default == () else default
+        note = ""
+        if option.env in environ:
+            shown_env = "set" if option.secret else f"now {environ[option.env]!r}"
+            note = f" [{shown_env} from env]"
         serve.add_argument(
             option.flag,
             dest=option.name,

@@ -28,6 +28,7 @@ __all__ = [
     "Option",
     "ServerConfig",
     "StoreConfig",
+    "TwilioConfig",
 ]
 
 
@@ -131,6 +132,20 @@ class CallerConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TwilioConfig:
+    twilio_path: str | None = "/v1/twilio"
+    """HTTP path of the Twilio Media Streams endpoint; ``None`` turns it off."""
+    twilio_auth_token: tuple[str, ...] = ()
+    """Twilio auth tokens the upgrade's ``X-Twilio-Signature`` is checked against (the
+    primary, and a secondary while it is rotated in); empty: not checked."""
+    twilio_url: str | None = None
+    """The endpoint's public URL as the TwiML writes it (``wss://voice.example.com/v1/twilio``),
+    which Twilio signs; ``None``: ``wss://`` plus the request's Host and path."""
+    twilio_caller_param: str = "From"
+    """The ``<Stream>`` custom parameter that holds the caller's number."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything ``hangon serve`` can be told."""
 
@@ -140,6 +155,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     caller: CallerConfig = field(default_factory=CallerConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    twilio: TwilioConfig = field(default_factory=TwilioConfig)
 
     def __post_init__(self) -> None:
         s = self.store
@@ -175,6 +191,14 @@ class Config:
                 )
         if s.ack_replicas and s.redis_url is None:
             raise ConfigError("--ack-replicas", s.ack_replicas, "needs --redis-url")
+        t = self.twilio
+        if t.twilio_path is not None:
+            if not t.twilio_path.startswith("/"):
+                raise ConfigError("--twilio-path", t.twilio_path, "must start with /")
+            if t.twilio_path == self.server.path:
+                raise ConfigError("--twilio-path", t.twilio_path, "must differ from --path")
+        if t.twilio_url is not None and not t.twilio_url.startswith(("wss://", "ws://")):
+            raise ConfigError("--twilio-url", t.twilio_url, "must be a wss:// or ws:// URL")
         if self.limits.max_message_size < 1024:
             raise ConfigError("--max-message-size", self.limits.max_message_size, "below 1024")
         if self.limits.max_state_size < 1024:
@@ -228,6 +252,13 @@ def _region(text: str) -> str:
     return region
 
 
+def _tokens(text: str) -> tuple[str, ...]:
+    tokens = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not tokens:
+        raise ValueError("needs at least one token")
+    return tokens
+
+
 def _or_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def wrapped(text: str) -> Any:
         return None if text.strip().lower() in ("", "none", "off") else parse(text)
@@ -243,6 +274,8 @@ class Option:
     name: str
     parse: Callable[[str], Any]
     help: str
+    secret: bool = False
+    """Never shown: ``--help`` says only that the environment sets it."""
 
     @property
     def flag(self) -> str:
@@ -393,6 +426,31 @@ OPTIONS: tuple[Option, ...] = (
         "max_state_size",
         _non_negative_int,
         "largest session state in bytes of JSON; turns growing it further are refused",
+    ),
+    Option(
+        "twilio",
+        "twilio_path",
+        _or_none(str),
+        "HTTP path of the Twilio Media Streams endpoint ('none' turns it off)",
+    ),
+    Option(
+        "twilio",
+        "twilio_auth_token",
+        _tokens,
+        "Twilio auth token(s), comma-separated, to check X-Twilio-Signature; set by env",
+        secret=True,
+    ),
+    Option(
+        "twilio",
+        "twilio_url",
+        _or_none(str),
+        "the Twilio endpoint's public URL as in the TwiML (Twilio signs it); unset: from Host",
+    ),
+    Option(
+        "twilio",
+        "twilio_caller_param",
+        str,
+        "the <Stream> custom parameter that holds the caller's number",
     ),
     Option(
         "caller",

@@ -144,6 +144,23 @@ class Metrics:
             subsystem="session",
             registry=r,
         )
+        self.media = Counter(
+            "media_frames",
+            "A phone stream's audio, marks and clears, by direction (to_agent, to_caller) and"
+            " outcome (relayed; dropped: no link or stream, or too many waiting).",
+            ["direction", "outcome"],
+            namespace="hangon",
+            subsystem="relay",
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "failures",
+            "Connections refused before the WebSocket opened, by reason.",
+            ["reason"],
+            namespace="hangon",
+            subsystem="auth",
+            registry=r,
+        )
         self.draining = Gauge(
             "draining",
             "1 while this instance drains for a shutdown: /readyz fails, clients get 1012.",
@@ -171,6 +188,10 @@ class Metrics:
             self.messages.labels(how)
         for replay in ("full", "partial"):
             self.replays.labels(replay)
+        for direction in ("to_agent", "to_caller"):
+            for relayed in ("relayed", "dropped"):
+                self.media.labels(direction, relayed)
+        self.auth_failures.labels("twilio_signature")
 
     def store_error(self, exc: StoreError) -> None:
         """Count one failed store attempt."""

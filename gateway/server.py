@@ -5,7 +5,9 @@ only when the store answers a ping and the server is not draining;
 ``GET /metrics`` is the Prometheus text format; ``GET /`` is the demo page (the
 demo voice form in the browser); ``GET /client.js`` and
 ``GET /client.d.ts`` are the browser client and its types. The WebSocket
-endpoint is ``--path`` (``/ws``); any other path is 404.
+endpoint is ``--path`` (``/ws``), and Twilio Media Streams connect at
+``--twilio-path`` (``/v1/twilio``), where the upgrade's ``X-Twilio-Signature``
+is checked (403 if wrong) when an auth token is set; any other path is 404.
 
 A drain (SIGTERM) fails ``/readyz`` at once and refuses new WebSocket upgrades
 with 503 and ``Retry-After`` (a balancer retries them on another instance), then
@@ -34,6 +36,7 @@ from websockets.http11 import Request, Response
 
 from gateway.config import Config
 from gateway.core.backoff import backoff
+from gateway.core.twilio import signature_valid
 from gateway.demo_agent import serve_demo_agent
 from gateway.exceptions import StoreError, StoreTimeout
 from gateway.metrics import Metrics
@@ -137,6 +140,7 @@ class Gateway:
             agent_open_timeout=config.agent.agent_open_timeout,
             agent_linger=config.agent.agent_linger,
             instance=self.instance,
+            twilio_caller_param=config.twilio.twilio_caller_param,
         )
         down = config.agent.downstream
         if down.startswith(("ws://", "wss://")):
@@ -169,7 +173,7 @@ class Gateway:
             self.context.downstream = f"ws://127.0.0.1:{port}/"
         max_size = self.config.limits.max_message_size
         self.server = await serve(
-            functools.partial(handle_client, self.context),
+            self._client,
             self.config.server.host,
             self.config.server.port,
             process_request=self._http,
@@ -218,13 +222,23 @@ class Gateway:
     ) -> None:
         await self.aclose()
 
+    async def _client(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        path = ws.request.path.partition("?")[0]
+        await handle_client(self.context, ws, twilio=path == self.config.twilio.twilio_path)
+
     async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = request.path.partition("?")[0]
-        if path == self.config.server.path:
+        path, _, query = request.path.partition("?")
+        twilio = path == self.config.twilio.twilio_path
+        if path == self.config.server.path or twilio:
             if self.closing:
                 response = connection.respond(503, "draining: connect to another instance\n")
                 response.headers["Retry-After"] = "1"
                 return response
+            if twilio and not self._signed(request, path, query):
+                self.metrics.auth_failures.labels("twilio_signature").inc()
+                log.warning("twilio stream refused: bad X-Twilio-Signature path=%s", path)
+                return connection.respond(403, "X-Twilio-Signature does not match\n")
             return None
         if path == "/healthz":
             return connection.respond(200, "ok\n")
@@ -235,6 +249,17 @@ class Gateway:
         if path in self._files:
             return _response(*self._files[path])
         return connection.respond(404, "not found\n")
+
+    def _signed(self, request: Request, path: str, query: str) -> bool:
+        """Whether a Twilio upgrade carries Twilio's signature (always, with no token set)."""
+        t = self.config.twilio
+        if not t.twilio_auth_token:
+            return True
+        url = t.twilio_url or f"wss://{request.headers.get('Host', '')}{path}"
+        if query:
+            url = f"{url}?{query}"
+        header = request.headers.get("X-Twilio-Signature")
+        return signature_valid(t.twilio_auth_token, url, header)
 
     async def _ready(self, connection: ServerConnection) -> Response:
         if self.closing:

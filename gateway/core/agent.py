@@ -5,24 +5,31 @@ text frames::
 
     {"type": "session.start",  "session_id", "caller", "state", "version"}
     {"type": "session.resume", "session_id", "caller", "state", "version", "reason"}
-    {"type": "turn", "session_id", "turn_id", "text"?, "form"?, "context"?, "version"}
+    {"type": "turn", "session_id", "turn_id", "text"?, "form"?, "context"?, "dtmf"?, "version"}
     {"type": "session.end", "session_id"}
     {"type": "error", "code", "message"}      (a frame of the agent's was rejected)
+    {"type": "media", "track", "chunk", "timestamp", "payload"}   (a phone caller's audio)
+    {"type": "mark", "name"}                   (the phone played up to the agent's mark)
 
 ``session.start`` opens a new session; ``session.resume`` follows every
 restore (``reason``: ``client_resumed``) and every redial of a dropped agent
-link (``agent_reconnected``), with the state as it stands. A turn is sent
-once it is durable.
+link (``agent_reconnected``), with the state as it stands, and the phone
+stream in ``stream`` when the client is one (:mod:`gateway.core.twilio`). A
+turn is sent once it is durable; ``media`` and ``mark`` are relayed as they
+come and never stored.
 
 The agent sends JSON objects with a string ``type``. ``{"type": "state",
-"patch": {...}}`` changes the session state (see :func:`parse_frame`); any
-other object is a message for the client, relayed as the ``data`` of a
-sequenced ``msg`` frame. A bad frame is rejected with an ``error`` frame back
-to the agent and never reaches the client or the store.
+"patch": {...}}`` changes the session state (see :func:`parse_frame`).
+``media`` (``payload``: base64 audio), ``mark`` (``name``) and ``clear`` are
+for a phone caller's stream: relayed at once, never stored or numbered
+(:class:`Media`). Any other object is a message for the client, relayed as the
+``data`` of a sequenced ``msg`` frame. A bad frame is rejected with an
+``error`` frame back to the agent and never reaches the client or the store.
 """
 
 from __future__ import annotations
 
+import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -36,6 +43,7 @@ __all__ = [
     "AGENT_ERRORS",
     "AgentMessage",
     "InvalidAgentFrame",
+    "Media",
     "StatePatch",
     "caller_object",
     "error_frame",
@@ -51,6 +59,7 @@ AGENT_ERRORS: Final[Mapping[str, str]] = {
     "unsupported_data": "the frame is binary",
     "message_too_big": "the frame is larger than the limit",
     "invalid_patch": "a state patch has the wrong shape",
+    "invalid_media": "a media, mark or clear frame has the wrong shape",
     "state_too_big": "a state patch would grow the state past the limit",
 }
 """Every reason the gateway rejects an agent frame (an ``error`` frame's ``code``)."""
@@ -76,19 +85,33 @@ class AgentMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class Media:
+    """Audio, a mark or a clear for a phone caller's stream: relayed, never stored.
+
+    ``value`` is the base64 payload of ``media``, the name of a ``mark``, and
+    empty for ``clear``.
+    """
+
+    kind: Literal["media", "mark", "clear"]
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
 class StatePatch:
     """A change to ``form_answers`` and ``context``; ``null`` deletes a key."""
 
     patch: dict[str, dict[str, Any]]
 
 
-def parse_frame(data: str | bytes, *, max_size: int) -> AgentMessage | StatePatch:
+def parse_frame(data: str | bytes, *, max_size: int) -> AgentMessage | StatePatch | Media:
     """Check one frame from the agent.
 
     Raises:
         InvalidAgentFrame: If the frame is binary, too big, not a JSON object
-            with a string ``type``, or a ``state`` frame whose ``patch`` is not an
-            object of objects keyed by ``form_answers`` or ``context``.
+            with a string ``type``, a ``state`` frame whose ``patch`` is not an
+            object of objects keyed by ``form_answers`` or ``context``, a
+            ``media`` frame whose ``payload`` is not base64, or a ``mark``
+            without a string ``name``.
     """
     if isinstance(data, bytes):
         raise InvalidAgentFrame("unsupported_data", "binary frames are not relayed; send JSON")
@@ -101,7 +124,10 @@ def parse_frame(data: str | bytes, *, max_size: int) -> AgentMessage | StatePatc
         raise InvalidAgentFrame("invalid_json", f"frame is not valid JSON: {exc}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise InvalidAgentFrame("invalid_message", "a frame must be an object with a string type")
-    if msg["type"] != "state":
+    kind = msg["type"]
+    if kind in ("media", "mark", "clear"):
+        return _media(kind, msg)
+    if kind != "state":
         if codec.too_deep(msg, codec.MAX_DEPTH):
             raise InvalidAgentFrame(
                 "invalid_message", f"the frame nests deeper than {codec.MAX_DEPTH}"
@@ -122,6 +148,23 @@ def parse_frame(data: str | bytes, *, max_size: int) -> AgentMessage | StatePatc
     return StatePatch(patch)
 
 
+def _media(kind: str, msg: dict[str, Any]) -> Media:
+    if kind == "clear":
+        return Media("clear", "")
+    field = "payload" if kind == "media" else "name"
+    value = msg.get(field)
+    if not isinstance(value, str) or not value:
+        raise InvalidAgentFrame("invalid_media", f"a {kind} frame needs a string {field!r}")
+    if kind == "media":
+        try:
+            binascii.a2b_base64(value, strict_mode=True)
+        except binascii.Error:
+            raise InvalidAgentFrame("invalid_media", "a media payload must be base64") from None
+    elif len(value) > 256:
+        raise InvalidAgentFrame("invalid_media", "a mark name is at most 256 characters")
+    return Media("media" if kind == "media" else "mark", value)
+
+
 def caller_object(caller: CallerKey) -> dict[str, str]:
     """The caller as the agent sees it: the hello's fields, normalised."""
     field = "phone" if caller.kind == "phone" else "user_id"
@@ -134,8 +177,13 @@ def session_open(
     *,
     kind: Literal["session.start", "session.resume"],
     reason: str | None = None,
+    stream: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """Return a ``session.start`` or ``session.resume`` frame with the state as it stands."""
+    """Return a ``session.start`` or ``session.resume`` frame with the state as it stands.
+
+    Args:
+        stream: The phone stream the client is, if it is one (``TwilioStream.stream``).
+    """
     frame: dict[str, Any] = {
         "type": kind,
         "session_id": session.session_id,
@@ -145,6 +193,8 @@ def session_open(
     }
     if reason is not None:
         frame["reason"] = reason
+    if stream is not None:
+        frame["stream"] = stream
     return codec.dumps(frame)
 
 
@@ -156,7 +206,7 @@ def turn_frame(session: Session, turn: Turn) -> bytes:
         "turn_id": turn.turn_id,
         "version": session.version,
     }
-    for name in ("text", "form", "context"):
+    for name in ("text", "form", "context", "dtmf"):
         value = getattr(turn, name)
         if value is not None:
             frame[name] = value

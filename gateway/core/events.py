@@ -7,7 +7,7 @@ from typing import Any
 
 from gateway.core.callerkey import CallerKey
 
-__all__ = ["Ack", "Bye", "Event", "Hello", "Turn"]
+__all__ = ["Ack", "Bye", "Event", "Forward", "Hello", "Turn"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,8 @@ class Turn:
     text: str | None
     form: dict[str, Any] | None
     context: dict[str, Any] | None
+    dtmf: str | None = None
+    """A key the caller pressed on the phone (Twilio Media Streams)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,13 @@ class Ack:
 @dataclass(frozen=True, slots=True)
 class Bye:
     """The client ended the session."""
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """A frame for the voice agent that is relayed, never stored (the caller's audio)."""
+
+    frame: bytes
 
 
 Event = Hello | Turn | Ack | Bye

@@ -111,6 +111,8 @@ class Protocol:
         """Set once the connection must close; the driver closes with it."""
         self.error_code: str | None = None
         """The code of the error that closed the connection, if any (for metrics)."""
+        self.stream: dict[str, Any] | None = None
+        """A phone stream's description for the agent: never, on protocol v1."""
         self._outbox: list[bytes] = []
 
     # Receiving

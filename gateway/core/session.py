@@ -149,6 +149,8 @@ class Session:
             last["text"] = turn.text
         if turn.form:
             last["form"] = turn.form
+        if turn.dtmf is not None:
+            last["dtmf"] = turn.dtmf
         state["last_turn"] = last
         return TurnWrite(
             turn.turn_id,

@@ -50,7 +50,7 @@ from websockets.protocol import State
 from gateway.core import agent, codec
 from gateway.core.callerkey import CallerKey
 from gateway.core.closecodes import BYE, SERVICE_RESTART
-from gateway.core.events import Ack, Bye, Hello, Turn
+from gateway.core.events import Ack, Bye, Forward, Hello, Turn
 from gateway.core.protocol import Protocol
 from gateway.core.resume import Outcome
 from gateway.core.session import (
@@ -62,6 +62,7 @@ from gateway.core.session import (
     new_resume_token,
     new_session_id,
 )
+from gateway.core.twilio import TwilioStream
 from gateway.exceptions import StoreConflict, StoreError
 from gateway.metrics import Metrics
 from gateway.store.base import SessionStore
@@ -99,7 +100,7 @@ class Connection:
     """One client WebSocket: its protocol state and the writer that drains it."""
 
     ws: ServerConnection
-    protocol: Protocol
+    protocol: Protocol | TwilioStream
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     sent_seq: int = 0
     """The newest agent message queued on this connection."""
@@ -158,6 +159,8 @@ class ClientContext:
     """Seconds a session stays here after its client dropped, storing what the agent says."""
     instance: str = ""
     """This instance's ID: the owner it writes into the sessions it serves."""
+    twilio_caller_param: str = "From"
+    """The Twilio ``<Stream>`` custom parameter that holds the caller's number."""
     live: dict[CallerKey, LiveSession] = field(default_factory=dict)
     """Sessions served here, by caller key."""
     by_sid: dict[SessionId, LiveSession] = field(default_factory=dict)
@@ -232,13 +235,26 @@ class ClientContext:
             conn.flush()
 
 
-async def handle_client(ctx: ClientContext, ws: ServerConnection) -> None:
-    """Serve one client connection until it closes."""
-    conn = Connection(
-        ws, Protocol(max_message_size=ctx.max_message_size, default_region=ctx.default_region)
-    )
+async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: bool = False) -> None:
+    """Serve one client connection until it closes.
+
+    Args:
+        twilio: The client is a Twilio Media Stream (:mod:`gateway.core.twilio`),
+            not a protocol v1 client.
+    """
+    protocol: Protocol | TwilioStream
+    if twilio:
+        protocol = TwilioStream(
+            max_message_size=ctx.max_message_size,
+            caller_param=ctx.twilio_caller_param,
+            default_region=ctx.default_region,
+        )
+    else:
+        protocol = Protocol(
+            max_message_size=ctx.max_message_size, default_region=ctx.default_region
+        )
+    conn = Connection(ws, protocol)
     writer = asyncio.create_task(_write(ctx, conn))
-    protocol = conn.protocol
     live: LiveSession | None = None
     ctx.metrics.connections_active.inc()
     ctx.connections.add(conn)
@@ -255,6 +271,13 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection) -> None:
                     protocol.close(SERVICE_RESTART)
                 else:
                     live = await _hello(ctx, conn, event)
+            elif isinstance(event, Forward):
+                # A phone caller's audio: to the agent now, or never (it is not stored).
+                assert live is not None
+                link = live.link if live.client is conn else None
+                sent = link is not None and link.send(event.frame, droppable=True)
+                ctx.metrics.media.labels("to_agent", "relayed" if sent else "dropped").inc()
+                continue  # nothing to write back
             elif isinstance(event, Turn):
                 assert live is not None
                 await _turn(ctx, live, conn, event)
@@ -504,9 +527,35 @@ def _dial(ctx: ClientContext, live: LiveSession, reason: str) -> AgentLink:
 
     def opening(why: str) -> bytes:
         assert live.session is not None
+        client = live.client
+        stream = client.protocol.stream if client is not None else None
         if why == "start":
-            return agent.session_open(live.session, live.caller, kind="session.start")
-        return agent.session_open(live.session, live.caller, kind="session.resume", reason=why)
+            return agent.session_open(
+                live.session, live.caller, kind="session.start", stream=stream
+            )
+        return agent.session_open(
+            live.session, live.caller, kind="session.resume", reason=why, stream=stream
+        )
+
+    def route(frame: str | bytes) -> bool:
+        """Take a phone stream's audio, mark or clear straight to the caller."""
+        try:
+            parsed = agent.parse_frame(frame, max_size=ctx.max_message_size)
+        except agent.InvalidAgentFrame:
+            return False  # the pump rejects it and tells the agent why
+        if not isinstance(parsed, agent.Media):
+            return False
+        conn = live.client
+        sent = (
+            conn is not None
+            and isinstance(conn.protocol, TwilioStream)
+            and conn.protocol.send_media(parsed)
+        )
+        if sent:
+            assert conn is not None
+            conn.flush()
+        ctx.metrics.media.labels("to_caller", "relayed" if sent else "dropped").inc()
+        return True
 
     return AgentLink(
         ctx.downstream,
@@ -518,6 +567,7 @@ def _dial(ctx: ClientContext, live: LiveSession, reason: str) -> AgentLink:
         max_size=ctx.max_message_size,
         open_timeout=ctx.agent_open_timeout,
         session_id=live.session.session_id,
+        route=route,
     )
 
 
@@ -730,6 +780,8 @@ def _check(ctx: ClientContext, live: LiveSession, frames: list[str | bytes]) -> 
     for frame in frames:
         try:
             parsed = agent.parse_frame(frame, max_size=ctx.max_message_size)
+            if isinstance(parsed, agent.Media):
+                continue  # the link's route relays these; none reach the inbox
             if isinstance(parsed, agent.AgentMessage):
                 batch.messages.append(parsed.data)
                 continue

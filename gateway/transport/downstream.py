@@ -3,8 +3,10 @@
 :class:`AgentLink` opens the connection, sends ``session.start`` or
 ``session.resume`` first (built when the connection opens, so it carries the
 state as it stands then), then whatever the session forwards (turns,
-``session.end``). Frames the agent sends go to ``inbox`` unparsed; the session
-checks, persists and relays them (:mod:`gateway.transport.client_ws`).
+``session.end``, a phone caller's audio). Frames the agent sends go to
+``route`` first, which takes a phone stream's audio straight to the caller, and
+the rest to ``inbox`` unparsed; the session checks, persists and relays them
+(:mod:`gateway.transport.client_ws`).
 
 While the link is down, forwarded frames are dropped rather than queued: the
 ``session.resume`` sent on the next connection carries the state they produced.
@@ -25,7 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from gateway.metrics import Metrics
 
-__all__ = ["AgentLink", "Opening"]
+__all__ = ["MAX_QUEUED_MEDIA", "AgentLink", "Opening", "Route"]
 
 log = logging.getLogger("gateway.downstream")
 
@@ -33,9 +35,13 @@ _CLOSE_TIMEOUT = 5.0
 """Seconds to send ``session.end`` and close a link before it is dropped."""
 _STABLE = 5.0
 """Seconds a connection must have lasted for the redial delays to start small again."""
+MAX_QUEUED_MEDIA = 1500
+"""Droppable frames (a caller's audio) queued for a slow agent at most: 30 s of 20 ms chunks."""
 
 Opening = Callable[[str], bytes]
 """Builds a connection's first frame (``session.start`` or ``session.resume``) for a reason."""
+Route = Callable[[str | bytes], bool]
+"""Takes an agent frame that needs no store (a phone caller's audio): ``True`` if it did."""
 
 
 class AgentLink:
@@ -52,6 +58,7 @@ class AgentLink:
         max_size: Largest frame accepted from the agent; larger ones drop the link.
         open_timeout: Seconds to wait for the agent's handshake.
         session_id: For log lines.
+        route: Sees every agent frame before ``inbox`` does, and keeps those it takes.
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class AgentLink:
         max_size: int,
         open_timeout: float,
         session_id: str,
+        route: Route | None = None,
     ) -> None:
         self.url = url
         self._opening = opening
@@ -76,6 +84,7 @@ class AgentLink:
         self._max_size = max_size
         self._open_timeout = open_timeout
         self._session_id = session_id
+        self._route = route
         self._ws: ClientConnection | None = None
         self._outbox: deque[bytes] = deque()
         self._wake = asyncio.Event()
@@ -83,11 +92,20 @@ class AgentLink:
         self._final: bytes | None = None
         self._task = asyncio.create_task(self._run())
 
-    def send(self, frame: bytes) -> None:
-        """Forward ``frame`` if the agent is connected; drop it otherwise (see module doc)."""
-        if self._ws is not None and not self._closing:
-            self._outbox.append(frame)
-            self._wake.set()
+    def send(self, frame: bytes, *, droppable: bool = False) -> bool:
+        """Forward ``frame`` if the agent is connected; drop it otherwise (see module doc).
+
+        A ``droppable`` frame (audio) is dropped too while :data:`MAX_QUEUED_MEDIA`
+        frames wait for an agent that reads slower than the caller speaks.
+        Returns whether the frame was queued.
+        """
+        if self._ws is None or self._closing:
+            return False
+        if droppable and len(self._outbox) >= MAX_QUEUED_MEDIA:
+            return False
+        self._outbox.append(frame)
+        self._wake.set()
+        return True
 
     def reopen(self, reason: str) -> None:
         """Tell the agent where the session stands, now or on the next connection.
@@ -188,4 +206,5 @@ class AgentLink:
     async def _read(self, ws: ClientConnection) -> None:
         with contextlib.suppress(ConnectionClosed):
             async for frame in ws:
-                await self._inbox.put(frame)
+                if self._route is None or not self._route(frame):
+                    await self._inbox.put(frame)

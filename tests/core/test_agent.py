@@ -11,6 +11,7 @@ from gateway.core.agent import (
     AGENT_ERRORS,
     AgentMessage,
     InvalidAgentFrame,
+    Media,
     StatePatch,
     caller_object,
     error_frame,
@@ -172,6 +173,45 @@ def test_session_resume_frame() -> None:
     }
 
 
+def test_session_open_with_a_phone_stream() -> None:
+    """A session opened by a phone stream tells the agent which stream, for its audio."""
+    stream = {"provider": "twilio", "stream_sid": "MZ1", "call_sid": "CA1"}
+    data = session_open(session(), PHONE, kind="session.resume", reason="x", stream=stream)
+    assert json.loads(data)["stream"] == stream
+
+
+@pytest.mark.parametrize(
+    ("data", "media"),
+    [
+        ('{"type":"media","payload":"AAECAw=="}', Media("media", "AAECAw==")),
+        ('{"type":"mark","name":"greeting-done","extra":1}', Media("mark", "greeting-done")),
+        ('{"type":"clear"}', Media("clear", "")),
+    ],
+)
+def test_media_mark_and_clear_are_for_the_phone(data: str, media: Media) -> None:
+    """media, mark and clear are phone stream frames, not stored messages."""
+    assert parse_frame(data, max_size=1024) == media
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        '{"type":"media"}',
+        '{"type":"media","payload":""}',
+        '{"type":"media","payload":5}',
+        '{"type":"media","payload":"not base64!"}',
+        '{"type":"media","payload":"AAE"}',
+        '{"type":"mark"}',
+        '{"type":"mark","name":"' + "m" * 257 + '"}',
+    ],
+)
+def test_bad_media_frames_are_rejected(data: str) -> None:
+    """A media frame needs a base64 payload and a mark a name of at most 256 characters."""
+    with pytest.raises(InvalidAgentFrame) as info:
+        parse_frame(data, max_size=1024)
+    assert info.value.code == "invalid_media"
+
+
 @pytest.mark.parametrize(
     ("turn", "present"),
     [
@@ -182,6 +222,7 @@ def test_session_resume_frame() -> None:
             Turn("t1", "hi", {"name": "Ada"}, {"k": [1]}),
             {"text": "hi", "form": {"name": "Ada"}, "context": {"k": [1]}},
         ),
+        (Turn("t1", None, None, None, dtmf="5"), {"dtmf": "5"}),
     ],
 )
 def test_turn_frame(turn: Turn, present: dict[str, Any]) -> None:

@@ -171,3 +171,11 @@ def test_commit_push_without_patch() -> None:
     assert (session.version, session.seq, session.updated_ms) == (4, 8, 9)
     session.commit_push(session.push([], [], acked_seq=0, now_ms=11))
     assert (session.version, session.seq, session.updated_ms) == (4, 8, 11)
+
+
+def test_a_key_press_is_recorded_in_last_turn() -> None:
+    """A DTMF turn records its key in last_turn and changes no answers."""
+    session = fresh()
+    write = session.apply(Turn("d1", None, None, None, dtmf="7"), 5)
+    assert write.state["last_turn"] == {"turn_id": "d1", "at_ms": 5, "dtmf": "7"}
+    assert write.state["form_answers"] == {}

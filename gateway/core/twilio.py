@@ -1,0 +1,313 @@
+"""Twilio Media Streams as a client of the gateway, without I/O.
+
+A TwiML ``<Connect><Stream url="wss://…/v1/twilio">`` makes Twilio open a
+WebSocket and speak its own protocol: ``connected``, ``start``, then ``media``
+every 20 ms, ``dtmf`` on a key press, ``mark`` when playback reaches one of
+ours, and ``stop``. :class:`TwilioStream` stands in for
+:class:`gateway.core.protocol.Protocol` on such a connection, with the same
+driver interface, and maps it onto sessions:
+
+* ``start`` is the hello. The caller key is the custom parameter that names
+  the caller (``From`` by default; a phone number, or else taken as a user ID)
+  plus ``start.callSid``, in the tenant of the ``tenant`` parameter if given.
+  A new stream for the same call (new ``streamSid``, same ``callSid``) resumes
+  the session; a second stream while the first is open takes it over.
+* ``media`` and ``mark`` go to the voice agent as they are, never stored:
+  ``{"type": "media", "track", "chunk", "timestamp", "payload"}`` (base64
+  μ-law, 8 kHz) and ``{"type": "mark", "name"}``.
+* ``dtmf`` is a turn, stored like any other before the agent hears of it:
+  ``turn_id`` ``dtmf-{streamSid}-{sequenceNumber}``, the key in ``dtmf``.
+* ``stop`` closes the connection with 1000. The session is not ended: Twilio
+  sends ``stop`` when the app re-attaches the call to a new stream too.
+
+The agent's ``media``, ``mark`` and ``clear`` frames (:class:`gateway.core.
+agent.Media`) go back to Twilio with the current ``streamSid``
+(:meth:`TwilioStream.send_media`). Stored agent messages, state frames and
+acks have no place in Twilio's protocol and are not sent. Bad input closes the
+connection with the same close codes as protocol v1, without an error frame
+(Twilio would not read one); other events are ignored, as new ones may come.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Iterable
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+from gateway.core import codec
+from gateway.core.agent import Media
+from gateway.core.callerkey import InvalidCaller, parse_caller
+from gateway.core.closecodes import CloseReason
+from gateway.core.events import Forward, Hello, Turn
+from gateway.core.protocol import ERRORS, Phase
+from gateway.core.session import Session
+
+__all__ = ["MAX_QUEUED_MEDIA", "STREAM_STOPPED", "TwilioStream", "signature", "signature_valid"]
+
+STREAM_STOPPED: Final = CloseReason(1000, "stream stopped", reconnect=False)
+"""Twilio sent ``stop``: the stream is over, the session is not."""
+MAX_QUEUED_MEDIA: Final = 1500
+"""Frames for Twilio queued at most (30 s of 20 ms chunks); more are dropped."""
+_MAX_SID = 64
+
+
+class _Invalid(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+class TwilioStream:
+    """State machine for one Twilio Media Streams connection.
+
+    Args:
+        max_message_size: Largest accepted frame, in UTF-8 bytes.
+        caller_param: The custom parameter that holds the caller's number.
+        default_region: Region for phone numbers written without ``+``.
+    """
+
+    def __init__(
+        self, *, max_message_size: int, caller_param: str = "From", default_region: str | None
+    ) -> None:
+        self.max_message_size = max_message_size
+        self.caller_param = caller_param
+        self.default_region = default_region
+        self.phase = Phase.AWAIT_HELLO
+        self.close_reason: CloseReason | None = None
+        self.error_code: str | None = None
+        self.stream_sid: str | None = None
+        self.stream: dict[str, Any] | None = None
+        """What ``start`` said about the stream, for the agent; ``None`` before it."""
+        self._outbox: list[bytes] = []
+
+    # Receiving
+
+    def receive_text(self, data: str) -> Hello | Turn | Forward | None:
+        """Parse one frame from Twilio; return what the driver must act on, if anything."""
+        if self.phase is Phase.CLOSED:
+            return None
+        try:
+            return self._parse(data)
+        except _Invalid as exc:
+            self.fail(exc.code, exc.message)
+            return None
+
+    def receive_binary(self, data: bytes) -> None:
+        """Refuse a binary frame: Twilio sends JSON text only."""
+        if self.phase is not Phase.CLOSED:
+            self.fail("unsupported_data", "binary frames are not part of Media Streams")
+
+    def _parse(self, data: str) -> Hello | Turn | Forward | None:
+        if len(data) > self.max_message_size or len(data.encode()) > self.max_message_size:
+            raise _Invalid(
+                "message_too_big", f"frames are limited to {self.max_message_size} bytes"
+            )
+        try:
+            msg = codec.loads(data)
+        except codec.DecodeError as exc:
+            raise _Invalid("invalid_json", f"frame is not valid JSON: {exc}") from None
+        if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
+            raise _Invalid("invalid_message", "a frame must be an object with a string event")
+        event = msg["event"]
+        if event == "connected":
+            return None
+        if event == "start":
+            if self.phase is not Phase.AWAIT_HELLO:
+                raise _Invalid("unexpected_message", "a second start on one stream")
+            hello = self._start(msg)
+            self.phase = Phase.RESTORING
+            return hello
+        if event not in ("media", "dtmf", "mark", "stop"):
+            return None  # a newer event than we know: Twilio's protocol grows
+        if self.phase is Phase.AWAIT_HELLO:
+            raise _Invalid("unexpected_message", f"'{event}' before start")
+        if event == "media":
+            media = _object(msg, "media")
+            return Forward(
+                codec.dumps(
+                    {
+                        "type": "media",
+                        "track": _string(media, "track", 32),
+                        "chunk": _number(media, "chunk"),
+                        "timestamp": _number(media, "timestamp"),
+                        "payload": _string(media, "payload", self.max_message_size),
+                    }
+                )
+            )
+        if event == "mark":
+            name = _string(_object(msg, "mark"), "name", 256)
+            return Forward(codec.dumps({"type": "mark", "name": name}))
+        if event == "dtmf":
+            digit = _string(_object(msg, "dtmf"), "digit", 1)
+            number = _number(msg, "sequenceNumber")
+            return Turn(f"dtmf-{self.stream_sid}-{number}", None, None, None, dtmf=digit)
+        self.close(STREAM_STOPPED)
+        return None
+
+    def _start(self, msg: dict[str, Any]) -> Hello:
+        start = _object(msg, "start")
+        call_sid = _string(start, "callSid", _MAX_SID)
+        self.stream_sid = _string(start, "streamSid", _MAX_SID)
+        params = start.get("customParameters") or {}
+        if not isinstance(params, dict):
+            raise _Invalid("invalid_message", "start.customParameters must be an object")
+        who = params.get(self.caller_param)
+        if not isinstance(who, str) or not who:
+            raise _Invalid(
+                "invalid_caller",
+                f"start.customParameters has no {self.caller_param!r}: add "
+                f'<Parameter name="{self.caller_param}" value="..."/> to the <Stream>',
+            )
+        tenant = params.get("tenant")
+        try:
+            try:
+                caller = parse_caller(
+                    {"phone": who, "call_id": call_sid},
+                    tenant,
+                    default_region=self.default_region,
+                )
+            except InvalidCaller as exc:
+                if exc.field != "phone":
+                    raise
+                # client:alice, sip:…, anonymous: not a number, still a caller.
+                caller = parse_caller({"user_id": who, "call_id": call_sid}, tenant)
+        except InvalidCaller as exc:
+            raise _Invalid("invalid_caller", f"caller {exc}") from None
+        self.stream = {
+            "provider": "twilio",
+            "stream_sid": self.stream_sid,
+            "call_sid": call_sid,
+            "account_sid": start.get("accountSid"),
+            "tracks": start.get("tracks"),
+            "media_format": start.get("mediaFormat"),
+            "custom_parameters": params,
+        }
+        return Hello(caller, None, None)
+
+    # Sending
+
+    def send_welcome(
+        self, session: Session, *, resumed: bool, stale: bool, replay_from: int | None = None
+    ) -> None:
+        """The session is open; Twilio is told nothing (the agent is, on its link)."""
+        if self.phase is not Phase.CLOSED:
+            self.phase = Phase.OPEN
+
+    def send_msg(self, seq: int, data: bytes) -> None:
+        """A stored agent message: Twilio has no place for it."""
+
+    def send_state(self, session: Session) -> None:
+        """A state change: Twilio has no place for it."""
+
+    def send_ack(self, turn_id: str, version: int) -> None:
+        """A turn (a key press) is durable: Twilio expects no answer."""
+
+    def send_media(self, media: Media) -> bool:
+        """Queue the agent's audio, mark or clear for Twilio, with this stream's ``streamSid``.
+
+        Returns ``False`` (nothing queued) unless open, or when
+        :data:`MAX_QUEUED_MEDIA` frames are already waiting for a slow Twilio.
+        """
+        if self.phase is not Phase.OPEN or len(self._outbox) >= MAX_QUEUED_MEDIA:
+            return False
+        frame: dict[str, Any] = {"event": media.kind, "streamSid": self.stream_sid}
+        if media.kind == "media":
+            frame["media"] = {"payload": media.value}
+        elif media.kind == "mark":
+            frame["mark"] = {"name": media.value}
+        self._outbox.append(codec.dumps(frame))
+        return True
+
+    def fail(self, code: str, message: str) -> None:
+        """Close with the close reason of ``code``; ``message`` goes nowhere Twilio reads."""
+        if self.phase is Phase.CLOSED:
+            return
+        self.error_code = code
+        self.close(ERRORS[code])
+
+    def close(self, reason: CloseReason) -> None:
+        """Close with ``reason`` after the frames queued so far."""
+        if self.phase is not Phase.CLOSED:
+            self.close_reason = reason
+            self.phase = Phase.CLOSED
+
+    def data_to_send(self) -> list[bytes]:
+        """Return and forget the frames queued since the last call."""
+        out, self._outbox = self._outbox, []
+        return out
+
+
+def _object(msg: dict[str, Any], name: str) -> dict[str, Any]:
+    value = msg.get(name)
+    if not isinstance(value, dict):
+        raise _Invalid("invalid_message", f"field {name!r} must be an object")
+    return value
+
+
+def _string(msg: dict[str, Any], name: str, limit: int) -> str:
+    value = msg.get(name)
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        raise _Invalid(
+            "invalid_message", f"field {name!r} must be a string of 1 to {limit} characters"
+        )
+    return value
+
+
+def _number(msg: dict[str, Any], name: str) -> int:
+    """Twilio writes counters as decimal strings (``"chunk": "3"``)."""
+    value = msg.get(name)
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+        return int(value)
+    raise _Invalid("invalid_message", f"field {name!r} must be a decimal string")
+
+
+# The upgrade request's signature
+
+
+def signature(auth_token: str, url: str) -> str:
+    """Twilio's ``X-Twilio-Signature`` for a WebSocket to ``url``: base64 HMAC-SHA1 of the URL.
+
+    A WebSocket upgrade is a GET, so no POST parameters are appended.
+    """
+    mac = hmac.new(auth_token.encode(), url.encode(), hashlib.sha1)
+    return base64.b64encode(mac.digest()).decode()
+
+
+def signature_valid(auth_tokens: Iterable[str], url: str, header: str | None) -> bool:
+    """Whether ``header`` is Twilio's signature of ``url`` under one of ``auth_tokens``.
+
+    ``url`` is tried as given and, as Twilio's own validators do, with the
+    scheme's default port added or removed: Twilio signs the URL as written in
+    the TwiML, and a proxy may report it either way.
+    """
+    if not header:
+        return False
+    candidates = _port_variants(url)
+    return any(
+        hmac.compare_digest(signature(token, candidate).encode(), header.encode())
+        for token in auth_tokens
+        for candidate in candidates
+    )
+
+
+_DEFAULT_PORTS: Final = {"wss": 443, "https": 443, "ws": 80, "http": 80}
+
+
+def _port_variants(url: str) -> list[str]:
+    parts = urlsplit(url)
+    default = _DEFAULT_PORTS.get(parts.scheme)
+    host = parts.hostname
+    if default is None or host is None or "@" in parts.netloc:
+        return [url]
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is None:
+        other = parts._replace(netloc=f"{host}:{default}")
+    elif parts.port == default:
+        other = parts._replace(netloc=host)
+    else:
+        return [url]
+    return [url, urlunsplit(other)]
