@@ -8,6 +8,10 @@ with a ``state`` patch that also names the turn it answered
 turn in the state was handled: it answers it if not, and otherwise asks the
 next unanswered question.
 
+A phone caller's audio (``media`` frames, from a Twilio stream) is echoed
+back as it comes, with a ``mark`` after every second of it: enough to hear the
+relay work end to end, and to see the echo move to a re-attached stream.
+
 ``hangon serve`` runs it in-process when no ``--downstream`` is given;
 ``hangon demo-agent`` runs it on its own, to stand in for a real backend.
 """
@@ -126,6 +130,12 @@ async def _handle(ws: ServerConnection) -> None:
             if kind == "session.end":
                 await ws.close(1000, "session ended")
                 return
+            if kind == "media":
+                await ws.send(json.dumps({"type": "media", "payload": frame.get("payload")}))
+                chunk = frame.get("chunk")
+                if isinstance(chunk, int) and chunk % 50 == 0:
+                    await ws.send(json.dumps({"type": "mark", "name": f"echo-{chunk}"}))
+                continue
             if kind == "error":
                 log.warning("demo agent: the gateway rejected a frame: %s", frame)
             for reply in form.reply(frame):

@@ -12,7 +12,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.demo_agent import BookingForm
 
-__all__ = ["Reply", "TestAgent", "booking", "silent"]
+__all__ = ["Reply", "TestAgent", "booking", "phone", "silent"]
 
 Reply = Callable[[dict[str, Any], dict[str, Any]], list[str | bytes | dict[str, Any]]]
 """(frame, per-connection scratch) -> frames to send back."""
@@ -27,6 +27,23 @@ def booking(frame: dict[str, Any], scratch: dict[str, Any]) -> list[str | bytes 
     """Answer as the demo agent does (its form logic, one form per connection)."""
     form: BookingForm = scratch.setdefault("form", BookingForm())
     return list(form.reply(frame))
+
+
+def phone(frame: dict[str, Any], scratch: dict[str, Any]) -> list[str | bytes | dict[str, Any]]:
+    """A phone agent: echo the caller's audio, and keep the keys pressed in the form, each
+    answered with a mark after its state patch."""
+    kind = frame["type"]
+    if kind == "media":
+        return [{"type": "media", "payload": frame["payload"]}]
+    if kind in ("session.start", "session.resume"):
+        scratch["digits"] = frame["state"]["form_answers"].get("digits", "")
+    if kind == "turn" and "dtmf" in frame:
+        scratch["digits"] += frame["dtmf"]
+        return [
+            {"type": "state", "patch": {"form_answers": {"digits": scratch["digits"]}}},
+            {"type": "mark", "name": f"heard-{frame['turn_id']}"},
+        ]
+    return []
 
 
 class TestAgent:

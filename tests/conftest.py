@@ -18,6 +18,7 @@ from gateway.server import Gateway
 from gateway.store.base import SessionStore, StoreSettings
 from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
+from loadtest import twilio as loadtest_twilio
 from tests.gateway_process import GatewayProcess
 from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer, ensure_redis_server
@@ -104,6 +105,20 @@ def demo_agent(tmp_path: Path) -> Iterator[GatewayProcess]:
     yield agent
     if agent.proc is not None and agent.proc.poll() is None:
         agent.kill()
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """Real speech as Twilio sends it: espeak-ng's voice, converted to 8 kHz μ-law by sox."""
+    missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} not found: apt-get install espeak-ng sox")
+    audio = loadtest_twilio.speech(
+        "My name is Ada Lovelace, and I would like a checkup on Friday.",
+        tmp_path_factory.mktemp("speech"),
+    )
+    assert len(audio) > 8000 * 2  # over two seconds of it
+    return audio
 
 
 @pytest.fixture

@@ -106,6 +106,8 @@ class Connection:
     """The newest agent message queued on this connection."""
     done: bool = False
     """The handler has stopped reading; the writer sends what is left and stops."""
+    counted: bool = False
+    """The error that closes this connection has been counted."""
 
     def flush(self) -> None:
         """Let the writer send what is queued."""
@@ -275,8 +277,10 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
                 # A phone caller's audio: to the agent now, or never (it is not stored).
                 assert live is not None
                 link = live.link if live.client is conn else None
-                sent = link is not None and link.send(event.frame, droppable=True)
-                ctx.metrics.media.labels("to_agent", "relayed" if sent else "dropped").inc()
+                if link is not None:
+                    link.send(event.frame, droppable=True)
+                else:
+                    ctx.metrics.media.labels("to_agent", "dropped").inc()
                 continue  # nothing to write back
             elif isinstance(event, Turn):
                 assert live is not None
@@ -312,17 +316,18 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
 async def _write(ctx: ClientContext, conn: Connection) -> None:
     """Send what the protocol queues, in order, and close when it says so.
 
-    An error is counted when its frame leaves the queue, before anything is sent,
-    so it is counted exactly once (nothing is queued after an error frame) and
-    even when the client is already gone.
+    An error is counted once, as soon as the writer wakes after it, before
+    anything is sent: even when the client is already gone, and even without an
+    error frame (a Twilio stream gets none).
     """
     protocol, ws = conn.protocol, conn.ws
     while True:
         await conn.wake.wait()
         conn.wake.clear()
+        if protocol.error_code is not None and not conn.counted:
+            conn.counted = True
+            ctx.metrics.protocol_errors.labels(protocol.error_code).inc()
         while frames := protocol.data_to_send():
-            if protocol.close_reason is not None and protocol.error_code is not None:
-                ctx.metrics.protocol_errors.labels(protocol.error_code).inc()
             for frame in frames:
                 await ws.send(frame, text=True)
         reason = protocol.close_reason

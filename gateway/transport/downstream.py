@@ -10,6 +10,9 @@ the rest to ``inbox`` unparsed; the session checks, persists and relays them
 
 While the link is down, forwarded frames are dropped rather than queued: the
 ``session.resume`` sent on the next connection carries the state they produced.
+A caller's audio is the exception: the newest :data:`EARLY_MEDIA` frames are
+kept and sent after the opening frame, so that words spoken while the link
+dials are not lost (nor seconds-old audio replayed after a long outage).
 The client is told nothing about the agent's connection.
 """
 
@@ -27,7 +30,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from gateway.metrics import Metrics
 
-__all__ = ["MAX_QUEUED_MEDIA", "AgentLink", "Opening", "Route"]
+__all__ = ["EARLY_MEDIA", "MAX_QUEUED_MEDIA", "AgentLink", "Opening", "Route"]
 
 log = logging.getLogger("gateway.downstream")
 
@@ -37,6 +40,8 @@ _STABLE = 5.0
 """Seconds a connection must have lasted for the redial delays to start small again."""
 MAX_QUEUED_MEDIA = 1500
 """Droppable frames (a caller's audio) queued for a slow agent at most: 30 s of 20 ms chunks."""
+EARLY_MEDIA = 100
+"""Droppable frames kept while the link is down, the newest: 2 s of 20 ms chunks."""
 
 Opening = Callable[[str], bytes]
 """Builds a connection's first frame (``session.start`` or ``session.resume``) for a reason."""
@@ -87,25 +92,39 @@ class AgentLink:
         self._route = route
         self._ws: ClientConnection | None = None
         self._outbox: deque[bytes] = deque()
+        self._early: deque[bytes] = deque()
         self._wake = asyncio.Event()
         self._closing = False
         self._final: bytes | None = None
         self._task = asyncio.create_task(self._run())
 
-    def send(self, frame: bytes, *, droppable: bool = False) -> bool:
+    def send(self, frame: bytes, *, droppable: bool = False) -> None:
         """Forward ``frame`` if the agent is connected; drop it otherwise (see module doc).
 
-        A ``droppable`` frame (audio) is dropped too while :data:`MAX_QUEUED_MEDIA`
-        frames wait for an agent that reads slower than the caller speaks.
-        Returns whether the frame was queued.
+        A ``droppable`` frame (audio) is kept while the link is down (the newest
+        :data:`EARLY_MEDIA`), and dropped while :data:`MAX_QUEUED_MEDIA` frames
+        wait for an agent that reads slower than the caller speaks; it is counted
+        as relayed or dropped where its fate is decided.
         """
-        if self._ws is None or self._closing:
-            return False
-        if droppable and len(self._outbox) >= MAX_QUEUED_MEDIA:
-            return False
-        self._outbox.append(frame)
-        self._wake.set()
-        return True
+        if not droppable:
+            if self._ws is not None and not self._closing:
+                self._outbox.append(frame)
+                self._wake.set()
+            return
+        media = self._metrics.media
+        if self._closing:
+            media.labels("to_agent", "dropped").inc()
+        elif self._ws is None:
+            if len(self._early) >= EARLY_MEDIA:
+                self._early.popleft()
+                media.labels("to_agent", "dropped").inc()
+            self._early.append(frame)
+        elif len(self._outbox) >= MAX_QUEUED_MEDIA:
+            media.labels("to_agent", "dropped").inc()
+        else:
+            self._outbox.append(frame)
+            self._wake.set()
+            media.labels("to_agent", "relayed").inc()
 
     def reopen(self, reason: str) -> None:
         """Tell the agent where the session stands, now or on the next connection.
@@ -127,6 +146,9 @@ class AgentLink:
         self._closing = True
         self._final = final
         self._wake.set()
+        if self._early:
+            self._metrics.media.labels("to_agent", "dropped").inc(len(self._early))
+            self._early.clear()
         if self._ws is None:
             self._task.cancel()
         return self._wait()
@@ -173,6 +195,9 @@ class AgentLink:
             # Built now, so it carries the state as it stands; never once stopped, when the
             # session it would describe may be another one.
             self._outbox.append(self._opening(self._reason))
+            self._outbox.extend(self._early)
+            self._metrics.media.labels("to_agent", "relayed").inc(len(self._early))
+        self._early.clear()
         self._ws = ws
         reader = asyncio.create_task(self._read(ws))
         try:

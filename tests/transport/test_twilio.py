@@ -1,0 +1,341 @@
+"""Twilio Media Streams through a real gateway: a replayed call with real speech reaches the
+agent byte for byte, the agent's audio and marks reach the stream the call is on now, and a
+call dropped mid-sentence resumes on a new stream with every key press it made."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.server import Gateway
+from gateway.store.base import StoreSettings
+from gateway.transport.downstream import EARLY_MEDIA
+from loadtest.twilio import CHUNK, Stream, TwilioCall
+from tests.agents import Reply, TestAgent, phone
+from tests.conftest import Clock, StoreFactory
+from tests.relayclient import Caller
+from tests.wsclient import url
+
+pytestmark = pytest.mark.parametrize("store_kind", ["redis"])
+
+TWILIO = "/v1/twilio"
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+@asynccontextmanager
+async def phone_gateway(
+    config: Config,
+    settings: StoreSettings,
+    make_store: StoreFactory,
+    clock: Clock,
+    reply: Reply = phone,
+    **twilio: Any,
+) -> AsyncIterator[tuple[Gateway, TestAgent]]:
+    async with TestAgent(reply) as voice:
+        cfg = config.replace("agent", downstream=voice.url).replace("twilio", **twilio)
+        gw = Gateway(
+            cfg,
+            store=make_store(settings),
+            metrics=Metrics(),
+            clock=clock,
+            delays=lambda: [0.01, 0.02, 0.05],
+        )
+        async with gw:
+            yield gw, voice
+
+
+def sample(gw: Gateway, name: str, **labels: str) -> float:
+    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def audio_of(frames: list[dict[str, Any]]) -> bytes:
+    return b"".join(base64.b64decode(f["payload"]) for f in frames)
+
+
+def count(stream: Stream, event: str) -> int:
+    return sum(f["event"] == event for f in stream.received)
+
+
+async def stored_digits(gw: Gateway, digits: str) -> None:
+    """Wait until the agent's patch with ``digits`` is written (the pump is asynchronous)."""
+    async with asyncio.timeout(5):
+        while True:
+            lives = list(gw.context.live.values())
+            if lives and lives[0].session is not None:
+                if lives[0].session.state["form_answers"].get("digits") == digits:
+                    return
+            await asyncio.sleep(0.01)
+
+
+async def test_a_call_dropped_mid_sentence_resumes_on_a_new_stream(
+    config: Config,
+    settings: StoreSettings,
+    make_store: StoreFactory,
+    clock: Clock,
+    speech: bytes,
+) -> None:
+    """Speech reaches the agent byte for byte and in order, even while its link dials; the
+    echo and marks come back with the stream's own streamSid; after a drop mid-call a new
+    stream for the call resumes the session with both key presses, and the echo follows it."""
+    half = len(speech) // 2 // CHUNK * CHUNK
+    first_chunks = half // CHUNK
+    async with phone_gateway(config, settings, make_store, clock) as (gw, voice):
+        call = TwilioCall(url(gw.port, TWILIO), params={"tenant": "acme"})
+        first = await call.stream()
+        await first.play(speech[:half])  # at once: the agent link is still dialling
+        # A turn made before the link is up reaches the agent in session.start's state, not
+        # as a turn frame (the downstream protocol): press the keys once it is up.
+        await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
+        await first.dtmf("4")
+        await first.dtmf("2")
+        await voice.wait_for(lambda r: len(voice.of_type("media")) == first_chunks)
+        start = voice.of_type("session.start")[0]
+        assert voice.received[0] is start
+        assert start["caller"] == {
+            "tenant": "acme",
+            "phone": "+14155550100",
+            "call_id": call.call_sid,
+        }
+        assert start["stream"]["stream_sid"] == first.stream_sid
+        assert start["stream"]["call_sid"] == call.call_sid
+        assert start["stream"]["media_format"] == {
+            "encoding": "audio/x-mulaw",
+            "sampleRate": 8000,
+            "channels": 1,
+        }
+        media = voice.of_type("media")
+        assert audio_of(media) == speech[:half]
+        assert [m["chunk"] for m in media] == list(range(1, first_chunks + 1))
+        assert [m["timestamp"] for m in media[:3]] == [0, 20, 40]
+
+        # Echo, then a mark per key press; Twilio echoes each mark back to the agent.
+        await first.wait_for(
+            lambda r: count(first, "media") == first_chunks and count(first, "mark") == 2
+        )
+        assert first.audio() == speech[:half]
+        assert {f["streamSid"] for f in first.received} == {first.stream_sid}
+        turns = voice.of_type("turn")
+        assert [(t["dtmf"], t["version"]) for t in turns] == [("4", 1), ("2", 2)]
+        assert turns[0]["turn_id"].startswith(f"dtmf-{first.stream_sid}-")
+        await voice.wait_for(lambda r: len(voice.of_type("mark")) == 2)
+        assert [m["name"] for m in voice.of_type("mark")] == [
+            f"heard-{t['turn_id']}" for t in turns
+        ]
+        await stored_digits(gw, "42")
+
+        first.abort()  # mid-call: no stop, no close frame
+        second = await call.stream()
+        await voice.wait_for(lambda r: len(voice.of_type("session.resume")) == 1)
+        resume = voice.of_type("session.resume")[0]
+        assert resume["reason"] == "client_resumed"
+        assert resume["session_id"] == start["session_id"]
+        assert resume["stream"]["stream_sid"] == second.stream_sid != first.stream_sid
+        assert resume["state"]["form_answers"] == {"digits": "42"}
+        assert resume["state"]["last_turn"]["dtmf"] == "2"
+        assert resume["version"] == 4  # two turns, two patches
+
+        await second.play(speech[half:])
+        await second.dtmf("7")
+        rest = -(-(len(speech) - half) // CHUNK)
+        await second.wait_for(
+            lambda r: count(second, "media") == rest and count(second, "mark") == 1
+        )
+        assert second.audio() == speech[half:]
+        assert {f["streamSid"] for f in second.received} == {second.stream_sid}
+        assert audio_of(voice.of_type("media")) == speech
+        await stored_digits(gw, "427")
+        await second.stop()
+        assert second.close_code == 1000
+    assert not voice.of_type("session.end")  # a stream's stop does not end the call
+    assert sample(gw, "hangon_session_turns_total", outcome="applied") == 3
+    chunks = first_chunks + rest
+    assert (
+        sample(gw, "hangon_relay_media_frames_total", direction="to_agent", outcome="relayed")
+        == chunks + 3
+    )
+    assert (
+        sample(gw, "hangon_relay_media_frames_total", direction="to_caller", outcome="relayed")
+        == chunks + 3
+    )
+
+
+async def test_a_second_stream_for_an_open_call_takes_it_over(
+    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+) -> None:
+    """A second stream for a call whose first is still open gets the session; the first is
+    closed with 4500 and the agent's audio goes to the second only."""
+    async with phone_gateway(config, settings, make_store, clock) as (gw, voice):
+        call = TwilioCall(url(gw.port, TWILIO))
+        first = await call.stream()
+        await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
+        await first.dtmf("1")
+        await voice.wait_for(lambda r: len(voice.of_type("turn")) == 1)
+        second = await call.stream()
+        assert await first.closed() == 4500
+        await voice.wait_for(lambda r: len(voice.of_type("session.resume")) == 1)
+        await voice.send({"type": "media", "payload": "AAECAw=="}, {"type": "clear"})
+        await second.wait_for(lambda r: count(second, "clear") == 1)
+        assert [f["event"] for f in second.received] == ["media", "clear"]
+        assert {f["streamSid"] for f in second.received} == {second.stream_sid}
+        assert not any(f["event"] in ("media", "clear") for f in first.received)
+    assert sample(gw, "hangon_session_takeovers_total", kind="local") == 1
+
+
+async def test_stop_leaves_the_session_for_the_next_stream(
+    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+) -> None:
+    """stop closes the stream with 1000; the next stream resumes the session (a re-attach)."""
+    async with phone_gateway(config, settings, make_store, clock) as (gw, voice):
+        call = TwilioCall(url(gw.port, TWILIO))
+        first = await call.stream()
+        await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
+        await first.dtmf("9")
+        await voice.wait_for(lambda r: len(voice.of_type("turn")) == 1)
+        await first.stop()
+        assert first.close_code == 1000
+        await call.stream()
+        await voice.wait_for(lambda r: len(voice.of_type("session.resume")) == 1)
+        assert voice.of_type("session.resume")[0]["state"]["last_turn"]["dtmf"] == "9"
+    assert sample(gw, "hangon_session_restores_total", outcome="hit") == 1
+
+
+@pytest.mark.parametrize("public", [None, "wss://voice.example.com/v1/twilio"])
+async def test_signature_checked_when_a_token_is_set(
+    config: Config,
+    settings: StoreSettings,
+    make_store: StoreFactory,
+    clock: Clock,
+    public: str | None,
+) -> None:
+    """With an auth token, a stream signed for the public URL opens and a missing or wrong
+    X-Twilio-Signature is refused with 403 and counted."""
+    async with phone_gateway(
+        config, settings, make_store, clock, twilio_auth_token=("old", TOKEN), twilio_url=public
+    ) as (gw, voice):
+        address = url(gw.port, TWILIO)
+        signed = public or f"wss://127.0.0.1:{gw.port}{TWILIO}"
+        good = TwilioCall(address, auth_token=TOKEN, signed_url=signed)
+        await good.stream()
+        await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
+        for call in (
+            TwilioCall(address, auth_token="wrong", signed_url=signed),
+            TwilioCall(address, auth_token=TOKEN, signed_url=signed + "x"),
+            TwilioCall(address),  # unsigned
+        ):
+            with pytest.raises(InvalidStatus) as info:
+                await call.stream()
+            assert info.value.response.status_code == 403
+        # The v1 endpoint is not Twilio's: no signature asked for.
+        async with connect(url(gw.port)):
+            pass
+    assert sample(gw, "hangon_auth_failures_total", reason="twilio_signature") == 3
+    assert len(voice.of_type("session.start")) == 1
+
+
+@pytest.mark.parametrize(
+    ("frames", "code", "error"),
+    [
+        ([b"\x00"], 1003, "unsupported_data"),
+        (['{"event":"media","media":{}}'], 1008, "unexpected_message"),
+        (['{"event":"start","start":{"callSid":"CA1","streamSid":"MZ1"}}'], 1008, "invalid_caller"),
+        (["not json"], 1007, "invalid_json"),
+    ],
+)
+async def test_bad_streams_close_and_are_counted(
+    config: Config,
+    settings: StoreSettings,
+    make_store: StoreFactory,
+    clock: Clock,
+    frames: list[str | bytes],
+    code: int,
+    error: str,
+) -> None:
+    """A bad stream is closed with its code and counted; a good call beside it is unharmed."""
+    async with phone_gateway(config, settings, make_store, clock) as (gw, voice):
+        good = await TwilioCall(url(gw.port, TWILIO)).stream()
+        await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
+        async with connect(url(gw.port, TWILIO)) as ws:
+            for frame in frames:
+                await ws.send(frame)
+            await ws.wait_closed()
+            assert ws.close_code == code
+        await good.dtmf("5")
+        await good.wait_for(lambda r: count(good, "mark") == 1)
+    assert sample(gw, "hangon_protocol_errors_total", code=error) == 1
+
+
+async def test_agent_audio_is_never_stored_and_bad_audio_is_rejected(
+    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+) -> None:
+    """Agent audio for a protocol v1 client is dropped, not stored or numbered; a media frame
+    that is not base64 is rejected back to the agent."""
+    async with phone_gateway(config, settings, make_store, clock) as (gw, voice):
+        caller = Caller(url(gw.port), {"user_id": "u1", "call_id": "web-1"})
+        await caller.connect()
+        await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
+        await voice.send(
+            {"type": "media", "payload": "AAECAw=="},
+            {"type": "mark", "name": "m"},
+            {"type": "media", "payload": "not base64"},
+            {"type": "say", "text": "hello"},
+        )
+        await voice.wait_for(lambda r: len(voice.of_type("error")) == 1)
+        assert voice.of_type("error")[0]["code"] == "invalid_media"
+        frame = await caller.until(lambda f: f["type"] == "msg")
+        assert (frame["seq"], frame["data"]) == (1, {"type": "say", "text": "hello"})
+        await caller.aclose()
+    assert (
+        sample(gw, "hangon_relay_media_frames_total", direction="to_caller", outcome="dropped") == 2
+    )
+    assert sample(gw, "hangon_agent_frames_rejected_total", code="invalid_media") == 1
+
+
+async def test_twilio_endpoint_can_be_turned_off(
+    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+) -> None:
+    """With --twilio-path none the path is 404 like any other."""
+    async with phone_gateway(config, settings, make_store, clock, twilio_path=None) as (gw, _):
+        with pytest.raises(InvalidStatus) as info:
+            await TwilioCall(url(gw.port, TWILIO)).stream()
+        assert info.value.response.status_code == 404
+
+
+async def test_audio_waits_for_the_agent_link_but_only_the_newest(
+    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+) -> None:
+    """Audio spoken while the agent link is down reaches the agent once it is up, after its
+    opening frame: the newest two seconds of it, the older ones dropped and counted."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = config.replace("agent", downstream=f"ws://127.0.0.1:{port}/", agent_retry_max_delay=0.2)
+    async with Gateway(
+        cfg, store=make_store(settings), metrics=Metrics(), clock=clock, delays=lambda: [0.01]
+    ) as gw:
+        stream = await TwilioCall(url(gw.port, TWILIO)).stream()
+        chunks = EARLY_MEDIA + 50
+        for n in range(chunks):
+            await stream.media(bytes([n % 256]) * CHUNK)
+        dropped = {"direction": "to_agent", "outcome": "dropped"}
+        async with asyncio.timeout(5):
+            while sample(gw, "hangon_relay_media_frames_total", **dropped) < 50:
+                await asyncio.sleep(0.01)
+        async with TestAgent(port=port) as voice:
+            await voice.wait_for(lambda r: len(voice.of_type("media")) == EARLY_MEDIA)
+            assert voice.received[0]["type"] == "session.start"
+            assert [m["chunk"] for m in voice.of_type("media")] == list(range(51, chunks + 1))
+    assert (
+        sample(gw, "hangon_relay_media_frames_total", direction="to_agent", outcome="dropped") == 50
+    )
+    relayed = sample(gw, "hangon_relay_media_frames_total", direction="to_agent", outcome="relayed")
+    assert relayed == EARLY_MEDIA
