@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from tests.redis_server import free_port
+from tests.tools import ensure
 
 __all__ = [
     "DEPLOY",
@@ -43,32 +43,14 @@ _BEGIN = "# @backends begin"
 _END = "# @backends end"
 
 
-def _ensure(binary: str, package: str) -> str | None:
-    """Return the path of ``binary``, installing ``package`` with apt when running as root."""
-
-    def find() -> str | None:
-        # Debian puts both in /usr/sbin, which is not on every user's PATH.
-        return shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/usr/local/sbin")
-
-    found = find()
-    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=False, env=env, capture_output=True)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-q", package], check=False, env=env, capture_output=True
-    )
-    return find()
-
-
 def ensure_haproxy() -> str | None:
     """Return the path of haproxy, installing it with apt when running as root; else None."""
-    return _ensure("haproxy", "haproxy")
+    return ensure("haproxy", "haproxy")
 
 
 def ensure_nginx() -> str | None:
     """Return the path of nginx, installing it with apt when running as root; else None."""
-    return _ensure("nginx", "nginx")
+    return ensure("nginx", "nginx")
 
 
 def render_backends(text: str, servers: Callable[[str], list[str]]) -> str:

