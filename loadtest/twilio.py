@@ -28,6 +28,7 @@ import base64
 import contextlib
 import ipaddress
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -39,7 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.core.twilio import signature
 
@@ -169,7 +170,8 @@ class TwilioCall:
         caller: The ``From`` custom parameter.
         params: More custom parameters (``tenant``); ``caller_param`` names the caller's.
         auth_token: Sign the upgrade with ``X-Twilio-Signature`` under this token.
-        signed_url: The URL to sign (what the TwiML said); ``url`` by default.
+        signed_url: The URL to sign (what the TwiML said); by default ``url`` with
+            ``wss://``, which is what the gateway assumes Twilio used (TLS ends at a proxy).
     """
 
     def __init__(
@@ -187,7 +189,7 @@ class TwilioCall:
         self.account_sid = "AC" + secrets.token_hex(16)
         self.params = {caller_param: caller, **(params or {})}
         self.auth_token = auth_token
-        self.signed_url = signed_url or url
+        self.signed_url = signed_url or re.sub(r"^ws://", "wss://", url)
         self.streams: list[Stream] = []
 
     async def stream(self) -> Stream:
@@ -225,10 +227,17 @@ def _loopback(url: str) -> None:
 
 
 async def replay(
-    url: str, audio: bytes, *, digits: str, pace: float, auth_token: str | None, echo_wait: float
+    url: str,
+    audio: bytes,
+    *,
+    digits: str,
+    pace: float,
+    auth_token: str | None,
+    signed_url: str | None,
+    echo_wait: float,
 ) -> dict[str, Any]:
     """Play ``audio`` with a drop half way and a re-attach; report what came back."""
-    call = TwilioCall(url, auth_token=auth_token)
+    call = TwilioCall(url, auth_token=auth_token, signed_url=signed_url)
     half = len(audio) // 2 // CHUNK * CHUNK
     report: dict[str, Any] = {"call_sid": call.call_sid, "streams": []}
     started = time.monotonic()
@@ -280,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--digits", default="42", help="keys pressed before the drop")
     parser.add_argument("--pace", type=float, default=0.02, help="seconds between chunks")
     parser.add_argument("--auth-token", help="sign the upgrade (X-Twilio-Signature)")
+    parser.add_argument(
+        "--signed-url",
+        help="the URL to sign, as the gateway's --twilio-url; default: --url, wss://",
+    )
     parser.add_argument("--echo-wait", type=float, default=5.0, help="seconds to await the echo")
     args = parser.parse_args(argv)
     _loopback(args.url)
@@ -288,16 +301,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             audio = speech(args.say, Path(tmp))
-    report = asyncio.run(
-        replay(
-            args.url,
-            audio,
-            digits=args.digits,
-            pace=args.pace,
-            auth_token=args.auth_token,
-            echo_wait=args.echo_wait,
+    try:
+        report = asyncio.run(
+            replay(
+                args.url,
+                audio,
+                digits=args.digits,
+                pace=args.pace,
+                auth_token=args.auth_token,
+                signed_url=args.signed_url,
+                echo_wait=args.echo_wait,
+            )
         )
-    )
+    except InvalidStatus as exc:
+        print(f"the gateway refused the stream: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
 
