@@ -31,7 +31,7 @@ from types import TracebackType
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 
 from gateway.config import Config
@@ -255,10 +255,14 @@ class Gateway:
         t = self.config.twilio
         if not t.twilio_auth_token:
             return True
-        url = t.twilio_url or f"wss://{request.headers.get('Host', '')}{path}"
+        try:
+            host = request.headers.get("Host", "")
+            header = request.headers.get("X-Twilio-Signature")
+        except MultipleValuesError:
+            return False  # Twilio sends one of each
+        url = t.twilio_url or f"wss://{host}{path}"
         if query:
             url = f"{url}?{query}"
-        header = request.headers.get("X-Twilio-Signature")
         return signature_valid(t.twilio_auth_token, url, header)
 
     async def _ready(self, connection: ServerConnection) -> Response:

@@ -66,5 +66,4 @@ async def test_call_moves_to_another_gateway_after_a_kill(
         rest = -(-(len(speech) - half) // CHUNK)
         await second.wait_for(lambda r: sum(f["event"] == "media" for f in r) == rest)
         assert second.audio() == speech[half:]
-        assert {f["streamSid"] for f in second.received} == {second.stream_sid}
         await second.stop()

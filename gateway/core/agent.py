@@ -20,9 +20,9 @@ come and never stored.
 
 The agent sends JSON objects with a string ``type``. ``{"type": "state",
 "patch": {...}}`` changes the session state (see :func:`parse_frame`).
-``media`` (``payload``: base64 audio), ``mark`` (``name``) and ``clear`` are
-for a phone caller's stream: relayed at once, never stored or numbered
-(:class:`Media`). Any other object is a message for the client, relayed as the
+In a phone call's session, ``media`` (``payload``: base64 audio), ``mark``
+(``name``) and ``clear`` are for the caller's stream: relayed at once, never
+stored or numbered (:class:`Media`). Any other object is a message for the client, relayed as the
 ``data`` of a sequenced ``msg`` frame. A bad frame is rejected with an
 ``error`` frame back to the agent and never reaches the client or the store.
 """
@@ -103,8 +103,15 @@ class StatePatch:
     patch: dict[str, dict[str, Any]]
 
 
-def parse_frame(data: str | bytes, *, max_size: int) -> AgentMessage | StatePatch | Media:
+def parse_frame(
+    data: str | bytes, *, max_size: int, phone: bool = False
+) -> AgentMessage | StatePatch | Media:
     """Check one frame from the agent.
+
+    Args:
+        phone: The session is a phone call's: ``media``, ``mark`` and ``clear``
+            are :class:`Media` for its stream. Otherwise they are messages like
+            any other, as they were before phone streams existed.
 
     Raises:
         InvalidAgentFrame: If the frame is binary, too big, not a JSON object
@@ -125,7 +132,7 @@ def parse_frame(data: str | bytes, *, max_size: int) -> AgentMessage | StatePatc
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise InvalidAgentFrame("invalid_message", "a frame must be an object with a string type")
     kind = msg["type"]
-    if kind in ("media", "mark", "clear"):
+    if phone and kind in ("media", "mark", "clear"):
         return _media(kind, msg)
     if kind != "state":
         if codec.too_deep(msg, codec.MAX_DEPTH):
@@ -158,7 +165,7 @@ def _media(kind: str, msg: dict[str, Any]) -> Media:
     if kind == "media":
         try:
             binascii.a2b_base64(value, strict_mode=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a str that is not ASCII
             raise InvalidAgentFrame("invalid_media", "a media payload must be base64") from None
     elif len(value) > 256:
         raise InvalidAgentFrame("invalid_media", "a mark name is at most 256 characters")

@@ -78,10 +78,14 @@ class TwilioStream:
         self.phase = Phase.AWAIT_HELLO
         self.close_reason: CloseReason | None = None
         self.error_code: str | None = None
+        self.error_message: str | None = None
+        """Why the stream was closed for an error, for the log (Twilio gets no error frame)."""
         self.stream_sid: str | None = None
         self.stream: dict[str, Any] | None = None
         """What ``start`` said about the stream, for the agent; ``None`` before it."""
-        self._outbox: list[bytes] = []
+        self._outbox: list[tuple[str, bytes]] = []
+        """Frames for Twilio, each with its event (``media``, ``mark``, ``clear``)."""
+        self._queued_media = 0
 
     # Receiving
 
@@ -124,6 +128,10 @@ class TwilioStream:
             return None  # a newer event than we know: Twilio's protocol grows
         if self.phase is Phase.AWAIT_HELLO:
             raise _Invalid("unexpected_message", f"'{event}' before start")
+        if self.phase is Phase.RESTORING and event != "stop":
+            # Only seen when the driver gave up on the hello (Twilio hung up meanwhile) and
+            # reads what was already buffered: nothing to act on.
+            return None
         if event == "media":
             media = _object(msg, "media")
             return Forward(
@@ -208,17 +216,24 @@ class TwilioStream:
     def send_media(self, media: Media) -> bool:
         """Queue the agent's audio, mark or clear for Twilio, with this stream's ``streamSid``.
 
-        Returns ``False`` (nothing queued) unless open, or when
-        :data:`MAX_QUEUED_MEDIA` frames are already waiting for a slow Twilio.
+        A ``clear`` also drops the audio still queued here: the agent wants it unheard.
+        Returns ``False`` (nothing queued) unless open, or for audio when
+        :data:`MAX_QUEUED_MEDIA` frames of it already wait for a slow Twilio.
         """
-        if self.phase is not Phase.OPEN or len(self._outbox) >= MAX_QUEUED_MEDIA:
+        if self.phase is not Phase.OPEN:
             return False
         frame: dict[str, Any] = {"event": media.kind, "streamSid": self.stream_sid}
         if media.kind == "media":
+            if self._queued_media >= MAX_QUEUED_MEDIA:
+                return False
+            self._queued_media += 1
             frame["media"] = {"payload": media.value}
         elif media.kind == "mark":
             frame["mark"] = {"name": media.value}
-        self._outbox.append(codec.dumps(frame))
+        else:
+            self._outbox = [item for item in self._outbox if item[0] != "media"]
+            self._queued_media = 0
+        self._outbox.append((media.kind, codec.dumps(frame)))
         return True
 
     def fail(self, code: str, message: str) -> None:
@@ -226,6 +241,7 @@ class TwilioStream:
         if self.phase is Phase.CLOSED:
             return
         self.error_code = code
+        self.error_message = message
         self.close(ERRORS[code])
 
     def close(self, reason: CloseReason) -> None:
@@ -236,8 +252,8 @@ class TwilioStream:
 
     def data_to_send(self) -> list[bytes]:
         """Return and forget the frames queued since the last call."""
-        out, self._outbox = self._outbox, []
-        return out
+        out, self._outbox, self._queued_media = self._outbox, [], 0
+        return [frame for _, frame in out]
 
 
 def _object(msg: dict[str, Any], name: str) -> dict[str, Any]:
@@ -297,16 +313,20 @@ _DEFAULT_PORTS: Final = {"wss": 443, "https": 443, "ws": 80, "http": 80}
 
 
 def _port_variants(url: str) -> list[str]:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # from a Host header such as "x:abc", "x:99999" or "[::1"
+        return [url]
     default = _DEFAULT_PORTS.get(parts.scheme)
     host = parts.hostname
     if default is None or host is None or "@" in parts.netloc:
         return [url]
     if ":" in host:
         host = f"[{host}]"
-    if parts.port is None:
+    if port is None:
         other = parts._replace(netloc=f"{host}:{default}")
-    elif parts.port == default:
+    elif port == default:
         other = parts._replace(netloc=host)
     else:
         return [url]

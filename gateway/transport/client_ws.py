@@ -134,6 +134,8 @@ class LiveSession:
     """Agent frames the pump took from the inbox and has not persisted yet."""
     gone: bool = False
     """Dropped from this instance: ended, moved elsewhere, or lingered out."""
+    phone: bool = False
+    """Its last client was a phone stream: the agent's audio, marks and clears are for it."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -275,7 +277,8 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
                     live = await _hello(ctx, conn, event)
             elif isinstance(event, Forward):
                 # A phone caller's audio: to the agent now, or never (it is not stored).
-                assert live is not None
+                if live is None:
+                    continue  # the hello was abandoned (stream gone mid-restore)
                 link = live.link if live.client is conn else None
                 if link is not None:
                     link.send(event.frame, droppable=True)
@@ -301,6 +304,13 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
         log.exception("unexpected error on a client connection")
         protocol.fail("internal_error", "unexpected error; reconnect to resume")
     finally:
+        if isinstance(protocol, TwilioStream) and protocol.error_code is not None:
+            # A Twilio stream gets no error frame: the log is the only place that says why.
+            log.warning(
+                "twilio stream closed error=%s message=%s",
+                protocol.error_code,
+                protocol.error_message,
+            )
         ctx.metrics.connections_active.dec()
         ctx.connections.discard(conn)
         if live is not None and live.client is conn:
@@ -321,22 +331,32 @@ async def _write(ctx: ClientContext, conn: Connection) -> None:
     error frame (a Twilio stream gets none).
     """
     protocol, ws = conn.protocol, conn.ws
-    while True:
-        await conn.wake.wait()
-        conn.wake.clear()
+
+    def count() -> None:
         if protocol.error_code is not None and not conn.counted:
             conn.counted = True
             ctx.metrics.protocol_errors.labels(protocol.error_code).inc()
-        while frames := protocol.data_to_send():
-            for frame in frames:
-                await ws.send(frame, text=True)
-        reason = protocol.close_reason
-        if reason is not None:
-            if ws.state is State.OPEN:
-                await ws.close(reason.code, reason.reason)
-            return
-        if conn.done:
-            return
+
+    try:
+        while True:
+            await conn.wake.wait()
+            conn.wake.clear()
+            # Counted before each take from the queue, so an error set while a send was
+            # under way is counted before the close that follows it (no await between).
+            count()
+            while frames := protocol.data_to_send():
+                for frame in frames:
+                    await ws.send(frame, text=True)
+                count()
+            reason = protocol.close_reason
+            if reason is not None:
+                if ws.state is State.OPEN:
+                    await ws.close(reason.code, reason.reason)
+                return
+            if conn.done:
+                return
+    finally:
+        count()  # the client went away mid-send
 
 
 def _live_for(ctx: ClientContext, caller: CallerKey) -> LiveSession:
@@ -433,6 +453,7 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
     live.session = session
     ctx.by_sid[session.session_id] = live
     live.client = conn
+    live.phone = isinstance(protocol, TwilioStream)
     if outcome is not Outcome.HIT:
         live.acked_seq = 0
     else:
@@ -544,12 +565,18 @@ def _dial(ctx: ClientContext, live: LiveSession, reason: str) -> AgentLink:
 
     def route(frame: str | bytes) -> bool:
         """Take a phone stream's audio, mark or clear straight to the caller."""
+        if not live.phone:
+            return False
         try:
-            parsed = agent.parse_frame(frame, max_size=ctx.max_message_size)
+            parsed = agent.parse_frame(frame, max_size=ctx.max_message_size, phone=True)
         except agent.InvalidAgentFrame:
             return False  # the pump rejects it and tells the agent why
         if not isinstance(parsed, agent.Media):
             return False
+        if live.link is not link:
+            # A link being closed (its session replaced here): not for the current stream.
+            ctx.metrics.media.labels("to_caller", "dropped").inc()
+            return True
         conn = live.client
         sent = (
             conn is not None
@@ -562,7 +589,7 @@ def _dial(ctx: ClientContext, live: LiveSession, reason: str) -> AgentLink:
         ctx.metrics.media.labels("to_caller", "relayed" if sent else "dropped").inc()
         return True
 
-    return AgentLink(
+    link = AgentLink(
         ctx.downstream,
         opening=opening,
         reason=reason,
@@ -574,6 +601,7 @@ def _dial(ctx: ClientContext, live: LiveSession, reason: str) -> AgentLink:
         session_id=live.session.session_id,
         route=route,
     )
+    return link
 
 
 def _start_tasks(ctx: ClientContext, live: LiveSession) -> None:
@@ -784,9 +812,9 @@ def _check(ctx: ClientContext, live: LiveSession, frames: list[str | bytes]) -> 
     state = session.state  # as the patches accepted so far leave it
     for frame in frames:
         try:
-            parsed = agent.parse_frame(frame, max_size=ctx.max_message_size)
+            parsed = agent.parse_frame(frame, max_size=ctx.max_message_size, phone=live.phone)
             if isinstance(parsed, agent.Media):
-                continue  # the link's route relays these; none reach the inbox
+                continue  # the link's route relays these; it only misses them mid-switch
             if isinstance(parsed, agent.AgentMessage):
                 batch.messages.append(parsed.data)
                 continue

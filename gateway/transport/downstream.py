@@ -231,5 +231,11 @@ class AgentLink:
     async def _read(self, ws: ClientConnection) -> None:
         with contextlib.suppress(ConnectionClosed):
             async for frame in ws:
-                if self._route is None or not self._route(frame):
+                try:
+                    routed = self._route is not None and self._route(frame)
+                except Exception:
+                    # The link must outlive a bad frame or a bug in the route.
+                    log.exception("agent frame not routed session=%s", self._session_id)
+                    routed = True
+                if not routed:
                     await self._inbox.put(frame)

@@ -189,8 +189,10 @@ def test_session_open_with_a_phone_stream() -> None:
     ],
 )
 def test_media_mark_and_clear_are_for_the_phone(data: str, media: Media) -> None:
-    """media, mark and clear are phone stream frames, not stored messages."""
-    assert parse_frame(data, max_size=1024) == media
+    """In a phone call's session media, mark and clear are for its stream; in any other they
+    are messages, as before phone streams existed."""
+    assert parse_frame(data, max_size=1024, phone=True) == media
+    assert parse_frame(data, max_size=1024) == AgentMessage(data.encode())
 
 
 @pytest.mark.parametrize(
@@ -201,6 +203,7 @@ def test_media_mark_and_clear_are_for_the_phone(data: str, media: Media) -> None
         '{"type":"media","payload":5}',
         '{"type":"media","payload":"not base64!"}',
         '{"type":"media","payload":"AAE"}',
+        '{"type":"media","payload":"\u00e9AAA"}',
         '{"type":"mark"}',
         '{"type":"mark","name":"' + "m" * 257 + '"}',
     ],
@@ -208,7 +211,7 @@ def test_media_mark_and_clear_are_for_the_phone(data: str, media: Media) -> None
 def test_bad_media_frames_are_rejected(data: str) -> None:
     """A media frame needs a base64 payload and a mark a name of at most 256 characters."""
     with pytest.raises(InvalidAgentFrame) as info:
-        parse_frame(data, max_size=1024)
+        parse_frame(data, max_size=1024, phone=True)
     assert info.value.code == "invalid_media"
 
 

@@ -112,7 +112,7 @@ def test_bad_frames_before_start_close_with_their_code(message: str, code: str) 
     """A bad frame closes the stream with the v1 close code of its error and sends nothing."""
     stream = TwilioStream(max_message_size=1024, default_region=None)
     assert stream.receive_text(message) is None
-    assert stream.error_code == code
+    assert stream.error_code == code and stream.error_message
     assert stream.close_reason is not None and stream.phase is Phase.CLOSED
     assert stream.data_to_send() == []
 
@@ -204,9 +204,11 @@ def test_binary_frames_close_with_1003() -> None:
 def test_agent_media_mark_and_clear_carry_the_stream_sid() -> None:
     """The agent's frames become Twilio's media, mark and clear for this streamSid."""
     stream = opened()
+    sent = []
     for item in (Media("media", "AAEC"), Media("mark", "m1"), Media("clear", "")):
         assert stream.send_media(item)
-    assert [json.loads(f) for f in stream.data_to_send()] == [
+        sent += stream.data_to_send()  # each sent before the next: the clear drops nothing
+    assert [json.loads(f) for f in sent] == [
         {"event": "media", "streamSid": STREAM, "media": {"payload": "AAEC"}},
         {"event": "mark", "streamSid": STREAM, "mark": {"name": "m1"}},
         {"event": "clear", "streamSid": STREAM},
@@ -223,14 +225,39 @@ def test_nothing_else_reaches_twilio() -> None:
 
 
 def test_media_waits_for_the_session_and_is_bounded() -> None:
-    """Agent media is refused before the session opens and past the queue bound."""
+    """Agent audio is refused before the session opens and past the queue bound; marks and
+    clears are not bounded, and a sent queue makes room again."""
     stream = TwilioStream(max_message_size=1024, default_region=None)
     assert not stream.send_media(Media("clear", ""))
     stream.receive_text(start())
     stream.send_welcome(SESSION, resumed=False, stale=False)
     sent = [stream.send_media(Media("media", "AAEC")) for _ in range(MAX_QUEUED_MEDIA + 1)]
     assert sent.count(True) == MAX_QUEUED_MEDIA and sent[-1] is False
-    assert len(stream.data_to_send()) == MAX_QUEUED_MEDIA
+    assert stream.send_media(Media("mark", "m"))
+    assert len(stream.data_to_send()) == MAX_QUEUED_MEDIA + 1
+    assert stream.send_media(Media("media", "AAEC"))
+
+
+def test_clear_drops_the_audio_still_queued() -> None:
+    """A clear drops the audio not yet sent to Twilio, keeps the marks, and goes out itself."""
+    stream = opened()
+    stream.send_media(Media("media", "AAAA"))
+    stream.send_media(Media("mark", "m1"))
+    stream.send_media(Media("media", "BBBB"))
+    assert stream.send_media(Media("clear", ""))
+    assert [json.loads(f)["event"] for f in stream.data_to_send()] == ["mark", "clear"]
+
+
+def test_frames_after_an_abandoned_hello_are_ignored() -> None:
+    """Audio, keys and marks read while the hello is still restoring (the driver gave up on
+    it) are ignored; stop still closes."""
+    stream = TwilioStream(max_message_size=1024, default_region=None)
+    stream.receive_text(start())
+    assert stream.receive_text(media()) is None
+    assert stream.receive_text(json.dumps({"event": "mark", "mark": {"name": "m"}})) is None
+    assert stream.phase is Phase.RESTORING
+    stream.receive_text(json.dumps({"event": "stop", "stop": {}}))
+    assert stream.close_reason == STREAM_STOPPED
 
 
 def test_a_welcome_after_close_does_not_reopen() -> None:
@@ -287,6 +314,9 @@ def test_default_port_written_or_not(signed: str, seen: str) -> None:
         ("wss://voice.example.com/v1/twilio", "wss://voice.example.com:8443/v1/twilio"),
         ("wss://a@voice.example.com/v1/twilio", "wss://a@voice.example.com:443/v1/twilio"),
         ("wss:///v1/twilio", "wss:///v1/twilio?x"),
+        ("wss://x:abc/v1/twilio", "wss://x:abc/v1/twilio?"),
+        ("wss://x:99999/v1/twilio", "wss://x:99999/v1/twilio?"),
+        ("wss://[::1/v1/twilio", "wss://[::1/v1/twilio?"),
         ("foo://h/v1/twilio", "foo://h:443/v1/twilio"),
     ],
 )
