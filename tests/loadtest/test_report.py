@@ -1,0 +1,167 @@
+"""The storm report: one self-contained, well-formed HTML page that escapes what it shows."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+from loadtest.report import render_html, write_report
+
+ROOT = Path(__file__).resolve().parents[2]
+VOID = {"meta", "br", "hr", "img", "input", "link", "col", "wbr"}
+
+
+class TagChecker(HTMLParser):
+    """Checks that every element is closed in order, and collects tags and attribute values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.tags: list[str] = []
+        self.values: list[str] = []
+        self.errors: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        """Open an element unless it is void."""
+        self.tags.append(tag)
+        self.values += [v or "" for _, v in attrs]
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        """Record a self-closed SVG element."""
+        self.tags.append(tag)
+        self.values += [v or "" for _, v in attrs]
+
+    def handle_endtag(self, tag: str) -> None:
+        """Close the innermost open element, which must be this one."""
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(f"unexpected </{tag}>")
+
+
+def check(page: str) -> TagChecker:
+    """Parse a page, assert every element is closed in order, and return the checker."""
+    checker = TagChecker()
+    checker.feed(page)
+    checker.close()
+    assert checker.errors == []
+    assert checker.stack == []
+    return checker
+
+
+def full_result() -> dict[str, Any]:
+    """Return a realistic storm result: 1000 sessions, 2000 latency samples, two series."""
+    rng = random.Random(7)
+    samples = [rng.lognormvariate(3.8, 0.7) for _ in range(2000)]
+    restored = [[i / 10, min(1000, int(1000 * (1 - 0.75**i)) + 2 * i)] for i in range(21)]
+    return {
+        "tool": "hangon-storm",
+        "version": 1,
+        "date": "2026-11-26T03:30:00Z",
+        "params": {"url": "ws://127.0.0.1:8799/ws", "sessions": 1000, "turns": 5, "mode": "drop"},
+        "machine": {"cpus": 2, "platform": "Linux-6.1-x86_64", "python": "3.11.7"},
+        "ok": True,
+        "violations": [],
+        "connect": {"seconds": 2.1, "rate_per_s": 476.0},
+        "turns": {"acked": 5000, "seconds": 3.2, "per_s": 1560.0},
+        "storm": {"all_restored_s": 1.3, "restored": 1000, "shed": 120, "retried": 130},
+        "restore_latency_ms": {"p50": 44.7, "p95": 141.0, "p99": 226.0, "samples": samples},
+        "restored_over_time": restored,
+        "gateway": {
+            "cpu_s": 4.2,
+            "peak_rss_mb": 180.5,
+            "cpu_ms_per_restore": 1.2,
+            "rss_over_time": [[i * 0.5, 120 + 60 * min(1, i / 8)] for i in range(20)],
+        },
+        "redis": {"round_trips_per_turn": 0.05},
+        "baseline": {
+            "connect": {"seconds": 1.7, "server_rss_kib_per_connection": 16.0},
+            "echo": {"server_cpu_us_per_message": 31.0},
+        },
+        "ratios": {"cpu_per_restore_vs_bare": 1.2, "restore_time_vs_bare_connect": 1.1},
+    }
+
+
+def test_full_report_has_three_titled_plots_and_every_figure() -> None:
+    """A full result gives a well-formed page with three titled SVG plots and the figures."""
+    page = render_html(full_result())
+    checker = check(page)
+    assert page.count("<svg") == 3
+    assert checker.tags.count("title") == 4  # the page's and one per plot
+    for label in ("restore latency (ms)", "time since the storm began (s)", "gateway RSS (MB)"):
+        assert label in page
+    assert "p50 44.7 ms" in page and "p99 226 ms" in page
+    assert "total sessions (1,000)" in page
+    assert "PASSED" in page and "banner fail" not in page
+    for figure in ("rate_per_s", "round_trips_per_turn", "echo.server_cpu_us_per_message"):
+        assert figure in page
+    assert "Linux-6.1-x86_64" in page
+
+
+def test_minimal_report_shows_placeholders() -> None:
+    """A result with only params and ok renders, with notes in place of the plots."""
+    page = render_html({"params": {"sessions": 10, "mode": "kill"}, "ok": True})
+    check(page)
+    assert "<svg" not in page
+    assert page.count('class="missing"') == 3
+    assert "10 sessions, mode kill" in page
+
+
+def test_report_loads_nothing() -> None:
+    """No script, link or URL in any attribute; URLs appear only as escaped result text."""
+    result = full_result()
+    result["params"]["url"] = "https://example.com/ws?a=1&b=<2>"
+    result["violations"] = [{"session": "s1", "problem": "see http://evil.example/x.js"}]
+    page = render_html(result)
+    checker = check(page)
+    assert not {"script", "link", "img", "iframe", "object", "image", "use"} & set(checker.tags)
+    assert not [v for v in checker.values if "//" in v or "url(" in v]
+    assert "url(" not in page and "@import" not in page
+    rest = page.replace("https://example.com/ws?a=1&amp;b=&lt;2&gt;", "")
+    rest = rest.replace("see http://evil.example/x.js", "")
+    assert "http://" not in rest and "https://" not in rest
+
+
+def test_violations_are_escaped_counted_and_capped() -> None:
+    """Violations give a red banner with the full count and a table of the first 50, escaped."""
+    result = full_result()
+    result["violations"] = [
+        {"session": f"caller-{i}", "problem": f"restored version {i}, acked {i + 1}"}
+        for i in range(1234)
+    ]
+    result["violations"][0]["session"] = "<script>alert(1)</script>"
+    page = render_html(result)
+    check(page)
+    assert "<script" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "FAILED: 1,234 violations (yet the result says ok = true)" in page
+    assert page.index("banner fail") < page.index("<svg")
+    assert "caller-49<" in page and "caller-50<" not in page
+    assert "First 50 of 1,234." in page
+
+
+def test_ok_false_without_violations_is_a_failure() -> None:
+    """A run that says ok = false is shown in red even when it lists no violation."""
+    page = render_html({"params": {}, "ok": False})
+    assert "banner fail" in page and "ok = false" in page
+
+
+def test_cli_writes_the_file(tmp_path: Path) -> None:
+    """`python -m loadtest.report result.json -o report.html` writes the page."""
+    source, target = tmp_path / "result.json", tmp_path / "report.html"
+    source.write_text(json.dumps(full_result()), encoding="utf-8")
+    command = [sys.executable, "-m", "loadtest.report", str(source), "-o", str(target)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=30)
+    assert target.read_text(encoding="utf-8").count("<svg") == 3
+
+
+def test_write_report(tmp_path: Path) -> None:
+    """write_report writes what render_html returns, in UTF-8."""
+    result = full_result()
+    write_report(result, tmp_path / "r.html")
+    assert (tmp_path / "r.html").read_text(encoding="utf-8") == render_html(result)
