@@ -1,11 +1,15 @@
-"""The Redis store: every restore and every turn is one script call, one round trip.
+"""The Redis store: every restore and every turn is one script call.
 
-Scripts live in ``scripts/*.lua`` and are read once. redis-py runs them with
-EVALSHA; after a ``NOSCRIPT`` (the first call, or Redis restarted) it sends
+Scripts live in ``scripts/*.lua`` and are read once. They run with EVALSHA;
+after a ``NOSCRIPT`` (the first call, or Redis restarted) the store sends
 ``SCRIPT LOAD`` and EVALSHA again. Each script touches only the keys of one
 session, which share a hash tag, so every script runs on Redis Cluster too:
 a ``redis+cluster://`` (or ``rediss+cluster://``) URL names one node of a
 cluster and selects redis-py's cluster client.
+
+Script calls that many sessions make at the same time share round trips:
+:mod:`gateway.store.pipeline` sends them together as one pipeline, and each
+caller gets its own reply.
 
 With ``ack_replicas`` set, each write (turn, agent output, bye) is followed on
 the same connection, in the same round trip, by ``WAIT ack_replicas``: the
@@ -59,6 +63,7 @@ from gateway.store.base import (
     owner_channel,
     session_keys,
 )
+from gateway.store.pipeline import AutoPipeline, RoundTrip
 
 __all__ = ["RedisStore", "is_cluster_url"]
 
@@ -125,6 +130,12 @@ class RedisStore:
             than erroring out.
         ack_replicas: Replicas that must hold a write before it is acknowledged
             (Redis ``WAIT``); 0 acknowledges once the primary has it.
+        batching: Send script calls made at the same time together, one pipeline
+            per round trip (see :mod:`gateway.store.pipeline`); off, each call has a
+            round trip of its own. On a cluster with ``ack_replicas``, calls always
+            go one by one.
+        on_round_trip: Called once per pipeline or single command sent to Redis,
+            with the number of script calls it carries (for metrics).
     """
 
     name = "redis"
@@ -138,15 +149,13 @@ class RedisStore:
         connect_timeout: float = 2.0,
         max_connections: int = 64,
         ack_replicas: int = 0,
+        batching: bool = True,
+        on_round_trip: RoundTrip | None = None,
     ) -> None:
         self.settings = settings
         self.cluster = is_cluster_url(url)
         self.client: aioredis.Redis | RedisCluster
-        self._slots: asyncio.Semaphore | None = None
         if self.cluster:
-            # The cluster client fails, rather than waits, when a node's connections
-            # are all busy; the semaphore makes operations wait their turn instead.
-            self._slots = asyncio.Semaphore(max_connections)
             self.client = RedisCluster.from_url(
                 url.replace("+cluster", "", 1),
                 max_connections=max_connections + 4,
@@ -167,9 +176,17 @@ class RedisStore:
         self._url = url
         self._socket_timeout = socket_timeout
         self._connect_timeout = connect_timeout
-        # WAIT must give up before the socket read does, or a slow replica reads as a
-        # dead primary.
-        self._wait_ms = max(1, int(socket_timeout * 500))
+        self._scripts = AutoPipeline(
+            self.client,
+            ack_replicas=ack_replicas,
+            # WAIT must give up before the socket read does, or a slow replica reads as
+            # a dead primary.
+            wait_ms=max(1, int(socket_timeout * 500)),
+            timeout=socket_timeout,
+            max_connections=max_connections,
+            batching=batching,
+            on_round_trip=on_round_trip,
+        )
         self._restore = self.client.register_script(_script("restore.lua"))
         self._turn = self.client.register_script(_script("turn.lua"))
         self._end = self.client.register_script(_script("end.lua"))
@@ -179,62 +196,11 @@ class RedisStore:
         self._lease_ms = int(settings.lease * 1000)
 
     async def _run(self, script: AsyncScript, keys: Sequence[str], args: list[Any]) -> Any:
-        """Run a script; with ``ack_replicas``, only return once enough replicas have it."""
-        if self._slots is None:
-            return await self._durable(script, keys, args)
-        # Bounded like the standalone pool's wait for a connection.
-        async with asyncio.timeout(self._socket_timeout):
-            await self._slots.acquire()
-        try:
-            return await self._durable(script, keys, args)
-        finally:
-            self._slots.release()
-
-    async def _durable(self, script: AsyncScript, keys: Sequence[str], args: list[Any]) -> Any:
-        if not self.ack_replicas or script is self._restore or script is self._touch:
-            # A restore or renewal lost in a failover costs a reconnect, never a turn:
-            # the epoch it bumped is gone, so the next write is refused and resumes.
-            return await script(keys=keys, args=args)
-        # execute_command("EVALSHA"): the cluster pipeline blocks its evalsha() method.
-        evalsha = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        wait = ("WAIT", self.ack_replicas, self._wait_ms)
-        for _ in range(4):
-            if isinstance(self.client, RedisCluster):
-                # WAIT counts the writes of its own connection: send it to the node that
-                # holds the keys, where the pipeline uses the script's connection. No
-                # redirection: a script redirected alone would be vouched for by the WAIT
-                # of the node it left.
-                cpipe = self.client.pipeline(transaction=False)
-                cpipe.execute_command(*evalsha)
-                cpipe.execute_command(*wait, target_nodes=self.client.get_node_from_key(keys[0]))
-                reply, acked = await cpipe.execute(raise_on_error=False, allow_redirections=False)
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                pipe.execute_command(*evalsha)
-                pipe.execute_command(*wait)
-                reply, acked = await pipe.execute(raise_on_error=False)
-            if isinstance(reply, rex.NoScriptError):
-                await self.client.script_load(script.script)
-                continue
-            if isinstance(reply, rex.MovedError) and isinstance(self.client, RedisCluster):
-                # The slot moved (failover, resharding): learn where, and send both again.
-                await self.client.nodes_manager.move_slot(reply)
-                continue
-            if isinstance(reply, rex.AskError):
-                raise rex.TryAgainError("slot migrating; try again")
-            if isinstance(reply, Exception):
-                raise reply
-            if isinstance(acked, Exception):
-                raise acked
-            if int(acked) < self.ack_replicas:
-                # Retried as unavailable; the scripts answer a retry of a write that
-                # landed as applied and write again, so the next WAIT covers it.
-                raise rex.ConnectionError(
-                    f"{acked} of {self.ack_replicas} replicas acknowledged the write"
-                    f" within {self._wait_ms} ms"
-                )
-            return reply
-        raise rex.TryAgainError("script or slot moved under every try")
+        """Run a script; with ``ack_replicas``, a write returns once enough replicas have it."""
+        # A restore or renewal lost in a failover costs a reconnect, never a turn: the
+        # epoch it bumped is gone, so the next write is refused and resumes.
+        durable = script is not self._restore and script is not self._touch
+        return await self._scripts.run(script, keys, args, durable=durable)
 
     async def restore(
         self,
@@ -360,6 +326,7 @@ class RedisStore:
 
     async def notify(self, owner: str, session_id: SessionId, epoch: int) -> None:
         with _mapped("notify"):
+            self._scripts.count(0)
             await self.client.publish(
                 owner_channel(self.settings.key_prefix, owner), f"{session_id} {epoch}"
             )
@@ -413,7 +380,9 @@ class RedisStore:
 
     async def ping(self) -> None:
         with _mapped("ping"):
+            self._scripts.count(0)
             await self.client.ping()
 
     async def aclose(self) -> None:
+        await self._scripts.aclose()
         await self.client.aclose()
