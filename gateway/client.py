@@ -5,7 +5,8 @@ It sends ``hello`` with the resume token and the last agent message it has
 (``last_seq``), acknowledges messages, and reconnects by itself after a drop
 with exponential backoff and full jitter (:func:`gateway.core.backoff.backoff`),
 waiting at least as long as a ``Retry-After`` the server sent with a refused
-upgrade. WebSocket pings detect a dead connection (``heartbeat_interval``,
+upgrade, or the ``retry_after`` of an error frame (an overloaded gateway's
+1013). WebSocket pings detect a dead connection (``heartbeat_interval``,
 ``heartbeat_timeout``). Turns not yet acknowledged are sent again, in order,
 with the same turn IDs after every reconnect, so each is applied once.
 
@@ -91,6 +92,8 @@ class Client:
         open_timeout: Seconds to wait for the WebSocket handshake (10).
         max_attempts: Connection attempts in a row before :meth:`run` gives up; ``None``:
             never.
+        local_addr: The local ``(host, port)`` to connect from (load tests spread many
+            clients over 127.0.0.x to have enough source ports).
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class Client:
         heartbeat_timeout: float | None = 10.0,
         open_timeout: float = 10.0,
         max_attempts: int | None = None,
+        local_addr: tuple[str, int] | None = None,
     ) -> None:
         self.url = url
         self.caller = dict(caller)
@@ -130,6 +134,11 @@ class Client:
         self.heartbeat_timeout = heartbeat_timeout
         self.open_timeout = open_timeout
         self.max_attempts = max_attempts
+        self.local_addr = local_addr
+        # Passed on to loop.create_connection; typed loosely, as websockets' connect is.
+        self._connect_kwargs: dict[str, Any] = {}
+        if local_addr is not None:
+            self._connect_kwargs["local_addr"] = local_addr
         self.connected = asyncio.Event()
         """Set while a connection is open and welcomed."""
         self.connects = 0
@@ -142,6 +151,8 @@ class Client:
         self._wake = asyncio.Event()
         self._closed: ClientClosed | None = None
         """Set once the client has stopped for good; later calls fail with it."""
+        self._retry_after = 0.0
+        """Seconds the gateway asked this client to wait before its next attempt."""
 
     async def run(self) -> None:
         """Connect, and reconnect after every drop, until :meth:`bye` or :meth:`aclose`.
@@ -176,6 +187,7 @@ class Client:
                     ping_interval=self.heartbeat_interval,
                     ping_timeout=self.heartbeat_timeout,
                     close_timeout=2,
+                    **self._connect_kwargs,
                 ) as ws:
                     if self._closing:
                         break  # aclose() came while connecting
@@ -203,6 +215,7 @@ class Client:
                 self.connected.clear()
             if self._closing:
                 break
+            wait, self._retry_after = max(wait, self._retry_after), 0.0
             if self._welcomed:
                 delays, failures = None, 0  # back to small delays after every welcome
             else:
@@ -302,6 +315,9 @@ class Client:
                     pending[1].set_result(frame["version"])
             elif kind == "error":
                 log.info("gateway error code=%s message=%s", frame["code"], frame["message"])
+                hint = frame.get("retry_after")
+                if isinstance(hint, int | float) and not isinstance(hint, bool):
+                    self._retry_after = min(max(0.0, float(hint)), self.max_delay)
 
     async def _welcome(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
         if not frame["resumed"]:

@@ -123,6 +123,11 @@ class LimitsConfig:
     """Largest client frame in bytes; larger ones get ``message_too_big`` and close 1009."""
     max_state_size: int = 262144
     """Largest session state in bytes of JSON; a turn growing it further gets ``state_too_big``."""
+    max_restores: int = 128
+    """Hellos restoring at once; more wait their turn, in arrival order."""
+    restore_queue: int = 5000
+    """Hellos waiting for a restore beyond which new ones are refused with 1013 (and upgrades
+    with 503), each told when to come back."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -451,6 +456,13 @@ OPTIONS: tuple[Option, ...] = (
         "twilio_caller_param",
         str,
         "the <Stream> custom parameter that holds the caller's number",
+    ),
+    Option("limits", "max_restores", _positive(int), "hellos restoring at once; more wait"),
+    Option(
+        "limits",
+        "restore_queue",
+        _positive(int),
+        "hellos waiting for a restore beyond which new ones get 1013 and a retry-after hint",
     ),
     Option(
         "caller",

@@ -96,6 +96,22 @@ class Metrics:
             subsystem="store",
             registry=r,
         )
+        self.store_round_trips = Counter(
+            "round_trips",
+            "Round trips to Redis: one per pipeline or single command sent (on a cluster,"
+            " one per node a pipeline went to).",
+            namespace="hangon",
+            subsystem="store",
+            registry=r,
+        )
+        self.store_pipeline_ops = Histogram(
+            "pipeline_ops",
+            "Script calls carried by each round trip to Redis that carried any.",
+            namespace="hangon",
+            subsystem="store",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        )
         self.agent_connects = Counter(
             "connects",
             "Connection attempts to the voice agent, by outcome (ok or error).",
@@ -161,6 +177,29 @@ class Metrics:
             subsystem="auth",
             registry=r,
         )
+        self.shed = Counter(
+            "shed",
+            "Connections refused because too many hellos already wait for a restore, by"
+            " stage: upgrade (HTTP 503 before the WebSocket opens) or hello (close 1013).",
+            ["stage"],
+            namespace="hangon",
+            subsystem="admission",
+            registry=r,
+        )
+        self.admission_waiting = Gauge(
+            "waiting",
+            "Hellos waiting for a restore slot.",
+            namespace="hangon",
+            subsystem="admission",
+            registry=r,
+        )
+        self.admission_restoring = Gauge(
+            "restoring",
+            "Hellos restoring now (at most --max-restores).",
+            namespace="hangon",
+            subsystem="admission",
+            registry=r,
+        )
         self.draining = Gauge(
             "draining",
             "1 while this instance drains for a shutdown: /readyz fails, clients get 1012.",
@@ -192,6 +231,8 @@ class Metrics:
             for relayed in ("relayed", "dropped"):
                 self.media.labels(direction, relayed)
         self.auth_failures.labels("twilio_signature")
+        for stage in ("upgrade", "hello"):
+            self.shed.labels(stage)
 
     def store_error(self, exc: StoreError) -> None:
         """Count one failed store attempt."""

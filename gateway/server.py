@@ -22,6 +22,7 @@ import contextlib
 import functools
 import html
 import logging
+import math
 import os
 import secrets
 import socket
@@ -43,6 +44,7 @@ from gateway.metrics import Metrics
 from gateway.store.base import SessionStore, StoreSettings
 from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
+from gateway.transport.admission import Admission
 from gateway.transport.client_ws import ClientContext, handle_client, now_ms
 
 __all__ = ["Gateway", "instance_id", "open_store"]
@@ -66,8 +68,12 @@ def instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def open_store(config: Config) -> SessionStore:
-    """Create the store ``config`` names: Redis if a URL is set, else memory."""
+def open_store(config: Config, *, metrics: Metrics | None = None) -> SessionStore:
+    """Create the store ``config`` names: Redis if a URL is set, else memory.
+
+    Args:
+        metrics: Where a Redis store counts its round trips.
+    """
     s = config.store
     settings = StoreSettings(
         key_prefix=s.key_prefix,
@@ -86,7 +92,14 @@ def open_store(config: Config) -> SessionStore:
         connect_timeout=s.redis_connect_timeout,
         max_connections=s.redis_max_connections,
         ack_replicas=s.ack_replicas,
+        on_round_trip=None if metrics is None else functools.partial(_round_trip, metrics),
     )
+
+
+def _round_trip(metrics: Metrics, ops: int) -> None:
+    metrics.store_round_trips.inc()
+    if ops:
+        metrics.store_pipeline_ops.observe(ops)
 
 
 class Gateway:
@@ -113,8 +126,8 @@ class Gateway:
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self.config = config
-        self.store = store if store is not None else open_store(config)
         self.metrics = metrics if metrics is not None else Metrics()
+        self.store = store if store is not None else open_store(config, metrics=self.metrics)
         self.instance = config.server.instance_id or instance_id()
         s = config.store
         self.context = ClientContext(
@@ -141,7 +154,11 @@ class Gateway:
             agent_linger=config.agent.agent_linger,
             instance=self.instance,
             twilio_caller_param=config.twilio.twilio_caller_param,
+            admission=Admission(config.limits.max_restores, config.limits.restore_queue),
         )
+        admission = self.context.admission
+        self.metrics.admission_waiting.set_function(lambda: admission.waiting)
+        self.metrics.admission_restoring.set_function(lambda: admission.restoring)
         down = config.agent.downstream
         if down.startswith(("ws://", "wss://")):
             self.context.downstream = down
@@ -234,6 +251,13 @@ class Gateway:
             if self.closing:
                 response = connection.respond(503, "draining: connect to another instance\n")
                 response.headers["Retry-After"] = "1"
+                return response
+            if self.context.admission.full():
+                # Refused before the WebSocket opens: the cheapest "later" there is.
+                self.metrics.shed.labels("upgrade").inc()
+                response = connection.respond(503, "overloaded: try again later\n")
+                wait = self.context.admission.retry_after()
+                response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
                 return response
             if twilio and not self._signed(request, path, query):
                 self.metrics.auth_failures.labels("twilio_signature").inc()

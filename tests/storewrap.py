@@ -7,7 +7,7 @@ from typing import Any
 
 from gateway.store.base import Takeover
 
-__all__ = ["Deaf"]
+__all__ = ["Deaf", "Gated"]
 
 
 class Deaf:
@@ -23,3 +23,23 @@ class Deaf:
 
     async def listen(self, owner: str, on_takeover: Takeover) -> None:
         await asyncio.Event().wait()
+
+
+class Gated:
+    """Delegates to a real store, but each restore waits until the test opens the gate,
+    as when Redis is slow under a reconnect storm."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.gate = asyncio.Event()
+        self.entered = 0
+        """Restores that reached the store (and wait at the gate if it is shut)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def restore(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered += 1
+        await self.gate.wait()
+        return await self.inner.restore(*args, **kwargs)

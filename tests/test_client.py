@@ -1,14 +1,18 @@
 """gateway.client.Client against real gateways over loopback: it resumes after a drop and
 after a gateway restart by itself, re-sends an unacknowledged turn once, hands each agent
-message over exactly once, honours Retry-After and stops on a close that forbids resuming."""
+message over exactly once, honours Retry-After and an overloaded gateway's retry_after, and
+stops on a close that forbids resuming."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
 from gateway.client import Client, Restored, reconnects
 from gateway.config import Config
@@ -218,3 +222,49 @@ async def test_bye_while_disconnected_goes_out_after_the_next_welcome(
         if second.proc is not None:
             second.terminate()
     assert client.connects == 2
+
+
+async def test_the_python_client_honours_retry_after() -> None:
+    """Shed at hello with 1013 and retry_after, the Python client waits at least that long
+    (not its 10 ms backoff) before it comes back."""
+    attempts: list[float] = []
+
+    async def overloaded_once(ws: ServerConnection) -> None:
+        attempts.append(time.monotonic())
+        await ws.recv()  # the hello
+        if len(attempts) == 1:
+            error = {"type": "error", "code": "overloaded", "message": "later"}
+            await ws.send(json.dumps({**error, "close_code": 1013, "retry_after": 0.6}))
+            await ws.close(1013, "try again later")
+            return
+        await ws.send(json.dumps(WELCOME))
+        await ws.wait_closed()
+
+    async with serve(overloaded_once, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        delays: list[tuple[int | None, float]] = []
+        client = Client(
+            url(port),
+            CALLER,
+            initial_delay=0.01,
+            on_reconnecting=lambda c, d: delays.append((c, d)),
+        )
+        runner = asyncio.create_task(client.run())
+        await asyncio.wait_for(client.connected.wait(), 5)
+        await client.aclose()
+        await runner
+    assert delays == [(1013, 0.6)]
+    assert attempts[1] - attempts[0] >= 0.6
+
+
+WELCOME = {
+    "type": "welcome",
+    "protocol": 1,
+    "session_id": "s_1",
+    "resumed": False,
+    "state": {},
+    "version": 0,
+    "seq": 0,
+    "replay": "full",
+    "resume_token": "t",
+}

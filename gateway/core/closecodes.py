@@ -19,6 +19,7 @@ __all__ = [
     "INTERNAL_ERROR",
     "INVALID_PAYLOAD",
     "MESSAGE_TOO_BIG",
+    "OVERLOADED",
     "POLICY_VIOLATION",
     "RESUME_REFUSED",
     "SERVICE_RESTART",
@@ -65,6 +66,8 @@ INTERNAL_ERROR = CloseReason(1011, "internal error", reconnect=True)
 """RFC 6455 7.4.1: an unexpected condition on the gateway; resume on reconnect."""
 SERVICE_RESTART = CloseReason(1012, "service restart", reconnect=True)
 """The gateway is draining for a restart; reconnect (to any instance) and resume."""
+OVERLOADED = CloseReason(1013, "try again later", reconnect=True)
+"""RFC 6455 7.4.1: too many hellos wait already; reconnect after the error's ``retry_after``."""
 
 STORE_UNAVAILABLE = CloseReason(4001, "session store unavailable", reconnect=True)
 """The session store stayed unreachable through every retry; reconnect later."""

@@ -74,6 +74,7 @@ ERRORS: Final[Mapping[str, CloseReason]] = {
     "session_replaced": closecodes.SESSION_REPLACED,
     "session_conflict": closecodes.SESSION_CONFLICT,
     "store_unavailable": closecodes.STORE_UNAVAILABLE,
+    "overloaded": closecodes.OVERLOADED,
     "internal_error": closecodes.INTERNAL_ERROR,
 }
 """Every error code an ``error`` frame may carry, and the close that follows it."""
@@ -259,22 +260,25 @@ class Protocol:
             return
         self._outbox.append(codec.dumps({"type": "ack", "turn_id": turn_id, "version": version}))
 
-    def fail(self, code: str, message: str) -> None:
-        """Queue an ``error`` frame for ``code`` and close with its close reason."""
+    def fail(self, code: str, message: str, *, retry_after: float | None = None) -> None:
+        """Queue an ``error`` frame for ``code`` and close with its close reason.
+
+        Args:
+            retry_after: Seconds the client should wait before it reconnects.
+        """
         if self.phase is Phase.CLOSED:
             return
         reason = ERRORS[code]
-        self._outbox.append(
-            codec.dumps(
-                {
-                    "type": "error",
-                    "code": code,
-                    "message": message,
-                    "close_code": reason.code,
-                    "reconnect": reason.reconnect,
-                }
-            )
-        )
+        frame: dict[str, Any] = {
+            "type": "error",
+            "code": code,
+            "message": message,
+            "close_code": reason.code,
+            "reconnect": reason.reconnect,
+        }
+        if retry_after is not None:
+            frame["retry_after"] = retry_after
+        self._outbox.append(codec.dumps(frame))
         self.error_code = code
         self.close(reason)
 

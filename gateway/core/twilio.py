@@ -236,8 +236,9 @@ class TwilioStream:
         self._outbox.append((media.kind, codec.dumps(frame)))
         return True
 
-    def fail(self, code: str, message: str) -> None:
-        """Close with the close reason of ``code``; ``message`` goes nowhere Twilio reads."""
+    def fail(self, code: str, message: str, *, retry_after: float | None = None) -> None:
+        """Close with the close reason of ``code``; ``message`` and ``retry_after`` go
+        nowhere Twilio reads (it re-attaches through the app, not by itself)."""
         if self.phase is Phase.CLOSED:
             return
         self.error_code = code

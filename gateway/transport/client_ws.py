@@ -67,6 +67,7 @@ from gateway.exceptions import StoreConflict, StoreError
 from gateway.metrics import Metrics
 from gateway.store.base import SessionStore
 from gateway.store.retry import retry
+from gateway.transport.admission import Admission
 from gateway.transport.downstream import AgentLink
 
 __all__ = ["ClientContext", "Connection", "LiveSession", "handle_client", "now_ms"]
@@ -165,6 +166,8 @@ class ClientContext:
     """This instance's ID: the owner it writes into the sessions it serves."""
     twilio_caller_param: str = "From"
     """The Twilio ``<Stream>`` custom parameter that holds the caller's number."""
+    admission: Admission = field(default_factory=lambda: Admission(128, 5000))
+    """How many hellos restore at once, and how many may wait."""
     live: dict[CallerKey, LiveSession] = field(default_factory=dict)
     """Sessions served here, by caller key."""
     by_sid: dict[SessionId, LiveSession] = field(default_factory=dict)
@@ -367,6 +370,20 @@ def _live_for(ctx: ClientContext, caller: CallerKey) -> LiveSession:
 
 
 async def _hello(ctx: ClientContext, conn: Connection, hello: Hello) -> LiveSession | None:
+    admission = ctx.admission
+    if admission.full():
+        ctx.metrics.shed.labels("hello").inc()
+        conn.protocol.fail(
+            "overloaded",
+            "too many callers are reconnecting; come back after retry_after seconds",
+            retry_after=admission.retry_after(),
+        )
+        return None
+    async with admission.slot():
+        return await _admitted(ctx, conn, hello)
+
+
+async def _admitted(ctx: ClientContext, conn: Connection, hello: Hello) -> LiveSession | None:
     caller = hello.caller
     while True:
         live = _live_for(ctx, caller)

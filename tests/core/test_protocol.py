@@ -373,3 +373,13 @@ def test_ping_is_answered_with_pong_in_every_phase_but_closed() -> None:
     open_.close(closecodes.BYE)
     assert open_.receive_text(frame({"type": "ping"})) is None
     assert frames(open_) == []
+
+
+def test_overloaded_error_says_when_to_come_back() -> None:
+    """An overloaded gateway's error frame carries retry_after and closes with 1013."""
+    protocol = Protocol(max_message_size=1024)
+    protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
+    protocol.fail("overloaded", "later", retry_after=1.5)
+    (error,) = frames(protocol)
+    assert error["retry_after"] == 1.5 and error["close_code"] == 1013 and error["reconnect"]
+    assert protocol.close_reason == closecodes.OVERLOADED

@@ -1,0 +1,85 @@
+"""Admission control: how many hellos restore at once, how many wait, and when to say "later".
+
+A reconnect storm brings thousands of hellos in the same second. Each costs a
+store round trip and a welcome; run all at once, they slow each other down
+until clients time out and come back again. :class:`Admission` lets
+``max_restores`` run at once and queues the rest in arrival order. Once
+``restore_queue`` hellos wait, new ones are refused at once, with a hint of
+when to come back (:meth:`Admission.retry_after`), as Centrifugo's connection
+rate limit and Discord's identify buckets do: refusing early is cheap, and a
+client told when to return does not return with everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+
+__all__ = ["Admission"]
+
+_MIN_RETRY = 0.5
+_MAX_RETRY = 30.0
+_SMOOTHING = 0.2
+"""Weight of the newest restore in the running mean of restore times."""
+
+
+class Admission:
+    """A bound on concurrent restores, with a bounded queue in front of it.
+
+    Args:
+        max_restores: Hellos restoring at once.
+        restore_queue: Hellos waiting for their turn beyond which new ones are refused.
+        clock: Seconds, for timing restores.
+    """
+
+    def __init__(
+        self,
+        max_restores: int,
+        restore_queue: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.max_restores = max_restores
+        self.restore_queue = restore_queue
+        self._slots = asyncio.Semaphore(max_restores)
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.waiting = 0
+        """Hellos queued for a restore slot."""
+        self.restoring = 0
+        """Hellos restoring now."""
+        self.mean_seconds = 0.005
+        """Running mean of a restore's duration, once any has run."""
+
+    def full(self) -> bool:
+        """Whether a new hello must be refused: the queue is at its limit."""
+        return self.waiting >= self.restore_queue
+
+    def retry_after(self) -> float:
+        """Seconds a refused client should wait: about as long as the queue takes to drain,
+        spread over twice that so the refused do not all come back together."""
+        drain = (self.waiting + self.restoring) * self.mean_seconds / self.max_restores
+        spread = drain * (1.0 + self._rng.random())
+        return round(min(_MAX_RETRY, max(_MIN_RETRY, spread)), 2)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait for a restore slot (in arrival order), and hold it for the body."""
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.restoring += 1
+        started = self._clock()
+        try:
+            yield
+        finally:
+            self.restoring -= 1
+            self._slots.release()
+            took = self._clock() - started
+            self.mean_seconds += _SMOOTHING * (took - self.mean_seconds)

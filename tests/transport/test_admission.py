@@ -1,0 +1,103 @@
+"""Admission control under a storm: a bounded number of restores at once, a bounded queue,
+and everyone past it refused at once with a hint of when to come back, which clients honour."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.server import Gateway
+from gateway.store.base import StoreSettings
+from gateway.transport.admission import Admission
+from tests.conftest import Clock, StoreFactory
+from tests.storewrap import Gated
+from tests.wsclient import recv, send, url
+
+REDIS = pytest.mark.parametrize("store_kind", ["redis"])
+
+
+def caller(n: int) -> dict[str, str]:
+    return {"user_id": f"u{n}", "call_id": f"storm-{n}"}
+
+
+def sample(gw: Gateway, name: str, **labels: str) -> float:
+    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@contextlib.asynccontextmanager
+async def opened(store: Gated) -> AsyncIterator[None]:
+    """Open the gate on the way out, or a failed test hangs in the gateway's shutdown."""
+    try:
+        yield
+    finally:
+        store.gate.set()
+
+
+async def until(predicate: object, timeout: float = 5) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.005)
+
+
+@REDIS
+async def test_restores_are_bounded_queued_in_order_and_the_rest_shed(
+    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+) -> None:
+    """With one restore at a time and two waiting, a fourth hello gets 1013 with retry_after
+    and a new upgrade gets 503 with Retry-After; opening the gate welcomes the others."""
+    store = Gated(make_store(settings))
+    cfg = config.replace("limits", max_restores=1, restore_queue=2)
+    async with Gateway(cfg, store=store, metrics=Metrics(), clock=clock) as gw, opened(store):
+        # Four connections open while there is room; the fourth says hello last.
+        sockets = [await connect(url(gw.port)) for _ in range(4)]
+        late = sockets.pop()
+        for n, ws in enumerate(sockets):
+            await send(ws, {"type": "hello", "caller": caller(n)})
+            await until(
+                lambda n=n: gw.context.admission.restoring + gw.context.admission.waiting == n + 1
+            )
+        assert (gw.context.admission.restoring, gw.context.admission.waiting) == (1, 2)
+        assert store.entered == 1
+        assert sample(gw, "hangon_admission_waiting") == 2
+
+        async with late:
+            await send(late, {"type": "hello", "caller": caller(9)})
+            error = await recv(late)
+            await late.wait_closed()
+        assert error["code"] == "overloaded" and error["close_code"] == 1013
+        assert error["reconnect"] is True and 0.5 <= error["retry_after"] <= 30
+        assert late.close_code == 1013
+
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(url(gw.port))
+        assert refused.value.response.status_code == 503
+        assert int(refused.value.response.headers["Retry-After"]) >= 1
+
+        store.gate.set()
+        welcomes = [await recv(ws) for ws in sockets]
+        assert [w["type"] for w in welcomes] == ["welcome"] * 3
+        for ws in sockets:
+            await ws.close()
+    assert sample(gw, "hangon_admission_shed_total", stage="hello") == 1
+    assert sample(gw, "hangon_admission_shed_total", stage="upgrade") == 1
+    assert sample(gw, "hangon_protocol_errors_total", code="overloaded") == 1
+
+
+def test_retry_after_grows_with_the_queue_and_is_bounded() -> None:
+    """The hint is about the time the queue takes to drain, spread up to twice that, and
+    stays within 0.5-30 s."""
+    admission = Admission(10, 100)
+    admission.mean_seconds = 0.1
+    assert 0.5 <= admission.retry_after() <= 30
+    admission.waiting = 100  # 100 waiting at 0.1 s over 10 slots: 1 s to drain
+    hints = [admission.retry_after() for _ in range(200)]
+    assert 1.0 <= min(hints) and max(hints) <= 2.0 and max(hints) - min(hints) > 0.5
+    admission.waiting = 10**6
+    assert admission.retry_after() == 30
