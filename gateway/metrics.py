@@ -234,6 +234,14 @@ class Metrics:
         for stage in ("upgrade", "hello"):
             self.shed.labels(stage)
 
+        # Children resolved once: labels() costs a lock and a dict lookup per call, on the
+        # path of every turn.
+        self.store_op_seconds = {op: self.store_seconds.labels(op) for op in _STORE_OPS}
+        self.turns_applied = self.turns.labels("applied")
+        self.turns_duplicate = self.turns.labels("duplicate")
+        self.messages_stored = self.messages.labels("stored")
+        self.messages_relayed = self.messages.labels("relayed")
+
     def store_error(self, exc: StoreError) -> None:
         """Count one failed store attempt."""
         self.store_errors.labels(exc.op, error_kind(exc)).inc()

@@ -27,6 +27,7 @@ Redis Cluster slot. Every key carries a TTL refreshed on each write.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -92,8 +93,12 @@ def owner_channel(prefix: str, owner: str) -> str:
     return f"{prefix}owner:{owner}"
 
 
+@functools.lru_cache(maxsize=65536)
 def session_keys(prefix: str, caller: CallerKey) -> tuple[str, str, str]:
-    """Return the (session hash, turns zset, messages list) keys of ``caller``."""
+    """Return the (session hash, turns zset, messages list) keys of ``caller``.
+
+    Cached: every write of a session needs them, and the digest is a hash.
+    """
     base = f"{prefix}{caller.tenant}:{{{caller.digest()}}}"
     return f"{base}:session", f"{base}:turns", f"{base}:msgs"
 

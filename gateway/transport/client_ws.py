@@ -182,10 +182,13 @@ class ClientContext:
 
     async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run a store operation with retries, timing it."""
-        with self.metrics.store_seconds.labels(op).time():
+        started = time.perf_counter()
+        try:
             return await retry(
                 fn, self.delays(), budget=self.retry_budget, on_error=self.metrics.store_error
             )
+        finally:
+            self.metrics.store_op_seconds[op].observe(time.perf_counter() - started)
 
     def background(self, coro: Awaitable[None]) -> None:
         """Run ``coro`` in the background; :meth:`aclose` waits for it."""
@@ -643,7 +646,7 @@ async def _turn(ctx: ClientContext, live: LiveSession, conn: Connection, turn: T
             return  # replaced meanwhile: this connection was told and is closing
         applied = session.applied_version(turn.turn_id)
         if applied is not None:
-            ctx.metrics.turns.labels("duplicate").inc()
+            ctx.metrics.turns_duplicate.inc()
             protocol.send_ack(turn.turn_id, applied)
             return
         write = session.apply(turn, ctx.clock())
@@ -670,13 +673,13 @@ async def _turn(ctx: ClientContext, live: LiveSession, conn: Connection, turn: T
             return
         if written.applied:
             session.commit(write)
-            ctx.metrics.turns.labels("applied").inc()
+            ctx.metrics.turns_applied.inc()
             if live.link is not None:
                 live.link.send(agent.turn_frame(session, turn))
         else:
             # Another connection applied this turn ID first. Our copy is now behind what
             # is stored, so the next write is refused as a conflict and the client resumes.
-            ctx.metrics.turns.labels("duplicate").inc()
+            ctx.metrics.turns_duplicate.inc()
         protocol.send_ack(turn.turn_id, written.version)
 
 
@@ -881,7 +884,7 @@ async def _persist(
         log.warning("agent output not written session=%s error=%s", session.session_id, exc)
         return "retry"
     session.commit_push(push)
-    ctx.metrics.messages.labels("stored").inc(len(push.messages))
+    ctx.metrics.messages_stored.inc(len(push.messages))
     conn = live.client
     if conn is not None:
         if push.state is not None:
@@ -891,7 +894,7 @@ async def _persist(
             if seq > conn.sent_seq:
                 conn.protocol.send_msg(seq, data)
                 conn.sent_seq = seq
-                ctx.metrics.messages.labels("relayed").inc()
+                ctx.metrics.messages_relayed.inc()
         conn.flush()
     return "ok"
 
