@@ -125,7 +125,9 @@ class LiveSession:
     """``None`` until the first restore completes."""
     client: Connection | None = None
     link: AgentLink | None = None
-    inbox: asyncio.Queue[str | bytes] = field(default_factory=lambda: asyncio.Queue(maxsize=_INBOX))
+    inbox: asyncio.Queue[str | bytes] | None = None
+    """The agent's frames waiting for the pump; made with the first agent link (see
+    :func:`_inbox`), so that sessions without an agent do not carry one."""
     acked_seq: int = 0
     """The newest message the client acknowledged; older ones may leave the store."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -353,6 +355,7 @@ async def _write(ctx: ClientContext, conn: Connection) -> None:
             while frames := protocol.data_to_send():
                 for frame in frames:
                     await ws.send(frame, text=True)
+                del frame  # an idle connection must not hold its last frame (a welcome)
                 count()
             reason = protocol.close_reason
             if reason is not None:
@@ -455,7 +458,7 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
         # unread agent frames and client acks belong to another session.
         _close_link(ctx, live, None)
         _stop_tasks(ctx, live)
-        live.inbox = asyncio.Queue(maxsize=_INBOX)
+        live.inbox = None
         live.unsaved = 0  # the cancelled pump's frames are gone with it
         live.acked_seq = 0
     old = live.client
@@ -547,7 +550,7 @@ async def _drain_session(ctx: ClientContext, live: LiveSession, delay: float) ->
         await link.stop()
         # The pump persists and relays what the agent sent before it was stopped.
         deadline = time.monotonic() + _FLUSH_TIMEOUT
-        while (live.unsaved or not live.inbox.empty()) and time.monotonic() < deadline:
+        while (live.unsaved or _waiting(live)) and time.monotonic() < deadline:
             if live.gone:
                 break
             await asyncio.sleep(0.02)
@@ -613,7 +616,7 @@ def _dial(ctx: ClientContext, live: LiveSession, reason: str) -> AgentLink:
         ctx.downstream,
         opening=opening,
         reason=reason,
-        inbox=live.inbox,
+        inbox=_inbox(live),
         metrics=ctx.metrics,
         delays=ctx.agent_delays,
         max_size=ctx.max_message_size,
@@ -624,12 +627,23 @@ def _dial(ctx: ClientContext, live: LiveSession, reason: str) -> AgentLink:
     return link
 
 
+def _inbox(live: LiveSession) -> asyncio.Queue[str | bytes]:
+    if live.inbox is None:
+        live.inbox = asyncio.Queue(maxsize=_INBOX)
+    return live.inbox
+
+
+def _waiting(live: LiveSession) -> bool:
+    """Whether agent frames wait in the inbox."""
+    return live.inbox is not None and not live.inbox.empty()
+
+
 def _start_tasks(ctx: ClientContext, live: LiveSession) -> None:
     if not live.tasks:
-        live.tasks = [
-            asyncio.create_task(_pump(ctx, live)),
-            asyncio.create_task(_keep_fresh(ctx, live)),
-        ]
+        live.tasks = [asyncio.create_task(_keep_fresh(ctx, live))]
+        if ctx.downstream is not None:
+            # Only an agent link feeds the pump; without an agent, no task waits on it.
+            live.tasks.append(asyncio.create_task(_pump(ctx, live)))
         for task in live.tasks:
             task.add_done_callback(_log_failure)
 
@@ -791,10 +805,11 @@ async def _pump(ctx: ClientContext, live: LiveSession) -> None:
     delays: Iterator[float] | None = None
     while True:
         if not pending:
-            pending.append(await live.inbox.get())
+            pending.append(await _inbox(live).get())
         if batch is None:
-            while len(pending) < _BATCH and not live.inbox.empty():
-                pending.append(live.inbox.get_nowait())
+            inbox = _inbox(live)
+            while len(pending) < _BATCH and not inbox.empty():
+                pending.append(inbox.get_nowait())
         live.unsaved = len(pending)
         async with live.lock:
             if live.gone:
