@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -97,11 +98,28 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
     return from_values(values)
 
 
+_GC_THRESHOLD = 20_000
+"""Container allocations between gen-0 collections (Python's default is 700)."""
+
+
 class _Formatter(logging.Formatter):
     """``time level logger message`` on one line; messages are ``event key=value ...``."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector's cost flat as sessions accumulate.
+
+    Everything loaded at start-up lives as long as the process: frozen, it is left out of
+    every collection. Sessions are freed by reference counting; with the default gen-0
+    threshold of 700 allocations, ten thousand sessions' objects are scanned over and over
+    during a storm.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_THRESHOLD, 20, 100)
 
 
 async def _serve(config: Config) -> None:
@@ -119,6 +137,7 @@ async def _serve(config: Config) -> None:
         "of its caller key"
     )
     await gateway.start()
+    _tune_gc()
     down = config.agent.downstream
     log.info(
         "agent=%s",
