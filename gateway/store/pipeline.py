@@ -197,16 +197,24 @@ class AutoPipeline:
         me = asyncio.current_task()
         if me is not None:
             self._fresh.discard(me)
-        while self._queue and not self._closing:
-            calls = self._take()
-            self._wake()  # more than one batch queued: another pipeline takes the rest
-            try:
-                await self._batch(calls)
-            except asyncio.CancelledError:
-                _fail(calls, rex.ConnectionError("store closed"))
-                raise
-            except Exception as exc:
-                _fail(calls, exc)
+        try:
+            while self._queue and not self._closing:
+                calls = self._take()
+                self._wake()  # more than one batch queued: another pipeline takes the rest
+                try:
+                    await self._batch(calls)
+                except asyncio.CancelledError:
+                    _fail(calls, rex.ConnectionError("store closed"))
+                    raise
+                except Exception as exc:
+                    _fail(calls, exc)
+        finally:
+            # Leave the set now, not in a done callback a loop step later: a call queued
+            # in between would find every place taken and no sender coming for it.
+            if me is not None:
+                self._senders.discard(me)
+            if self._queue and not self._closing:
+                self._wake()
 
     def _take(self) -> list[_Call]:
         now = asyncio.get_running_loop().time()

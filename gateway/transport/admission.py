@@ -63,8 +63,9 @@ class Admission:
         """Seconds a refused client should wait: about as long as the queue takes to drain,
         spread over twice that so the refused do not all come back together."""
         drain = (self.waiting + self.restoring) * self.mean_seconds / self.max_restores
-        spread = drain * (1.0 + self._rng.random())
-        return round(min(_MAX_RETRY, max(_MIN_RETRY, spread)), 2)
+        # Spread after the floor, or every hint in a short queue would be the floor itself.
+        base = min(_MAX_RETRY, max(_MIN_RETRY, drain))
+        return round(min(_MAX_RETRY, base * (1.0 + self._rng.random())), 2)
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

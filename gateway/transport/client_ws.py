@@ -377,7 +377,8 @@ def _live_for(ctx: ClientContext, caller: CallerKey) -> LiveSession:
 
 async def _hello(ctx: ClientContext, conn: Connection, hello: Hello) -> LiveSession | None:
     admission = ctx.admission
-    if admission.full():
+    # A phone stream is never shed: Twilio cannot wait for a hint, only re-attach at once.
+    if admission.full() and not isinstance(conn.protocol, TwilioStream):
         ctx.metrics.shed.labels("hello").inc()
         conn.protocol.fail(
             "overloaded",
@@ -386,6 +387,13 @@ async def _hello(ctx: ClientContext, conn: Connection, hello: Hello) -> LiveSess
         )
         return None
     async with admission.slot():
+        if conn.ws.state is not State.OPEN or conn.protocol.close_reason is not None:
+            # The client left while it waited: restoring for nobody would take the session
+            # from wherever it reconnected.
+            return None
+        if ctx.draining:
+            conn.protocol.close(SERVICE_RESTART)  # queued before the drain began
+            return None
         return await _admitted(ctx, conn, hello)
 
 

@@ -171,6 +171,24 @@ async def test_lone_calls_go_at_once(store: RedisStore, trips: Trips) -> None:
     assert sorted(took)[10] < 0.05
 
 
+async def test_a_call_right_after_a_reply_is_sent(
+    redis_url: str, settings: StoreSettings, trips: Trips
+) -> None:
+    """With one pipeline, a call made as soon as the previous reply arrives (while its sender
+    is finishing) still goes out: the sender leaves its place before anyone can wait for it."""
+    store = RedisStore(redis_url, settings, max_connections=1, on_round_trip=trips)
+    try:
+        caller = callers(1, "next")[0]
+        s = (await restored(store, [caller]))[0]
+        for i in range(10):
+            w = write(s, f"t{i}", T0 + i, name=f"n{i}")
+            async with asyncio.timeout(5):
+                assert (await store.write_turn(caller, s.session_id, w)).applied
+            s.commit(w)
+    finally:
+        await store.aclose()
+
+
 async def test_batching_off_sends_each_call_alone(
     redis_url: str, settings: StoreSettings, trips: Trips
 ) -> None:
