@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
+
+from loadtest.net import check_loopback
 
 
 @dataclass
@@ -59,18 +59,6 @@ class Rendezvous:
     def withdraw(self) -> None:
         self.expected -= 1
         self._check()
-
-
-def loopback_only(url: str) -> None:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        pass
-    raise SystemExit(f"refusing target {host!r}: only loopback addresses may be load-tested")
 
 
 class Inbox:
@@ -177,7 +165,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main(args: argparse.Namespace) -> int:
-    loopback_only(args.url)
+    check_loopback(args.url)
     stats = Stats()
     meets = [Rendezvous(args.sessions) for _ in range(2 * args.drops)]
     start = time.perf_counter()

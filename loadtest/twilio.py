@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import ipaddress
 import json
 import re
 import secrets
@@ -37,12 +36,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.core.twilio import signature
+from loadtest.net import check_loopback
 
 __all__ = ["CHUNK", "Stream", "TwilioCall", "speech"]
 
@@ -215,17 +214,6 @@ class TwilioCall:
         return stream
 
 
-def _loopback(url: str) -> None:
-    host = urlsplit(url).hostname or ""
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        if host == "localhost":
-            return
-    raise SystemExit(f"refusing {url}: only loopback targets (127.0.0.0/8, ::1)")
-
-
 async def replay(
     url: str,
     audio: bytes,
@@ -295,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--echo-wait", type=float, default=5.0, help="seconds to await the echo")
     args = parser.parse_args(argv)
-    _loopback(args.url)
+    check_loopback(args.url)
     if args.audio is not None:
         audio = args.audio.read_bytes()
     else:

@@ -10,17 +10,9 @@ from typing import Any
 import pytest
 
 from loadtest.storm import parser, run_storm
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def storm(tmp_path: Path, mode: str, store: list[str], *extra: str) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +22,7 @@ from gateway.transport.downstream import EARLY_MEDIA
 from loadtest.twilio import CHUNK, Stream, TwilioCall
 from tests.agents import Reply, TestAgent, phone
 from tests.conftest import Clock, StoreFactory
+from tests.redis_server import free_port
 from tests.relayclient import Caller
 from tests.wsclient import url
 
@@ -379,9 +379,7 @@ async def test_audio_waits_for_the_agent_link_but_only_the_newest(
 ) -> None:
     """Audio spoken while the agent link is down reaches the agent once it is up, after its
     opening frame: the newest two seconds of it, the older ones dropped and counted."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     cfg = config.replace("agent", downstream=f"ws://127.0.0.1:{port}/", agent_retry_max_delay=0.2)
     async with Gateway(
         cfg, store=make_store(settings), metrics=Metrics(), clock=clock, delays=lambda: [0.01]
