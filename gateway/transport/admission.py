@@ -13,6 +13,7 @@ client told when to return does not return with everyone else.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import random
 import time
@@ -24,6 +25,8 @@ _MIN_RETRY = 0.5
 _MAX_RETRY = 30.0
 _SMOOTHING = 0.2
 """Weight of the newest restore in the running mean of restore times."""
+_RATE_WINDOW = 256
+"""Restores whose completion times give the current restore rate."""
 
 
 class Admission:
@@ -54,15 +57,31 @@ class Admission:
         """Hellos restoring now."""
         self.mean_seconds = 0.005
         """Running mean of a restore's duration, once any has run."""
+        self._finished: collections.deque[float] = collections.deque(maxlen=_RATE_WINDOW)
+        """When the latest restores finished: their spacing is the rate the queue drains at."""
 
     def full(self) -> bool:
         """Whether a new hello must be refused: the queue is at its limit."""
         return self.waiting >= self.restore_queue
 
+    def rate(self) -> float:
+        """Restores finished per second lately; before there are enough, what the slots
+        would give at the mean restore time."""
+        if len(self._finished) >= 2:
+            span = self._finished[-1] - self._finished[0]
+            if span > 0:
+                return (len(self._finished) - 1) / span
+        return self.max_restores / self.mean_seconds
+
     def retry_after(self) -> float:
         """Seconds a refused client should wait: about as long as the queue takes to drain,
-        spread over twice that so the refused do not all come back together."""
-        drain = (self.waiting + self.restoring) * self.mean_seconds / self.max_restores
+        spread over twice that so the refused do not all come back together.
+
+        The drain time comes from the rate restores actually finish at, not from the
+        slots and the mean restore time: when the CPU, not the slots, is what limits a
+        storm, a restore takes longer without more of them finishing each second.
+        """
+        drain = (self.waiting + self.restoring) / self.rate()
         # Spread after the floor, or every hint in a short queue would be the floor itself.
         base = min(_MAX_RETRY, max(_MIN_RETRY, drain))
         return round(min(_MAX_RETRY, base * (1.0 + self._rng.random())), 2)
@@ -82,5 +101,6 @@ class Admission:
         finally:
             self.restoring -= 1
             self._slots.release()
-            took = self._clock() - started
-            self.mean_seconds += _SMOOTHING * (took - self.mean_seconds)
+            now = self._clock()
+            self.mean_seconds += _SMOOTHING * (now - started - self.mean_seconds)
+            self._finished.append(now)

@@ -127,3 +127,16 @@ def test_retry_after_grows_with_the_queue_and_is_bounded() -> None:
     assert 1.0 <= min(hints) and max(hints) <= 2.0 and max(hints) - min(hints) > 0.5
     admission.waiting = 10**6
     assert admission.retry_after() == 30
+
+
+async def test_retry_after_follows_the_rate_restores_finish_at() -> None:
+    """The hint is the queue over the rate restores really finish at: restores done one at a
+    time, 100 a second, make 500 waiting a 5-10 s hint, whatever the slots promise."""
+    now = [0.0]
+    admission = Admission(128, 1000, clock=lambda: now[0])
+    for _ in range(101):
+        async with admission.slot():
+            now[0] += 0.01
+    admission.waiting = 500
+    hints = [admission.retry_after() for _ in range(100)]
+    assert 5.0 <= min(hints) and max(hints) <= 10.0
