@@ -222,7 +222,9 @@ class Client:
                 failures += 1
             if self.max_attempts is not None and failures >= self.max_attempts:
                 raise ClientClosed(None, f"no connection after {failures} attempts")
-            if delays is None:
+            if delays is None or wait:
+                # A hint means the gateway is up and said when to come back: the backoff
+                # built up while it was unreachable no longer applies.
                 delays = backoff(initial_delay=self.initial_delay, max_delay=self.max_delay)
             delay = max(wait, next(delays))
             if self.on_reconnecting is not None:

@@ -268,3 +268,40 @@ WELCOME = {
     "replay": "full",
     "resume_token": "t",
 }
+
+
+async def test_a_hint_restarts_the_backoff() -> None:
+    """After attempts that failed while the gateway was unreachable, a retry_after hint is
+    the next delay: the backoff grown meanwhile starts again from its first step."""
+    attempts: list[int] = []
+
+    def refuse_five(ws: ServerConnection, request: Any) -> Any:
+        attempts.append(1)
+        if len(attempts) <= 5:
+            return ws.respond(500, "down\n")  # no hint: the client backs off
+        return None
+
+    async def shed_then_welcome(ws: ServerConnection) -> None:
+        await ws.recv()
+        if len(attempts) == 6:
+            error = {"type": "error", "code": "overloaded", "message": "later"}
+            await ws.send(json.dumps({**error, "close_code": 1013, "retry_after": 0.3}))
+            await ws.close(1013, "try again later")
+            return
+        await ws.send(json.dumps(WELCOME))
+        await ws.wait_closed()
+
+    async with serve(shed_then_welcome, "127.0.0.1", 0, process_request=refuse_five) as server:
+        port = server.sockets[0].getsockname()[1]
+        delays: list[tuple[int | None, float]] = []
+        client = Client(
+            url(port),
+            CALLER,
+            initial_delay=0.05,
+            on_reconnecting=lambda c, d: delays.append((c, d)),
+        )
+        runner = asyncio.create_task(client.run())
+        await asyncio.wait_for(client.connected.wait(), 10)
+        await client.aclose()
+        await runner
+    assert delays[-1] == (1013, 0.3)

@@ -283,6 +283,9 @@ export class HangonClient extends EventTarget {
       return this._stop(code, reason);
     }
     if (!shouldReconnect(code)) return this._stop(code, reason);
+    // A hint means the gateway is up and said when to come back: the backoff built up while
+    // it was unreachable no longer applies, and starts again from its first step.
+    if (this.retryAfter > 0) this.attempt = 0;
     const delay = Math.max(this.retryAfter, backoffDelay(this.attempt, { ...this.options, random: this.random }));
     this.attempt += 1;
     this._setStatus("reconnecting");

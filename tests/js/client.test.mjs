@@ -215,6 +215,20 @@ test("a retry_after hint in an error frame is a floor on the next delay", () => 
   assert.equal(events.find(([t]) => t === "reconnecting")[1].delay, 3000);
 });
 
+test("a hint restarts the backoff: the delay is the hint, not the backoff grown while the gateway was down", () => {
+  const { client, events } = setup();
+  client.start();
+  for (let i = 0; i < 6; i += 1) {
+    Socket.made.at(-1).drop(1006, "");  // unreachable six times: the backoff cap grows to 16 s
+    client._connect();
+  }
+  const ws = Socket.made.at(-1);
+  ws.open();
+  ws.deliver({ type: "error", code: "overloaded", message: "busy", close_code: 1013, reconnect: true, retry_after: 2 });
+  ws.drop(1013, "try again later");
+  assert.equal(events.filter(([t]) => t === "reconnecting").at(-1)[1].delay, 2000);
+});
+
 test("heartbeat: no frame within the timeout after a ping drops the connection and reconnects", () => {
   const { client, clock, events } = setup();
   client.start();
