@@ -11,14 +11,16 @@ Phases:
    addresses) and gets its ``welcome``.
 2. **turns**: each session sends ``--turns`` turns, one at a time, each with a
    ``form`` answer, and waits for each ack.
-3. **storm**: ``drop`` aborts every client connection at the same instant (no
+3. **storm**: each session sends one more turn and, before its ack can come,
+   ``drop`` aborts every client connection at the same instant (no
    close frame); ``kill`` SIGKILLs the gateway and starts it again; ``drain``
    sends it SIGTERM, waits for it to exit and starts it again. Every client
    reconnects with the client library's own backoff and full jitter, honouring
    ``Retry-After`` and ``retry_after``.
 4. **verify**: per session, the restored state must equal the last acknowledged
-   one (same session, every form answer, the acked version), a re-sent last turn
-   must be acked with its original version (applied once), and the agent's
+   one (same session, every form answer, the acked version), the turn that was
+   in flight must be acked exactly once at the next version, a re-sent turn must
+   be acked with its original version (applied once), and the agent's
    messages must have arrived exactly once, in order. Any violation names the
    session.
 
@@ -57,6 +59,8 @@ from loadtest.net import check_loopback, raise_nofile_limit, sample_process, sou
 __all__ = ["Gateway", "Session", "main", "run_storm"]
 
 _LISTENING = re.compile(rb"listening host=\S+ port=(\d+)")
+_IN_FLIGHT = "t-storm"
+"""The turn each session sends as the storm strikes."""
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -136,6 +140,9 @@ class Session:
     reconnects: int = 0
     shed_hints: int = 0
     problems: list[str] = field(default_factory=list)
+    in_flight: asyncio.Future[int] | None = None
+    """A turn sent just before the storm, unacknowledged when it struck: it must be applied
+    exactly once, whether it reached the gateway before the loss or is re-sent after it."""
 
 
 class Monitor:
@@ -283,6 +290,7 @@ async def run_storm(args: argparse.Namespace) -> dict[str, Any]:
         await _storm(args, sessions, result, progress, gateway, storm_started)
         await _verify(args, sessions, result, progress)
         for session in sessions:
+            _settle(session.in_flight)
             await session.client.aclose()
         await asyncio.gather(*runners, return_exceptions=True)
     finally:
@@ -303,6 +311,16 @@ async def run_storm(args: argparse.Namespace) -> dict[str, Any]:
         and result.get("verified") == args.sessions
     )
     return result
+
+
+def _settle(future: asyncio.Future[int] | None) -> None:
+    """Cancel or collect a turn nobody awaited (its session was never restored)."""
+    if future is None:
+        return
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled():
+        future.exception()
 
 
 def _session(
@@ -451,6 +469,9 @@ async def _storm(
     started = time.monotonic()
     storm_started[0] = started
     cpu_before = gateway.cpu_seconds() if gateway else None
+    for s in alive:
+        s.in_flight = asyncio.ensure_future(s.client.turn(_IN_FLIGHT, form={_IN_FLIGHT: 1}))
+    await asyncio.sleep(0)  # the turns are on the wire, or about to be, when the storm strikes
     if args.mode == "drop":
         for s in alive:
             s.dropped_at = started
@@ -531,16 +552,26 @@ async def _verify(
         if any(answers.get(k) != v for k, v in s.answers.items()):
             s.problems.append(f"restored answers {answers}, acknowledged {s.answers}")
         acked = max(s.versions.values()) if s.versions else 0
+        # The in-flight turn may have landed before the loss (the welcome has it) or not.
         # Without an agent (no message seen) only turns move the version: it must be exact.
         # An agent's patches may move it further.
-        if r.version < acked or (not s.seqs and r.version != acked):
+        allowed = {acked, acked + 1} if s.in_flight is not None else {acked}
+        if r.version < acked or (not s.seqs and r.version not in allowed):
             s.problems.append(f"restored version {r.version}, acked {acked}")
-        if s.versions:
-            last = f"t{args.turns - 1}"
+        if s.in_flight is not None:
             try:
-                again = await asyncio.wait_for(
-                    s.client.turn(last, form={f"q{args.turns - 1}": args.turns - 1}), args.timeout
-                )
+                landed = await asyncio.wait_for(s.in_flight, args.timeout)
+            except (ClientClosed, TimeoutError) as exc:
+                s.problems.append(f"in-flight turn not acknowledged: {exc!r}")
+            else:
+                if not s.seqs and landed != acked + 1:
+                    s.problems.append(f"in-flight turn acked at version {landed}, not {acked + 1}")
+                s.versions[_IN_FLIGHT] = landed
+        if s.versions:
+            last = _IN_FLIGHT if _IN_FLIGHT in s.versions else f"t{args.turns - 1}"
+            form = {_IN_FLIGHT: 1} if last == _IN_FLIGHT else {f"q{args.turns - 1}": args.turns - 1}
+            try:
+                again = await asyncio.wait_for(s.client.turn(last, form=form), args.timeout)
             except (ClientClosed, TimeoutError) as exc:
                 s.problems.append(f"re-sent turn not acknowledged: {exc!r}")
             else:
