@@ -224,6 +224,36 @@ async def test_bye_while_disconnected_goes_out_after_the_next_welcome(
     assert client.connects == 2
 
 
+async def shed_or_welcome(ws: ServerConnection, retry_after: float | None) -> None:
+    """Play the gateway after a hello: shed it with 1013 and ``retry_after``, or welcome it."""
+    await ws.recv()  # the hello
+    if retry_after is not None:
+        error = {"type": "error", "code": "overloaded", "message": "later"}
+        await ws.send(json.dumps({**error, "close_code": 1013, "retry_after": retry_after}))
+        await ws.close(1013, "try again later")
+        return
+    await ws.send(json.dumps(WELCOME))
+    await ws.wait_closed()
+
+
+async def delays_until_welcomed(
+    server: Any, initial_delay: float, timeout: float
+) -> list[tuple[int | None, float]]:
+    """Run a client against ``server`` until it is welcomed; return its reconnect delays."""
+    delays: list[tuple[int | None, float]] = []
+    client = Client(
+        url(server.sockets[0].getsockname()[1]),
+        CALLER,
+        initial_delay=initial_delay,
+        on_reconnecting=lambda c, d: delays.append((c, d)),
+    )
+    runner = asyncio.create_task(client.run())
+    await asyncio.wait_for(client.connected.wait(), timeout)
+    await client.aclose()
+    await runner
+    return delays
+
+
 async def test_the_python_client_honours_retry_after() -> None:
     """Shed at hello with 1013 and retry_after, the Python client waits at least that long
     (not its 10 ms backoff) before it comes back."""
@@ -231,28 +261,10 @@ async def test_the_python_client_honours_retry_after() -> None:
 
     async def overloaded_once(ws: ServerConnection) -> None:
         attempts.append(time.monotonic())
-        await ws.recv()  # the hello
-        if len(attempts) == 1:
-            error = {"type": "error", "code": "overloaded", "message": "later"}
-            await ws.send(json.dumps({**error, "close_code": 1013, "retry_after": 0.6}))
-            await ws.close(1013, "try again later")
-            return
-        await ws.send(json.dumps(WELCOME))
-        await ws.wait_closed()
+        await shed_or_welcome(ws, 0.6 if len(attempts) == 1 else None)
 
     async with serve(overloaded_once, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        delays: list[tuple[int | None, float]] = []
-        client = Client(
-            url(port),
-            CALLER,
-            initial_delay=0.01,
-            on_reconnecting=lambda c, d: delays.append((c, d)),
-        )
-        runner = asyncio.create_task(client.run())
-        await asyncio.wait_for(client.connected.wait(), 5)
-        await client.aclose()
-        await runner
+        delays = await delays_until_welcomed(server, 0.01, 5)
     assert delays == [(1013, 0.6)]
     assert attempts[1] - attempts[0] >= 0.6
 
@@ -282,26 +294,8 @@ async def test_a_hint_restarts_the_backoff() -> None:
         return None
 
     async def shed_then_welcome(ws: ServerConnection) -> None:
-        await ws.recv()
-        if len(attempts) == 6:
-            error = {"type": "error", "code": "overloaded", "message": "later"}
-            await ws.send(json.dumps({**error, "close_code": 1013, "retry_after": 0.3}))
-            await ws.close(1013, "try again later")
-            return
-        await ws.send(json.dumps(WELCOME))
-        await ws.wait_closed()
+        await shed_or_welcome(ws, 0.3 if len(attempts) == 6 else None)
 
     async with serve(shed_then_welcome, "127.0.0.1", 0, process_request=refuse_five) as server:
-        port = server.sockets[0].getsockname()[1]
-        delays: list[tuple[int | None, float]] = []
-        client = Client(
-            url(port),
-            CALLER,
-            initial_delay=0.05,
-            on_reconnecting=lambda c, d: delays.append((c, d)),
-        )
-        runner = asyncio.create_task(client.run())
-        await asyncio.wait_for(client.connected.wait(), 10)
-        await client.aclose()
-        await runner
+        delays = await delays_until_welcomed(server, 0.05, 10)
     assert delays[-1] == (1013, 0.3)
