@@ -7,11 +7,14 @@ live session orders every write to it (turns, the agent's patches and
 messages, a resume), so versions and sequence numbers never race in this
 process; the store's epoch check refuses writes from anywhere else.
 
-A client connection has two tasks: the handler reads and acts on frames
-strictly in order (a turn is written and acknowledged before the next frame is
-read), and a writer sends what the protocol queued, in queue order. Nothing
-ever waits on a client's socket while holding the session lock, so a
-half-open connection cannot hold up the client that replaces it.
+A client connection's handler reads and acts on frames strictly in order (a
+turn is written and acknowledged before the next frame is read) and then sends
+what the protocol queued. What other tasks queue (the agent's messages, a
+takeover's error) is sent by a writer task that lives only until the queue is
+empty; one sender at a time keeps frames in queue order. Nothing ever waits on
+a client's socket while holding the session lock, so a half-open connection
+cannot hold up the client that replaces it. An idle connection has one task,
+its handler, as in a bare websockets server.
 
 When the client drops without ``bye``, the session lingers for
 ``agent_linger`` seconds: the agent link stays open and what the agent says
@@ -43,6 +46,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from prometheus_client import Counter
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -98,21 +102,65 @@ def now_ms() -> int:
 
 @dataclass(slots=True, eq=False)
 class Connection:
-    """One client WebSocket: its protocol state and the writer that drains it."""
+    """One client WebSocket: its protocol state and whoever is sending what it queued."""
 
     ws: ServerConnection
     protocol: Protocol | TwilioStream
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    errors: Counter
+    """``hangon_protocol_errors_total``: the error that closes the connection is counted here."""
     sent_seq: int = 0
     """The newest agent message queued on this connection."""
-    done: bool = False
-    """The handler has stopped reading; the writer sends what is left and stops."""
+    sending: bool = False
+    """A sender (the handler, or :attr:`writer`) is draining the queue; nobody else may."""
+    writer: asyncio.Task[None] | None = None
+    """A sender started by :meth:`flush`, until the queue is empty."""
+    finished: bool = False
+    """The handler has returned: nothing more is sent."""
     counted: bool = False
     """The error that closes this connection has been counted."""
 
     def flush(self) -> None:
-        """Let the writer send what is queued."""
-        self.wake.set()
+        """Send what is queued, from a task of its own; for callers other than the handler."""
+        if not self.sending and not self.finished:
+            self.sending = True  # before the task runs: the handler must not send meanwhile
+            self.writer = asyncio.create_task(self._write())
+
+    async def send(self) -> None:
+        """Send what is queued, in order, and close when the protocol says so.
+
+        An error is counted once, as soon as a sender takes from the queue after it,
+        before anything is sent: even when the client is already gone, and even
+        without an error frame (a Twilio stream gets none).
+        """
+        protocol, ws = self.protocol, self.ws
+        self.sending = True
+        try:
+            # Counted before each take from the queue, so an error set while a send was
+            # under way is counted before the close that follows it (no await between).
+            self._count()
+            while frames := protocol.data_to_send():
+                for frame in frames:
+                    await ws.send(frame, text=True)
+                del frame  # an idle connection must not hold its last frame (a welcome)
+                self._count()
+            reason = protocol.close_reason
+            if reason is not None and ws.state is State.OPEN:
+                await ws.close(reason.code, reason.reason)
+        finally:
+            self.sending = False
+            self._count()  # the client went away mid-send
+
+    async def _write(self) -> None:
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                await self.send()
+        finally:
+            self.writer = None
+
+    def _count(self) -> None:
+        if self.protocol.error_code is not None and not self.counted:
+            self.counted = True
+            self.errors.labels(self.protocol.error_code).inc()
 
 
 @dataclass(slots=True, eq=False)
@@ -130,8 +178,11 @@ class LiveSession:
     :func:`_inbox`), so that sessions without an agent do not carry one."""
     acked_seq: int = 0
     """The newest message the client acknowledged; older ones may leave the store."""
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    """The pump and the renewal task."""
+    pump: asyncio.Task[None] | None = None
+    """Persists and relays the agent's frames; only with an agent."""
+    renewal: asyncio.TimerHandle | asyncio.Task[None] | None = None
+    """The timer of the next renewal, or the renewal under way (see :func:`_renew`). A
+    timer, not a task asleep: ten thousand idle sessions hold ten thousand small handles."""
     linger: asyncio.TimerHandle | None = None
     unsaved: int = 0
     """Agent frames the pump took from the inbox and has not persisted yet."""
@@ -265,8 +316,7 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
         protocol = Protocol(
             max_message_size=ctx.max_message_size, default_region=ctx.default_region
         )
-    conn = Connection(ws, protocol)
-    writer = asyncio.create_task(_write(ctx, conn))
+    conn = Connection(ws, protocol, ctx.metrics.protocol_errors)
     live: LiveSession | None = None
     ctx.metrics.connections_active.inc()
     ctx.connections.add(conn)
@@ -303,7 +353,10 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
             elif isinstance(event, Bye):
                 assert live is not None
                 await _bye(ctx, live, conn)
-            conn.flush()
+            # An idle connection must not hold its last frame (a hello, a turn).
+            del message, event
+            if not conn.sending:
+                await conn.send()
     except ConnectionClosed as exc:
         if exc.sent is not None and exc.sent.code == 1009:
             # websockets refused a frame above the hard limit before we saw it.
@@ -323,49 +376,13 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
         ctx.connections.discard(conn)
         if live is not None and live.client is conn:
             _detach(ctx, live)
-        conn.done = True
-        conn.flush()
-        # The handler's return closes the connection: let the writer send the error
-        # frame and the close code first.
+        # The handler's return closes the connection: send the error frame and the
+        # close code first.
         with contextlib.suppress(ConnectionClosed):
-            await writer
-
-
-async def _write(ctx: ClientContext, conn: Connection) -> None:
-    """Send what the protocol queues, in order, and close when it says so.
-
-    An error is counted once, as soon as the writer wakes after it, before
-    anything is sent: even when the client is already gone, and even without an
-    error frame (a Twilio stream gets none).
-    """
-    protocol, ws = conn.protocol, conn.ws
-
-    def count() -> None:
-        if protocol.error_code is not None and not conn.counted:
-            conn.counted = True
-            ctx.metrics.protocol_errors.labels(protocol.error_code).inc()
-
-    try:
-        while True:
-            await conn.wake.wait()
-            conn.wake.clear()
-            # Counted before each take from the queue, so an error set while a send was
-            # under way is counted before the close that follows it (no await between).
-            count()
-            while frames := protocol.data_to_send():
-                for frame in frames:
-                    await ws.send(frame, text=True)
-                del frame  # an idle connection must not hold its last frame (a welcome)
-                count()
-            reason = protocol.close_reason
-            if reason is not None:
-                if ws.state is State.OPEN:
-                    await ws.close(reason.code, reason.reason)
-                return
-            if conn.done:
-                return
-    finally:
-        count()  # the client went away mid-send
+            while conn.writer is not None:
+                await conn.writer
+            await conn.send()
+        conn.finished = True
 
 
 def _live_for(ctx: ClientContext, caller: CallerKey) -> LiveSession:
@@ -647,13 +664,12 @@ def _waiting(live: LiveSession) -> bool:
 
 
 def _start_tasks(ctx: ClientContext, live: LiveSession) -> None:
-    if not live.tasks:
-        live.tasks = [asyncio.create_task(_keep_fresh(ctx, live))]
-        if ctx.downstream is not None:
-            # Only an agent link feeds the pump; without an agent, no task waits on it.
-            live.tasks.append(asyncio.create_task(_pump(ctx, live)))
-        for task in live.tasks:
-            task.add_done_callback(_log_failure)
+    if live.renewal is None:
+        _renew_later(ctx, live)
+    if live.pump is None and ctx.downstream is not None:
+        # Only an agent link feeds the pump; without an agent, no task waits on it.
+        live.pump = asyncio.create_task(_pump(ctx, live))
+        live.pump.add_done_callback(_log_failure)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
@@ -773,13 +789,15 @@ def _drop(ctx: ClientContext, live: LiveSession, final: bytes | None = None) -> 
 
 
 def _stop_tasks(ctx: ClientContext, live: LiveSession) -> None:
-    """Cancel the pump and the renewal task (not the caller, if it is one of them)."""
+    """Cancel the pump and the renewal (not the caller, if it is one of them)."""
     current = asyncio.current_task()
-    for task in live.tasks:
-        if task is not current:
-            task.cancel()
+    for task in (live.pump, live.renewal):
+        if task is None or task is current:
+            continue
+        task.cancel()
+        if isinstance(task, asyncio.Task):
             ctx.background(task)  # shutdown waits until it has stopped
-    live.tasks = []
+    live.pump = live.renewal = None
 
 
 def _close_link(ctx: ClientContext, live: LiveSession, final: bytes | None) -> None:
@@ -922,26 +940,41 @@ async def _persist(
     return "ok"
 
 
-async def _keep_fresh(ctx: ClientContext, live: LiveSession) -> None:
-    """Renew a connected session's TTL and age, so a quiet call neither expires nor goes stale.
+def _renew_later(ctx: ClientContext, live: LiveSession) -> None:
+    """Schedule the next renewal of a session's TTL, age and lease.
 
     Jitter keeps sessions that started together (after a reconnect storm) from
-    renewing together. A lingering session is not renewed: its age runs from the
-    disconnect.
+    renewing together.
     """
-    # A renewal that finds the session superseded drops it, and cannot cancel itself.
-    while not live.gone:
-        await asyncio.sleep(ctx.touch_interval * (0.5 + random.random() / 2))
-        session = live.session
-        if live.gone:
-            return
-        if live.client is None or session is None:
-            continue
-        try:
-            await _touch(ctx, live, session, "renewal")
-        except Exception:
-            # Renewal must outlive surprises: an expired session mid-call is worse than a log line.
-            log.exception("renewal failed session=%s", session.session_id)
+    delay = ctx.touch_interval * (0.5 + random.random() / 2)
+    live.renewal = asyncio.get_running_loop().call_later(delay, _renew, ctx, live)
+
+
+def _renew(ctx: ClientContext, live: LiveSession) -> None:
+    """Renew a connected session, so a quiet call neither expires nor goes stale.
+
+    A lingering session is not renewed: its age runs from the disconnect.
+    """
+    live.renewal = None
+    session = live.session
+    if live.gone:
+        return
+    if live.client is None or session is None:
+        _renew_later(ctx, live)
+        return
+    live.renewal = task = asyncio.create_task(_renewal(ctx, live, session))
+    task.add_done_callback(_log_failure)
+
+
+async def _renewal(ctx: ClientContext, live: LiveSession, session: Session) -> None:
+    try:
+        await _touch(ctx, live, session, "renewal")
+    except Exception:
+        # Renewal must outlive surprises: an expired session mid-call is worse than a log line.
+        log.exception("renewal failed session=%s", session.session_id)
+    if live.renewal is asyncio.current_task():
+        # Not stopped meanwhile (a renewal that finds the session superseded drops it).
+        _renew_later(ctx, live)
 
 
 async def _touch(

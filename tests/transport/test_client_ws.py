@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -280,3 +281,27 @@ async def test_ping_gets_pong_before_and_after_hello(gateway: Gateway) -> None:
         await send(ws, {"type": "ping"})
         assert await recv(ws) == {"type": "pong"}
         assert (await turn(ws, "t1", form={"a": 1}))["type"] == "ack"
+
+
+def _connection_tasks() -> int:
+    """Running tasks, but for the store's takeover listener (started when first needed)."""
+    store = ("RedisStore.listen", "MemoryStore.listen", "PubSub.get_message")
+    return sum(getattr(t.get_coro(), "__qualname__", "") not in store for t in asyncio.all_tasks())
+
+
+async def test_idle_session_holds_no_task_of_its_own(gateway: Gateway) -> None:
+    """A connected, idle session costs the tasks websockets gives any connection (its
+    handler and keepalive) and none more: ten thousand sessions must stay small."""
+    before = _connection_tasks()
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(10):
+            # No keepalive on the client side: only the server's tasks are counted.
+            ws = await stack.enter_async_context(connect(url(gateway.port), ping_interval=None))
+            await hello(ws, {"user_id": f"u{i}", "call_id": "c"})
+            await turn(ws, "t1", form={"name": "Ada"})
+        await asyncio.sleep(0.05)  # let every sender finish
+        added = _connection_tasks() - before
+        held = [live.renewal for live in gateway.context.live.values()]
+    assert added == 10 * 2
+    assert len(held) == 10
+    assert all(isinstance(timer, asyncio.TimerHandle) for timer in held)

@@ -216,14 +216,6 @@ async def test_drained_session_is_released(
     assert b.metrics.takeovers.labels("remote")._value.get() == 0
 
 
-def keep_fresh_tasks() -> list[asyncio.Task[Any]]:
-    return [
-        t
-        for t in asyncio.all_tasks()
-        if not t.done() and getattr(t.get_coro(), "__qualname__", "") == "_keep_fresh"
-    ]
-
-
 async def test_lost_notice_is_caught_by_the_renewal(cfg: Config, redis_url: str) -> None:
     """Another instance restores the session and its notice never comes: the next renewal
     finds the epoch moved on, closes the client with session_conflict (4003, reconnect) and
@@ -232,7 +224,8 @@ async def test_lost_notice_is_caught_by_the_renewal(cfg: Config, redis_url: str)
     async with Gateway(cfg, metrics=Metrics()) as a:
         async with connect(url(a.port)) as ws:
             welcome = await hello(ws, CALLER)
-            assert len(keep_fresh_tasks()) == 1
+            (live,) = a.context.live.values()
+            assert live.renewal is not None
             other = RedisStore(redis_url, StoreSettings(key_prefix=cfg.store.key_prefix))
             now = a.context.clock()
             cand = Session(new_session_id(), new_resume_token(), 0, empty_state(), now, now)
@@ -246,8 +239,10 @@ async def test_lost_notice_is_caught_by_the_renewal(cfg: Config, redis_url: str)
             await other.aclose()
             result = await closed(ws)
         assert not a.context.live and not a.context.by_sid
+        touches = a.metrics.store_op_seconds["touch"]._sum.get()
         await asyncio.sleep(0.5)
-        assert keep_fresh_tasks() == []
+        assert live.renewal is None
+        assert a.metrics.store_op_seconds["touch"]._sum.get() == touches
     assert result.code == 4003
     assert result.error is not None and result.error["code"] == "session_conflict"
 
