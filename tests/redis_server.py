@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import redis
+
 __all__ = ["RedisServer", "ensure_redis_server", "free_port", "wait_for_pong"]
 
 
@@ -117,6 +119,30 @@ class RedisServer:
         )
         log = self.workdir / "redis.log"
         wait_for_pong(self.proc, self.port, time.monotonic() + 10, lambda: f"see {log}")
+
+    def wait_replicas(self, replicas: int = 1) -> None:
+        """Wait until ``replicas`` replicas acknowledge this primary's writes.
+
+        The primary lists a replica as ``online`` once the snapshot is sent, maybe before
+        the replica has loaded it and acknowledges anything: a write it acknowledged
+        (``WAIT``) proves it does.
+        """
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                info = client.info("replication")
+                online = [
+                    v for k, v in info.items() if k.startswith("slave") and "online" in str(v)
+                ]
+                if len(online) >= replicas:
+                    client.set("wait-replicas-probe", "1")
+                    if client.execute_command("WAIT", replicas, 1000) >= replicas:
+                        return
+                assert time.monotonic() < deadline, info
+                time.sleep(0.05)
+        finally:
+            client.close()
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would."""

@@ -5,7 +5,6 @@ replica and on a Redis Cluster whose primary is killed."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -22,21 +21,6 @@ from tests.store.records import T0, candidate, write
 pytestmark = pytest.mark.usefixtures("redis_binary")
 
 
-def wait_synced(primary: RedisServer, replicas: int = 1) -> None:
-    client = redis.Redis.from_url(primary.url)
-    deadline = time.monotonic() + 10
-    try:
-        while True:
-            info = client.info("replication")
-            online = [v for k, v in info.items() if k.startswith("slave") and "online" in str(v)]
-            if len(online) >= replicas:
-                return
-            assert time.monotonic() < deadline, info
-            time.sleep(0.05)
-    finally:
-        client.close()
-
-
 async def test_write_waits_for_the_replica(tmp_path: Path) -> None:
     """With a replica up, turns are acknowledged; with it down, the write is not acknowledged
     (store unavailable, to be retried) though the primary has it; once the replica is back, the
@@ -50,7 +34,7 @@ async def test_write_waits_for_the_replica(tmp_path: Path) -> None:
     )
     caller = parse_caller({"user_id": "u-wait", "call_id": "c"})
     try:
-        wait_synced(primary)
+        primary.wait_replicas()
         s = (await store.restore(caller, token=None, candidate=candidate(), now_ms=T0)).session
         assert s is not None
         first = write(s, "t1", T0 + 1, name="Ada")
@@ -63,7 +47,7 @@ async def test_write_waits_for_the_replica(tmp_path: Path) -> None:
         # A new replica (on a fresh port), as after a replacement.
         replica = RedisServer(tmp_path / "replica", replica_of=primary.port)
         replica.start()
-        wait_synced(primary)
+        primary.wait_replicas()
         again = await store.write_turn(caller, s.session_id, second)
         assert again.applied and again.version == 2
     finally:

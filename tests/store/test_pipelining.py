@@ -58,17 +58,6 @@ class Trips:
         self.ops.clear()
 
 
-def wait_synced(primary: RedisServer) -> None:
-    client = redis.Redis.from_url(primary.url)
-    deadline = time.monotonic() + 10
-    try:
-        while "online" not in str(client.info("replication").get("slave0", "")):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        client.close()
-
-
 def callers(n: int, tag: str = "p") -> list[CallerKey]:
     return [CallerKey("acme", "user", f"{tag}{i}", "c") for i in range(n)]
 
@@ -406,7 +395,7 @@ async def test_one_wait_covers_every_write_of_a_pipeline(tmp_path: Path) -> None
     )
     keys = callers(100, "wait")
     try:
-        wait_synced(primary)
+        primary.wait_replicas()
         sessions = await restored(store, keys)
         trips.reset()
         results = await asyncio.gather(
