@@ -4,7 +4,10 @@ hangon's load tests report their costs as ratios to these numbers, measured in t
 on the same machine, because shared machines change from hour to hour. This starts
 ``python -m loadtest.bare`` on a free loopback port, opens ``--sessions`` connections that
 each send one message and wait for the answer, and samples the server's CPU and RSS before
-and once they are all open and idle. Then it sends ``--messages`` messages to the server in
+and once they are all open and idle. Then it drops them all at once, as the storm tool's
+``drop`` mode does (each client aborts its TCP connection), opens as many again and samples
+the server's CPU once they are all answered: the cost of a reconnect storm to a server that
+restores nothing. Then it sends ``--messages`` messages to the server in
 echo mode over at most 1000 connections, each sending its next message when the previous
 one is acknowledged, and samples the server's CPU again. Only the server process is
 measured, never this load generator. It prints one JSON report.
@@ -267,7 +270,9 @@ def _require_all(result: ConnectResult, n: int) -> None:
 
 async def measure_connect(sessions: int, *, in_flight: int = IN_FLIGHT) -> dict[str, Any]:
     """Open ``sessions`` connections to a bare server in connect mode; report the wall time,
-    latencies, and the server's CPU per connection and RSS per idle connection."""
+    latencies, and the server's CPU per connection and RSS per idle connection. Then drop
+    them all at once and open as many again; report that storm's wall time and the server's
+    CPU per reconnect (the drop included)."""
     server = await BareServer.start("connect")
     opened = ConnectResult()
     try:
@@ -275,9 +280,22 @@ async def measure_connect(sessions: int, *, in_flight: int = IN_FLIGHT) -> dict[
         opened = await open_connections(server.url, sessions, in_flight=in_flight)
         _require_all(opened, sessions)
         idle = await settled_sample(server)
+        dropped, opened = opened, ConnectResult()
+        storm_before = server.sample()
+        for ws in dropped.connections:
+            ws.transport.abort()  # no closing handshake, as when a network drops
+        opened = await open_connections(server.url, sessions, in_flight=in_flight)
+        _require_all(opened, sessions)
+        storm_after = server.sample()
     finally:
         await opened.aclose()
         await server.aclose()
+    storm = {
+        "seconds": round(opened.seconds, 3),
+        "server_cpu_ms_per_reconnect": round(
+            (storm_after.cpu_seconds - storm_before.cpu_seconds) * 1000 / sessions, 4
+        ),
+    }
     return {
         "seconds": round(opened.seconds, 3),
         "rate_per_s": round(opened.rate_per_s, 1),
@@ -288,6 +306,7 @@ async def measure_connect(sessions: int, *, in_flight: int = IN_FLIGHT) -> dict[
         "server_rss_kib_per_connection": round(
             (idle.rss_bytes - before.rss_bytes) / 1024 / sessions, 2
         ),
+        "drop_storm": storm,
     }
 
 

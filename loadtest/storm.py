@@ -604,6 +604,17 @@ def _ratios(result: dict[str, Any]) -> None:
         ratios["restore_time_vs_bare_connect"] = round(
             result["storm"]["all_restored_s"] / bare_connect["seconds"], 2
         )
+    # The same drop and reconnect against the bare server: like for like, the old
+    # connections' teardown included.
+    bare_storm = bare_connect.get("drop_storm", {})
+    if gw.get("cpu_ms_per_restore") and bare_storm.get("server_cpu_ms_per_reconnect"):
+        ratios["cpu_per_restore_vs_bare_storm"] = round(
+            gw["cpu_ms_per_restore"] / bare_storm["server_cpu_ms_per_reconnect"], 2
+        )
+    if result.get("storm", {}).get("all_restored_s") and bare_storm.get("seconds"):
+        ratios["restore_time_vs_bare_storm"] = round(
+            result["storm"]["all_restored_s"] / bare_storm["seconds"], 2
+        )
     idle = result.get("gateway_idle", {}).get("rss_kib_per_session")
     if idle and bare_connect.get("server_rss_kib_per_connection"):
         ratios["rss_per_session_vs_bare"] = round(

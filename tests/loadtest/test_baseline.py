@@ -8,7 +8,8 @@ from loadtest.baseline import measure_bare, open_connections
 
 
 async def test_measure_bare_reports_every_field_with_positive_values() -> None:
-    """A small run reports connect and echo costs of the server, all positive and ordered."""
+    """A small run reports connect, drop-storm and echo costs of the server, all positive and
+    ordered."""
     # Enough work for several clock ticks of server CPU (10 ms each), so no delta is zero.
     report = await measure_bare(sessions=200, messages=3000, timeout=50)
     assert report["tool"] == "hangon-baseline"
@@ -20,6 +21,9 @@ async def test_measure_bare_reports_every_field_with_positive_values() -> None:
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
     assert connect["server_cpu_ms_per_connection"] > 0
     assert connect["server_rss_kib_per_connection"] > 0
+    storm = connect["drop_storm"]
+    assert storm["seconds"] > 0
+    assert storm["server_cpu_ms_per_reconnect"] > 0
     echo = report["echo"]
     assert echo["server_cpu_us_per_message"] > 0
     assert echo["messages_per_cpu_second"] > 0
