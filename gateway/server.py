@@ -46,6 +46,7 @@ from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
 from gateway.transport.admission import Admission
 from gateway.transport.client_ws import ClientContext, handle_client, now_ms
+from gateway.transport.keepalive import Keepalive
 
 __all__ = ["Gateway", "instance_id", "open_store"]
 
@@ -166,6 +167,7 @@ class Gateway:
         self.server: Server | None = None
         self.closing = False
         self._listener: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
         # Static files, read once; the demo page pointed at this gateway's WebSocket path.
         self._files = {path: (_static(name), kind) for path, (name, kind) in _STATIC.items()}
         self._files["/"] = (
@@ -197,8 +199,10 @@ class Gateway:
             # Frames up to twice the limit reach the protocol, which answers with an
             # error frame; websockets drops larger ones itself with 1009.
             max_size=2 * max_size,
-            ping_interval=self.config.keepalive.ping_interval,
-            ping_timeout=self.config.keepalive.ping_timeout,
+            # One task pings every connection (gateway.transport.keepalive), rather than
+            # a task per connection.
+            ping_interval=None,
+            ping_timeout=None,
             compression=None,
             close_timeout=5,
             backlog=self.config.server.backlog,
@@ -207,6 +211,14 @@ class Gateway:
         self._listener = asyncio.create_task(
             self.store.listen(self.instance, self.context.taken_over)
         )
+        keepalive = self.config.keepalive
+        if keepalive.ping_interval is not None:
+            pings = Keepalive(
+                lambda: self.context.connections,
+                interval=keepalive.ping_interval,
+                timeout=keepalive.ping_timeout,
+            )
+            self._keepalive = asyncio.create_task(pings.run())
 
     async def drain(self) -> None:
         """Fail readiness, refuse new clients, close the others with 1012 over the drain period."""
@@ -217,10 +229,11 @@ class Gateway:
     async def aclose(self) -> None:
         """Stop accepting, close every client with 1001, then agent links, then the store."""
         self.closing = True
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        for task in (self._listener, self._keepalive):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()

@@ -118,6 +118,8 @@ class Connection:
     """The handler has returned: nothing more is sent."""
     counted: bool = False
     """The error that closes this connection has been counted."""
+    next_ping: float = 0.0
+    """When :class:`~gateway.transport.keepalive.Keepalive` pings it next."""
 
     def flush(self) -> None:
         """Send what is queued, from a task of its own; for callers other than the handler."""

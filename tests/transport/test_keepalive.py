@@ -1,0 +1,75 @@
+"""Keepalive from one task: a client that stops answering pings is closed with 1011, one that
+answers stays, and an idle connection costs no task for it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from websockets.client import ClientProtocol
+from websockets.frames import Close, Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
+
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.server import Gateway
+from tests.wsclient import connect, hello, url
+
+
+async def silent_client(port: int) -> list[Frame]:
+    """Open a WebSocket that never sends a pong (nor anything else); return the frames it
+    got until the gateway closed it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    protocol = ClientProtocol(parse_uri(url(port)))
+    protocol.send_request(protocol.connect())
+    writer.write(b"".join(protocol.data_to_send()))
+    frames: list[Frame] = []
+    try:
+        async with asyncio.timeout(10):
+            while not any(f.opcode is Opcode.CLOSE for f in frames):
+                data = await reader.read(65536)
+                if not data:
+                    break
+                protocol.receive_data(data)
+                frames += [e for e in protocol.events_received() if isinstance(e, Frame)]
+                protocol.data_to_send()  # the pongs websockets queued: never sent
+    finally:
+        writer.close()
+    return frames
+
+
+async def test_silent_client_is_closed_and_answering_one_kept(config: Config) -> None:
+    """With pings every 0.2 s and a 0.2 s timeout, a client that never answers gets one ping
+    and then close 1011 "keepalive ping timeout"; a client beside it that answers stays
+    open and keeps being served."""
+    cfg = config.replace("keepalive", ping_interval=0.2, ping_timeout=0.2)
+    async with Gateway(cfg, metrics=Metrics()) as gateway:
+        async with connect(url(gateway.port), ping_interval=None) as answering:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            frames = await silent_client(gateway.port)
+            took = loop.time() - started
+            await asyncio.sleep(0.5)  # two more intervals: the answering client is pinged
+            assert answering.state is State.OPEN
+            welcome = await hello(answering, {"user_id": "u-alive", "call_id": "c"})
+    pings = [f for f in frames if f.opcode is Opcode.PING]
+    close = Close.parse(frames[-1].data)
+    assert len(pings) == 1
+    assert (close.code, close.reason) == (1011, "keepalive ping timeout")
+    assert 0.3 <= took < 3
+    assert welcome["type"] == "welcome"
+
+
+async def test_keepalive_off_sends_no_ping(config: Config) -> None:
+    """With --ping-interval none, no ping is ever sent."""
+    cfg = config.replace("keepalive", ping_interval=None)
+    async with Gateway(cfg, metrics=Metrics()) as gateway:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        protocol = ClientProtocol(parse_uri(url(gateway.port)))
+        protocol.send_request(protocol.connect())
+        writer.write(b"".join(protocol.data_to_send()))
+        await asyncio.sleep(1.5)
+        writer.close()
+        protocol.receive_data(await reader.read(65536))
+    frames = [e for e in protocol.events_received() if isinstance(e, Frame)]
+    assert frames == []
