@@ -763,6 +763,13 @@ def _detach(ctx: ClientContext, live: LiveSession) -> None:
 def _linger_over(ctx: ClientContext, live: LiveSession) -> None:
     """Drop ``live`` unless a client came back; under its lock, so never mid-hello."""
     live.linger = None
+    if not live.lock.locked():
+        # No hello is restoring it (one waiting for the lock finds it dropped and starts
+        # afresh): drop it now, without a task per disconnect.
+        if live.client is None and not live.gone:
+            _drop(ctx, live)
+            _release(ctx, live)
+        return
 
     async def drop() -> None:
         async with live.lock:

@@ -4,6 +4,7 @@ still gets its own reply, its own error, and its own durable write."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,7 +18,7 @@ import redis.exceptions as rex
 from gateway.config import Config
 from gateway.core.callerkey import CallerKey
 from gateway.core.session import Session
-from gateway.exceptions import StoreConflict, StoreError, StoreUnavailable
+from gateway.exceptions import StoreConflict, StoreError, StoreTimeout, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
@@ -303,6 +304,34 @@ async def test_redis_dying_mid_batch_fails_every_call(
         )
         assert all(r.applied and r.version == 1 for r in again)
     finally:
+        await store.aclose()
+
+
+async def test_a_hung_redis_times_out_the_whole_round_trip(
+    own_redis: RedisServer, settings: StoreSettings
+) -> None:
+    """Redis stopped (SIGSTOP) under a batch: every call fails as a timeout within about the
+    store's timeout, one deadline for the whole round trip rather than one per reply, and
+    the store serves again once Redis resumes."""
+    store = RedisStore(own_redis.url, settings, socket_timeout=0.5)
+    keys = callers(200, "hung")
+    assert own_redis.proc is not None
+    try:
+        await restored(store, keys)  # scripts loaded, connections open
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        began = time.monotonic()
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(
+                *(store.restore(c, token=None, candidate=candidate(), now_ms=T0) for c in keys),
+                return_exceptions=True,
+            )
+        took = time.monotonic() - began
+        own_redis.proc.send_signal(signal.SIGCONT)
+        assert all(isinstance(r, StoreTimeout) for r in results), results[:3]
+        assert took < 1.5
+        assert len(await restored(store, keys)) == len(keys)
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
         await store.aclose()
 
 
