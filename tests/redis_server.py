@@ -16,11 +16,20 @@ import redis
 __all__ = ["RedisServer", "ensure_redis_server", "free_port", "wait_for_pong"]
 
 
+_GIVEN: set[int] = set()
+"""Ports :func:`free_port` returned already: the kernel may offer a closed port again."""
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """Return a TCP port on 127.0.0.1 that was free a moment ago, and that this process has
+    not been given before (a cluster takes twelve in a row; two nodes on one port fail)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def ensure_redis_server() -> str | None:
