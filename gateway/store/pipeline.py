@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 from redis.asyncio.cluster import RedisCluster
@@ -285,7 +286,9 @@ class AutoPipeline:
         conn: aioredis.Connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             async with asyncio.timeout(self._timeout):
-                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                # hiredis packs each command in C; these hold only str, bytes and int.
+                packed = b"".join([hiredis.pack_command(command) for command in commands])
+                await conn.send_packed_command(packed, check_health=False)
                 replies: list[Any] = []
                 for _ in commands:
                     try:
