@@ -45,12 +45,15 @@ def too_deep(value: Any, limit: int) -> bool:
     orjson reads 1024 levels but writes only 255: without a bound, a small frame
     could produce a state that cannot be stored.
     """
+    if not isinstance(value, dict | list):
+        return False
+    # Only containers go on the stack: a form's scalars cost one isinstance each.
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > limit:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
+        if depth > limit:
+            return True
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
     return False
