@@ -23,9 +23,8 @@ them all, so batches grow with the load by themselves.
 - A broken connection or a timeout fails every call of the pipeline with that
   error, mapped by the caller like any other. On a standalone Redis the store's
   timeout bounds the whole round trip (:meth:`AutoPipeline._execute`), not each
-  reply. Calls whose reply had already
-  arrived fail too; their retries are safe because every script is idempotent
-  on retry (turn IDs, push IDs).
+  reply. Calls whose reply had already arrived fail too; their retries are safe
+  because every script is idempotent on retry (turn IDs, push IDs).
 - A caller cancelled while its call waits in the queue is skipped; one cancelled
   while its call is out only stops waiting. Senders are tasks of their own, so a
   caller's cancellation never reaches redis-py, where Python 3.11's
@@ -279,8 +278,8 @@ class AutoPipeline:
 
         What redis-py's pipeline does for a batch, without what a batch of script calls
         does not need (a command stack, reply callbacks, its retries, which are off
-        anyway) and with one deadline for the whole round trip instead of one per reply:
-        those cost a fifth of the gateway's CPU per turn under load.
+        anyway) and with one deadline for the whole round trip instead of one per reply.
+        Going without them cut the gateway's CPU per turn by about a tenth under load.
         """
         pool = client.connection_pool
         conn: aioredis.Connection = await pool.get_connection()  # type: ignore[no-untyped-call]
