@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -23,7 +24,7 @@ from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
 from gateway.store.pipeline import AutoPipeline
-from gateway.store.redis_store import RedisStore
+from gateway.store.redis_store import RedisStore, _Connection
 from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer
 from tests.store.records import T0, candidate, write
@@ -332,6 +333,56 @@ async def test_a_hung_redis_times_out_the_whole_round_trip(
         assert len(await restored(store, keys)) == len(keys)
     finally:
         own_redis.proc.send_signal(signal.SIGCONT)
+        await store.aclose()
+
+
+async def test_a_deadline_that_redis_py_swallows_still_ends_the_round_trip(
+    own_redis: RedisServer, settings: StoreSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round trip's deadline fires as redis-py's write completes inside its
+    asyncio.wait_for, which on Python 3.11 swallows the cancellation: the calls still fail
+    as timeouts at about the store's timeout, not when a busy Redis answers 3 s later."""
+    store = RedisStore(own_redis.url, settings, socket_timeout=0.5)
+    keys = callers(20, "swallow")
+    senders: list[asyncio.Task[Any]] = []
+    send, write = _Connection.send_packed_command, _Connection._send_packed_command
+
+    async def send_packed_command(
+        self: _Connection, command: Any, check_health: bool = True
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        senders.append(task)
+        await send(self, command, check_health)
+
+    async def write_until_the_deadline(self: _Connection, command: Any) -> None:
+        await write(self, command)
+        # Fault injection: the write completes just as the round trip's deadline cancels
+        # the sender, as after an event-loop stall.
+        while not senders[-1].cancelling():
+            await asyncio.sleep(0)
+
+    try:
+        await restored(store, keys)  # scripts loaded, connections open
+        started = threading.Event()
+        thread = busy(own_redis.url, 3000, started)
+        started.wait(5)
+        await asyncio.sleep(0.2)  # the busy script runs
+        monkeypatch.setattr(_Connection, "send_packed_command", send_packed_command)
+        monkeypatch.setattr(_Connection, "_send_packed_command", write_until_the_deadline)
+        began = time.monotonic()
+        async with asyncio.timeout(10):
+            results = await asyncio.gather(
+                *(store.restore(c, token=None, candidate=candidate(), now_ms=T0) for c in keys),
+                return_exceptions=True,
+            )
+        took = time.monotonic() - began
+        monkeypatch.undo()
+        thread.join(5)
+        assert all(isinstance(r, StoreTimeout) for r in results), results[:3]
+        assert took < 1.5
+        assert len(await restored(store, keys)) == len(keys)
+    finally:
         await store.aclose()
 
 
