@@ -120,6 +120,8 @@ class Connection:
     """The error that closes this connection has been counted."""
     next_ping: float = 0.0
     """When :class:`~gateway.transport.keepalive.Keepalive` pings it next."""
+    pinging: bool = False
+    """The keepalive's ping is in flight."""
 
     def flush(self) -> None:
         """Send what is queued, from a task of its own; for callers other than the handler."""

@@ -34,6 +34,9 @@ class Pinged(Protocol):
     ws: ServerConnection
     next_ping: float
     """Event loop time of its next ping; 0 until the keepalive first sees it."""
+    pinging: bool
+    """A ping is in flight: sent, or waiting to be sent behind a client that stopped
+    reading. No second one starts meanwhile, as in websockets' own keepalive."""
 
 
 class Keepalive:
@@ -77,19 +80,24 @@ class Keepalive:
                 # First seen: its first ping one interval from now, jittered by a tick so
                 # that connections opened in one storm do not all ping in one sweep.
                 conn.next_ping = now + self.interval + random.random() * self.tick
-            elif conn.next_ping <= now and conn.ws.state is State.OPEN:
+            elif conn.next_ping <= now and not conn.pinging and conn.ws.state is State.OPEN:
                 conn.next_ping = now + self.interval
-                task = asyncio.create_task(self._ping(conn.ws))
+                conn.pinging = True
+                task = asyncio.create_task(self._ping(conn))
                 self._pings.add(task)
                 task.add_done_callback(self._pings.discard)
 
-    async def _ping(self, ws: ServerConnection) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            pong = await ws.ping()
-            if self.timeout is None:
-                return  # the pong frees the waiter; nothing waits for it
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await pong
-            except TimeoutError:
-                await ws.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+    async def _ping(self, conn: Pinged) -> None:
+        ws = conn.ws
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                pong = await ws.ping()
+                if self.timeout is None:
+                    return  # the pong frees the waiter; nothing waits for it
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        await pong
+                except TimeoutError:
+                    await ws.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+        finally:
+            conn.pinging = False

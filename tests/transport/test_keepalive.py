@@ -4,6 +4,8 @@ answers stays, and an idle connection costs no task for it."""
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 
 from websockets.client import ClientProtocol
 from websockets.frames import Close, Frame, Opcode
@@ -13,7 +15,7 @@ from websockets.uri import parse_uri
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.server import Gateway
-from tests.wsclient import connect, hello, url
+from tests.wsclient import connect, hello, turn, url
 
 
 async def silent_client(port: int) -> list[Frame]:
@@ -73,3 +75,42 @@ async def test_keepalive_off_sends_no_ping(config: Config) -> None:
         protocol.receive_data(await reader.read(65536))
     frames = [e for e in protocol.events_received() if isinstance(e, Frame)]
     assert frames == []
+
+
+def ping_tasks() -> int:
+    return sum(
+        getattr(t.get_coro(), "__qualname__", "") == "Keepalive._ping" for t in asyncio.all_tasks()
+    )
+
+
+async def test_a_client_that_stopped_reading_holds_one_ping_at_most(config: Config) -> None:
+    """A client that stopped reading while its welcome is still being sent has one ping in
+    flight at most, however many intervals pass, as with websockets' own keepalive."""
+    cfg = config.replace("keepalive", ping_interval=0.2, ping_timeout=0.2).replace(
+        "limits", max_message_size=1_000_000, max_state_size=16_000_000
+    )
+    caller = {"user_id": "u-stuck", "call_id": "c"}
+    async with Gateway(cfg, metrics=Metrics()) as gateway:
+        async with connect(url(gateway.port), max_size=None) as first:
+            welcome = await hello(first, caller)
+            for i in range(8):  # a 7 MB state: its welcome fills any socket buffer
+                await turn(first, f"t{i}", form={f"k{i}": "x" * 900_000})
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        protocol = ClientProtocol(parse_uri(url(gateway.port)), max_size=None)
+        protocol.send_request(protocol.connect())
+        writer.write(b"".join(protocol.data_to_send()))
+        protocol.receive_data(await reader.readuntil(b"\r\n\r\n"))
+        writer.transport.pause_reading()  # and never reads again
+        frame = {"type": "hello", "caller": caller, "resume_token": welcome["resume_token"]}
+        protocol.send_text(json.dumps(frame).encode())
+        writer.write(b"".join(protocol.data_to_send()))
+        await asyncio.sleep(2)  # ten intervals
+        stuck = [c for c in gateway.context.connections if c.sending]
+        in_flight = ping_tasks()
+        writer.transport.abort()
+    assert len(stuck) == 1
+    assert in_flight <= 1
