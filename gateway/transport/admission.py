@@ -27,6 +27,9 @@ _SMOOTHING = 0.2
 """Weight of the newest restore in the running mean of restore times."""
 _RATE_WINDOW = 256
 """Restores whose completion times give the current restore rate."""
+_RATE_GAP = 1.0
+"""Seconds without a restore finishing after which the rate is measured afresh: the restores
+of an earlier burst (the connects of minutes ago) say nothing of this one's pace."""
 
 
 class Admission:
@@ -103,4 +106,8 @@ class Admission:
             self._slots.release()
             now = self._clock()
             self.mean_seconds += _SMOOTHING * (now - started - self.mean_seconds)
+            if self._finished and now - self._finished[-1] > _RATE_GAP:
+                # Kept, the last burst's finishes would spread this one's rate over the
+                # idle time between them, and every hint of a new storm would be the cap.
+                self._finished.clear()
             self._finished.append(now)

@@ -140,3 +140,21 @@ async def test_retry_after_follows_the_rate_restores_finish_at() -> None:
     admission.waiting = 500
     hints = [admission.retry_after() for _ in range(100)]
     assert 5.0 <= min(hints) and max(hints) <= 10.0
+
+
+async def test_restores_of_an_earlier_burst_do_not_stretch_a_new_storms_hints() -> None:
+    """Restores that finished a minute before a storm are not part of its rate: two
+    restores at 100 a second into the storm make 500 waiting a 5-10 s hint, not the 30 s
+    cap that a rate spread over the idle minute would give."""
+    now = [0.0]
+    admission = Admission(128, 1000, clock=lambda: now[0])
+    for _ in range(101):  # the connects, long ago
+        async with admission.slot():
+            now[0] += 0.01
+    now[0] = 60.0
+    for _ in range(2):
+        async with admission.slot():
+            now[0] += 0.01
+    admission.waiting = 500
+    hints = [admission.retry_after() for _ in range(100)]
+    assert 5.0 <= min(hints) and max(hints) <= 10.0
