@@ -27,6 +27,10 @@ _SMOOTHING = 0.2
 """Weight of the newest restore in the running mean of restore times."""
 _RATE_WINDOW = 256
 """Restores whose completion times give the current restore rate."""
+_RATE_SAMPLES = 32
+"""Finishes needed before their spacing is trusted as the rate: the first few restores of a
+storm trickle out while the process is busy accepting it, and a rate read from them would
+tell every client shed then to wait the 30 s cap."""
 _RATE_GAP = 1.0
 """Seconds without a restore finishing after which the rate is measured afresh: the restores
 of an earlier burst (the connects of minutes ago) say nothing of this one's pace."""
@@ -69,8 +73,9 @@ class Admission:
 
     def rate(self) -> float:
         """Restores finished per second lately; before there are enough, what the slots
-        would give at the mean restore time."""
-        if len(self._finished) >= 2:
+        would give at the mean restore time (a short hint: a client shed again costs a
+        refused handshake, one told to wait too long waits for nothing)."""
+        if len(self._finished) >= _RATE_SAMPLES:
             span = self._finished[-1] - self._finished[0]
             if span > 0:
                 return (len(self._finished) - 1) / span

@@ -143,7 +143,7 @@ async def test_retry_after_follows_the_rate_restores_finish_at() -> None:
 
 
 async def test_restores_of_an_earlier_burst_do_not_stretch_a_new_storms_hints() -> None:
-    """Restores that finished a minute before a storm are not part of its rate: two
+    """Restores that finished a minute before a storm are not part of its rate: 40
     restores at 100 a second into the storm make 500 waiting a 5-10 s hint, not the 30 s
     cap that a rate spread over the idle minute would give."""
     now = [0.0]
@@ -152,9 +152,22 @@ async def test_restores_of_an_earlier_burst_do_not_stretch_a_new_storms_hints() 
         async with admission.slot():
             now[0] += 0.01
     now[0] = 60.0
-    for _ in range(2):
+    for _ in range(40):
         async with admission.slot():
             now[0] += 0.01
     admission.waiting = 500
     hints = [admission.retry_after() for _ in range(100)]
     assert 5.0 <= min(hints) and max(hints) <= 10.0
+
+
+async def test_a_storms_first_restores_do_not_set_its_rate() -> None:
+    """Until 32 restores have finished, the hint comes from the slots and the mean restore
+    time, not from the spacing of a first few restores that trickled out slowly."""
+    now = [0.0]
+    admission = Admission(128, 1000, clock=lambda: now[0])
+    for _ in range(5):  # one a second: the process is busy accepting the storm
+        async with admission.slot():
+            now[0] += 0.005
+        now[0] += 0.995
+    admission.waiting = 500
+    assert max(admission.retry_after() for _ in range(100)) <= 1.0
