@@ -18,13 +18,25 @@ from gateway.server import Gateway
 from tests.wsclient import connect, hello, turn, url
 
 
+async def raw_client(
+    port: int, sock: socket.socket | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ClientProtocol]:
+    """Send a WebSocket handshake on a connection of our own, which answers nothing by
+    itself (websockets' protocol queues pongs; nobody sends them)."""
+    if sock is None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    else:
+        reader, writer = await asyncio.open_connection(sock=sock)
+    protocol = ClientProtocol(parse_uri(url(port)), max_size=None)
+    protocol.send_request(protocol.connect())
+    writer.write(b"".join(protocol.data_to_send()))
+    return reader, writer, protocol
+
+
 async def silent_client(port: int) -> list[Frame]:
     """Open a WebSocket that never sends a pong (nor anything else); return the frames it
     got until the gateway closed it."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    protocol = ClientProtocol(parse_uri(url(port)))
-    protocol.send_request(protocol.connect())
-    writer.write(b"".join(protocol.data_to_send()))
+    reader, writer, protocol = await raw_client(port)
     frames: list[Frame] = []
     try:
         async with asyncio.timeout(10):
@@ -66,10 +78,7 @@ async def test_keepalive_off_sends_no_ping(config: Config) -> None:
     """With --ping-interval none, no ping is ever sent."""
     cfg = config.replace("keepalive", ping_interval=None)
     async with Gateway(cfg, metrics=Metrics()) as gateway:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-        protocol = ClientProtocol(parse_uri(url(gateway.port)))
-        protocol.send_request(protocol.connect())
-        writer.write(b"".join(protocol.data_to_send()))
+        reader, writer, protocol = await raw_client(gateway.port)
         await asyncio.sleep(1.5)
         writer.close()
         protocol.receive_data(await reader.read(65536))
@@ -99,10 +108,7 @@ async def test_a_client_that_stopped_reading_holds_one_ping_at_most(config: Conf
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
-        reader, writer = await asyncio.open_connection(sock=sock)
-        protocol = ClientProtocol(parse_uri(url(gateway.port)), max_size=None)
-        protocol.send_request(protocol.connect())
-        writer.write(b"".join(protocol.data_to_send()))
+        reader, writer, protocol = await raw_client(gateway.port, sock)
         protocol.receive_data(await reader.readuntil(b"\r\n\r\n"))
         writer.transport.pause_reading()  # and never reads again
         frame = {"type": "hello", "caller": caller, "resume_token": welcome["resume_token"]}
