@@ -594,36 +594,35 @@ def _ratios(result: dict[str, Any]) -> None:
     if not base:
         return
     ratios: dict[str, float] = {}
+
+    def ratio(name: str, hangon: float | None, bare: float | None) -> None:
+        if hangon and bare:
+            ratios[name] = round(hangon / bare, 2)
+
     bare_connect = base.get("connect", {})
-    gw = result.get("gateway", {})
-    if gw.get("cpu_ms_per_restore") and bare_connect.get("server_cpu_ms_per_connection"):
-        ratios["cpu_per_restore_vs_bare"] = round(
-            gw["cpu_ms_per_restore"] / bare_connect["server_cpu_ms_per_connection"], 2
-        )
-    if result.get("storm", {}).get("all_restored_s") and bare_connect.get("seconds"):
-        ratios["restore_time_vs_bare_connect"] = round(
-            result["storm"]["all_restored_s"] / bare_connect["seconds"], 2
-        )
     # The same drop and reconnect against the bare server: like for like, the old
     # connections' teardown included.
     bare_storm = bare_connect.get("drop_storm", {})
-    if gw.get("cpu_ms_per_restore") and bare_storm.get("server_cpu_ms_per_reconnect"):
-        ratios["cpu_per_restore_vs_bare_storm"] = round(
-            gw["cpu_ms_per_restore"] / bare_storm["server_cpu_ms_per_reconnect"], 2
-        )
-    if result.get("storm", {}).get("all_restored_s") and bare_storm.get("seconds"):
-        ratios["restore_time_vs_bare_storm"] = round(
-            result["storm"]["all_restored_s"] / bare_storm["seconds"], 2
-        )
-    idle = result.get("gateway_idle", {}).get("rss_kib_per_session")
-    if idle and bare_connect.get("server_rss_kib_per_connection"):
-        ratios["rss_per_session_vs_bare"] = round(
-            idle / bare_connect["server_rss_kib_per_connection"], 2
-        )
-    per_turn = result.get("turns", {}).get("gateway_cpu_us_per_turn")
-    bare_echo = base.get("echo", {}).get("server_cpu_us_per_message")
-    if per_turn and bare_echo:
-        ratios["cpu_per_turn_vs_bare_echo"] = round(per_turn / bare_echo, 2)
+    restore_cpu = result.get("gateway", {}).get("cpu_ms_per_restore")
+    restored_s = result.get("storm", {}).get("all_restored_s")
+    ratio("cpu_per_restore_vs_bare", restore_cpu, bare_connect.get("server_cpu_ms_per_connection"))
+    ratio("restore_time_vs_bare_connect", restored_s, bare_connect.get("seconds"))
+    ratio(
+        "cpu_per_restore_vs_bare_storm",
+        restore_cpu,
+        bare_storm.get("server_cpu_ms_per_reconnect"),
+    )
+    ratio("restore_time_vs_bare_storm", restored_s, bare_storm.get("seconds"))
+    ratio(
+        "rss_per_session_vs_bare",
+        result.get("gateway_idle", {}).get("rss_kib_per_session"),
+        bare_connect.get("server_rss_kib_per_connection"),
+    )
+    ratio(
+        "cpu_per_turn_vs_bare_echo",
+        result.get("turns", {}).get("gateway_cpu_us_per_turn"),
+        base.get("echo", {}).get("server_cpu_us_per_message"),
+    )
     result["ratios"] = ratios
 
 
