@@ -129,14 +129,19 @@ def test_retry_after_grows_with_the_queue_and_is_bounded() -> None:
     assert admission.retry_after() == 30
 
 
+async def restore(admission: Admission, now: list[float], count: int, seconds: float) -> None:
+    """Run ``count`` restores one after another, each taking ``seconds`` on the clock ``now``."""
+    for _ in range(count):
+        async with admission.slot():
+            now[0] += seconds
+
+
 async def test_retry_after_follows_the_rate_restores_finish_at() -> None:
     """The hint is the queue over the rate restores really finish at: restores done one at a
     time, 100 a second, make 500 waiting a 5-10 s hint, whatever the slots promise."""
     now = [0.0]
     admission = Admission(128, 1000, clock=lambda: now[0])
-    for _ in range(101):
-        async with admission.slot():
-            now[0] += 0.01
+    await restore(admission, now, 101, 0.01)
     admission.waiting = 500
     hints = [admission.retry_after() for _ in range(100)]
     assert 5.0 <= min(hints) and max(hints) <= 10.0
@@ -148,13 +153,9 @@ async def test_restores_of_an_earlier_burst_do_not_stretch_a_new_storms_hints() 
     cap that a rate spread over the idle minute would give."""
     now = [0.0]
     admission = Admission(128, 1000, clock=lambda: now[0])
-    for _ in range(101):  # the connects, long ago
-        async with admission.slot():
-            now[0] += 0.01
+    await restore(admission, now, 101, 0.01)  # the connects, long ago
     now[0] = 60.0
-    for _ in range(40):
-        async with admission.slot():
-            now[0] += 0.01
+    await restore(admission, now, 40, 0.01)
     admission.waiting = 500
     hints = [admission.retry_after() for _ in range(100)]
     assert 5.0 <= min(hints) and max(hints) <= 10.0
