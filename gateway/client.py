@@ -187,6 +187,7 @@ class Client:
                     ping_interval=self.heartbeat_interval,
                     ping_timeout=self.heartbeat_timeout,
                     close_timeout=2,
+                    compression=None,  # the gateway never negotiates it; offering costs a header
                     **self._connect_kwargs,
                 ) as ws:
                     if self._closing:
@@ -231,7 +232,8 @@ class Client:
                 self.on_reconnecting(code, delay)
             # aclose() cuts the wait short.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):  # unlike wait_for, no task per wait
+                    await self._wake.wait()
 
     async def turn(
         self,

@@ -42,7 +42,13 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from loadtest.bare import BareServer
-from loadtest.net import ProcessSample, check_loopback, raise_nofile_limit, source_address
+from loadtest.net import (
+    ProcessSample,
+    check_loopback,
+    raise_nofile_limit,
+    source_address,
+    tune_gc,
+)
 
 __all__ = [
     "ECHO_CONNECTIONS",
@@ -405,6 +411,7 @@ async def _cancelled_by_sigterm(sessions: int, messages: int, in_flight: int) ->
 def main(argv: Sequence[str] | None = None) -> None:
     """Measure under uvloop; print the report and write it to ``--json`` if given."""
     args = parse(argv)
+    tune_gc()
     try:
         report = uvloop.run(_cancelled_by_sigterm(args.sessions, args.messages, args.in_flight))
     except asyncio.CancelledError:

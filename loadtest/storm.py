@@ -54,7 +54,13 @@ from urllib.parse import urlsplit
 
 from gateway.client import Client, Restored
 from gateway.exceptions import ClientClosed
-from loadtest.net import check_loopback, raise_nofile_limit, sample_process, source_address
+from loadtest.net import (
+    check_loopback,
+    raise_nofile_limit,
+    sample_process,
+    source_address,
+    tune_gc,
+)
 
 __all__ = ["Gateway", "Session", "main", "run_storm"]
 
@@ -357,6 +363,9 @@ def _session(
         initial_delay=args.initial_delay,
         max_delay=args.max_delay,
         open_timeout=30,
+        # Browsers and Twilio's media streams never ping; the gateway's own pings find a
+        # dead client. Without them the clients are like the baseline's.
+        heartbeat_interval=None,
         local_addr=source_address(i, host),
     )
     session = Session(name, client)
@@ -654,6 +663,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     check_loopback(args.url)
+    tune_gc()
     try:
         import uvloop
 
