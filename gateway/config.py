@@ -125,7 +125,7 @@ class LimitsConfig:
     """Largest session state in bytes of JSON; a turn growing it further gets ``state_too_big``."""
     max_restores: int = 128
     """Hellos restoring at once; more wait their turn, in arrival order."""
-    restore_queue: int = 5000
+    restore_queue: int = 20000
     """Hellos waiting for a restore beyond which new ones are refused with 1013 (and upgrades
     with 503), each told when to come back."""
 

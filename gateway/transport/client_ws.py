@@ -223,7 +223,7 @@ class ClientContext:
     """This instance's ID: the owner it writes into the sessions it serves."""
     twilio_caller_param: str = "From"
     """The Twilio ``<Stream>`` custom parameter that holds the caller's number."""
-    admission: Admission = field(default_factory=lambda: Admission(128, 5000))
+    admission: Admission = field(default_factory=lambda: Admission(128, 20000))
     """How many hellos restore at once, and how many may wait."""
     live: dict[CallerKey, LiveSession] = field(default_factory=dict)
     """Sessions served here, by caller key."""
