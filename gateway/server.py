@@ -155,7 +155,7 @@ class Gateway:
             agent_linger=config.agent.agent_linger,
             instance=self.instance,
             twilio_caller_param=config.twilio.twilio_caller_param,
-            admission=Admission(config.limits.max_restores, config.limits.restore_queue),
+            admission=Admission.from_limits(config.limits),
         )
         admission = self.context.admission
         self.metrics.admission_waiting.set_function(lambda: admission.waiting)

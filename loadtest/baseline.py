@@ -41,13 +41,13 @@ from websockets.exceptions import WebSocketException
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from gateway.cli import tune_gc
 from loadtest.bare import BareServer
 from loadtest.net import (
     ProcessSample,
     check_loopback,
     raise_nofile_limit,
     source_address,
-    tune_gc,
 )
 
 __all__ = [

@@ -3,7 +3,6 @@ descriptors, enough source ports, and the CPU and memory of the processes under 
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import os
 import resource
@@ -16,7 +15,6 @@ __all__ = [
     "raise_nofile_limit",
     "sample_process",
     "source_address",
-    "tune_gc",
 ]
 
 PORTS_PER_ADDRESS = 20_000
@@ -93,18 +91,3 @@ def sample_process(pid: int) -> ProcessSample | None:
     ticks = os.sysconf("SC_CLK_TCK")
     cpu = (int(fields[11]) + int(fields[12])) / ticks
     return ProcessSample(cpu, pages * os.sysconf("SC_PAGE_SIZE"))
-
-
-def tune_gc() -> None:
-    """Keep the load generator's garbage collector from setting the pace, as the gateway
-    does for itself (``gateway.cli``).
-
-    Ten thousand clients' connections, each with its frames, futures and timers, make every
-    collection of the older generations scan them all. With Python's defaults a 5000-session
-    storm run spent 7.3 s of its own CPU in the collector, 5.9 s of it in 30 full
-    collections, while the clients waited to reconnect. Everything loaded so far is frozen
-    out of collections and gen-0 runs every 20,000 allocations instead of 700.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 100)

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.cli import tune_gc
 from gateway.client import Client, Restored
 from gateway.exceptions import ClientClosed
 from loadtest.net import (
@@ -59,7 +60,6 @@ from loadtest.net import (
     raise_nofile_limit,
     sample_process,
     source_address,
-    tune_gc,
 )
 
 __all__ = ["Gateway", "Session", "main", "run_storm"]

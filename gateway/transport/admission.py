@@ -19,6 +19,8 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 
+from gateway.config import LimitsConfig
+
 __all__ = ["Admission"]
 
 _MIN_RETRY = 0.5
@@ -66,6 +68,11 @@ class Admission:
         """Running mean of a restore's duration, once any has run."""
         self._finished: collections.deque[float] = collections.deque(maxlen=_RATE_WINDOW)
         """When the latest restores finished: their spacing is the rate the queue drains at."""
+
+    @classmethod
+    def from_limits(cls, limits: LimitsConfig) -> Admission:
+        """Admission as ``--max-restores`` and ``--restore-queue`` configure it."""
+        return cls(limits.max_restores, limits.restore_queue)
 
     def full(self) -> bool:
         """Whether a new hello must be refused: the queue is at its limit."""

@@ -51,6 +51,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from gateway.config import LimitsConfig
 from gateway.core import agent, codec
 from gateway.core.callerkey import CallerKey
 from gateway.core.closecodes import BYE, SERVICE_RESTART
@@ -223,7 +224,7 @@ class ClientContext:
     """This instance's ID: the owner it writes into the sessions it serves."""
     twilio_caller_param: str = "From"
     """The Twilio ``<Stream>`` custom parameter that holds the caller's number."""
-    admission: Admission = field(default_factory=lambda: Admission(128, 20000))
+    admission: Admission = field(default_factory=lambda: Admission.from_limits(LimitsConfig()))
     """How many hellos restore at once, and how many may wait."""
     live: dict[CallerKey, LiveSession] = field(default_factory=dict)
     """Sessions served here, by caller key."""
