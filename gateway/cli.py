@@ -10,11 +10,13 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gateway import __version__
 from gateway.config import OPTIONS, Config, from_values
+from gateway.core.sealing import new_key, parse_state_keys
 from gateway.demo_agent import serve_demo_agent
 from gateway.exceptions import ConfigError
 from gateway.server import Gateway
@@ -72,6 +74,19 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
     demo.add_argument(
         "--port", type=int, default=8766, help="TCP port; 0 picks one (default: 8766)"
+    )
+    keygen = sub.add_parser(
+        "keygen",
+        help="print new keys for sealing stored state, as environment variables",
+        description="Print a new state key and caller hash key, as HANGON_STATE_KEYS and "
+        "HANGON_CALLER_HASH_KEY lines for an environment file. Every instance sharing a "
+        "Redis needs the same ones. To rotate the state key, put a new one first in "
+        "HANGON_STATE_KEYS and keep the old ones after it; never change the caller hash key.",
+    )
+    keygen.add_argument(
+        "--key-id",
+        default=None,
+        help="ID of the new state key (default: k and today's date, e.g. k20261126)",
     )
     for command in (serve, demo):
         command.add_argument(
@@ -133,6 +148,14 @@ async def _serve(config: Config) -> None:
         )
     else:
         log.info("store=redis prefix=%s", config.store.key_prefix)
+    keyring = gateway.store.settings.keyring
+    if keyring.ephemeral:
+        log.warning(
+            "sealing: state is sealed with a random key made at start-up (no --state-keys);"
+            " fine for the embedded store, which keeps nothing past the process"
+        )
+    else:
+        log.info("sealing: AES-256-GCM keys=%s (newest first)", ",".join(keyring.key_ids))
     log.warning(
         "authentication is off: a hello without a resume token may resume any session "
         "of its caller key"
@@ -246,11 +269,25 @@ def _signals() -> asyncio.Queue[int]:
     return queue
 
 
+def _keygen(key_id: str | None) -> None:
+    kid = key_id or time.strftime("k%Y%m%d")
+    try:
+        parse_state_keys(f"{kid}:{new_key()}")
+    except ValueError as exc:
+        print(f"hangon: error: --key-id={kid!r}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"HANGON_STATE_KEYS={kid}:{new_key()}")
+    print(f"HANGON_CALLER_HASH_KEY={new_key()}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``hangon`` console script and ``python -m gateway``."""
     environ = os.environ
     parser = build_parser(environ)
     args = parser.parse_args(argv)
+    if args.command == "keygen":
+        _keygen(args.key_id)
+        return
     if args.log_level not in _LEVELS:  # argparse does not check a default against choices
         parser.error(f"HANGON_LOG_LEVEL={args.log_level!r}: must be one of {', '.join(_LEVELS)}")
     handler = logging.StreamHandler()

@@ -16,6 +16,7 @@ from typing import Any
 
 import phonenumbers
 
+from gateway.core.sealing import parse_key, parse_state_keys
 from gateway.exceptions import ConfigError
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "KeepaliveConfig",
     "LimitsConfig",
     "Option",
+    "SecurityConfig",
     "ServerConfig",
     "StoreConfig",
     "TwilioConfig",
@@ -151,6 +153,17 @@ class TwilioConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SecurityConfig:
+    state_keys: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
+    """AES-256-GCM keys that seal stored state and messages, ``ID:BASE64`` comma-separated,
+    newest first (``hangon keygen`` makes one); required with ``--redis-url``. Empty: the
+    embedded store seals with a random key that dies with the process."""
+    caller_hash_key: bytes | None = field(default=None, repr=False)
+    """Key (base64, 32-64 bytes) of the caller-key digests in storage keys and logs; required
+    with ``--redis-url``, never rotated."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """Everything ``hangon serve`` can be told."""
 
@@ -161,6 +174,7 @@ class Config:
     caller: CallerConfig = field(default_factory=CallerConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     twilio: TwilioConfig = field(default_factory=TwilioConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         s = self.store
@@ -194,6 +208,19 @@ class Config:
                     self.server.workers,
                     "needs --redis-url: workers do not share the memory store",
                 )
+        sec = self.security
+        if bool(sec.state_keys) != (sec.caller_hash_key is not None):
+            missing = "HANGON_CALLER_HASH_KEY" if sec.state_keys else "HANGON_STATE_KEYS"
+            raise ConfigError(
+                missing, "(unset)", "set both HANGON_STATE_KEYS and HANGON_CALLER_HASH_KEY"
+            )
+        if s.redis_url is not None and not sec.state_keys:
+            raise ConfigError(
+                "HANGON_STATE_KEYS",
+                "(unset)",
+                "required with --redis-url, as is HANGON_CALLER_HASH_KEY: nothing is stored"
+                " in plaintext. 'hangon keygen' prints both",
+            )
         if s.ack_replicas and s.redis_url is None:
             raise ConfigError("--ack-replicas", s.ack_replicas, "needs --redis-url")
         t = self.twilio
@@ -262,6 +289,17 @@ def _tokens(text: str) -> tuple[str, ...]:
     if not tokens:
         raise ValueError("needs at least one token")
     return tokens
+
+
+def _state_keys(text: str) -> tuple[tuple[str, bytes], ...]:
+    return parse_state_keys(text)
+
+
+def _hash_key(text: str) -> bytes:
+    key = parse_key(text, minimum=32, exact=False)
+    if len(key) > 64:
+        raise ValueError("must be at most 64 bytes")
+    return key
 
 
 def _or_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -465,6 +503,20 @@ OPTIONS: tuple[Option, ...] = (
         "hellos waiting for a restore beyond which new ones get 1013 and a retry-after hint",
     ),
     Option(
+        "security",
+        "state_keys",
+        _state_keys,
+        "keys sealing stored state, ID:BASE64 comma-separated, newest first; set by env",
+        secret=True,
+    ),
+    Option(
+        "security",
+        "caller_hash_key",
+        _hash_key,
+        "key (base64) of caller-key digests in storage keys and logs; set by env",
+        secret=True,
+    ),
+    Option(
         "caller",
         "default_region",
         _or_none(_region),
@@ -472,6 +524,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
 )
 """Every setting, in the order ``--help`` lists them."""
+
+
+def _shown(option: Option, text: str) -> str:
+    """What an error may repeat of a value: never a secret."""
+    return "(hidden)" if option.secret else text
 
 
 def from_values(values: Mapping[Option, tuple[str, str]]) -> Config:
@@ -489,7 +546,7 @@ def from_values(values: Mapping[Option, tuple[str, str]]) -> Config:
         try:
             value = option.parse(text)
         except ValueError as exc:
-            raise ConfigError(label, text, str(exc)) from None
+            raise ConfigError(label, _shown(option, text), str(exc)) from None
         groups.setdefault(option.group, {})[option.name] = value
     defaults = Config()
     try:
@@ -500,5 +557,5 @@ def from_values(values: Mapping[Option, tuple[str, str]]) -> Config:
         # Config's own checks name the flag; name the variable if that set the value.
         for option, (label, text) in values.items():
             if option.flag == exc.name:
-                raise ConfigError(label, text, exc.problem) from None
+                raise ConfigError(label, _shown(option, text), exc.problem) from None
         raise

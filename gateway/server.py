@@ -37,6 +37,7 @@ from websockets.http11 import Request, Response
 
 from gateway.config import Config
 from gateway.core.backoff import backoff
+from gateway.core.sealing import Keyring
 from gateway.core.twilio import signature_valid
 from gateway.demo_agent import serve_demo_agent
 from gateway.exceptions import StoreError, StoreTimeout
@@ -75,7 +76,7 @@ def open_store(config: Config, *, metrics: Metrics | None = None) -> SessionStor
     Args:
         metrics: Where a Redis store counts its round trips.
     """
-    s = config.store
+    s, sec = config.store, config.security
     settings = StoreSettings(
         key_prefix=s.key_prefix,
         ttl=s.ttl,
@@ -83,6 +84,10 @@ def open_store(config: Config, *, metrics: Metrics | None = None) -> SessionStor
         max_age=s.max_age,
         replay_window=s.replay_window,
         lease=s.owner_lease,
+        # Config requires keys with Redis; the embedded store may do with random ones.
+        keyring=Keyring(sec.state_keys, sec.caller_hash_key)
+        if sec.state_keys and sec.caller_hash_key is not None
+        else Keyring.generate(),
     )
     if s.redis_url is None:
         return MemoryStore(settings)

@@ -3,6 +3,8 @@ running gateway."""
 
 from __future__ import annotations
 
+import base64
+import os
 import shutil
 import time
 import uuid
@@ -13,6 +15,7 @@ import pytest
 import redis
 
 from gateway.config import Config
+from gateway.core.sealing import Keyring
 from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import SessionStore, StoreSettings
@@ -23,6 +26,14 @@ from tests.gateway_process import GatewayProcess
 from tests.redis_cluster import RedisCluster
 from tests.redis_server import RedisServer, ensure_redis_server
 from tests.tools import ensure
+
+TEST_STATE_KEYS = "t1:" + base64.b64encode(bytes(range(32))).decode()
+TEST_CALLER_HASH_KEY = base64.b64encode(bytes(range(32, 64))).decode()
+TEST_KEYRING = Keyring.from_text(TEST_STATE_KEYS, TEST_CALLER_HASH_KEY)
+"""The keys of every gateway and store in the suite; gateway subprocesses get them from
+the environment, as an operator's would."""
+os.environ.setdefault("HANGON_STATE_KEYS", TEST_STATE_KEYS)
+os.environ.setdefault("HANGON_CALLER_HASH_KEY", TEST_CALLER_HASH_KEY)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -180,14 +191,25 @@ def make_store(store_kind: str, request: pytest.FixtureRequest) -> StoreFactory:
 
 @pytest.fixture
 def settings(key_prefix: str) -> StoreSettings:
-    return StoreSettings(key_prefix=key_prefix, ttl=60.0, end_ttl=30.0, max_age=20.0)
+    return StoreSettings(
+        key_prefix=key_prefix, ttl=60.0, end_ttl=30.0, max_age=20.0, keyring=TEST_KEYRING
+    )
 
 
 @pytest.fixture
 def config(settings: StoreSettings) -> Config:
     # No agent: these tests read the client's frames one by one. Tests of the relay
     # start a demo agent of their own (tests/transport/agents.py).
-    base = Config().replace("server", port=0).replace("agent", downstream="off")
+    base = (
+        Config()
+        .replace("server", port=0)
+        .replace("agent", downstream="off")
+        .replace(
+            "security",
+            state_keys=TEST_KEYRING.keys,
+            caller_hash_key=TEST_KEYRING.hash_key,
+        )
+    )
     return base.replace(
         "store",
         key_prefix=settings.key_prefix,

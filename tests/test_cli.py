@@ -156,3 +156,29 @@ def test_demo_agent_command(tmp_path: Path) -> None:
         assert agent.terminate() == 0
     assert f"agent=ws://127.0.0.1:{agent.port}/" in (tmp_path / "gw.log").read_text()
     assert "demo agent listening" in (tmp_path / "agent.log").read_text()
+
+
+def test_keygen_prints_keys_the_gateway_accepts(capsys: pytest.CaptureFixture[str]) -> None:
+    """`hangon keygen` prints environment lines that configure a Redis gateway."""
+    cli.main(["keygen", "--key-id", "k1"])
+    lines = capsys.readouterr().out.splitlines()
+    environ = dict(line.split("=", 1) for line in lines)
+    assert set(environ) == {"HANGON_STATE_KEYS", "HANGON_CALLER_HASH_KEY"}
+    config = parse(["--redis-url", "redis://127.0.0.1:1/0"], environ)
+    assert [kid for kid, _ in config.security.state_keys] == ["k1"]
+    assert config.security.caller_hash_key is not None
+    with pytest.raises(SystemExit):
+        cli.main(["keygen", "--key-id", "no spaces"])
+    assert "--key-id='no spaces'" in capsys.readouterr().err
+
+
+def test_redis_needs_keys_and_secrets_are_never_echoed() -> None:
+    """Redis without sealing keys is refused, and a bad key's error does not repeat it."""
+    with pytest.raises(ConfigError, match="HANGON_STATE_KEYS.*required with --redis-url"):
+        parse(["--redis-url", "redis://127.0.0.1:1/0"], {})
+    with pytest.raises(ConfigError, match="set both") as half:
+        parse([], {"HANGON_STATE_KEYS": "k1:" + "A" * 43 + "="})
+    assert half.value.name == "HANGON_CALLER_HASH_KEY"
+    with pytest.raises(ConfigError) as bad:
+        parse([], {"HANGON_STATE_KEYS": "k1:c2VjcmV0LXZhbHVl", "HANGON_CALLER_HASH_KEY": "x"})
+    assert "c2VjcmV0" not in str(bad.value) and "(hidden)" in str(bad.value)

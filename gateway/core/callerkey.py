@@ -4,14 +4,12 @@ A caller is ``{"phone": ..., "call_id": ...}`` or ``{"user_id": ..., "call_id": 
 within a tenant. Phone numbers are normalised to E.164 with ``phonenumbers`` so
 that ``+1 (415) 555-0100`` and ``+14155550100`` are the same caller.
 
-Storage and logs never see the raw identity: :meth:`CallerKey.digest` is what
-keys are built from.
+Storage and logs never see the raw identity: they carry its keyed digest
+(:meth:`gateway.core.sealing.Keyring.digest`).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -48,12 +46,6 @@ class CallerKey:
     subject: str
     """E.164 phone number or user ID."""
     call_id: str
-
-    def digest(self) -> str:
-        """Return a 26-character base32 digest of the identity, safe for keys and logs."""
-        raw = "\x00".join((self.tenant, self.kind, self.subject, self.call_id)).encode()
-        digest = hashlib.blake2b(raw, digest_size=16, person=b"hangon-caller").digest()
-        return base64.b32encode(digest).decode().rstrip("=").lower()
 
 
 def validate_tenant(tenant: object) -> str:

@@ -80,6 +80,9 @@ class TurnWrite:
     """``state`` as JSON, encoded once for the size check and the store."""
     epoch: int
     """The epoch the session was restored at; the store refuses the write under another."""
+    write_id: str
+    """Random; stored with the write, so that a retry whose first try landed is recognised
+    (the stored state cannot tell: it is sealed afresh, with a new nonce, on every try)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +163,7 @@ class Session:
             now_ms,
             codec.dumps(state),
             self.epoch,
+            secrets.token_urlsafe(9),
         )
 
     def push(

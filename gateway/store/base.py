@@ -3,37 +3,44 @@
 Storage layout (Redis; the memory store keeps the same records in a dict)::
 
     {prefix}{tenant}:{digest}:session   hash  sid tok ver state created updated origin
-                                              epoch seq push owner lease [ended]
+                                              epoch seq push owner lease [wid] [ended]
     {prefix}{tenant}:{digest}:turns     zset  turn_id -> version it produced (last 64)
-    {prefix}{tenant}:{digest}:msgs      list  the agent's messages (their data as JSON),
-                                              oldest first, the newest being number ``seq``
+    {prefix}{tenant}:{digest}:msgs      list  the agent's messages (their data as JSON,
+                                              sealed), oldest first, the newest being
+                                              number ``seq``
 
 ``{digest}`` is literal braces around the digest: the Redis Cluster hash tag.
 ``origin`` is the outcome that created the session (``miss`` or ``stale``), so
 that a retried restore whose first reply was lost answers the same. ``epoch``
 grows by one on every restore; a write carrying another epoch is refused.
-``push`` is the ID of the last agent write, so that a retried one is recognised.
-``owner`` is the ID of the instance serving the session and ``lease`` the time
-(ms) until which its claim holds; it renews the lease while it serves. A
-restore makes its instance the owner; if another owner's lease was still
-running, that instance is told on the channel ``{prefix}owner:{instance}``
-(message ``{sid} {epoch}``) to close its stale client and agent connections.
+``push`` is the ID of the last agent write and ``wid`` that of the last turn
+write, so that a retried one is recognised. ``owner`` is the ID of the instance
+serving the session and ``lease`` the time (ms) until which its claim holds; it
+renews the lease while it serves. A restore makes its instance the owner; if
+another owner's lease was still running, that instance is told on the channel
+``{prefix}owner:{instance}`` (message ``{sid} {epoch}``) to close its stale client
+and agent connections.
 ``msgs`` holds at most the replay window and drops what the client acknowledged.
 
-``digest`` is :meth:`CallerKey.digest`: no phone number or user ID appears in a
-key. Every key of one session shares the hash tag, so each script touches one
-Redis Cluster slot. Every key carries a TTL refreshed on each write.
+``digest`` is the caller key's keyed digest (:meth:`~gateway.core.sealing.Keyring.digest`):
+no phone number or user ID appears in a key, and nobody without the caller hash key
+can test a guessed number against one. ``state`` and each entry of ``msgs`` are sealed
+with AES-256-GCM under a key ID (:mod:`gateway.core.sealing`), bound to the session
+hash's key and the field (a message to its ``seq``); ``tok`` is the resume token.
+Every key of one session shares the hash tag, so each script touches one Redis
+Cluster slot. Every key carries a TTL refreshed on each write.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from gateway.core.callerkey import CallerKey
 from gateway.core.resume import Outcome, Replay
+from gateway.core.sealing import Keyring
 from gateway.core.session import Push, Session, SessionId, TurnWrite
 from gateway.exceptions import StoreConflict
 
@@ -82,6 +89,9 @@ class StoreSettings:
     """Messages kept per session for a client that missed them."""
     lease: float = 60.0
     """Seconds an instance's ownership of a session lasts unless renewed."""
+    keyring: Keyring = field(default_factory=Keyring.generate)
+    """Seals state and messages and digests caller keys; every instance sharing a store
+    needs the same one. Random by default: what it seals dies with the process."""
 
 
 Takeover = Callable[[SessionId, int], None]
@@ -94,12 +104,13 @@ def owner_channel(prefix: str, owner: str) -> str:
 
 
 @functools.lru_cache(maxsize=65536)
-def session_keys(prefix: str, caller: CallerKey) -> tuple[str, str, str]:
+def session_keys(prefix: str, caller: CallerKey, keyring: Keyring) -> tuple[str, str, str]:
     """Return the (session hash, turns zset, messages list) keys of ``caller``.
 
-    Cached: every write of a session needs them, and the digest is a hash.
+    The first also scopes what is sealed for the session (:func:`~gateway.core.sealing.aad`).
+    Cached: every write of a session needs them, and the digest is a keyed hash.
     """
-    base = f"{prefix}{caller.tenant}:{{{caller.digest()}}}"
+    base = f"{prefix}{caller.tenant}:{{{keyring.digest(caller)}}}"
     return f"{base}:session", f"{base}:turns", f"{base}:msgs"
 
 
@@ -140,6 +151,8 @@ class SessionStore(Protocol):
 
     name: str
     """``memory`` or ``redis``; a metrics label."""
+    settings: StoreSettings
+    """Key prefix, lifetimes and the keyring."""
 
     async def restore(
         self,

@@ -1,8 +1,8 @@
 """The embedded store: one process, nothing survives a restart.
 
 It keeps the same records, lifetimes and decisions as the Redis store (the
-shared store tests run against both), serialising state with orjson so that a
-caller can never alias stored state.
+shared store tests run against both), sealed the same way: state is serialised
+with orjson and sealed, so a caller can never alias stored state.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from gateway.core import codec
 from gateway.core.callerkey import CallerKey
 from gateway.core.resume import Outcome, classify, plan_replay
+from gateway.core.sealing import Keyring, aad
 from gateway.core.session import Push, ResumeToken, Session, SessionId, TurnWrite, remember
 from gateway.store.base import (
     Restored,
@@ -34,6 +35,7 @@ class _Record:
     tok: ResumeToken
     ver: int
     state: bytes
+    """Sealed."""
     created: int
     updated: int
     expires: int
@@ -43,17 +45,18 @@ class _Record:
     epoch: int = 1
     seq: int = 0
     last_push: str = ""
+    write_id: str = ""
     owner: str = ""
     lease: int = 0
     msgs: list[bytes] = field(default_factory=list)
-    """Messages ``seq - len(msgs) + 1`` to ``seq``."""
+    """Messages ``seq - len(msgs) + 1`` to ``seq``, sealed."""
 
-    def session(self) -> Session:
+    def session(self, keyring: Keyring, key: str) -> Session:
         return Session(
             self.sid,
             self.tok,
             self.ver,
-            codec.loads(self.state),
+            codec.loads(keyring.open(self.state, aad(key, "state"))),
             self.created,
             self.updated,
             dict(self.turns),
@@ -63,12 +66,20 @@ class _Record:
         )
 
     def restored(
-        self, outcome: Outcome, last_seq: int | None, displaced: str | None = None
+        self,
+        keyring: Keyring,
+        key: str,
+        outcome: Outcome,
+        last_seq: int | None,
+        displaced: str | None = None,
     ) -> Restored:
         first = self.seq - len(self.msgs) + 1
         replay = plan_replay(last_seq, seq=self.seq, first=first)
-        messages = tuple(self.msgs[replay.start - first :])
-        return Restored(outcome, self.session(), replay, messages, displaced)
+        messages = tuple(
+            keyring.open(sealed, aad(key, f"msg:{replay.start + i}"))
+            for i, sealed in enumerate(self.msgs[replay.start - first :])
+        )
+        return Restored(outcome, self.session(keyring, key), replay, messages, displaced)
 
 
 class MemoryStore:
@@ -87,7 +98,7 @@ class MemoryStore:
         self._listeners: dict[str, Takeover] = {}
 
     def _get(self, caller: CallerKey, now_ms: int) -> tuple[str, _Record | None]:
-        key = session_keys(self.settings.key_prefix, caller)[0]
+        key = session_keys(self.settings.key_prefix, caller, self.settings.keyring)[0]
         self._ops += 1
         if self._ops % _SWEEP_EVERY == 0:
             self._sweep(now_ms)
@@ -116,7 +127,7 @@ class MemoryStore:
     ) -> Restored:
         key, record = self._get(caller, now_ms)
         if record is not None and record.sid == candidate.session_id:
-            return record.restored(record.origin, last_seq)
+            return record.restored(self.settings.keyring, key, record.origin, last_seq)
         lease = now_ms + int(self.settings.lease * 1000)
         max_age = self.settings.max_age
         decision = classify(
@@ -142,12 +153,12 @@ class MemoryStore:
             if record.owner not in ("", owner) and record.lease > now_ms:  # '': released
                 displaced = record.owner
             record.owner, record.lease = owner, lease
-            return record.restored(outcome, last_seq, displaced)
+            return record.restored(self.settings.keyring, key, outcome, last_seq, displaced)
         self._records[key] = _Record(
             candidate.session_id,
             candidate.resume_token,
             candidate.version,
-            codec.dumps(candidate.state),
+            self.settings.keyring.seal(codec.dumps(candidate.state), aad(key, "state")),
             now_ms,
             now_ms,
             now_ms + self._ttl_ms(),
@@ -155,34 +166,35 @@ class MemoryStore:
             owner=owner,
             lease=lease,
         )
-        return Restored(outcome, self._records[key].session())
+        return Restored(outcome, self._records[key].session(self.settings.keyring, key))
 
     async def write_turn(
         self, caller: CallerKey, session_id: SessionId, write: TurnWrite
     ) -> Written:
-        _, record = self._get(caller, write.at_ms)
+        key, record = self._get(caller, write.at_ms)
         if record is None or record.sid != session_id:
             raise conflict("write_turn", "gone")
         if record.epoch != write.epoch:
             raise conflict("write_turn", "superseded")
         seen = record.turns.get(write.turn_id)
         if seen is not None:
-            # As in turn.lua: an identical stored state means this very write landed before.
-            mine = seen == record.ver == write.version and record.state == write.encoded
+            # As in turn.lua: the stored state is this very write's, which landed before.
+            mine = seen == record.ver == write.version and record.write_id == write.write_id
             return Written(seen, applied=mine)
         if record.ended is not None:
             raise conflict("write_turn", "ended")
         if record.ver != write.base_version:
             raise conflict("write_turn", "conflict", record.ver)
         record.ver = write.version
-        record.state = write.encoded
+        record.state = self.settings.keyring.seal(write.encoded, aad(key, "state"))
+        record.write_id = write.write_id
         record.updated = write.at_ms
         record.expires = write.at_ms + self._ttl_ms()
         remember(record.turns, write.turn_id, write.version)
         return Written(write.version, applied=True)
 
     async def push(self, caller: CallerKey, session_id: SessionId, push: Push) -> None:
-        _, record = self._get(caller, push.at_ms)
+        key, record = self._get(caller, push.at_ms)
         if record is None or record.sid != session_id:
             raise conflict("push", "gone")
         if record.epoch != push.epoch:
@@ -193,14 +205,18 @@ class MemoryStore:
             return  # as in push.lua: an earlier try of this push landed
         if record.ver != push.base_version or record.seq != push.base_seq:
             raise conflict("push", "conflict", record.ver)
+        keyring = self.settings.keyring
         if push.encoded is not None:
             record.ver = push.version
-            record.state = push.encoded
+            record.state = keyring.seal(push.encoded, aad(key, "state"))
         record.seq = push.seq
         record.last_push = push.push_id
         record.updated = push.at_ms
         record.expires = push.at_ms + self._ttl_ms()
-        msgs = record.msgs + list(push.messages)
+        msgs = record.msgs + [
+            keyring.seal(data, aad(key, f"msg:{push.base_seq + 1 + i}"))
+            for i, data in enumerate(push.messages)
+        ]
         held = len(msgs)
         drop = max(held - self.settings.replay_window, push.acked_seq - (push.seq - held))
         record.msgs = msgs[max(drop, 0) :]

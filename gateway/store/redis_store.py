@@ -49,6 +49,7 @@ from redis.utils import HIREDIS_AVAILABLE
 from gateway.core import codec
 from gateway.core.callerkey import CallerKey
 from gateway.core.resume import Outcome, plan_replay
+from gateway.core.sealing import Unsealable, aad
 from gateway.core.session import RECENT_TURNS, Push, ResumeToken, Session, SessionId, TurnWrite
 from gateway.exceptions import (
     StoreConflict,
@@ -126,6 +127,10 @@ class _mapped:
 
 def _text(value: bytes) -> str:
     return value.decode()
+
+
+def _msg_aad(scope: str, seq: int) -> bytes:
+    return aad(scope, f"msg:{seq}")
 
 
 def _conflict(op: str, reply: list[Any]) -> StoreConflict:
@@ -227,6 +232,10 @@ class RedisStore:
         self._push = self.client.register_script(_script("push.lua"))
         self._ttl_ms = int(settings.ttl * 1000)
         self._lease_ms = int(settings.lease * 1000)
+        self._keyring = settings.keyring
+
+    def _keys(self, caller: CallerKey) -> tuple[str, str, str]:
+        return session_keys(self.settings.key_prefix, caller, self._keyring)
 
     async def _run(self, script: AsyncScript, keys: Sequence[str], args: list[Any]) -> Any:
         """Run a script; with ``ack_replicas``, a write returns once enough replicas have it."""
@@ -246,10 +255,12 @@ class RedisStore:
         owner: str = "",
     ) -> Restored:
         max_age = self.settings.max_age
+        keys = self._keys(caller)
+        keyring = self._keyring
         with _mapped("restore"):
             reply: list[Any] = await self._run(
                 self._restore,
-                session_keys(self.settings.key_prefix, caller),
+                keys,
                 [
                     now_ms,
                     -1 if max_age is None else int(max_age * 1000),
@@ -257,7 +268,7 @@ class RedisStore:
                     token or "",
                     candidate.session_id,
                     candidate.resume_token,
-                    codec.dumps(candidate.state),
+                    keyring.seal(codec.dumps(candidate.state), aad(keys[0], "state")),
                     -1 if last_seq is None else last_seq,
                     owner,
                     self._lease_ms,
@@ -270,11 +281,22 @@ class RedisStore:
             1:
         ]
         recent = {_text(turns[i]): int(turns[i + 1]) for i in range(0, len(turns), 2)}
+        replay = plan_replay(last_seq, seq=int(seq), first=int(first))
+        try:
+            opened = keyring.open(state, aad(keys[0], "state"))
+            # The script returned the messages from the replay's start on.
+            msgs = [
+                keyring.open(m, _msg_aad(keys[0], replay.start + i)) for i, m in enumerate(msgs)
+            ]
+        except Unsealable as exc:
+            # Not retried: a key missing here (a rotation half rolled out) may be listed on
+            # another instance, where the client's next reconnect may land.
+            raise StoreError("restore", f"stored session does not open: {exc}") from None
         session = Session(
             SessionId(_text(sid)),
             ResumeToken(_text(tok)),
             int(ver),
-            codec.loads(state),
+            codec.loads(opened),
             int(created),
             int(updated),
             recent,
@@ -282,26 +304,27 @@ class RedisStore:
             epoch=int(epoch),
             last_push=_text(last),
         )
-        replay = plan_replay(last_seq, seq=session.seq, first=int(first))
         return Restored(outcome, session, replay, tuple(msgs), _text(away) or None)
 
     async def write_turn(
         self, caller: CallerKey, session_id: SessionId, write: TurnWrite
     ) -> Written:
+        keys = self._keys(caller)
         with _mapped("write_turn"):
             reply: list[Any] = await self._run(
                 self._turn,
-                session_keys(self.settings.key_prefix, caller),
+                keys,
                 [
                     session_id,
                     write.base_version,
                     write.version,
-                    write.encoded,
+                    self._keyring.seal(write.encoded, aad(keys[0], "state")),
                     write.turn_id,
                     write.at_ms,
                     self._ttl_ms,
                     RECENT_TURNS,
                     write.epoch,
+                    write.write_id,
                 ],
             )
         status = _text(reply[0])
@@ -310,23 +333,31 @@ class RedisStore:
         raise _conflict("write_turn", reply)
 
     async def push(self, caller: CallerKey, session_id: SessionId, push: Push) -> None:
+        keys = self._keys(caller)
+        keyring = self._keyring
+        sealed = [
+            keyring.seal(data, _msg_aad(keys[0], push.base_seq + 1 + i))
+            for i, data in enumerate(push.messages)
+        ]
         with _mapped("push"):
             reply: list[Any] = await self._run(
                 self._push,
-                session_keys(self.settings.key_prefix, caller),
+                keys,
                 [
                     session_id,
                     push.epoch,
                     push.base_version,
                     push.version,
-                    push.encoded or b"",
+                    b""
+                    if push.encoded is None
+                    else keyring.seal(push.encoded, aad(keys[0], "state")),
                     push.base_seq,
                     push.acked_seq,
                     self.settings.replay_window,
                     push.at_ms,
                     self._ttl_ms,
                     push.push_id,
-                    *push.messages,
+                    *sealed,
                 ],
             )
         status = _text(reply[0])
@@ -339,7 +370,7 @@ class RedisStore:
         with _mapped("end"):
             done = await self._run(
                 self._end,
-                session_keys(self.settings.key_prefix, caller),
+                self._keys(caller),
                 [session_id, now_ms, int(self.settings.end_ttl * 1000), epoch],
             )
         if done == -1:
@@ -351,7 +382,7 @@ class RedisStore:
         with _mapped("touch"):
             done = await self._run(
                 self._touch,
-                session_keys(self.settings.key_prefix, caller),
+                self._keys(caller),
                 [session_id, now_ms, self._ttl_ms, epoch, owner, self._lease_ms],
             )
         if done == -1:

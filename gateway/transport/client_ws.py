@@ -248,6 +248,10 @@ class ClientContext:
         finally:
             self.metrics.store_op_seconds[op].observe(time.perf_counter() - started)
 
+    def who(self, caller: CallerKey) -> str:
+        """The caller's keyed digest, for logs: never the phone number or user ID."""
+        return self.store.settings.keyring.digest(caller)
+
     def background(self, coro: Awaitable[None]) -> None:
         """Run ``coro`` in the background; :meth:`aclose` waits for it."""
         task = asyncio.ensure_future(coro)
@@ -451,14 +455,14 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
         )
     except StoreError as exc:
         ctx.metrics.restores.labels("error").inc()
-        log.warning("restore failed caller=%s error=%s", caller.digest(), exc)
+        log.warning("restore failed caller=%s error=%s", ctx.who(caller), exc)
         protocol.fail("store_unavailable", "session store unavailable; reconnect to retry")
         return False
     outcome, session = restored.outcome, restored.session
     ctx.metrics.restores.labels(outcome.value).inc()
     if session is None:
         protocol.fail(*_REFUSALS[outcome])
-        log.info("hello refused outcome=%s caller=%s", outcome.value, caller.digest())
+        log.info("hello refused outcome=%s caller=%s", outcome.value, ctx.who(caller))
         return False
     if conn.ws.state is not State.OPEN:
         # The client gave up on this hello (a slow restore) and has likely reconnected;

@@ -33,4 +33,5 @@ def write(session: Session, turn_id: str, at: int, **form: str) -> TurnWrite:
         at,
         codec.dumps(state),
         session.epoch,
+        new_session_id(),
     )

@@ -71,7 +71,7 @@ async def test_cluster_failover_keeps_acknowledged_turns(
                 restored = await store.restore(caller, token=None, candidate=candidate(), now_ms=T0)
                 s = restored.session
                 assert s is not None
-                turn = write(s, "t1", T0 + 1, name=caller.digest()[:8])
+                turn = write(s, "t1", T0 + 1, name=caller.subject)
                 assert (await store.write_turn(caller, s.session_id, turn)).applied
                 acked[caller] = turn.state
         finally:
@@ -100,7 +100,7 @@ async def test_cluster_write_redirected_by_a_moved_slot_still_waits(
             cluster.url, StoreSettings(key_prefix="moved:"), socket_timeout=0.5, ack_replicas=1
         )
         caller = parse_caller({"user_id": "u-moved", "call_id": "c"})
-        key = session_keys("moved:", caller)[0]
+        key = session_keys("moved:", caller, store.settings.keyring)[0]
         nodes = {port: redis.Redis(port=port) for port in cluster.ports}
         try:
             s = (await store.restore(caller, token=None, candidate=candidate(), now_ms=T0)).session

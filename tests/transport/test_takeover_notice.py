@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.config import Config
 from gateway.core.callerkey import parse_caller
+from gateway.core.sealing import aad
 from gateway.core.session import Session, empty_state, new_resume_token, new_session_id
 from gateway.exceptions import StoreConflict
 from gateway.metrics import Metrics
@@ -21,6 +22,7 @@ from gateway.server import Gateway
 from gateway.store.base import StoreSettings, session_keys
 from gateway.store.redis_store import RedisStore
 from tests.agents import TestAgent
+from tests.conftest import TEST_KEYRING
 from tests.relayclient import Caller
 from tests.store.records import write
 from tests.wsclient import closed, connect, hello, recv, send, turn, url
@@ -40,11 +42,14 @@ async def pair(cfg: Config) -> AsyncIterator[tuple[Gateway, Gateway]]:
 
 
 async def stored(redis_url: str, cfg: Config, caller: dict[str, Any]) -> dict[bytes, bytes]:
-    """The raw session hash as Redis holds it."""
-    key = session_keys(cfg.store.key_prefix, parse_caller(caller))[0]
+    """The session hash as Redis holds it, its sealed state opened."""
+    key = session_keys(cfg.store.key_prefix, parse_caller(caller), TEST_KEYRING)[0]
     client = aioredis.Redis.from_url(redis_url)
     try:
-        return await client.hgetall(key)  # type: ignore[no-any-return]
+        held: dict[bytes, bytes] = await client.hgetall(key)
+        if b"state" in held:
+            held[b"state"] = TEST_KEYRING.open(held[b"state"], aad(key, "state"))
+        return held
     finally:
         await client.aclose()
 
@@ -226,7 +231,9 @@ async def test_lost_notice_is_caught_by_the_renewal(cfg: Config, redis_url: str)
             welcome = await hello(ws, CALLER)
             (live,) = a.context.live.values()
             assert live.renewal is not None
-            other = RedisStore(redis_url, StoreSettings(key_prefix=cfg.store.key_prefix))
+            other = RedisStore(
+                redis_url, StoreSettings(key_prefix=cfg.store.key_prefix, keyring=TEST_KEYRING)
+            )
             now = a.context.clock()
             cand = Session(new_session_id(), new_resume_token(), 0, empty_state(), now, now)
             await other.restore(

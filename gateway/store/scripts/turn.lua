@@ -1,6 +1,7 @@
 -- Write the snapshot after a turn and record its turn ID; one round trip, one hash slot.
 -- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list
--- ARGV: sid, base version, new version, state, turn_id, now_ms, ttl_ms, turns kept, epoch
+-- ARGV: sid, base version, new version, state (sealed), turn_id, now_ms, ttl_ms, turns kept,
+--       epoch, write id
 local cur = redis.call('HMGET', KEYS[1], 'sid', 'ver', 'ended', 'epoch')
 if cur[1] ~= ARGV[1] then
   return {'gone'}
@@ -14,9 +15,10 @@ if seen then
   -- (replication is one ordered stream; WAIT counts this connection's last write).
   local updated = tonumber(redis.call('HGET', KEYS[1], 'updated') or '0')
   redis.call('HSET', KEYS[1], 'updated', math.max(updated, tonumber(ARGV[6])))
-  -- The stored state being exactly this write's means an earlier try of this very write
-  -- succeeded and only its reply was lost: report it as applied, so the caller adopts it.
-  if seen == ARGV[3] and cur[2] == ARGV[3] and redis.call('HGET', KEYS[1], 'state') == ARGV[4] then
+  -- The stored state being this very write's (its write ID; the sealed state differs on
+  -- every try) means an earlier try succeeded and only its reply was lost: report it as
+  -- applied, so the caller adopts it.
+  if seen == ARGV[3] and cur[2] == ARGV[3] and redis.call('HGET', KEYS[1], 'wid') == ARGV[10] then
     return {'ok', seen}
   end
   return {'dup', seen}
@@ -27,7 +29,7 @@ end
 if cur[2] ~= ARGV[2] then
   return {'conflict', cur[2]}
 end
-redis.call('HSET', KEYS[1], 'ver', ARGV[3], 'state', ARGV[4], 'updated', ARGV[6])
+redis.call('HSET', KEYS[1], 'ver', ARGV[3], 'state', ARGV[4], 'updated', ARGV[6], 'wid', ARGV[10])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[8]) + 1))
 for i = 1, 3 do
