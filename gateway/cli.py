@@ -156,10 +156,24 @@ async def _serve(config: Config) -> None:
         )
     else:
         log.info("sealing: AES-256-GCM keys=%s (newest first)", ",".join(keyring.key_ids))
-    log.warning(
-        "authentication is off: a hello without a resume token may resume any session "
-        "of its caller key"
-    )
+    security = config.security
+    if security.auth_keys:
+        tenants = sorted({key.tenant for key in security.auth_keys})
+        log.info(
+            "auth: signed tokens required keys=%d tenants=%s",
+            len(security.auth_keys),
+            ",".join(tenants),
+        )
+        if config.twilio.twilio_path is not None and not config.twilio.twilio_auth_token:
+            log.warning(
+                "auth: Twilio streams carry no token and are not authenticated: set "
+                "HANGON_TWILIO_AUTH_TOKEN, or --twilio-path none"
+            )
+    else:
+        log.warning(
+            "authentication is off: a hello without a resume token may resume any session "
+            "of its caller key; set HANGON_AUTH_KEYS"
+        )
     await gateway.start()
     tune_gc()
     down = config.agent.downstream

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,10 @@ class Client:
         url: The gateway's WebSocket endpoint (``ws://host:port/ws``).
         caller: The ``caller`` object of ``hello`` (``phone`` or ``user_id``, ``call_id``).
         tenant: The ``tenant`` of ``hello``, if any.
+        token: A signed client token for ``hello`` (a gateway with authentication on
+            requires one), or a function returning one (or an awaitable of one), called
+            before every hello; with a function, a ``token_expired`` refusal gets a fresh
+            token and a reconnect instead of stopping the client.
         resume_token: A token from an earlier run of this caller, to resume its session.
         last_seq: The newest agent message an earlier run handled.
         on_restored: Called with each :class:`Restored`, after every ``welcome``.
@@ -102,6 +107,7 @@ class Client:
         caller: Mapping[str, Any],
         *,
         tenant: str | None = None,
+        token: str | Callable[[], str | Awaitable[str]] | None = None,
         resume_token: str | None = None,
         last_seq: int = 0,
         on_restored: Callable[[Restored], None] | None = None,
@@ -119,6 +125,7 @@ class Client:
         self.url = url
         self.caller = dict(caller)
         self.tenant = tenant
+        self.token = token
         self.resume_token = resume_token
         self.last_seq = last_seq
         self.session_id: str | None = None
@@ -153,6 +160,8 @@ class Client:
         """Set once the client has stopped for good; later calls fail with it."""
         self._retry_after = 0.0
         """Seconds the gateway asked this client to wait before its next attempt."""
+        self._expired = False
+        """The gateway refused the token as expired, and :attr:`token` can make a new one."""
 
     async def run(self) -> None:
         """Connect, and reconnect after every drop, until :meth:`bye` or :meth:`aclose`.
@@ -200,11 +209,11 @@ class Client:
                     code = rcvd.code if rcvd is not None else None
                     if self._said_bye and rcvd is not None and rcvd.code == 1000:
                         self._closing = True
-                    elif rcvd is not None and not reconnects(rcvd.code) and not self._closing:
+                    elif rcvd is not None and not self._may_reconnect(rcvd.code):
                         raise ConnectionClosed(rcvd, None)
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd else None
-                if exc.rcvd is not None and not reconnects(code) and not self._closing:
+                if exc.rcvd is not None and not self._may_reconnect(exc.rcvd.code):
                     raise ClientClosed(code, exc.rcvd.reason) from None
             except InvalidStatus as exc:
                 # A draining or overloaded gateway refuses the upgrade and says when to retry.
@@ -234,6 +243,12 @@ class Client:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):  # unlike wait_for, no task per wait
                     await self._wake.wait()
+
+    def _may_reconnect(self, code: int) -> bool:
+        if self._expired:
+            self._expired = False
+            return True  # with a fresh token
+        return reconnects(code) or self._closing
 
     async def turn(
         self,
@@ -300,6 +315,9 @@ class Client:
             hello["tenant"] = self.tenant
         if self.resume_token is not None:
             hello["resume_token"] = self.resume_token
+        if self.token is not None:
+            token = self.token() if callable(self.token) else self.token
+            hello["token"] = await token if inspect.isawaitable(token) else token
         await ws.send(json.dumps(hello))
         async for raw in ws:
             frame = json.loads(raw)
@@ -319,6 +337,8 @@ class Client:
                     pending[1].set_result(frame["version"])
             elif kind == "error":
                 log.info("gateway error code=%s message=%s", frame["code"], frame["message"])
+                if frame["code"] == "token_expired" and callable(self.token):
+                    self._expired = True
                 hint = frame.get("retry_after")
                 if isinstance(hint, int | float) and not isinstance(hint, bool):
                     self._retry_after = min(max(0.0, float(hint)), self.max_delay)

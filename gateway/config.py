@@ -16,6 +16,7 @@ from typing import Any
 
 import phonenumbers
 
+from gateway.core.auth import AuthKey, parse_auth_keys
 from gateway.core.sealing import parse_key, parse_state_keys
 from gateway.exceptions import ConfigError
 
@@ -161,6 +162,15 @@ class SecurityConfig:
     caller_hash_key: bytes | None = field(default=None, repr=False)
     """Key (base64, 32-64 bytes) of the caller-key digests in storage keys and logs; required
     with ``--redis-url``, never rotated."""
+    auth_keys: tuple[AuthKey, ...] = field(default=(), repr=False)
+    """Each tenant's token keys (a JSON document, or the path of a file holding one); set:
+    every hello needs a signed token (:mod:`gateway.core.auth`). Empty: authentication off."""
+    auth_leeway: float = 30.0
+    """Seconds of clock skew allowed on a token's ``exp`` and ``nbf``."""
+    allowed_origins: tuple[str, ...] = ()
+    """Origins (``https://app.example.com``) a browser may connect from; a WebSocket upgrade
+    with another ``Origin`` gets 403. Empty: any. Upgrades without ``Origin`` (not from a
+    browser) are not checked."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -300,6 +310,27 @@ def _hash_key(text: str) -> bytes:
     if len(key) > 64:
         raise ValueError("must be at most 64 bytes")
     return key
+
+
+def _auth_keys(text: str) -> tuple[AuthKey, ...]:
+    """A JSON document, or the path of a file holding one."""
+    if not text.lstrip().startswith("{"):
+        try:
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ValueError(f"not JSON, and not a readable file: {exc.strerror}") from None
+    return parse_auth_keys(text)
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    if text.strip().lower() in ("", "none", "off"):
+        return ()
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        if not origin.startswith(("https://", "http://")) or "/" in origin.split("://", 1)[1]:
+            raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
+    return origins
 
 
 def _or_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -515,6 +546,25 @@ OPTIONS: tuple[Option, ...] = (
         _hash_key,
         "key (base64) of caller-key digests in storage keys and logs; set by env",
         secret=True,
+    ),
+    Option(
+        "security",
+        "auth_keys",
+        _auth_keys,
+        "tenants' token keys: JSON, or the path of a JSON file; set: hellos need a signed token",
+        secret=True,
+    ),
+    Option(
+        "security",
+        "auth_leeway",
+        _non_negative_float,
+        "seconds of clock skew allowed on a token's exp and nbf",
+    ),
+    Option(
+        "security",
+        "allowed_origins",
+        _origins,
+        "origins browsers may connect from, comma-separated; others get 403 (unset: any)",
     ),
     Option(
         "caller",

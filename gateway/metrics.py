@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway.core.agent import AGENT_ERRORS
+from gateway.core.auth import REASONS
 from gateway.core.protocol import ERRORS
 from gateway.core.resume import Outcome
 from gateway.exceptions import StoreConflict, StoreError, StoreTimeout, StoreUnavailable
@@ -171,7 +172,9 @@ class Metrics:
         )
         self.auth_failures = Counter(
             "failures",
-            "Connections refused before the WebSocket opened, by reason.",
+            "Connections refused for their credentials, by reason: a token's (missing_token,"
+            " expired_token, wrong_tenant, ...), origin (upgrade from an Origin not allowed),"
+            " twilio_signature (upgrade without Twilio's signature).",
             ["reason"],
             namespace="hangon",
             subsystem="auth",
@@ -230,7 +233,8 @@ class Metrics:
         for direction in ("to_agent", "to_caller"):
             for relayed in ("relayed", "dropped"):
                 self.media.labels(direction, relayed)
-        self.auth_failures.labels("twilio_signature")
+        for reason in (*REASONS, "origin", "twilio_signature"):
+            self.auth_failures.labels(reason)
         for stage in ("upgrade", "hello"):
             self.shed.labels(stage)
 

@@ -26,7 +26,7 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from types import TracebackType
 
@@ -34,8 +34,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from gateway.config import Config
+from gateway.core.auth import Verifier
 from gateway.core.backoff import backoff
 from gateway.core.sealing import Keyring
 from gateway.core.twilio import signature_valid
@@ -49,11 +51,13 @@ from gateway.transport.admission import Admission
 from gateway.transport.client_ws import ClientContext, handle_client, now_ms
 from gateway.transport.keepalive import Keepalive
 
-__all__ = ["Gateway", "instance_id", "open_store"]
+__all__ = ["SUBPROTOCOL", "Gateway", "instance_id", "open_store"]
 
 log = logging.getLogger("gateway.server")
 
 _READY_TIMEOUT = 1.0
+SUBPROTOCOL = Subprotocol("hangon.v1")
+"""The subprotocol the gateway answers when offered; offering it is optional."""
 _STATIC = {
     "/client.js": ("client.js", "text/javascript; charset=utf-8"),
     "/client.d.ts": ("client.d.ts", "application/typescript; charset=utf-8"),
@@ -161,6 +165,13 @@ class Gateway:
             instance=self.instance,
             twilio_caller_param=config.twilio.twilio_caller_param,
             admission=Admission.from_limits(config.limits),
+            verifier=Verifier(
+                config.security.auth_keys,
+                leeway=config.security.auth_leeway,
+                default_region=config.caller.default_region,
+            )
+            if config.security.auth_keys
+            else None,
         )
         admission = self.context.admission
         self.metrics.admission_waiting.set_function(lambda: admission.waiting)
@@ -209,6 +220,9 @@ class Gateway:
             ping_interval=None,
             ping_timeout=None,
             compression=None,
+            # A browser that sends its token as a subprotocol offers "hangon.v1" beside it,
+            # and fails the connection unless the answer names one of its offers.
+            select_subprotocol=_subprotocol,
             close_timeout=5,
             backlog=self.config.server.backlog,
             reuse_port=self.config.server.workers > 1,
@@ -277,6 +291,10 @@ class Gateway:
                 wait = self.context.admission.retry_after()
                 response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
                 return response
+            if not twilio and not self._origin_allowed(request):
+                self.metrics.auth_failures.labels("origin").inc()
+                log.warning("upgrade refused: origin not allowed path=%s", path)
+                return connection.respond(403, "Origin not allowed\n")
             if twilio and not self._signed(request, path, query):
                 self.metrics.auth_failures.labels("twilio_signature").inc()
                 log.warning("twilio stream refused: bad X-Twilio-Signature path=%s", path)
@@ -291,6 +309,17 @@ class Gateway:
         if path in self._files:
             return _response(*self._files[path])
         return connection.respond(404, "not found\n")
+
+    def _origin_allowed(self, request: Request) -> bool:
+        """Whether a browser's ``Origin`` is allowed (always, without an allowlist or header)."""
+        allowed = self.config.security.allowed_origins
+        if not allowed:
+            return True
+        try:
+            origin = request.headers.get("Origin")
+        except MultipleValuesError:
+            return False
+        return origin is None or origin.rstrip("/") in allowed
 
     def _signed(self, request: Request, path: str, query: str) -> bool:
         """Whether a Twilio upgrade carries Twilio's signature (always, with no token set)."""
@@ -320,6 +349,13 @@ class Gateway:
             self.metrics.store_error(exc)
             return connection.respond(503, f"store unavailable: {exc}\n")
         return connection.respond(200, "ready\n")
+
+
+def _subprotocol(
+    connection: ServerConnection, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """``hangon.v1`` when the client offers it (a browser passing its token beside it)."""
+    return SUBPROTOCOL if SUBPROTOCOL in offered else None
 
 
 def _response(body: bytes, content_type: str) -> Response:

@@ -104,3 +104,69 @@ async def test_demo_page_survives_a_gateway_restart_and_a_reload(
             second.terminate()
         elif first.proc is not None and first.proc.poll() is None:
             first.kill()
+
+
+async def test_browser_passes_its_token_as_a_subprotocol_or_in_the_query(
+    browser: Any, tmp_path: Path
+) -> None:
+    """In Chromium, a token offered as a subprotocol beside hangon.v1 (answered hangon.v1)
+    or in the query string opens the session; a page from an origin not allowed is refused
+    at the upgrade."""
+    from tests.authkeys import keys_document, token
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(keys_document())
+    gw = GatewayProcess(tmp_path / "gw.log", "--auth-keys", str(keys), "--downstream", "off")
+    gw.start()
+    caller = {"user_id": "browser-1", "call_id": "c1"}
+    jwt = token(caller)
+    script = """async ([url, protocols, caller]) => {
+        const ws = new WebSocket(url, protocols);
+        const opened = await new Promise((resolve) => {
+            ws.onopen = () => resolve(true);
+            ws.onclose = () => resolve(false);
+        });
+        if (!opened) return {opened};
+        ws.send(JSON.stringify({type: "hello", tenant: "acme", caller}));
+        const frame = await new Promise((resolve) => { ws.onmessage = (e) => resolve(e.data); });
+        ws.close();
+        return {opened, protocol: ws.protocol, frame: JSON.parse(frame)};
+    }"""
+    page = await browser.new_page()
+    try:
+        await page.goto(f"http://127.0.0.1:{gw.port}/")
+        ws_url = f"ws://127.0.0.1:{gw.port}/ws"
+        by_protocol = await page.evaluate(
+            script, [ws_url, ["hangon.v1", f"hangon.token.{jwt}"], caller]
+        )
+        assert by_protocol["protocol"] == "hangon.v1"
+        assert by_protocol["frame"]["type"] == "welcome"
+        by_query = await page.evaluate(script, [f"{ws_url}?token={jwt}", [], caller])
+        assert by_query["frame"]["type"] == "welcome" and by_query["frame"]["resumed"] is True
+        none = await page.evaluate(script, [ws_url, [], caller])
+        assert none["frame"]["code"] == "auth_failed"
+    finally:
+        await page.close()
+        gw.terminate()
+    strict = GatewayProcess(
+        tmp_path / "strict.log",
+        "--auth-keys",
+        str(keys),
+        "--allowed-origins",
+        "https://app.example.com",
+        "--downstream",
+        "off",
+    )
+    strict.start()
+    page = await browser.new_page()
+    try:
+        await page.goto(f"http://127.0.0.1:{strict.port}/")
+        refused = await page.evaluate(
+            script,
+            [f"ws://127.0.0.1:{strict.port}/ws", ["hangon.v1", f"hangon.token.{jwt}"], caller],
+        )
+        assert refused == {"opened": False}
+    finally:
+        await page.close()
+        strict.terminate()
+    assert "upgrade refused: origin not allowed" in (tmp_path / "strict.log").read_text()

@@ -16,10 +16,12 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from gateway.client import Client, Restored, reconnects
 from gateway.config import Config
+from gateway.core.auth import parse_auth_keys
 from gateway.exceptions import ClientClosed
 from gateway.metrics import Metrics
 from gateway.server import Gateway
 from tests.agents import TestAgent, booking
+from tests.authkeys import keys_document, token
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 from tests.wsclient import connect, hello, url
@@ -299,3 +301,35 @@ async def test_a_hint_restarts_the_backoff() -> None:
     async with serve(shed_then_welcome, "127.0.0.1", 0, process_request=refuse_five) as server:
         delays = await delays_until_welcomed(server, 0.05, 10)
     assert delays[-1] == (1013, 0.3)
+
+
+async def test_tokens_and_a_fresh_one_after_expiry(config: Config) -> None:
+    """On a gateway that requires tokens, a static token opens the session; an expired
+    static token stops the client with 1008; a token function is called before each hello
+    and, after token_expired, reconnects with a fresh token."""
+    cfg = config.replace("security", auth_keys=parse_auth_keys(keys_document()))
+    async with Gateway(cfg, metrics=Metrics()) as gw:
+        static = fast(gw.port, tenant="acme", token=token(CALLER))
+        runner = asyncio.create_task(static.run())
+        await asyncio.wait_for(static.connected.wait(), 5)
+        assert await static.turn("t1", form={"name": "Ada"}) == 1
+        await static.aclose()
+        await asyncio.wait_for(runner, 5)
+
+        stale = fast(gw.port, tenant="acme", token=token(CALLER, ttl=-120))
+        with pytest.raises(ClientClosed) as info:
+            await asyncio.wait_for(stale.run(), 5)
+        assert info.value.code == 1008
+
+        made: list[float] = []
+
+        async def mint() -> str:
+            made.append(time.time())
+            return token(CALLER, ttl=-120 if len(made) == 1 else 300)
+
+        renewing = fast(gw.port, tenant="acme", token=mint)
+        runner = asyncio.create_task(renewing.run())
+        await asyncio.wait_for(renewing.connected.wait(), 5)
+        assert renewing.version == 1 and len(made) == 2
+        await renewing.aclose()
+        await asyncio.wait_for(runner, 5)

@@ -18,6 +18,8 @@ class Hello:
     resume_token: str | None
     last_seq: int | None
     """The last message sequence number the client received; ``None``: none."""
+    token: str | None = None
+    """A signed client token (:mod:`gateway.core.auth`), if the hello carried one."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ PROTOCOL_VERSION: Final = 1
 
 _MAX_ID = 128
 _MAX_TOKEN = 256
+_MAX_AUTH_TOKEN = 8192
 
 
 class Phase(enum.Enum):
@@ -69,6 +70,8 @@ ERRORS: Final[Mapping[str, CloseReason]] = {
     "unknown_type": closecodes.POLICY_VIOLATION,
     "unexpected_message": closecodes.POLICY_VIOLATION,
     "invalid_caller": closecodes.POLICY_VIOLATION,
+    "auth_failed": closecodes.POLICY_VIOLATION,
+    "token_expired": closecodes.POLICY_VIOLATION,
     "resume_refused": closecodes.RESUME_REFUSED,
     "session_ended": closecodes.SESSION_ENDED,
     "session_replaced": closecodes.SESSION_REPLACED,
@@ -178,6 +181,9 @@ class Protocol:
         token = _optional(msg, "resume_token", str)
         if token is not None and not 0 < len(token) <= _MAX_TOKEN:
             raise _Invalid("invalid_message", "field 'resume_token' has a bad length")
+        auth = _optional(msg, "token", str)
+        if auth is not None and not 0 < len(auth) <= _MAX_AUTH_TOKEN:
+            raise _Invalid("invalid_message", "field 'token' has a bad length")
         last_seq = _optional(msg, "last_seq", int)
         if last_seq is not None and last_seq < 0:
             raise _Invalid("invalid_message", "field 'last_seq' must not be negative")
@@ -189,7 +195,7 @@ class Protocol:
             )
         except InvalidCaller as exc:
             raise _Invalid("invalid_caller", f"caller {exc}") from None
-        return Hello(caller, token, last_seq)
+        return Hello(caller, token, last_seq, auth)
 
     def _turn(self, msg: dict[str, Any]) -> Turn:
         turn_id = msg.get("turn_id")

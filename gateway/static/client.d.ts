@@ -10,6 +10,12 @@ export interface Caller {
 export interface ClientOptions {
   /** Tenant sent with hello. */
   tenant?: string;
+  /**
+   * Signed client token sent with hello (required when the gateway has authentication on),
+   * or a function returning one, called before every hello; with a function, a
+   * "token_expired" refusal fetches a fresh token and reconnects instead of stopping.
+   */
+  token?: string | (() => string | Promise<string>);
   /** Where resume_token and last_seq survive a page reload; default sessionStorage, null: none. */
   storage?: Storage | null;
   /** Prefix of the storage key (default "hangon"). */

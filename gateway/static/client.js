@@ -78,6 +78,7 @@ export class HangonClient extends EventTarget {
     this.ws = null;
     this.attempt = 0;
     this.retryAfter = 0;
+    this.expired = false; // the gateway refused the token as expired; options.token makes new ones
     this.unacked = new Map(); // turn_id -> { frame, resolve, reject }
     this.timers = { reconnect: null, heartbeat: null, deadline: null };
     this.saidBye = false;
@@ -157,10 +158,21 @@ export class HangonClient extends EventTarget {
     this._setStatus(this.attempt === 0 && this.sessionId === null ? "connecting" : "reconnecting");
     const ws = new this.WebSocket(this.url);
     this.ws = ws;
-    ws.onopen = () => {
+    ws.onopen = async () => {
       const hello = { type: "hello", caller: this.caller, last_seq: this.lastSeq };
       if (this.tenant !== null) hello.tenant = this.tenant;
       if (this.resumeToken !== null) hello.resume_token = this.resumeToken;
+      const token = this.options.token;
+      if (token != null) {
+        try {
+          hello.token = typeof token === "function" ? await token() : token;
+        } catch {
+          // No token to be had now: drop this connection and retry later.
+          if (ws === this.ws) ws.close();
+          return;
+        }
+        if (ws !== this.ws) return; // dropped while the token was being fetched
+      }
       ws.send(JSON.stringify(hello));
       this._beat();
     };
@@ -217,6 +229,8 @@ export class HangonClient extends EventTarget {
       }
       case "error":
         if (typeof frame.retry_after === "number") this.retryAfter = frame.retry_after * 1000;
+        // An expired token is no reason to stop when a fresh one can be fetched.
+        if (frame.code === "token_expired" && typeof this.options.token === "function") this.expired = true;
         return;
       default:
         return; // pong, or a type this version does not know
@@ -282,7 +296,9 @@ export class HangonClient extends EventTarget {
       this._forget(); // ended, or not ours to resume any more
       return this._stop(code, reason);
     }
-    if (!shouldReconnect(code)) return this._stop(code, reason);
+    const expired = this.expired;
+    this.expired = false;
+    if (!shouldReconnect(code) && !expired) return this._stop(code, reason);
     // A hint means the gateway is up and said when to come back: the backoff built up while
     // it was unreachable no longer applies, and starts again from its first step.
     if (this.retryAfter > 0) this.attempt = 0;

@@ -41,6 +41,7 @@ import contextlib
 import logging
 import random
 import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -49,10 +50,12 @@ from typing import Any, Literal, TypeVar
 from prometheus_client import Counter
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request
 from websockets.protocol import State
 
 from gateway.config import LimitsConfig
 from gateway.core import agent, codec
+from gateway.core.auth import AuthError, Grant, Verifier
 from gateway.core.callerkey import CallerKey
 from gateway.core.closecodes import BYE, SERVICE_RESTART
 from gateway.core.events import Ack, Bye, Forward, Hello, Turn
@@ -75,7 +78,15 @@ from gateway.store.retry import retry
 from gateway.transport.admission import Admission
 from gateway.transport.downstream import AgentLink
 
-__all__ = ["ClientContext", "Connection", "LiveSession", "handle_client", "now_ms"]
+__all__ = [
+    "TOKEN_SUBPROTOCOL",
+    "ClientContext",
+    "Connection",
+    "LiveSession",
+    "handle_client",
+    "now_ms",
+    "upgrade_token",
+]
 
 log = logging.getLogger("gateway.client")
 T = TypeVar("T")
@@ -94,6 +105,12 @@ _ACLOSE_TIMEOUT = 10.0
 """Seconds a shutdown waits for background closes (agent links, stopped tasks)."""
 _FLUSH_TIMEOUT = 5.0
 """Seconds a drain waits for a session's agent output to be persisted."""
+TOKEN_SUBPROTOCOL = "hangon.token."
+"""Prefix of the subprotocol that carries a browser's token: ``new WebSocket(url,
+["hangon.v1", "hangon.token." + token])``; the gateway answers ``hangon.v1``."""
+_RESUME_TOKEN_REQUIRED = "\x00required"
+"""Stands for a missing resume token that the grant requires: it matches no session's, so
+an existing session with turns is refused rather than resumed."""
 
 
 def now_ms() -> int:
@@ -226,6 +243,9 @@ class ClientContext:
     """The Twilio ``<Stream>`` custom parameter that holds the caller's number."""
     admission: Admission = field(default_factory=lambda: Admission.from_limits(LimitsConfig()))
     """How many hellos restore at once, and how many may wait."""
+    verifier: Verifier | None = None
+    """Checks client tokens; ``None``: authentication off (a Twilio stream is vouched for
+    by its signature instead)."""
     live: dict[CallerKey, LiveSession] = field(default_factory=dict)
     """Sessions served here, by caller key."""
     by_sid: dict[SessionId, LiveSession] = field(default_factory=dict)
@@ -401,7 +421,58 @@ def _live_for(ctx: ClientContext, caller: CallerKey) -> LiveSession:
     return live
 
 
+def upgrade_token(request: Request | None) -> str | None:
+    """The token a browser put in the upgrade: ``?token=`` or a ``hangon.token.`` subprotocol."""
+    if request is None:
+        return None
+    for header in request.headers.get_all("Sec-WebSocket-Protocol"):
+        for offered in header.split(","):
+            offered = offered.strip()
+            if offered.startswith(TOKEN_SUBPROTOCOL):
+                return offered[len(TOKEN_SUBPROTOCOL) :]
+    _, _, query = request.path.partition("?")
+    if query:
+        tokens = urllib.parse.parse_qs(query).get("token")
+        if tokens:
+            return tokens[0]
+    return None
+
+
+def _authorize(ctx: ClientContext, conn: Connection, hello: Hello) -> Grant | None:
+    """Check the hello's token, if authentication is on; fail the connection if it is bad.
+
+    Returns:
+        The grant, or ``None`` when the connection was failed.
+    """
+    assert ctx.verifier is not None
+    token = hello.token or upgrade_token(conn.ws.request)
+    try:
+        if token is None:
+            raise AuthError("missing_token", "a signed token is required")
+        grant = ctx.verifier.verify(token)
+        if not grant.allows(hello.caller):
+            if grant.caller.tenant != hello.caller.tenant:
+                raise AuthError("wrong_tenant", "the token is for another tenant")
+            raise AuthError("wrong_caller", "the token is for another caller")
+    except AuthError as exc:
+        ctx.metrics.auth_failures.labels(exc.reason).inc()
+        log.warning("hello refused auth=%s tenant=%s", exc.reason, hello.caller.tenant)
+        code = "token_expired" if exc.reason == "expired_token" else "auth_failed"
+        conn.protocol.fail(code, exc.message)
+        return None
+    return grant
+
+
 async def _hello(ctx: ClientContext, conn: Connection, hello: Hello) -> LiveSession | None:
+    resume_token = hello.resume_token
+    if ctx.verifier is not None and not isinstance(conn.protocol, TwilioStream):
+        grant = _authorize(ctx, conn, hello)
+        if grant is None:
+            return None
+        if not grant.bound and resume_token is None:
+            # A token for the number or user, not this call: it opens a new session, and
+            # resumes one only with that session's resume token.
+            resume_token = _RESUME_TOKEN_REQUIRED
     admission = ctx.admission
     # A phone stream is never shed: Twilio cannot wait for a hint, only re-attach at once.
     if admission.full() and not isinstance(conn.protocol, TwilioStream):
@@ -420,23 +491,27 @@ async def _hello(ctx: ClientContext, conn: Connection, hello: Hello) -> LiveSess
         if ctx.draining:
             conn.protocol.close(SERVICE_RESTART)  # queued before the drain began
             return None
-        return await _admitted(ctx, conn, hello)
+        return await _admitted(ctx, conn, hello, resume_token)
 
 
-async def _admitted(ctx: ClientContext, conn: Connection, hello: Hello) -> LiveSession | None:
+async def _admitted(
+    ctx: ClientContext, conn: Connection, hello: Hello, resume_token: str | None
+) -> LiveSession | None:
     caller = hello.caller
     while True:
         live = _live_for(ctx, caller)
         async with live.lock:
             if ctx.live.get(caller) is not live:
                 continue  # dropped while we waited for it: take the new one
-            opened = await _open(ctx, live, conn, hello)
+            opened = await _open(ctx, live, conn, hello, resume_token)
             if live.session is None and ctx.live.get(caller) is live:
                 del ctx.live[caller]
             return live if opened else None
 
 
-async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: Hello) -> bool:
+async def _open(
+    ctx: ClientContext, live: LiveSession, conn: Connection, hello: Hello, resume_token: str | None
+) -> bool:
     """Restore the session, attach ``conn`` and tell the agent; under the session lock."""
     now = ctx.clock()
     protocol, caller = conn.protocol, hello.caller
@@ -446,7 +521,7 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
             "restore",
             lambda: ctx.store.restore(
                 caller,
-                token=hello.resume_token,
+                token=resume_token,
                 candidate=candidate,
                 now_ms=now,
                 last_seq=hello.last_seq,
@@ -461,7 +536,12 @@ async def _open(ctx: ClientContext, live: LiveSession, conn: Connection, hello: 
     outcome, session = restored.outcome, restored.session
     ctx.metrics.restores.labels(outcome.value).inc()
     if session is None:
-        protocol.fail(*_REFUSALS[outcome])
+        if outcome is Outcome.REFUSED and resume_token == _RESUME_TOKEN_REQUIRED:
+            protocol.fail(
+                "resume_refused", "this call's session exists: resuming it needs its resume token"
+            )
+        else:
+            protocol.fail(*_REFUSALS[outcome])
         log.info("hello refused outcome=%s caller=%s", outcome.value, ctx.who(caller))
         return False
     if conn.ws.state is not State.OPEN:

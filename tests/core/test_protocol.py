@@ -43,13 +43,14 @@ def test_hello_yields_normalised_caller() -> None:
                 "tenant": "acme",
                 "resume_token": "tok",
                 "last_seq": 4,
+                "token": "eyJ.x.y",
             }
         )
     )
     assert isinstance(event, Hello)
     assert event.caller.subject == "+14155550100"
     assert event.caller.tenant == "acme"
-    assert (event.resume_token, event.last_seq) == ("tok", 4)
+    assert (event.resume_token, event.last_seq, event.token) == ("tok", 4, "eyJ.x.y")
     assert protocol.phase is Phase.RESTORING
     assert protocol.data_to_send() == []
 
@@ -206,10 +207,14 @@ def test_hello_requires_caller() -> None:
 
 
 def test_hello_token_length_is_bounded() -> None:
-    """An empty or oversized resume token is invalid_message."""
+    """An empty or oversized resume token or signed token is invalid_message."""
     for token in ("", "t" * 257):
         protocol = Protocol(max_message_size=4096)
         protocol.receive_text(frame({"type": "hello", "caller": CALLER, "resume_token": token}))
+        assert frames(protocol)[0]["code"] == "invalid_message"
+    for token in ("", "t" * 8193):
+        protocol = Protocol(max_message_size=16384)
+        protocol.receive_text(frame({"type": "hello", "caller": CALLER, "token": token}))
         assert frames(protocol)[0]["code"] == "invalid_message"
 
 

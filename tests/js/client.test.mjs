@@ -307,3 +307,41 @@ test("options passed as undefined keep their defaults", () => {
   Socket.made[0].drop(1006);
   assert.deepEqual(events, [250]);
 });
+
+test("a token goes with every hello; a token function is called for each, and token_expired fetches a fresh one", async () => {
+  Socket.made = [];
+  const clock = new Clock();
+  let minted = 0;
+  const client = new HangonClient("ws://gw/ws", CALLER, {
+    WebSocket: Socket,
+    storage: null,
+    setTimeout: clock.setTimeout,
+    clearTimeout: clock.clearTimeout,
+    random: () => 0.5,
+    token: async () => `jwt-${++minted}`,
+  });
+  client.start();
+  let ws = Socket.made[0];
+  ws.open();
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.deepEqual(ws.sent[0], { type: "hello", caller: CALLER, last_seq: 0, token: "jwt-1" });
+  ws.deliver({ type: "error", code: "token_expired", message: "expired", close_code: 1008, reconnect: false });
+  ws.drop(1008, "policy violation");
+  assert.equal(client.status, "reconnecting");
+  clock.advance(1000);
+  ws = Socket.made[1];
+  ws.open();
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(ws.sent[0].token, "jwt-2");
+
+  const fixed = setup();
+  fixed.client.options.token = "static-jwt";
+  fixed.client.start();
+  const first = Socket.made[0];
+  first.open();
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(first.sent[0].token, "static-jwt");
+  first.deliver({ type: "error", code: "token_expired", message: "expired", close_code: 1008, reconnect: false });
+  first.drop(1008, "policy violation");
+  assert.equal(fixed.client.status, "closed"); // nothing can make a fresh one
+});
