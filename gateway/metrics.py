@@ -233,7 +233,7 @@ class Metrics:
         for direction in ("to_agent", "to_caller"):
             for relayed in ("relayed", "dropped"):
                 self.media.labels(direction, relayed)
-        for reason in (*REASONS, "origin", "twilio_signature"):
+        for reason in (*REASONS, "resume_token_replayed", "origin", "twilio_signature"):
             self.auth_failures.labels(reason)
         for stage in ("upgrade", "hello"):
             self.shed.labels(stage)

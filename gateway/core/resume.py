@@ -4,6 +4,12 @@ The Redis store takes the same decisions inside ``scripts/restore.lua`` (one
 round trip); the memory store calls :func:`classify`. The shared store tests
 hold both to the same answers.
 
+Resume tokens rotate: every ``welcome`` carries a new one (:class:`Tokens`). The
+one it replaces stays valid until the new one is first used, so a client whose
+``welcome`` was lost can still come back; after that it is retired, and a hello
+that presents it is refused and recognised as a replay. The store keeps digests
+(:func:`token_digest`), never the tokens.
+
 A resume position is the last message sequence number the client received
 (``last_seq`` in its hello); the session ID is the epoch of that position:
 a new session starts again at 0, and ``welcome`` says ``resumed: false``.
@@ -13,10 +19,11 @@ a new session starts again at 0, and ``welcome`` says ``resumed: false``.
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 from dataclasses import dataclass
 
-__all__ = ["Decision", "Outcome", "Replay", "classify", "plan_replay"]
+__all__ = ["Decision", "Outcome", "Replay", "Tokens", "classify", "plan_replay", "token_digest"]
 
 
 class Outcome(enum.Enum):
@@ -34,12 +41,51 @@ class Outcome(enum.Enum):
     """The session ended with ``bye``: not resumed, nothing changed."""
 
 
+def token_digest(token: str) -> str:
+    """What the store keeps of a resume token: its SHA-256, in hex."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _same(a: str, b: str) -> bool:
+    return a != "" and hmac.compare_digest(a.encode(), b.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """The digests of a session's resume tokens."""
+
+    current: str
+    """Of the token the last ``welcome`` carried."""
+    previous: str = ""
+    """Of the token it replaced: valid until :attr:`current` is first used (its welcome may
+    have been lost). ``""``: none."""
+    retired: str = ""
+    """Of the token before that: no longer valid; presenting it is a replay."""
+
+    def accepts(self, presented: str) -> bool:
+        """Whether a hello presenting the token with this digest may resume."""
+        return _same(presented, self.current) or _same(presented, self.previous)
+
+    def rotate(self, presented: str | None, new: str) -> Tokens:
+        """The digests after a resume that presented ``presented`` and issued ``new``.
+
+        Coming back with the previous token (the last welcome never arrived) keeps it
+        valid; coming back with the current one, or with none, retires the previous one.
+        Retrying the same resume (its reply was lost) gives the same digests.
+        """
+        if presented is not None and _same(presented, self.previous):
+            return Tokens(new, self.previous, self.retired)
+        return Tokens(new, self.current, self.previous or self.retired)
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """What a hello gets, and whether the store puts a new session in place of the old."""
 
     outcome: Outcome
     replace: bool
+    replayed: bool = False
+    """Refused for presenting a retired resume token."""
 
 
 def classify(
@@ -47,7 +93,7 @@ def classify(
     exists: bool,
     ended: bool,
     updated_ms: int,
-    stored_token: str,
+    tokens: Tokens,
     token: str | None,
     version: int,
     origin: Outcome,
@@ -66,8 +112,9 @@ def classify(
         exists: Whether a session is stored for the caller key.
         ended: Whether it ended with ``bye``.
         updated_ms: When it last changed (a turn, a resume, a renewal, a disconnect).
-        stored_token: Its resume token.
-        token: The token the hello carried, if any (``None``: authentication off).
+        tokens: Its resume token digests.
+        token: The digest of the token the hello carried, if any (``None``: none, and
+            none is required).
         version: Its version: how many turns were applied.
         origin: The outcome that created it (miss or stale).
         now_ms: The current time.
@@ -79,8 +126,10 @@ def classify(
         return Decision(Outcome.ENDED, replace=False)
     if max_age_ms is not None and now_ms - updated_ms > max_age_ms:
         return Decision(Outcome.STALE, replace=True)
-    if token is not None and not hmac.compare_digest(token.encode(), stored_token.encode()):
-        return Decision(origin if version == 0 else Outcome.REFUSED, replace=False)
+    if token is not None and not tokens.accepts(token):
+        if version == 0:
+            return Decision(origin, replace=False)
+        return Decision(Outcome.REFUSED, replace=False, replayed=_same(token, tokens.retired))
     return Decision(Outcome.HIT, replace=False)
 
 

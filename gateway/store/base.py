@@ -2,8 +2,9 @@
 
 Storage layout (Redis; the memory store keeps the same records in a dict)::
 
-    {prefix}{tenant}:{digest}:session   hash  sid tok ver state created updated origin
-                                              epoch seq push owner lease [wid] [ended]
+    {prefix}{tenant}:{digest}:session   hash  sid tok [prev] [dead] ver state created
+                                              updated origin epoch seq push owner lease
+                                              [wid] [ended]
     {prefix}{tenant}:{digest}:turns     zset  turn_id -> version it produced (last 64)
     {prefix}{tenant}:{digest}:msgs      list  the agent's messages (their data as JSON,
                                               sealed), oldest first, the newest being
@@ -26,7 +27,9 @@ and agent connections.
 no phone number or user ID appears in a key, and nobody without the caller hash key
 can test a guessed number against one. ``state`` and each entry of ``msgs`` are sealed
 with AES-256-GCM under a key ID (:mod:`gateway.core.sealing`), bound to the session
-hash's key and the field (a message to its ``seq``); ``tok`` is the resume token.
+hash's key and the field (a message to its ``seq``). ``tok``, ``prev`` and ``dead``
+are SHA-256 digests of the current, previous and retired resume tokens
+(:class:`~gateway.core.resume.Tokens`); the tokens themselves are never stored.
 Every key of one session shares the hash tag, so each script touches one Redis
 Cluster slot. Every key carries a TTL refreshed on each write.
 """
@@ -128,6 +131,8 @@ class Restored:
     replay: Replay = Replay(1, partial=False)
     messages: tuple[bytes, ...] = ()
     displaced: str | None = None
+    replayed: bool = False
+    """Refused for presenting a retired resume token (see :class:`~gateway.core.resume.Tokens`)."""
 
 
 class Written(NamedTuple):
@@ -168,14 +173,16 @@ class SessionStore(Protocol):
 
         The session's owner becomes ``owner``, with a fresh lease.
 
-        A live session whose token matches (or ``token`` is ``None``) is a hit: its
-        ``updated`` time is refreshed, its epoch bumped, and the messages after
-        ``last_seq`` still held are returned; a missing or stale one is replaced by
+        A live session whose current or previous token matches (or ``token`` is
+        ``None``) is a hit: its ``updated`` time is refreshed, its epoch bumped, its
+        tokens rotated so that ``candidate.resume_token`` is the current one, and the
+        messages after ``last_seq`` still held are returned; a missing or stale one is replaced by
         ``candidate``; a refused or ended one is left untouched. Finding
         ``candidate`` itself (a retry after a lost reply) answers as the attempt
         that stored it did. A session with no turn yet (version 0) is not guarded
         by its token: a hello with another token gets it, with the outcome that
-        created it (see :func:`gateway.core.resume.classify`).
+        created it (see :func:`gateway.core.resume.classify`). The session returned
+        always carries ``candidate.resume_token``: the token for the next resume.
         """
         ...
 

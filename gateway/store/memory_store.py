@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from gateway.core import codec
 from gateway.core.callerkey import CallerKey
-from gateway.core.resume import Outcome, classify, plan_replay
+from gateway.core.resume import Outcome, Tokens, classify, plan_replay, token_digest
 from gateway.core.sealing import Keyring, aad
 from gateway.core.session import Push, ResumeToken, Session, SessionId, TurnWrite, remember
 from gateway.store.base import (
@@ -32,7 +32,8 @@ _SWEEP_EVERY = 1024
 @dataclass(slots=True)
 class _Record:
     sid: SessionId
-    tok: ResumeToken
+    tokens: Tokens
+    """Digests of the resume tokens that still count."""
     ver: int
     state: bytes
     """Sealed."""
@@ -51,10 +52,10 @@ class _Record:
     msgs: list[bytes] = field(default_factory=list)
     """Messages ``seq - len(msgs) + 1`` to ``seq``, sealed."""
 
-    def session(self, keyring: Keyring, key: str) -> Session:
+    def session(self, keyring: Keyring, key: str, token: ResumeToken) -> Session:
         return Session(
             self.sid,
-            self.tok,
+            token,
             self.ver,
             codec.loads(keyring.open(self.state, aad(key, "state"))),
             self.created,
@@ -69,6 +70,7 @@ class _Record:
         self,
         keyring: Keyring,
         key: str,
+        token: ResumeToken,
         outcome: Outcome,
         last_seq: int | None,
         displaced: str | None = None,
@@ -79,7 +81,7 @@ class _Record:
             keyring.open(sealed, aad(key, f"msg:{replay.start + i}"))
             for i, sealed in enumerate(self.msgs[replay.start - first :])
         )
-        return Restored(outcome, self.session(keyring, key), replay, messages, displaced)
+        return Restored(outcome, self.session(keyring, key, token), replay, messages, displaced)
 
 
 class MemoryStore:
@@ -126,16 +128,18 @@ class MemoryStore:
         owner: str = "",
     ) -> Restored:
         key, record = self._get(caller, now_ms)
+        keyring, new = self.settings.keyring, candidate.resume_token
         if record is not None and record.sid == candidate.session_id:
-            return record.restored(self.settings.keyring, key, record.origin, last_seq)
+            return record.restored(keyring, key, new, record.origin, last_seq)
+        presented = None if token is None else token_digest(token)
         lease = now_ms + int(self.settings.lease * 1000)
         max_age = self.settings.max_age
         decision = classify(
             exists=record is not None,
             ended=record is not None and record.ended is not None,
             updated_ms=record.updated if record else 0,
-            stored_token=record.tok if record else "",
-            token=token,
+            tokens=record.tokens if record else Tokens(""),
+            token=presented,
             version=record.ver if record else 0,
             origin=record.origin if record else Outcome.MISS,
             now_ms=now_ms,
@@ -143,7 +147,7 @@ class MemoryStore:
         )
         outcome = decision.outcome
         if outcome in (Outcome.REFUSED, Outcome.ENDED):
-            return Restored(outcome, None)
+            return Restored(outcome, None, replayed=decision.replayed)
         if not decision.replace:
             assert record is not None
             record.updated = now_ms
@@ -153,10 +157,11 @@ class MemoryStore:
             if record.owner not in ("", owner) and record.lease > now_ms:  # '': released
                 displaced = record.owner
             record.owner, record.lease = owner, lease
-            return record.restored(self.settings.keyring, key, outcome, last_seq, displaced)
+            record.tokens = record.tokens.rotate(presented, token_digest(new))
+            return record.restored(keyring, key, new, outcome, last_seq, displaced)
         self._records[key] = _Record(
             candidate.session_id,
-            candidate.resume_token,
+            Tokens(token_digest(new)),
             candidate.version,
             self.settings.keyring.seal(codec.dumps(candidate.state), aad(key, "state")),
             now_ms,
@@ -166,7 +171,7 @@ class MemoryStore:
             owner=owner,
             lease=lease,
         )
-        return Restored(outcome, self._records[key].session(self.settings.keyring, key))
+        return Restored(outcome, self._records[key].session(keyring, key, new))
 
     async def write_turn(
         self, caller: CallerKey, session_id: SessionId, write: TurnWrite

@@ -48,9 +48,9 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from gateway.core import codec
 from gateway.core.callerkey import CallerKey
-from gateway.core.resume import Outcome, plan_replay
+from gateway.core.resume import Outcome, plan_replay, token_digest
 from gateway.core.sealing import Unsealable, aad
-from gateway.core.session import RECENT_TURNS, Push, ResumeToken, Session, SessionId, TurnWrite
+from gateway.core.session import RECENT_TURNS, Push, Session, SessionId, TurnWrite
 from gateway.exceptions import (
     StoreConflict,
     StoreError,
@@ -265,9 +265,9 @@ class RedisStore:
                     now_ms,
                     -1 if max_age is None else int(max_age * 1000),
                     self._ttl_ms,
-                    token or "",
+                    "" if token is None else token_digest(token),
                     candidate.session_id,
-                    candidate.resume_token,
+                    token_digest(candidate.resume_token),
                     keyring.seal(codec.dumps(candidate.state), aad(keys[0], "state")),
                     -1 if last_seq is None else last_seq,
                     owner,
@@ -275,9 +275,9 @@ class RedisStore:
                 ],
             )
         outcome = Outcome(_text(reply[0]))
-        if len(reply) == 1:
-            return Restored(outcome, None)
-        sid, tok, ver, state, created, updated, turns, epoch, seq, first, msgs, last, away = reply[
+        if outcome in (Outcome.REFUSED, Outcome.ENDED):
+            return Restored(outcome, None, replayed=len(reply) > 1)
+        sid, _tok, ver, state, created, updated, turns, epoch, seq, first, msgs, last, away = reply[
             1:
         ]
         recent = {_text(turns[i]): int(turns[i + 1]) for i in range(0, len(turns), 2)}
@@ -294,7 +294,7 @@ class RedisStore:
             raise StoreError("restore", f"stored session does not open: {exc}") from None
         session = Session(
             SessionId(_text(sid)),
-            ResumeToken(_text(tok)),
+            candidate.resume_token,  # what the welcome carries; the store holds its digest
             int(ver),
             codec.loads(opened),
             int(created),

@@ -536,7 +536,12 @@ async def _open(
     outcome, session = restored.outcome, restored.session
     ctx.metrics.restores.labels(outcome.value).inc()
     if session is None:
-        if outcome is Outcome.REFUSED and resume_token == _RESUME_TOKEN_REQUIRED:
+        if restored.replayed:
+            # A token the client already traded for a newer one: a copy in other hands.
+            ctx.metrics.auth_failures.labels("resume_token_replayed").inc()
+            log.warning("hello refused: retired resume token caller=%s", ctx.who(caller))
+            protocol.fail("resume_refused", "this resume token was replaced by a newer one")
+        elif outcome is Outcome.REFUSED and resume_token == _RESUME_TOKEN_REQUIRED:
             protocol.fail(
                 "resume_refused", "this call's session exists: resuming it needs its resume token"
             )

@@ -6,13 +6,21 @@ from typing import Any
 
 import pytest
 
-from gateway.core.resume import Decision, Outcome, Replay, classify, plan_replay
+from gateway.core.resume import (
+    Decision,
+    Outcome,
+    Replay,
+    Tokens,
+    classify,
+    plan_replay,
+    token_digest,
+)
 
 BASE: dict[str, Any] = dict(
     exists=True,
     ended=False,
     updated_ms=1000,
-    stored_token="tok",
+    tokens=Tokens("tok", "old", "dead"),
     token="tok",
     version=3,
     origin=Outcome.MISS,
@@ -35,8 +43,12 @@ HIT, MISS, STALE = Outcome.HIT, Outcome.MISS, Outcome.STALE
         ({"now_ms": 6001, "token": "bad"}, Decision(STALE, replace=True)),
         ({"token": "bad"}, Decision(Outcome.REFUSED, replace=False)),
         ({"token": "to"}, Decision(Outcome.REFUSED, replace=False)),
-        ({"token": "old", "version": 0}, Decision(MISS, replace=False)),
-        ({"token": "old", "version": 0, "origin": STALE}, Decision(STALE, replace=False)),
+        ({"token": ""}, Decision(Outcome.REFUSED, replace=False)),
+        ({"token": "old", "version": 3}, Decision(HIT, replace=False)),
+        ({"token": "dead"}, Decision(Outcome.REFUSED, replace=False, replayed=True)),
+        ({"token": "", "tokens": Tokens("tok")}, Decision(Outcome.REFUSED, replace=False)),
+        ({"token": "other", "version": 0}, Decision(MISS, replace=False)),
+        ({"token": "other", "version": 0, "origin": STALE}, Decision(STALE, replace=False)),
         ({"version": 0, "origin": STALE}, Decision(HIT, replace=False)),
     ],
 )
@@ -78,3 +90,26 @@ def test_classify(changes: dict[str, Any], decision: Decision) -> None:
 def test_plan_replay(last_seq: int | None, seq: int, first: int, replay: Replay) -> None:
     """plan_replay() resends from last_seq + 1 if held, else says partial and where it starts."""
     assert plan_replay(last_seq, seq=seq, first=first) == replay
+
+
+def test_tokens_rotate_on_every_resume() -> None:
+    """A resume with the current token (or none) retires the previous one; with the previous
+    one (its welcome was lost) it stays valid; retrying the same resume changes nothing."""
+    t = Tokens("a")
+    assert t.accepts("a") and not t.accepts("") and not t.accepts("b")
+    t = t.rotate("a", "b")  # welcome carried b
+    assert t == Tokens("b", "a", "")
+    lost = t.rotate("a", "c")  # b's welcome was lost: back with a
+    assert lost == Tokens("c", "a", "") and lost.rotate("a", "c") == lost
+    used = t.rotate("b", "c")  # b arrived and is used: a retires
+    assert used == Tokens("c", "b", "a")
+    assert not used.accepts("a") and used.accepts("b") and used.accepts("c")
+    assert used.rotate(None, "d") == Tokens("d", "c", "b")
+    assert Tokens("x").rotate(None, "y") == Tokens("y", "x", "")
+
+
+def test_token_digest_is_sha256() -> None:
+    """The store keeps the SHA-256 of a token, in hex."""
+    assert token_digest("abc") == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )

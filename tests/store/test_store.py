@@ -44,15 +44,15 @@ async def test_hit_returns_written_state(store: SessionStore) -> None:
     first.commit(w1)
     w2 = write(first, "t2", T0 + 2, date={"day": 3}, name="Ada")  # type: ignore[arg-type]
     assert (await store.write_turn(CALLER, first.session_id, w2)).version == 2
-    restored = await store.restore(
-        CALLER, token=first.resume_token, candidate=candidate(), now_ms=T0 + 5
-    )
+    cand = candidate()
+    restored = await store.restore(CALLER, token=first.resume_token, candidate=cand, now_ms=T0 + 5)
     assert restored.outcome is Outcome.HIT
     got = restored.session
     assert got is not None
+    # The resume token rotates: the welcome carries the candidate's.
     assert (got.session_id, got.resume_token, got.version) == (
         first.session_id,
-        first.resume_token,
+        cand.resume_token,
         2,
     )
     assert got.state == w2.state
@@ -93,14 +93,13 @@ async def test_unwritten_session_answers_as_created(store: SessionStore) -> None
     stale = await store.restore(CALLER, token=old.resume_token, candidate=cand, now_ms=T0 + 30_000)
     assert stale == type(stale)(Outcome.STALE, cand)
     # The welcome carrying cand's token was lost; the client comes back with the old one.
-    again = await store.restore(
-        CALLER, token=old.resume_token, candidate=candidate(), now_ms=T0 + 31_000
-    )
+    retry = candidate()
+    again = await store.restore(CALLER, token=old.resume_token, candidate=retry, now_ms=T0 + 31_000)
     assert again.outcome is Outcome.STALE
     assert again.session is not None
     assert (again.session.session_id, again.session.resume_token) == (
         cand.session_id,
-        cand.resume_token,
+        retry.resume_token,
     )
     # Once a turn is written, the token guards the session again.
     await store.write_turn(
@@ -251,3 +250,60 @@ def test_token_type_is_str() -> None:
     token = new_resume_token()
     assert isinstance(token, str) and token == ResumeToken(token)
     assert token.replace("-", "").replace("_", "").isalnum()
+
+
+async def test_resume_tokens_rotate_and_a_retired_one_is_a_replay(store: SessionStore) -> None:
+    """Each resume issues a new token. The one it replaced still resumes until the new one
+    is used (a lost welcome); after that it is refused as a replay."""
+    first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert first is not None
+    await store.write_turn(CALLER, first.session_id, write(first, "t1", T0 + 1, name="Ada"))
+    a = first.resume_token
+    second = await store.restore(CALLER, token=a, candidate=candidate(), now_ms=T0 + 2)
+    assert second.session is not None
+    b = second.session.resume_token
+    assert b != a
+    # b's welcome was lost: a still works, twice over, and issues c.
+    lost = await store.restore(CALLER, token=a, candidate=candidate(), now_ms=T0 + 3)
+    assert lost.outcome is Outcome.HIT and lost.session is not None
+    c = lost.session.resume_token
+    # c is used: a and b retire; a is the token before the previous one, b the previous.
+    third = await store.restore(CALLER, token=c, candidate=candidate(), now_ms=T0 + 4)
+    assert third.outcome is Outcome.HIT and third.session is not None
+    d = third.session.resume_token
+    replay = await store.restore(CALLER, token=a, candidate=candidate(), now_ms=T0 + 5)
+    assert (replay.outcome, replay.session, replay.replayed) == (Outcome.REFUSED, None, True)
+    guessed = await store.restore(CALLER, token="guess", candidate=candidate(), now_ms=T0 + 6)
+    assert (guessed.outcome, guessed.replayed) == (Outcome.REFUSED, False)
+    # c is now the previous token, valid until d is first used. Coming back with c (d's
+    # welcome lost) issues e, and d is never valid again.
+    back = await store.restore(CALLER, token=c, candidate=candidate(), now_ms=T0 + 7)
+    assert back.session is not None
+    e = back.session.resume_token
+    assert (
+        await store.restore(CALLER, token=d, candidate=candidate(), now_ms=T0 + 8)
+    ).session is None
+    fifth = await store.restore(CALLER, token=e, candidate=candidate(), now_ms=T0 + 9)
+    assert fifth.outcome is Outcome.HIT
+    stale_c = await store.restore(CALLER, token=c, candidate=candidate(), now_ms=T0 + 10)
+    assert (stale_c.outcome, stale_c.replayed) == (Outcome.REFUSED, True)
+
+
+async def test_a_retried_resume_rotates_once(store: SessionStore) -> None:
+    """The same resume sent twice (its reply was lost) leaves both the presented token and
+    the new one valid, as one resume would."""
+    first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert first is not None
+    await store.write_turn(CALLER, first.session_id, write(first, "t1", T0 + 1, name="Ada"))
+    cand = candidate()
+    for now in (T0 + 2, T0 + 3):
+        got = await store.restore(CALLER, token=first.resume_token, candidate=cand, now_ms=now)
+        assert got.outcome is Outcome.HIT
+    # As after one resume: the new token resumes, and then the old one is retired.
+    assert (
+        await store.restore(CALLER, token=cand.resume_token, candidate=candidate(), now_ms=T0 + 4)
+    ).outcome is Outcome.HIT
+    old = await store.restore(
+        CALLER, token=first.resume_token, candidate=candidate(), now_ms=T0 + 5
+    )
+    assert (old.outcome, old.replayed) == (Outcome.REFUSED, True)

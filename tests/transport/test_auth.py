@@ -187,3 +187,37 @@ async def test_origin_allowlist(gateway: Gateway) -> None:
         assert (await hello(ws, ADA, tenant="acme", token=token(ADA)))["type"] == "welcome"
     async with connect(url(gateway.port)) as ws:
         assert (await hello(ws, BOB, tenant="acme", token=token(BOB)))["type"] == "welcome"
+
+
+async def test_a_replayed_resume_token_is_refused_and_counted(gateway: Gateway) -> None:
+    """Every welcome carries a new resume token; once the client has used the new one, the
+    old one is refused (resume_refused, 4501) and counted as a replay."""
+    subject = token({"phone": "+14155550100"})  # resumes need the resume token
+    async with connect(url(gateway.port)) as ws:
+        first = await hello(ws, ADA, tenant="acme", token=subject)
+        await turn(ws, "t1", form={"name": "Ada"})
+    async with connect(url(gateway.port)) as ws:
+        second = await hello(
+            ws, ADA, tenant="acme", token=subject, resume_token=first["resume_token"]
+        )
+        assert second["resumed"] and second["resume_token"] != first["resume_token"]
+    async with connect(url(gateway.port)) as ws:
+        third = await hello(
+            ws, ADA, tenant="acme", token=subject, resume_token=second["resume_token"]
+        )
+        assert third["resumed"]
+    async with connect(url(gateway.port)) as ws:
+        await send(
+            ws,
+            {
+                "type": "hello",
+                "caller": ADA,
+                "tenant": "acme",
+                "token": subject,
+                "resume_token": first["resume_token"],
+            },
+        )
+        result = await closed(ws)
+    assert result.code == 4501 and result.error is not None
+    assert result.error["message"] == "this resume token was replaced by a newer one"
+    assert auth_failures(gateway, "resume_token_replayed") == 1

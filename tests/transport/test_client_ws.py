@@ -48,7 +48,7 @@ async def test_turns_acked_and_restored(gateway: Gateway) -> None:
         )
     assert again["resumed"] is True
     assert again["session_id"] == welcome["session_id"]
-    assert again["resume_token"] == welcome["resume_token"]
+    assert again["resume_token"] != welcome["resume_token"]  # rotated on every welcome
     assert again["version"] == 2
     assert again["state"]["form_answers"] == {"name": "Ada", "date": "2026-12-01"}
     assert again["state"]["context"] == {"intent": "book"}

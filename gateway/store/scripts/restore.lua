@@ -1,10 +1,13 @@
 -- Find and load the session of a caller key, or replace a missing or stale one.
 -- Mirrors gateway/core/resume.py classify() and plan_replay(); one round trip, one hash slot.
 -- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list
--- ARGV: now_ms, max_age_ms (-1: none), ttl_ms, token ('' : none),
---       candidate sid, candidate token, candidate state, last_seq (-1: none),
+-- ARGV: now_ms, max_age_ms (-1: none), ttl_ms, token digest ('' : none),
+--       candidate sid, candidate token digest, candidate state (sealed), last_seq (-1: none),
 --       owner (this instance's ID), lease_ms
--- Returns {outcome} for refused and ended, else
+-- Tokens are SHA-256 digests; tok, prev and dead are the current, previous and retired ones
+-- (gateway/core/resume.py Tokens): a hit rotates them so that the candidate's is current.
+-- Returns {outcome} for ended, {'refused'} or {'refused', 'replayed'} (a retired token),
+--         else
 --         {outcome, sid, token, version, state, created, updated, {turn_id, version, ...},
 --          epoch, seq, first held seq, {message, ...} from the replay start, last push id,
 --          displaced owner ('' : none)}
@@ -13,7 +16,7 @@
 local now = tonumber(ARGV[1])
 local max_age = tonumber(ARGV[2])
 local h = redis.call('HMGET', KEYS[1], 'sid', 'tok', 'ver', 'state', 'created', 'updated', 'ended',
-  'origin', 'epoch', 'seq', 'push', 'owner', 'lease')
+  'origin', 'epoch', 'seq', 'push', 'owner', 'lease', 'prev', 'dead')
 local lease = now + tonumber(ARGV[10])
 
 local function replay(seq)
@@ -51,8 +54,13 @@ if h[1] then
     outcome = 'hit'
     -- Digests, not tokens, are compared, so the comparison's timing does not depend on
     -- how much of a guessed token is right.
-    if ARGV[4] ~= '' and redis.sha1hex(ARGV[4]) ~= redis.sha1hex(h[2]) then
+    local presented = ARGV[4]
+    local previous = h[14] or ''
+    if presented ~= '' and presented ~= h[2] and (previous == '' or presented ~= previous) then
       if h[3] ~= '0' then
+        if h[15] and presented == h[15] then
+          return {'refused', 'replayed'}
+        end
         return {'refused'}
       end
       -- Nothing written yet: a client whose welcome was lost after its old session was
@@ -67,6 +75,16 @@ if h[1] then
     -- A new epoch: writes of every earlier connection to this session are refused.
     h[9] = tostring(redis.call('HINCRBY', KEYS[1], 'epoch', 1))
     redis.call('HSET', KEYS[1], 'updated', ARGV[1], 'owner', ARGV[9], 'lease', lease)
+    -- Rotate: back with the previous token (the last welcome was lost), it stays valid;
+    -- else the current one becomes the previous, and the previous is retired.
+    if presented ~= '' and previous ~= '' and presented == previous then
+      redis.call('HSET', KEYS[1], 'tok', ARGV[6])
+    else
+      redis.call('HSET', KEYS[1], 'tok', ARGV[6], 'prev', h[2])
+      if previous ~= '' then
+        redis.call('HSET', KEYS[1], 'dead', previous)
+      end
+    end
     for i = 1, 3 do
       redis.call('PEXPIRE', KEYS[i], ARGV[3])
     end
