@@ -70,6 +70,9 @@ class Restored:
     state: dict[str, Any]
     replay_from: int | None
     """The first message replayed when some were lost (``replay: partial``); else ``None``."""
+    degraded: bool = False
+    """The store was unreachable: the session is new and not yet durable; turns wait, and
+    another :class:`Restored` follows once the store answers."""
 
 
 class Client:
@@ -330,6 +333,10 @@ class Client:
                 self.state, self.version = frame["state"], frame["version"]
                 if self.on_state is not None:
                     self.on_state(self.state)
+            elif kind == "nack":
+                # Not stored (the store is out); send it again after the hint.
+                delay = min(max(0.0, float(frame.get("retry_after", 1.0))), self.max_delay)
+                asyncio.get_running_loop().call_later(delay, self._resend, ws, frame["turn_id"])
             elif kind == "ack":
                 pending = self._unacked.pop(frame["turn_id"], None)
                 self.version = max(self.version, frame["version"])
@@ -343,7 +350,29 @@ class Client:
                 if isinstance(hint, int | float) and not isinstance(hint, bool):
                     self._retry_after = min(max(0.0, float(hint)), self.max_delay)
 
+    def _resend(self, ws: ClientConnection, turn_id: str) -> None:
+        """Send a nacked turn again, on the connection that nacked it, if still waiting."""
+        pending = self._unacked.get(turn_id)
+        if pending is None or self._ws is not ws or not self.connected.is_set():
+            return  # acked since, or it goes out after the next welcome anyway
+        task = asyncio.ensure_future(ws.send(pending[0]))
+        task.add_done_callback(_quiet)
+
     async def _welcome(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        if frame.get("degraded"):
+            # The store is out: nothing here is authoritative. Keep the position and token
+            # (a token-less client takes the one offered); the real welcome follows.
+            self.resume_token = self.resume_token or frame["resume_token"]
+            self.connects += 1
+            self._welcomed = True
+            self.connected.set()
+            if self.on_restored is not None:
+                self.on_restored(
+                    Restored(frame["session_id"], False, False, 0, {}, None, degraded=True)
+                )
+            for text, _ in list(self._unacked.values()):
+                await ws.send(text)
+            return
         if not frame["resumed"]:
             self.last_seq = 0  # a new session numbers its messages from 1
         replay_from = frame.get("replay_from")
@@ -364,6 +393,7 @@ class Client:
                     frame["version"],
                     frame["state"],
                     replay_from,
+                    frame.get("degraded", False),
                 )
             )
         for text, _ in list(self._unacked.values()):
@@ -388,6 +418,12 @@ class Client:
             if not acked.done():
                 acked.set_exception(error)
         self._unacked.clear()
+
+
+def _quiet(task: asyncio.Future[None]) -> None:
+    """Retrieve a background send's failure: the connection closing is handled elsewhere."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _retry_after(value: str | None) -> float:

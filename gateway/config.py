@@ -104,6 +104,11 @@ class StoreConfig:
     ack_replicas: int = 0
     """Replicas that must hold a write (Redis ``WAIT``) before it is acknowledged; 0: the
     primary's word is enough."""
+    degrade_after: float | None = 2.0
+    """Seconds a hello waits for an unreachable store before its session opens *degraded*:
+    new, held in this process, its turns waiting for the store (``welcome`` says
+    ``degraded: true``, and a second ``welcome`` follows once the store answers). ``None``:
+    the hello waits through every retry, then gets ``store_unavailable``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,6 +136,20 @@ class LimitsConfig:
     restore_queue: int = 20000
     """Hellos waiting for a restore beyond which new ones are refused with 1013 (and upgrades
     with 503), each told when to come back."""
+    max_turns_per_second: float | None = 20.0
+    """Turns one connection may send per second on average (``--turn-burst`` at once); more
+    get ``rate_limited`` and close 4008. ``None``: no limit."""
+    turn_burst: int = 40
+    """Turns one connection may send at once (its re-sent turns after a reconnect count)."""
+    metrics_tenants: int = 100
+    """Tenants that get their own label in per-tenant metrics (first come); the rest are
+    counted under ``other``, so a flood of tenant names cannot blow up the metrics."""
+    max_tenant_connections: int | None = None
+    """Connections that said hello one tenant may hold on this instance; more get
+    ``tenant_limit`` and close 1013. ``None``: no limit."""
+    hello_timeout: float | None = 10.0
+    """Seconds a new connection has to send its hello; then ``hello_timeout``, close 4002.
+    ``None``: forever."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -454,6 +473,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "store",
+        "degrade_after",
+        _or_none(_non_negative_float),
+        "seconds a hello waits for an unreachable store before opening degraded ('none': never)",
+    ),
+    Option(
+        "store",
         "ack_replicas",
         _non_negative_int,
         "replicas that must hold a write (Redis WAIT) before it is acknowledged",
@@ -527,6 +552,31 @@ OPTIONS: tuple[Option, ...] = (
         "the <Stream> custom parameter that holds the caller's number",
     ),
     Option("limits", "max_restores", _positive(int), "hellos restoring at once; more wait"),
+    Option(
+        "limits",
+        "max_turns_per_second",
+        _or_none(_positive(float)),
+        "turns per second one connection may send on average; more get close 4008 ('none': any)",
+    ),
+    Option("limits", "turn_burst", _positive(int), "turns one connection may send at once"),
+    Option(
+        "limits",
+        "max_tenant_connections",
+        _or_none(_positive(int)),
+        "connections one tenant may hold on this instance; more get close 1013 ('none': any)",
+    ),
+    Option(
+        "limits",
+        "hello_timeout",
+        _or_none(_positive(float)),
+        "seconds a new connection has to send hello; then close 4002 ('none': forever)",
+    ),
+    Option(
+        "limits",
+        "metrics_tenants",
+        _non_negative_int,
+        "tenants given their own label in per-tenant metrics; the rest count as 'other'",
+    ),
     Option(
         "limits",
         "restore_queue",

@@ -39,9 +39,11 @@ class Metrics:
         registry: Where to register; a fresh one by default.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, tenants: int = 100) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._tenants = tenants
+        self._tenant_labels: set[str] = set()
         self.restores = Counter(
             "restores",
             "Hellos by what the store held for the caller key.",
@@ -52,7 +54,8 @@ class Metrics:
         )
         self.turns = Counter(
             "turns",
-            "Turns acknowledged, by whether they were applied or re-sent.",
+            "Turns answered: applied, duplicate (a re-sent turn, acknowledged again) or nacked"
+            " (not stored for want of the store; the client sends it again).",
             ["outcome"],
             namespace="hangon",
             subsystem="session",
@@ -138,7 +141,8 @@ class Metrics:
         )
         self.messages = Counter(
             "messages",
-            "Agent messages: stored for replay, relayed live to a client, or replayed on resume.",
+            "Agent messages: stored for replay, relayed live to a client, replayed on resume, or"
+            " dropped (a resuming client missed them: the replay window had moved past them).",
             ["how"],
             namespace="hangon",
             subsystem="relay",
@@ -203,6 +207,15 @@ class Metrics:
             subsystem="admission",
             registry=r,
         )
+        self.tenant_connections = Gauge(
+            "connections",
+            "Connections that said hello, by tenant: the first --metrics-tenants tenants"
+            " under their own name, the rest together as other.",
+            ["tenant"],
+            namespace="hangon",
+            subsystem="tenant",
+            registry=r,
+        )
         self.draining = Gauge(
             "draining",
             "1 while this instance drains for a shutdown: /readyz fails, clients get 1012.",
@@ -216,7 +229,8 @@ class Metrics:
         for outcome in Outcome:
             self.restores.labels(outcome.value)
         self.restores.labels("error")
-        for turn in ("applied", "duplicate"):
+        self.restores.labels("degraded")
+        for turn in ("applied", "duplicate", "nacked"):
             self.turns.labels(turn)
         for code in ERRORS:
             self.protocol_errors.labels(code)
@@ -226,7 +240,7 @@ class Metrics:
             self.agent_connects.labels(result)
         for code in AGENT_ERRORS:
             self.agent_errors.labels(code)
-        for how in ("stored", "relayed", "replayed"):
+        for how in ("stored", "relayed", "replayed", "dropped"):
             self.messages.labels(how)
         for replay in ("full", "partial"):
             self.replays.labels(replay)
@@ -245,6 +259,17 @@ class Metrics:
         self.turns_duplicate = self.turns.labels("duplicate")
         self.messages_stored = self.messages.labels("stored")
         self.messages_relayed = self.messages.labels("relayed")
+
+    def tenant(self, tenant: str) -> str:
+        """The label of ``tenant`` in per-tenant metrics: its name, or ``other`` once the
+        first ``tenants`` names are taken (bounded cardinality)."""
+        labels = self._tenant_labels
+        if tenant in labels:
+            return tenant
+        if len(labels) < self._tenants:
+            labels.add(tenant)
+            return tenant
+        return "other"
 
     def store_error(self, exc: StoreError) -> None:
         """Count one failed store attempt."""

@@ -136,7 +136,9 @@ class Gateway:
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self.config = config
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = (
+            metrics if metrics is not None else Metrics(tenants=config.limits.metrics_tenants)
+        )
         self.store = store if store is not None else open_store(config, metrics=self.metrics)
         self.instance = config.server.instance_id or instance_id()
         s = config.store
@@ -172,6 +174,11 @@ class Gateway:
             )
             if config.security.auth_keys
             else None,
+            degrade_after=s.degrade_after,
+            turn_rate=config.limits.max_turns_per_second,
+            turn_burst=config.limits.turn_burst,
+            hello_timeout=config.limits.hello_timeout,
+            max_tenant_connections=config.limits.max_tenant_connections,
         )
         admission = self.context.admission
         self.metrics.admission_waiting.set_function(lambda: admission.waiting)

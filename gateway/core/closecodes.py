@@ -20,7 +20,9 @@ __all__ = [
     "INVALID_PAYLOAD",
     "MESSAGE_TOO_BIG",
     "OVERLOADED",
+    "HELLO_TIMEOUT",
     "POLICY_VIOLATION",
+    "RATE_LIMITED",
     "RESUME_REFUSED",
     "SERVICE_RESTART",
     "SESSION_CONFLICT",
@@ -73,6 +75,11 @@ STORE_UNAVAILABLE = CloseReason(4001, "session store unavailable", reconnect=Tru
 """The session store stayed unreachable through every retry; reconnect later."""
 SESSION_CONFLICT = CloseReason(4003, "session moved on; reconnect to resume", reconnect=True)
 """The stored session changed under this connection; reconnect to load the newest state."""
+HELLO_TIMEOUT = CloseReason(4002, "no hello in time", reconnect=True)
+"""The connection sent no ``hello`` within ``--hello-timeout``; reconnect and say hello."""
+RATE_LIMITED = CloseReason(4008, "too many turns", reconnect=True)
+"""The client sent turns faster than ``--max-turns-per-second`` allows; reconnect after the
+error's ``retry_after`` and resume (unacknowledged turns are re-sent, and deduplicated)."""
 
 SESSION_REPLACED = CloseReason(4500, "session replaced by a newer connection", reconnect=False)
 """Another connection resumed this session; this one is stale and must not come back."""

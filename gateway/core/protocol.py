@@ -20,7 +20,9 @@ Phases and what each accepts (anything else is ``unexpected_message``)::
 
     AWAIT_HELLO --hello--> RESTORING --send_welcome()--> OPEN --bye--> CLOSED
                                      --fail()---------> CLOSED
-                 OPEN --turn--> OPEN  (the driver answers each with send_ack)
+                 OPEN --turn--> OPEN  (the driver answers each with send_ack, or with
+                                       send_nack when the store could not take it)
+                 OPEN --send_welcome()--> OPEN  (a degraded session found its store again)
                  OPEN --ack---> OPEN  (the client received messages up to a seq)
                  any but CLOSED --ping--> same phase, a ``pong`` queued (the heartbeat of
                                           clients that cannot send WebSocket pings: browsers)
@@ -78,6 +80,9 @@ ERRORS: Final[Mapping[str, CloseReason]] = {
     "session_conflict": closecodes.SESSION_CONFLICT,
     "store_unavailable": closecodes.STORE_UNAVAILABLE,
     "overloaded": closecodes.OVERLOADED,
+    "tenant_limit": closecodes.OVERLOADED,
+    "rate_limited": closecodes.RATE_LIMITED,
+    "hello_timeout": closecodes.HELLO_TIMEOUT,
     "internal_error": closecodes.INTERNAL_ERROR,
 }
 """Every error code an ``error`` frame may carry, and the close that follows it."""
@@ -216,13 +221,22 @@ class Protocol:
     # Sending
 
     def send_welcome(
-        self, session: Session, *, resumed: bool, stale: bool, replay_from: int | None = None
+        self,
+        session: Session,
+        *,
+        resumed: bool,
+        stale: bool,
+        replay_from: int | None = None,
+        degraded: bool = False,
     ) -> None:
-        """Answer the hello: the session is open (nothing once closed).
+        """Answer the hello: the session is open (nothing once closed). A second welcome
+        on the same connection replaces what the first said.
 
         Args:
             replay_from: The first sequence number still held, when the client
                 missed older messages that are gone (``"replay": "partial"``).
+            degraded: The store is unreachable: the session is new and held here
+                only, and turns wait until a welcome without ``degraded`` follows.
         """
         if self.phase is Phase.CLOSED:
             return
@@ -241,6 +255,8 @@ class Protocol:
             frame["replay_from"] = replay_from
         if stale:
             frame["stale"] = True
+        if degraded:
+            frame["degraded"] = True
         self._outbox.append(codec.dumps(frame))
         self.phase = Phase.OPEN
 
@@ -265,6 +281,23 @@ class Protocol:
         if self.phase is Phase.CLOSED:
             return
         self._outbox.append(codec.dumps({"type": "ack", "turn_id": turn_id, "version": version}))
+
+    def send_nack(self, turn_id: str, code: str, message: str, *, retry_after: float) -> None:
+        """Say that a turn was not applied and should be sent again after ``retry_after``
+        seconds; the connection stays open (nothing once closed)."""
+        if self.phase is Phase.CLOSED:
+            return
+        self._outbox.append(
+            codec.dumps(
+                {
+                    "type": "nack",
+                    "turn_id": turn_id,
+                    "code": code,
+                    "message": message,
+                    "retry_after": retry_after,
+                }
+            )
+        )
 
     def fail(self, code: str, message: str, *, retry_after: float | None = None) -> None:
         """Queue an ``error`` frame for ``code`` and close with its close reason.

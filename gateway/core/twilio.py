@@ -198,7 +198,13 @@ class TwilioStream:
     # Sending
 
     def send_welcome(
-        self, session: Session, *, resumed: bool, stale: bool, replay_from: int | None = None
+        self,
+        session: Session,
+        *,
+        resumed: bool,
+        stale: bool,
+        replay_from: int | None = None,
+        degraded: bool = False,
     ) -> None:
         """The session is open; Twilio is told nothing (the agent is, on its link)."""
         if self.phase is not Phase.CLOSED:
@@ -212,6 +218,10 @@ class TwilioStream:
 
     def send_ack(self, turn_id: str, version: int) -> None:
         """A turn (a key press) is durable: Twilio expects no answer."""
+
+    def send_nack(self, turn_id: str, code: str, message: str, *, retry_after: float) -> None:
+        """A turn (a key press) was not stored: Twilio cannot send it again, so it is lost,
+        and the call goes on."""
 
     def send_media(self, media: Media) -> bool:
         """Queue the agent's audio, mark or clear for Twilio, with this stream's ``streamSid``.

@@ -45,6 +45,9 @@ export interface RestoredDetail {
   version: number;
   /** First message replayed when older ones were lost (replay "partial"); else null. */
   replayFrom: number | null;
+  /** The store was unreachable: nothing here is authoritative, turns wait, and another
+   * "restored" follows once the store answers. */
+  degraded: boolean;
 }
 
 export interface MessageDetail {

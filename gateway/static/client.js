@@ -218,6 +218,16 @@ export class HangonClient extends EventTarget {
         this.version = frame.version;
         this._emit("state", { state: frame.state, version: frame.version });
         return;
+      case "nack": {
+        // Not stored (the store is out): send it again after the hint, on this connection.
+        const pending = this.unacked.get(frame.turn_id);
+        if (pending) {
+          this.setTimeout(() => {
+            if (ws === this.ws && this.unacked.get(frame.turn_id) === pending) ws.send(pending.frame);
+          }, (frame.retry_after ?? 1) * 1000);
+        }
+        return;
+      }
       case "ack": {
         const pending = this.unacked.get(frame.turn_id);
         this.version = Math.max(this.version, frame.version);
@@ -238,6 +248,16 @@ export class HangonClient extends EventTarget {
   }
 
   _welcome(ws, frame) {
+    if (frame.degraded === true) {
+      // The store is out: nothing here is authoritative. Keep the position and token (a
+      // client without one takes the one offered); the real welcome follows.
+      this.resumeToken = this.resumeToken ?? frame.resume_token;
+      this.attempt = 0;
+      this._setStatus("open");
+      this._emit("restored", { sessionId: frame.session_id, resumed: false, stale: false, state: {}, version: 0, replayFrom: null, degraded: true });
+      for (const { frame: text } of this.unacked.values()) ws.send(text);
+      return;
+    }
     if (frame.session_id !== this.sessionId) this.lastSeq = 0; // new session: messages from 1
     if (typeof frame.replay_from === "number") this.lastSeq = frame.replay_from - 1;
     this.sessionId = frame.session_id;
@@ -255,6 +275,7 @@ export class HangonClient extends EventTarget {
       state: frame.state,
       version: frame.version,
       replayFrom: frame.replay_from ?? null,
+      degraded: false,
     });
     for (const { frame: text } of this.unacked.values()) ws.send(text);
     if (this.saidBye) ws.send(JSON.stringify({ type: "bye" }));

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -60,11 +61,14 @@ from gateway.core.callerkey import CallerKey
 from gateway.core.closecodes import BYE, SERVICE_RESTART
 from gateway.core.events import Ack, Bye, Forward, Hello, Turn
 from gateway.core.protocol import Protocol
+from gateway.core.ratelimit import TokenBucket
 from gateway.core.resume import Outcome
 from gateway.core.session import (
     Push,
+    ResumeToken,
     Session,
     SessionId,
+    TurnWrite,
     empty_state,
     merge_patch,
     new_resume_token,
@@ -73,7 +77,7 @@ from gateway.core.session import (
 from gateway.core.twilio import TwilioStream
 from gateway.exceptions import StoreConflict, StoreError
 from gateway.metrics import Metrics
-from gateway.store.base import SessionStore
+from gateway.store.base import Restored, SessionStore
 from gateway.store.retry import retry
 from gateway.transport.admission import Admission
 from gateway.transport.downstream import AgentLink
@@ -140,6 +144,10 @@ class Connection:
     """When :class:`~gateway.transport.keepalive.Keepalive` pings it next."""
     pinging: bool = False
     """The keepalive's ping is in flight."""
+    bucket: TokenBucket | None = None
+    """Its turn allowance, from its first turn on."""
+    tenant: str | None = None
+    """The tenant whose connection count this connection holds (from its hello on)."""
 
     def flush(self) -> None:
         """Send what is queued, from a task of its own; for callers other than the handler."""
@@ -212,6 +220,15 @@ class LiveSession:
     """Dropped from this instance: ended, moved elsewhere, or lingered out."""
     phone: bool = False
     """Its last client was a phone stream: the agent's audio, marks and clears are for it."""
+    recovered: asyncio.Event | None = None
+    """Set while the session is degraded (opened without the store); set once its real
+    restore is done. Turns wait on it."""
+    recovery: asyncio.Task[None] | None = None
+    """Keeps trying the real restore of a degraded session."""
+    unsure: TurnWrite | None = None
+    """A turn write whose outcome is unknown (the store failed mid-write and the client was
+    told to re-send): the re-sent turn retries this very write, so that the store can tell
+    whether it landed."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -246,6 +263,18 @@ class ClientContext:
     verifier: Verifier | None = None
     """Checks client tokens; ``None``: authentication off (a Twilio stream is vouched for
     by its signature instead)."""
+    turn_rate: float | None = None
+    """Turns per second a connection may send on average; ``None``: any."""
+    turn_burst: int = 40
+    hello_timeout: float | None = None
+    """Seconds a connection has to say hello; ``None``: forever."""
+    max_tenant_connections: int | None = None
+    """Connections that said hello one tenant may hold here; ``None``: any."""
+    degrade_after: float | None = None
+    """Seconds a hello waits for an unreachable store before its session opens degraded;
+    ``None``: it waits through every retry, then gets ``store_unavailable``."""
+    tenant_connections: dict[str, int] = field(default_factory=dict)
+    """Connections that said hello, by tenant."""
     live: dict[CallerKey, LiveSession] = field(default_factory=dict)
     """Sessions served here, by caller key."""
     by_sid: dict[SessionId, LiveSession] = field(default_factory=dict)
@@ -258,13 +287,20 @@ class ClientContext:
     closing: set[asyncio.Task[None]] = field(default_factory=set)
     """Background closes (replaced connections, agent links), kept from garbage collection."""
 
-    async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run a store operation with retries, timing it."""
+    async def call(
+        self, op: str, fn: Callable[[], Awaitable[T]], *, budget: float | None = None
+    ) -> T:
+        """Run a store operation with retries, timing it.
+
+        Args:
+            budget: Seconds past which no retry starts, if shorter than
+                :attr:`retry_budget`.
+        """
         started = time.perf_counter()
+        if budget is None or (self.retry_budget is not None and self.retry_budget < budget):
+            budget = self.retry_budget
         try:
-            return await retry(
-                fn, self.delays(), budget=self.retry_budget, on_error=self.metrics.store_error
-            )
+            return await retry(fn, self.delays(), budget=budget, on_error=self.metrics.store_error)
         finally:
             self.metrics.store_op_seconds[op].observe(time.perf_counter() - started)
 
@@ -349,15 +385,29 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
     live: LiveSession | None = None
     ctx.metrics.connections_active.inc()
     ctx.connections.add(conn)
+    loop = asyncio.get_running_loop()
+    # Until its hello, a connection holds a socket and memory for nothing: bounded.
+    hello_by = None if ctx.hello_timeout is None else loop.time() + ctx.hello_timeout
     try:
         while protocol.close_reason is None:
-            message = await ws.recv()
+            if hello_by is None:
+                message = await ws.recv()
+            else:
+                try:
+                    async with asyncio.timeout_at(hello_by):
+                        message = await ws.recv()
+                except TimeoutError:
+                    protocol.fail(
+                        "hello_timeout", f"no hello within {ctx.hello_timeout} s of connecting"
+                    )
+                    break
             if isinstance(message, bytes):
                 protocol.receive_binary(message)
                 event = None
             else:
                 event = protocol.receive_text(message)
             if isinstance(event, Hello):
+                hello_by = None
                 if ctx.draining:
                     protocol.close(SERVICE_RESTART)
                 else:
@@ -374,7 +424,15 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
                 continue  # nothing to write back
             elif isinstance(event, Turn):
                 assert live is not None
-                await _turn(ctx, live, conn, event)
+                if ctx.turn_rate is not None and not _allowed(ctx, conn, loop.time()):
+                    assert conn.bucket is not None
+                    protocol.fail(
+                        "rate_limited",
+                        f"more than {ctx.turn_rate:g} turns per second; resume after retry_after",
+                        retry_after=round(max(1.0, conn.bucket.wait()), 1),
+                    )
+                else:
+                    await _turn(ctx, live, conn, event)
             elif isinstance(event, Ack):
                 assert live is not None
                 if live.client is conn and live.session is not None:
@@ -403,6 +461,8 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
             )
         ctx.metrics.connections_active.dec()
         ctx.connections.discard(conn)
+        if conn.tenant is not None:
+            _count_tenant(ctx, conn.tenant, -1)
         if live is not None and live.client is conn:
             _detach(ctx, live)
         # The handler's return closes the connection: send the error frame and the
@@ -412,6 +472,24 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
                 await conn.writer
             await conn.send()
         conn.finished = True
+
+
+def _allowed(ctx: ClientContext, conn: Connection, now: float) -> bool:
+    """Whether the connection may send this turn under ``--max-turns-per-second``."""
+    bucket = conn.bucket
+    if bucket is None:
+        assert ctx.turn_rate is not None
+        bucket = conn.bucket = TokenBucket(ctx.turn_rate, float(ctx.turn_burst))
+    return bucket.take(now)
+
+
+def _count_tenant(ctx: ClientContext, tenant: str, delta: int) -> None:
+    held = ctx.tenant_connections.get(tenant, 0) + delta
+    if held:
+        ctx.tenant_connections[tenant] = held
+    else:
+        del ctx.tenant_connections[tenant]
+    ctx.metrics.tenant_connections.labels(ctx.metrics.tenant(tenant)).inc(delta)
 
 
 def _live_for(ctx: ClientContext, caller: CallerKey) -> LiveSession:
@@ -473,6 +551,18 @@ async def _hello(ctx: ClientContext, conn: Connection, hello: Hello) -> LiveSess
             # A token for the number or user, not this call: it opens a new session, and
             # resumes one only with that session's resume token.
             resume_token = _RESUME_TOKEN_REQUIRED
+    tenant = hello.caller.tenant
+    cap = ctx.max_tenant_connections
+    if cap is not None and ctx.tenant_connections.get(tenant, 0) >= cap:
+        conn.protocol.fail(
+            "tenant_limit",
+            f"this tenant holds {cap} connections on this instance already",
+            retry_after=5.0,
+        )
+        return None
+    if conn.tenant is None:
+        conn.tenant = tenant
+        _count_tenant(ctx, tenant, 1)
     admission = ctx.admission
     # A phone stream is never shed: Twilio cannot wait for a hint, only re-attach at once.
     if admission.full() and not isinstance(conn.protocol, TwilioStream):
@@ -509,30 +599,140 @@ async def _admitted(
             return live if opened else None
 
 
+def _restorer(
+    ctx: ClientContext, hello: Hello, resume_token: str | None, candidate: Session
+) -> Callable[[], Awaitable[Restored]]:
+    """One restore attempt for ``hello``; every attempt offers the same candidate, so that
+    a retry whose first try landed is recognised."""
+
+    def restore() -> Awaitable[Restored]:
+        return ctx.store.restore(
+            hello.caller,
+            token=resume_token,
+            candidate=candidate,
+            now_ms=candidate.created_ms,
+            last_seq=hello.last_seq,
+            owner=ctx.instance,
+        )
+
+    return restore
+
+
 async def _open(
     ctx: ClientContext, live: LiveSession, conn: Connection, hello: Hello, resume_token: str | None
 ) -> bool:
-    """Restore the session, attach ``conn`` and tell the agent; under the session lock."""
+    """Restore the session, attach ``conn`` and tell the agent; under the session lock.
+
+    If the store stays unreachable past ``degrade_after`` and nothing of the caller is
+    held here, the session opens degraded instead (:func:`_open_degraded`).
+    """
     now = ctx.clock()
     protocol, caller = conn.protocol, hello.caller
     candidate = Session(new_session_id(), new_resume_token(), 0, empty_state(), now, now)
+    restore = _restorer(ctx, hello, resume_token, candidate)
+    degrade = ctx.degrade_after is not None and live.session is None
     try:
-        restored = await ctx.call(
-            "restore",
-            lambda: ctx.store.restore(
-                caller,
-                token=resume_token,
-                candidate=candidate,
-                now_ms=now,
-                last_seq=hello.last_seq,
-                owner=ctx.instance,
-            ),
-        )
+        restored = await ctx.call("restore", restore, budget=ctx.degrade_after if degrade else None)
     except StoreError as exc:
+        if degrade and exc.retryable and conn.ws.state is State.OPEN:
+            _open_degraded(ctx, live, conn, candidate, restore, hello.resume_token)
+            return True
         ctx.metrics.restores.labels("error").inc()
         log.warning("restore failed caller=%s error=%s", ctx.who(caller), exc)
         protocol.fail("store_unavailable", "session store unavailable; reconnect to retry")
         return False
+    return _attach(ctx, live, conn, hello, restored, resume_token)
+
+
+def _open_degraded(
+    ctx: ClientContext,
+    live: LiveSession,
+    conn: Connection,
+    candidate: Session,
+    restore: Callable[[], Awaitable[Restored]],
+    presented: str | None,
+) -> None:
+    """Open a session the store could not be asked about: new, empty and held here only.
+
+    The client gets a ``welcome`` with ``degraded: true``; its turns wait (bounded) for
+    the store. A task keeps trying the real restore; once it lands, a second ``welcome``
+    says what the store holds, and the session goes on as any other. A transient store
+    error never refuses a session start.
+
+    The degraded welcome hands back the resume token the client presented: a client that
+    drops before the store answers must come back with the token the store knows.
+    """
+    ctx.metrics.restores.labels("degraded").inc()
+    log.warning("session open degraded: store unreachable session=%s", candidate.session_id)
+    live.session = candidate
+    ctx.by_sid[candidate.session_id] = live
+    live.client = conn
+    live.phone = isinstance(conn.protocol, TwilioStream)
+    ctx.metrics.sessions_active.inc()
+    live.recovered = asyncio.Event()
+    shown = candidate
+    if presented is not None:
+        shown = dataclasses.replace(candidate, resume_token=ResumeToken(presented))
+    conn.protocol.send_welcome(shown, resumed=False, stale=False, degraded=True)
+    live.recovery = asyncio.create_task(_recover(ctx, live, conn, restore))
+    live.recovery.add_done_callback(_log_failure)
+
+
+async def _recover(
+    ctx: ClientContext,
+    live: LiveSession,
+    conn: Connection,
+    restore: Callable[[], Awaitable[Restored]],
+) -> None:
+    """Restore a degraded session for real, as soon as the store answers."""
+    delays: Iterator[float] | None = None
+    while not live.gone and live.client is conn:
+        try:
+            restored = await ctx.call("restore", restore)
+            break
+        except StoreError as exc:
+            if not exc.retryable:
+                log.warning(
+                    "degraded session not restored session=%s error=%s",
+                    live.session and live.session.session_id,
+                    exc,
+                )
+                async with live.lock:
+                    if live.client is conn:
+                        conn.protocol.fail(
+                            "store_unavailable", "session store unavailable; reconnect to retry"
+                        )
+                        conn.flush()
+                return
+        if delays is None:
+            delays = iter(ctx.delays())
+        await asyncio.sleep(next(delays, 1.0))
+    else:
+        return  # the client left, or the session was dropped
+    async with live.lock:
+        live.recovery = None
+        event, live.recovered = live.recovered, None
+        if live.gone or live.client is not conn:
+            return  # the next restore, wherever it happens, takes it from the store
+        hello = Hello(live.caller, None, None)
+        opened = _attach(ctx, live, conn, hello, restored, None)
+        if not opened:
+            _drop(ctx, live)
+        conn.flush()
+    if event is not None:
+        event.set()
+
+
+def _attach(
+    ctx: ClientContext,
+    live: LiveSession,
+    conn: Connection,
+    hello: Hello,
+    restored: Restored,
+    resume_token: str | None,
+) -> bool:
+    """Make what the store restored the session of ``conn``: welcome, replay, tasks, agent."""
+    protocol, caller = conn.protocol, hello.caller
     outcome, session = restored.outcome, restored.session
     ctx.metrics.restores.labels(outcome.value).inc()
     if session is None:
@@ -581,7 +781,9 @@ async def _open(
         live.unsaved = 0  # the cancelled pump's frames are gone with it
         live.acked_seq = 0
     old = live.client
-    if old is not None:
+    if old is conn:
+        pass  # a degraded session, restored for real: already counted
+    elif old is not None:
         old.protocol.fail("session_replaced", "a newer connection resumed this session")
         old.flush()
         ctx.metrics.takeovers.labels("local").inc()
@@ -612,6 +814,11 @@ async def _open(
         protocol.send_msg(replay.start + offset, data)
     conn.sent_seq = session.seq
     ctx.metrics.replays.labels("partial" if replay.partial else "full").inc()
+    if replay.partial and outcome is Outcome.HIT:
+        # The client will never see these: the replay window had moved past them.
+        missed = replay.start - (hello.last_seq or 0) - 1
+        if missed > 0:
+            ctx.metrics.messages.labels("dropped").inc(missed)
     if restored.messages:
         ctx.metrics.messages.labels("replayed").inc(len(restored.messages))
     _start_tasks(ctx, live)
@@ -771,7 +978,24 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         log.error("background task failed", exc_info=task.exception())
 
 
+def _nack(ctx: ClientContext, conn: Connection, turn: Turn, why: str) -> None:
+    """Tell the client its turn was not stored and to send it again, staying connected."""
+    ctx.metrics.turns.labels("nacked").inc()
+    # Spread: every session of an outage must not come back at the same instant.
+    wait = round(random.uniform(1.0, 3.0), 1)
+    conn.protocol.send_nack(turn.turn_id, "store_unavailable", why, retry_after=wait)
+
+
 async def _turn(ctx: ClientContext, live: LiveSession, conn: Connection, turn: Turn) -> None:
+    recovered = live.recovered
+    if recovered is not None:
+        # A degraded session: its turns wait for the store, bounded.
+        try:
+            async with asyncio.timeout(ctx.retry_budget):
+                await recovered.wait()
+        except TimeoutError:
+            _nack(ctx, conn, turn, "session store unreachable; send the turn again")
+            return
     async with live.lock:
         session, protocol = live.session, conn.protocol
         if live.client is not conn or session is None:
@@ -781,7 +1005,17 @@ async def _turn(ctx: ClientContext, live: LiveSession, conn: Connection, turn: T
             ctx.metrics.turns_duplicate.inc()
             protocol.send_ack(turn.turn_id, applied)
             return
-        write = session.apply(turn, ctx.clock())
+        unsure = live.unsure
+        if (
+            unsure is not None
+            and unsure.turn_id == turn.turn_id
+            and unsure.base_version == session.version
+            and unsure.epoch == session.epoch
+        ):
+            write = unsure  # the very write that may have landed: the store can tell
+        else:
+            write = session.apply(turn, ctx.clock())
+        live.unsure = None
         if len(write.encoded) > ctx.max_state_size:
             # Not retryable: the same turn would be refused again; the session is intact.
             protocol.fail(
@@ -799,9 +1033,13 @@ async def _turn(ctx: ClientContext, live: LiveSession, conn: Connection, turn: T
             return
         except StoreError as exc:
             log.warning("turn not written session=%s error=%s", session.session_id, exc)
-            protocol.fail(
-                "store_unavailable", "turn not saved: store unavailable; reconnect, resend"
-            )
+            if exc.retryable:
+                live.unsure = write
+                _nack(ctx, conn, turn, "turn not saved: session store unavailable; send it again")
+            else:
+                protocol.fail(
+                    "store_unavailable", "turn not saved: store unavailable; reconnect, resend"
+                )
             return
         if written.applied:
             session.commit(write)
@@ -892,13 +1130,13 @@ def _drop(ctx: ClientContext, live: LiveSession, final: bytes | None = None) -> 
 def _stop_tasks(ctx: ClientContext, live: LiveSession) -> None:
     """Cancel the pump and the renewal (not the caller, if it is one of them)."""
     current = asyncio.current_task()
-    for task in (live.pump, live.renewal):
+    for task in (live.pump, live.renewal, live.recovery):
         if task is None or task is current:
             continue
         task.cancel()
         if isinstance(task, asyncio.Task):
             ctx.background(task)  # shutdown waits until it has stopped
-    live.pump = live.renewal = None
+    live.pump = live.renewal = live.recovery = None
 
 
 def _close_link(ctx: ClientContext, live: LiveSession, final: bytes | None) -> None:

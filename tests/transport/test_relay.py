@@ -137,6 +137,7 @@ async def test_window_overrun_is_partial(
         await caller.aclose()
     assert [m["n"] for m in caller.messages] == [8, 9, 10]
     assert sample(gw, "hangon_relay_resumes_total", replay="partial") == 1
+    assert sample(gw, "hangon_relay_messages_total", how="dropped") == 7  # 1 to 7, missed
 
 
 async def test_acked_messages_leave_the_store(

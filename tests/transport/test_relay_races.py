@@ -232,9 +232,10 @@ class LostTurnReply:
 async def test_patch_after_lost_turn_reply_keeps_the_acked_turn(
     config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
 ) -> None:
-    """A turn that landed though its client was told store_unavailable leaves the lingering
-    copy behind the store: the agent's next patch is refused as a conflict (its link closes)
-    instead of overwriting the turn, and the client's resend is acked as already applied."""
+    """A turn that landed though its client was nacked (store_unavailable), whose client then
+    dropped, leaves the lingering copy behind the store: the agent's next patch is refused as
+    a conflict (its link closes) instead of overwriting the turn, and the client's resend is
+    acked as already applied."""
     holder: dict[str, LostTurnReply] = {}
 
     def flaky(s: StoreSettings) -> Any:
@@ -250,7 +251,7 @@ async def test_patch_after_lost_turn_reply_keeps_the_acked_turn(
         store.lose = True
         assert caller.ws is not None
         await caller.ws.send(json.dumps({"type": "turn", "turn_id": "t1", "form": {"name": "Ada"}}))
-        err = await caller.until(lambda f: f["type"] == "error")
+        err = await caller.until(lambda f: f["type"] == "nack")
         assert err["code"] == "store_unavailable"
         caller.drop()
         store.lose = False
@@ -263,3 +264,40 @@ async def test_patch_after_lost_turn_reply_keeps_the_acked_turn(
     assert ack == {"type": "ack", "turn_id": "t1", "version": 1}
     assert welcome["state"]["form_answers"] == {"name": "Ada"}, welcome["state"]
     assert welcome["state"]["context"] == {}
+
+
+async def test_turn_resent_after_a_lost_reply_on_the_same_connection_is_applied_once(
+    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+) -> None:
+    """A turn nacked because its write's reply was lost (it landed), sent again on the same
+    connection, is recognised as that very write: acked as applied, not twice, and the
+    session goes on (the agent's next patch lands on top of it)."""
+    holder: dict[str, LostTurnReply] = {}
+
+    def flaky(s: StoreSettings) -> Any:
+        holder["s"] = LostTurnReply(make_store(s))
+        return holder["s"]
+
+    async with relay(config, settings, flaky, clock, silent) as (gw, voice):
+        store = holder["s"]
+        caller = Caller(url(gw.port), PHONE)
+        await caller.connect()
+        await voice.wait_for(lambda r: len(r) == 1)
+        store.lose = True
+        assert caller.ws is not None
+        await caller.ws.send(json.dumps({"type": "turn", "turn_id": "t1", "form": {"name": "Ada"}}))
+        nack = await caller.until(lambda f: f["type"] == "nack")
+        store.lose = False
+        ack = await caller.turn("t1", "resent")
+        await voice.send({"type": "state", "patch": {"context": {"agent": 1}}})
+        state = await caller.until(lambda f: f["type"] == "state")
+        await caller.aclose()
+    assert nack["turn_id"] == "t1"
+    assert ack == {"type": "ack", "turn_id": "t1", "version": 1}
+    assert state["version"] == 2
+    assert state["state"]["form_answers"] == {"name": "Ada"}
+    assert state["state"]["context"] == {"agent": 1}
+    applied = gw.metrics.registry.get_sample_value(
+        "hangon_session_turns_total", {"outcome": "applied"}
+    )
+    assert applied == 1
