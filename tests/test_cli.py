@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from gateway import cli
 from gateway.config import OPTIONS, Config
@@ -140,6 +144,43 @@ def test_startup_log_warns(tmp_path: Path) -> None:
     assert "authentication is off" in log
     assert "loop=uvloop" in log
     assert "agent=demo: the demo agent runs in this process" in log
+
+
+def test_json_logs_name_session_and_tenant_never_the_caller(tmp_path: Path) -> None:
+    """With --log-format json every line is one JSON object; session lines carry the session
+    ID and tenant as fields, and no line holds the phone number or a form answer."""
+    gw = GatewayProcess(tmp_path / "gw.log", "--log-format", "json", "--downstream", "demo")
+    gw.start()
+    try:
+        with connect(f"ws://127.0.0.1:{gw.port}/ws") as ws:
+            ws.send(
+                json.dumps(
+                    {
+                        "type": "hello",
+                        "tenant": "acme",
+                        "caller": {"phone": "+14155550100", "call_id": "c-json"},
+                    }
+                )
+            )
+            welcome = json.loads(ws.recv(timeout=5))
+            ws.send(json.dumps({"type": "turn", "turn_id": "t1", "text": "Ada Lovelace"}))
+            while json.loads(ws.recv(timeout=5))["type"] != "ack":
+                pass
+            ws.send(json.dumps({"type": "bye"}))
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    ws.recv(timeout=5)
+        assert gw.terminate() == 0
+    finally:
+        text = (tmp_path / "gw.log").read_text()
+    entries = [json.loads(line) for line in text.splitlines()]
+    assert {"time", "level", "logger", "event", "message"} <= set(entries[0])
+    opened = [e for e in entries if e["event"] == "session open"]
+    assert opened and opened[0]["session"] == welcome["session_id"]
+    assert opened[0]["tenant"] == "acme" and opened[0]["outcome"] == "miss"
+    assert any(e["event"] == "session end" for e in entries)
+    for secret in ("4155550100", "Ada", "Lovelace"):
+        assert secret not in text
 
 
 @pytest.mark.slow
