@@ -1,5 +1,6 @@
 # hangon gateway. Build: docker build -t hangon .
-# Run:  docker run -p 8765:8765 -e HANGON_REDIS_URL=redis://redis:6379/0 hangon
+# Run:  docker run --rm hangon keygen > hangon.env     (the keys that seal stored state)
+#       docker run -p 8765:8765 --env-file hangon.env -e HANGON_REDIS_URL=redis://redis:6379/0 hangon
 #       (every option is also a HANGON_* variable; see docs/configuration.md)
 # Three gateways behind HAProxy: deploy/compose.yaml.
 # The install steps are those CI runs outside Docker: pip wheel, then pip install the wheels.
