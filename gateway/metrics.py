@@ -208,9 +208,10 @@ class Metrics:
             registry=r,
         )
         self.tenant_connections = Gauge(
-            "connections",
-            "Connections that said hello, by tenant: the first --metrics-tenants tenants"
-            " under their own name, the rest together as other.",
+            "sessions",
+            "Active sessions by tenant: connections that said hello (their session open or"
+            " opening), the first --metrics-tenants tenants under their own name, the rest"
+            " together as other.",
             ["tenant"],
             namespace="hangon",
             subsystem="tenant",

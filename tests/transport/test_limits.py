@@ -43,7 +43,7 @@ async def gateway(
 
 
 def tenant_gauge(gw: Gateway, tenant: str) -> float:
-    value = gw.metrics.registry.get_sample_value("hangon_tenant_connections", {"tenant": tenant})
+    value = gw.metrics.registry.get_sample_value("hangon_tenant_sessions", {"tenant": tenant})
     return value or 0.0
 
 
