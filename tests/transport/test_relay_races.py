@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from gateway.config import Config
@@ -229,6 +230,19 @@ class LostTurnReply:
         return await self.inner.write_turn(*args, **kwargs)
 
 
+def lossy(
+    make_store: StoreFactory,
+) -> tuple[Callable[[StoreSettings], Any], dict[str, LostTurnReply]]:
+    """A store factory whose store loses turn replies on demand, and where to find it."""
+    holder: dict[str, LostTurnReply] = {}
+
+    def flaky(s: StoreSettings) -> Any:
+        holder["s"] = LostTurnReply(make_store(s))
+        return holder["s"]
+
+    return flaky, holder
+
+
 async def test_patch_after_lost_turn_reply_keeps_the_acked_turn(
     config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
 ) -> None:
@@ -236,12 +250,7 @@ async def test_patch_after_lost_turn_reply_keeps_the_acked_turn(
     dropped, leaves the lingering copy behind the store: the agent's next patch is refused as
     a conflict (its link closes) instead of overwriting the turn, and the client's resend is
     acked as already applied."""
-    holder: dict[str, LostTurnReply] = {}
-
-    def flaky(s: StoreSettings) -> Any:
-        holder["s"] = LostTurnReply(make_store(s))
-        return holder["s"]
-
+    flaky, holder = lossy(make_store)
     async with relay(config, settings, flaky, clock, silent) as (gw, voice):
         store = holder["s"]
         caller = Caller(url(gw.port), PHONE)
@@ -272,12 +281,7 @@ async def test_turn_resent_after_a_lost_reply_on_the_same_connection_is_applied_
     """A turn nacked because its write's reply was lost (it landed), sent again on the same
     connection, is recognised as that very write: acked as applied, not twice, and the
     session goes on (the agent's next patch lands on top of it)."""
-    holder: dict[str, LostTurnReply] = {}
-
-    def flaky(s: StoreSettings) -> Any:
-        holder["s"] = LostTurnReply(make_store(s))
-        return holder["s"]
-
+    flaky, holder = lossy(make_store)
     async with relay(config, settings, flaky, clock, silent) as (gw, voice):
         store = holder["s"]
         caller = Caller(url(gw.port), PHONE)
