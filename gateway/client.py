@@ -165,6 +165,8 @@ class Client:
         """Seconds the gateway asked this client to wait before its next attempt."""
         self._expired = False
         """The gateway refused the token as expired, and :attr:`token` can make a new one."""
+        self._resending = False
+        """A resend of the waiting turns is due, after a nack."""
 
     async def run(self) -> None:
         """Connect, and reconnect after every drop, until :meth:`bye` or :meth:`aclose`.
@@ -333,10 +335,12 @@ class Client:
                 self.state, self.version = frame["state"], frame["version"]
                 if self.on_state is not None:
                     self.on_state(self.state)
-            elif kind == "nack":
-                # Not stored (the store is out); send it again after the hint.
+            elif kind == "nack" and not self._resending:
+                # Not stored (the store is out): after the hint, send every turn still
+                # waiting again, in order (the gateway nacks turns sent after a nacked one).
+                self._resending = True
                 delay = min(max(0.0, float(frame.get("retry_after", 1.0))), self.max_delay)
-                asyncio.get_running_loop().call_later(delay, self._resend, ws, frame["turn_id"])
+                asyncio.get_running_loop().call_later(delay, self._resend, ws)
             elif kind == "ack":
                 pending = self._unacked.pop(frame["turn_id"], None)
                 self.version = max(self.version, frame["version"])
@@ -350,19 +354,20 @@ class Client:
                 if isinstance(hint, int | float) and not isinstance(hint, bool):
                     self._retry_after = min(max(0.0, float(hint)), self.max_delay)
 
-    def _resend(self, ws: ClientConnection, turn_id: str) -> None:
-        """Send a nacked turn again, on the connection that nacked it, if still waiting."""
-        pending = self._unacked.get(turn_id)
-        if pending is None or self._ws is not ws or not self.connected.is_set():
-            return  # acked since, or it goes out after the next welcome anyway
-        task = asyncio.ensure_future(ws.send(pending[0]))
-        task.add_done_callback(_quiet)
+    def _resend(self, ws: ClientConnection) -> None:
+        """Send the turns still waiting again, in order, on the connection that nacked them."""
+        self._resending = False
+        if self._ws is not ws or not self.connected.is_set():
+            return  # they go out after the next welcome anyway
+        for text, _ in list(self._unacked.values()):
+            task = asyncio.ensure_future(ws.send(text))
+            task.add_done_callback(_quiet)
 
     async def _welcome(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
         if frame.get("degraded"):
             # The store is out: nothing here is authoritative. Keep the position and token
-            # (a token-less client takes the one offered); the real welcome follows.
-            self.resume_token = self.resume_token or frame["resume_token"]
+            # (none is offered to a client that sent none); the real welcome follows.
+            self.resume_token = self.resume_token or frame["resume_token"] or None
             self.connects += 1
             self._welcomed = True
             self.connected.set()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from gateway.exceptions import StoreUnavailable
 from gateway.store.base import Takeover
 
-__all__ = ["Deaf", "Gated"]
+__all__ = ["Deaf", "Gated", "Outage"]
 
 
 class Deaf:
@@ -43,3 +44,27 @@ class Gated:
         self.entered += 1
         await self.gate.wait()
         return await self.inner.restore(*args, **kwargs)
+
+
+class Outage:
+    """Delegates to a real store, but while :attr:`down` every operation fails as
+    unavailable, as Redis does when it is stopped."""
+
+    _OPS = ("restore", "write_turn", "push", "end", "touch", "notify", "ping")
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in self._OPS:
+            return attr
+
+        async def op(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                raise StoreUnavailable(name, "connection refused")
+            return await attr(*args, **kwargs)
+
+        return op

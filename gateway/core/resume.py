@@ -61,21 +61,33 @@ class Tokens:
     have been lost). ``""``: none."""
     retired: str = ""
     """Of the token before that: no longer valid; presenting it is a replay."""
+    spare: str = ""
+    """Of a token issued but displaced before it was used: a resume that presented the
+    previous token came after it (a lost welcome, or two resumes racing, such as a slow one
+    landing after the client's next). Valid like :attr:`current` until one of them is used."""
 
     def accepts(self, presented: str) -> bool:
         """Whether a hello presenting the token with this digest may resume."""
-        return _same(presented, self.current) or _same(presented, self.previous)
+        return (
+            _same(presented, self.current)
+            or _same(presented, self.previous)
+            or _same(presented, self.spare)
+        )
 
     def rotate(self, presented: str | None, new: str) -> Tokens:
         """The digests after a resume that presented ``presented`` and issued ``new``.
 
-        Coming back with the previous token (the last welcome never arrived) keeps it
-        valid; coming back with the current one, or with none, retires the previous one.
-        Retrying the same resume (its reply was lost) gives the same digests.
+        Coming back with the previous token keeps it valid, and the current one too (as
+        the spare): its welcome may have been lost, or may be in the hands of a client
+        whose resume raced this one. Coming back with the current or spare token, or with
+        none, retires the previous one. Retrying the same resume (its reply was lost) gives
+        the same digests.
         """
         if presented is not None and _same(presented, self.previous):
-            return Tokens(new, self.previous, self.retired)
-        return Tokens(new, self.current, self.previous or self.retired)
+            spare = self.spare if _same(new, self.current) else self.current
+            return Tokens(new, self.previous, self.retired, spare)
+        used = presented if presented is not None and _same(presented, self.spare) else None
+        return Tokens(new, used or self.current, self.previous or self.retired)
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,7 @@ export class HangonClient extends EventTarget {
     this.attempt = 0;
     this.retryAfter = 0;
     this.expired = false; // the gateway refused the token as expired; options.token makes new ones
+    this.resending = false; // a resend of the waiting turns is due, after a nack
     this.unacked = new Map(); // turn_id -> { frame, resolve, reject }
     this.timers = { reconnect: null, heartbeat: null, deadline: null };
     this.saidBye = false;
@@ -218,16 +219,17 @@ export class HangonClient extends EventTarget {
         this.version = frame.version;
         this._emit("state", { state: frame.state, version: frame.version });
         return;
-      case "nack": {
-        // Not stored (the store is out): send it again after the hint, on this connection.
-        const pending = this.unacked.get(frame.turn_id);
-        if (pending) {
+      case "nack":
+        // Not stored (the store is out): after the hint, send every turn still waiting
+        // again, in order, on this connection (the gateway nacks turns sent after a nacked one).
+        if (!this.resending) {
+          this.resending = true;
           this.setTimeout(() => {
-            if (ws === this.ws && this.unacked.get(frame.turn_id) === pending) ws.send(pending.frame);
+            this.resending = false;
+            if (ws === this.ws) for (const { frame: text } of this.unacked.values()) ws.send(text);
           }, (frame.retry_after ?? 1) * 1000);
         }
         return;
-      }
       case "ack": {
         const pending = this.unacked.get(frame.turn_id);
         this.version = Math.max(this.version, frame.version);
@@ -249,9 +251,9 @@ export class HangonClient extends EventTarget {
 
   _welcome(ws, frame) {
     if (frame.degraded === true) {
-      // The store is out: nothing here is authoritative. Keep the position and token (a
-      // client without one takes the one offered); the real welcome follows.
-      this.resumeToken = this.resumeToken ?? frame.resume_token;
+      // The store is out: nothing here is authoritative. Keep the position and token (none
+      // is offered to a client that sent none); the real welcome follows.
+      this.resumeToken = this.resumeToken ?? (frame.resume_token || null);
       this.attempt = 0;
       this._setStatus("open");
       this._emit("restored", { sessionId: frame.session_id, resumed: false, stale: false, state: {}, version: 0, replayFrom: null, degraded: true });

@@ -2,7 +2,7 @@
 
 Storage layout (Redis; the memory store keeps the same records in a dict)::
 
-    {prefix}{tenant}:{digest}:session   hash  sid tok [prev] [dead] ver state created
+    {prefix}{tenant}:{digest}:session   hash  sid tok [prev] [dead] [spare] ver state created
                                               updated origin epoch seq push owner lease
                                               [wid] [ended]
     {prefix}{tenant}:{digest}:turns     zset  turn_id -> version it produced (last 64)
@@ -27,8 +27,8 @@ and agent connections.
 no phone number or user ID appears in a key, and nobody without the caller hash key
 can test a guessed number against one. ``state`` and each entry of ``msgs`` are sealed
 with AES-256-GCM under a key ID (:mod:`gateway.core.sealing`), bound to the session
-hash's key and the field (a message to its ``seq``). ``tok``, ``prev`` and ``dead``
-are SHA-256 digests of the current, previous and retired resume tokens
+hash's key and the field (a message to its ``seq``). ``tok``, ``prev``, ``dead`` and
+``spare`` are SHA-256 digests of the current, previous, retired and spare resume tokens
 (:class:`~gateway.core.resume.Tokens`); the tokens themselves are never stored.
 Every key of one session shares the hash tag, so each script touches one Redis
 Cluster slot. Every key carries a TTL refreshed on each write.

@@ -109,6 +109,8 @@ _ACLOSE_TIMEOUT = 10.0
 """Seconds a shutdown waits for background closes (agent links, stopped tasks)."""
 _FLUSH_TIMEOUT = 5.0
 """Seconds a drain waits for a session's agent output to be persisted."""
+_DEGRADED_WAIT = 10.0
+"""Seconds a turn or bye waits for a degraded session's store when retries are unbounded."""
 TOKEN_SUBPROTOCOL = "hangon.token."
 """Prefix of the subprotocol that carries a browser's token: ``new WebSocket(url,
 ["hangon.v1", "hangon.token." + token])``; the gateway answers ``hangon.v1``."""
@@ -148,6 +150,9 @@ class Connection:
     """Its turn allowance, from its first turn on."""
     tenant: str | None = None
     """The tenant whose connection count this connection holds (from its hello on)."""
+    held: str | None = None
+    """The turn ID of a nacked turn not yet acked: until it is, other turns are nacked too,
+    so that turns are applied in the order they were sent."""
 
     def flush(self) -> None:
         """Send what is queued, from a task of its own; for callers other than the handler."""
@@ -610,7 +615,7 @@ def _restorer(
             hello.caller,
             token=resume_token,
             candidate=candidate,
-            now_ms=candidate.created_ms,
+            now_ms=ctx.clock(),  # a retry late in an outage must not write a past lease
             last_seq=hello.last_seq,
             owner=ctx.instance,
         )
@@ -635,7 +640,7 @@ async def _open(
         restored = await ctx.call("restore", restore, budget=ctx.degrade_after if degrade else None)
     except StoreError as exc:
         if degrade and exc.retryable and conn.ws.state is State.OPEN:
-            _open_degraded(ctx, live, conn, candidate, restore, hello.resume_token)
+            _open_degraded(ctx, live, conn, hello, candidate, restore)
             return True
         ctx.metrics.restores.labels("error").inc()
         log.warning("restore failed caller=%s error=%s", ctx.who(caller), exc)
@@ -648,9 +653,9 @@ def _open_degraded(
     ctx: ClientContext,
     live: LiveSession,
     conn: Connection,
+    hello: Hello,
     candidate: Session,
     restore: Callable[[], Awaitable[Restored]],
-    presented: str | None,
 ) -> None:
     """Open a session the store could not be asked about: new, empty and held here only.
 
@@ -659,8 +664,9 @@ def _open_degraded(
     says what the store holds, and the session goes on as any other. A transient store
     error never refuses a session start.
 
-    The degraded welcome hands back the resume token the client presented: a client that
-    drops before the store answers must come back with the token the store knows.
+    The degraded welcome hands back the resume token the client presented (none if it
+    presented none): a client that drops before the store answers must come back with a
+    token the store knows.
     """
     ctx.metrics.restores.labels("degraded").inc()
     log.warning("session open degraded: store unreachable session=%s", candidate.session_id)
@@ -670,11 +676,9 @@ def _open_degraded(
     live.phone = isinstance(conn.protocol, TwilioStream)
     ctx.metrics.sessions_active.inc()
     live.recovered = asyncio.Event()
-    shown = candidate
-    if presented is not None:
-        shown = dataclasses.replace(candidate, resume_token=ResumeToken(presented))
+    shown = dataclasses.replace(candidate, resume_token=ResumeToken(hello.resume_token or ""))
     conn.protocol.send_welcome(shown, resumed=False, stale=False, degraded=True)
-    live.recovery = asyncio.create_task(_recover(ctx, live, conn, restore))
+    live.recovery = asyncio.create_task(_recover(ctx, live, conn, hello, restore))
     live.recovery.add_done_callback(_log_failure)
 
 
@@ -682,45 +686,52 @@ async def _recover(
     ctx: ClientContext,
     live: LiveSession,
     conn: Connection,
+    hello: Hello,
     restore: Callable[[], Awaitable[Restored]],
 ) -> None:
-    """Restore a degraded session for real, as soon as the store answers."""
-    delays: Iterator[float] | None = None
-    while not live.gone and live.client is conn:
-        try:
-            restored = await ctx.call("restore", restore)
-            break
-        except StoreError as exc:
-            if not exc.retryable:
-                log.warning(
-                    "degraded session not restored session=%s error=%s",
-                    live.session and live.session.session_id,
-                    exc,
-                )
-                async with live.lock:
-                    if live.client is conn:
-                        conn.protocol.fail(
-                            "store_unavailable", "session store unavailable; reconnect to retry"
-                        )
-                        conn.flush()
-                return
-        if delays is None:
-            delays = iter(ctx.delays())
-        await asyncio.sleep(next(delays, 1.0))
-    else:
-        return  # the client left, or the session was dropped
-    async with live.lock:
-        live.recovery = None
-        event, live.recovered = live.recovered, None
-        if live.gone or live.client is not conn:
-            return  # the next restore, wherever it happens, takes it from the store
-        hello = Hello(live.caller, None, None)
-        opened = _attach(ctx, live, conn, hello, restored, None)
-        if not opened:
-            _drop(ctx, live)
-        conn.flush()
-    if event is not None:
-        event.set()
+    """Restore a degraded session for real, as soon as the store answers.
+
+    However it ends, the turns waiting on :attr:`LiveSession.recovered` go on.
+    """
+    event = live.recovered
+    try:
+        delays: Iterator[float] | None = None
+        while not live.gone and live.client is conn:
+            try:
+                restored = await ctx.call("restore", restore)
+                break
+            except StoreError as exc:
+                if not exc.retryable:
+                    log.warning(
+                        "degraded session not restored session=%s error=%s",
+                        live.session and live.session.session_id,
+                        exc,
+                    )
+                    async with live.lock:
+                        if live.client is conn:
+                            conn.protocol.fail(
+                                "store_unavailable", "session store unavailable; reconnect"
+                            )
+                            conn.flush()
+                    return
+            if delays is None:
+                delays = iter(ctx.delays())
+            await asyncio.sleep(next(delays, 1.0))
+        else:
+            return  # the client left, or the session was dropped
+        async with live.lock:
+            if live.recovery is asyncio.current_task():
+                live.recovery = None
+            if live.gone or live.client is not conn:
+                return  # the next restore, wherever it happens, takes it from the store
+            if not _attach(ctx, live, conn, hello, restored, hello.resume_token):
+                _drop(ctx, live)
+            conn.flush()
+    finally:
+        if event is not None:
+            event.set()
+        if live.recovered is event:
+            live.recovered = None
 
 
 def _attach(
@@ -792,6 +803,16 @@ def _attach(
     if live.linger is not None:
         live.linger.cancel()
         live.linger = None
+    if live.recovered is not None:
+        # A degraded session, now restored (here, or by another hello): its waiting turns go
+        # on, and its recovery, if it is not what called, has nothing left to do.
+        live.recovered.set()
+        live.recovered = None
+        if live.recovery is not None and live.recovery is not asyncio.current_task():
+            live.recovery.cancel()
+            ctx.background(live.recovery)
+        live.recovery = None
+    live.unsure = None  # a write of the session this one replaces
     if live.session is not None and ctx.by_sid.get(live.session.session_id) is live:
         del ctx.by_sid[live.session.session_id]
     live.session = session
@@ -978,8 +999,20 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         log.error("background task failed", exc_info=task.exception())
 
 
+def _ack(conn: Connection, turn: Turn, version: int) -> None:
+    conn.protocol.send_ack(turn.turn_id, version)
+    if conn.held == turn.turn_id:
+        conn.held = None  # the turns after it may go on
+
+
 def _nack(ctx: ClientContext, conn: Connection, turn: Turn, why: str) -> None:
-    """Tell the client its turn was not stored and to send it again, staying connected."""
+    """Tell the client its turn was not stored and to send it again, staying connected.
+
+    Until that turn is acked, the connection's later turns are nacked too (:func:`_turn`):
+    each must land after the ones sent before it.
+    """
+    if conn.held is None:
+        conn.held = turn.turn_id
     ctx.metrics.turns.labels("nacked").inc()
     # Spread: every session of an outage must not come back at the same instant.
     wait = round(random.uniform(1.0, 3.0), 1)
@@ -987,11 +1020,14 @@ def _nack(ctx: ClientContext, conn: Connection, turn: Turn, why: str) -> None:
 
 
 async def _turn(ctx: ClientContext, live: LiveSession, conn: Connection, turn: Turn) -> None:
+    if conn.held is not None and conn.held != turn.turn_id:
+        _nack(ctx, conn, turn, f"an earlier turn is not stored yet: send {conn.held!r} first")
+        return
     recovered = live.recovered
     if recovered is not None:
         # A degraded session: its turns wait for the store, bounded.
         try:
-            async with asyncio.timeout(ctx.retry_budget):
+            async with asyncio.timeout(ctx.retry_budget or _DEGRADED_WAIT):
                 await recovered.wait()
         except TimeoutError:
             _nack(ctx, conn, turn, "session store unreachable; send the turn again")
@@ -1003,7 +1039,7 @@ async def _turn(ctx: ClientContext, live: LiveSession, conn: Connection, turn: T
         applied = session.applied_version(turn.turn_id)
         if applied is not None:
             ctx.metrics.turns_duplicate.inc()
-            protocol.send_ack(turn.turn_id, applied)
+            _ack(conn, turn, applied)
             return
         unsure = live.unsure
         if (
@@ -1050,10 +1086,19 @@ async def _turn(ctx: ClientContext, live: LiveSession, conn: Connection, turn: T
             # Another connection applied this turn ID first. Our copy is now behind what
             # is stored, so the next write is refused as a conflict and the client resumes.
             ctx.metrics.turns_duplicate.inc()
-        protocol.send_ack(turn.turn_id, written.version)
+        _ack(conn, turn, written.version)
 
 
 async def _bye(ctx: ClientContext, live: LiveSession, conn: Connection) -> None:
+    recovered = live.recovered
+    if recovered is not None:
+        # A degraded session: only the store knows which session the bye ends.
+        try:
+            async with asyncio.timeout(ctx.retry_budget or _DEGRADED_WAIT):
+                await recovered.wait()
+        except TimeoutError:
+            conn.protocol.fail("store_unavailable", "bye not saved: store unavailable; reconnect")
+            return
     async with live.lock:
         session = live.session
         if live.client is not conn or session is None:

@@ -77,6 +77,32 @@ def test_welcome_frame_carries_session() -> None:
     assert protocol.phase is Phase.OPEN
 
 
+def test_degraded_welcome_then_the_real_one_and_nacks() -> None:
+    """A degraded welcome says so; a second welcome follows on the open connection; a nack
+    names its turn and when to send it again, keeps the connection open, and is not sent
+    once closed."""
+    protocol = Protocol(max_message_size=1024)
+    protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
+    session = Session(SessionId("s_1"), ResumeToken(""), 0, {}, 1, 1)
+    protocol.send_welcome(session, resumed=False, stale=False, degraded=True)
+    protocol.send_nack("t1", "store_unavailable", "later", retry_after=1.5)
+    protocol.send_welcome(session, resumed=True, stale=False)
+    first, nack, second = frames(protocol)
+    assert first["degraded"] is True and "degraded" not in second
+    assert nack == {
+        "type": "nack",
+        "turn_id": "t1",
+        "code": "store_unavailable",
+        "message": "later",
+        "retry_after": 1.5,
+    }
+    assert protocol.phase is Phase.OPEN and protocol.close_reason is None
+    protocol.fail("internal_error", "x")
+    frames(protocol)
+    protocol.send_nack("t2", "store_unavailable", "later", retry_after=1.0)
+    assert frames(protocol) == []
+
+
 def test_turn_and_bye_events() -> None:
     """An open session yields Turn events with their fields, then Bye."""
     protocol = opened()

@@ -94,13 +94,17 @@ def test_plan_replay(last_seq: int | None, seq: int, first: int, replay: Replay)
 
 def test_tokens_rotate_on_every_resume() -> None:
     """A resume with the current token (or none) retires the previous one; with the previous
-    one (its welcome was lost) it stays valid; retrying the same resume changes nothing."""
+    one (its welcome was lost) it stays valid and the current one becomes the spare;
+    retrying the same resume changes nothing."""
     t = Tokens("a")
     assert t.accepts("a") and not t.accepts("") and not t.accepts("b")
     t = t.rotate("a", "b")  # welcome carried b
     assert t == Tokens("b", "a", "")
-    lost = t.rotate("a", "c")  # b's welcome was lost: back with a
-    assert lost == Tokens("c", "a", "") and lost.rotate("a", "c") == lost
+    lost = t.rotate("a", "c")  # b's welcome was lost (or raced): back with a; b is the spare
+    assert lost == Tokens("c", "a", "", "b") and lost.rotate("a", "c") == lost
+    assert lost.accepts("b") and lost.accepts("c") and lost.accepts("a")
+    spare_used = lost.rotate("b", "d")  # b's welcome had arrived after all
+    assert spare_used == Tokens("d", "b", "a") and spare_used.rotate("b", "d") == spare_used
     used = t.rotate("b", "c")  # b arrived and is used: a retires
     assert used == Tokens("c", "b", "a")
     assert not used.accepts("a") and used.accepts("b") and used.accepts("c")

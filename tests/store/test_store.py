@@ -276,16 +276,16 @@ async def test_resume_tokens_rotate_and_a_retired_one_is_a_replay(store: Session
     guessed = await store.restore(CALLER, token="guess", candidate=candidate(), now_ms=T0 + 6)
     assert (guessed.outcome, guessed.replayed) == (Outcome.REFUSED, False)
     # c is now the previous token, valid until d is first used. Coming back with c (d's
-    # welcome lost) issues e, and d is never valid again.
+    # welcome lost) issues e, and d becomes the spare; once e is used, d and c are gone.
     back = await store.restore(CALLER, token=c, candidate=candidate(), now_ms=T0 + 7)
     assert back.session is not None
     e = back.session.resume_token
-    assert (
-        await store.restore(CALLER, token=d, candidate=candidate(), now_ms=T0 + 8)
-    ).session is None
     fifth = await store.restore(CALLER, token=e, candidate=candidate(), now_ms=T0 + 9)
     assert fifth.outcome is Outcome.HIT
-    stale_c = await store.restore(CALLER, token=c, candidate=candidate(), now_ms=T0 + 10)
+    assert (
+        await store.restore(CALLER, token=d, candidate=candidate(), now_ms=T0 + 10)
+    ).session is None
+    stale_c = await store.restore(CALLER, token=c, candidate=candidate(), now_ms=T0 + 11)
     assert (stale_c.outcome, stale_c.replayed) == (Outcome.REFUSED, True)
 
 
@@ -307,3 +307,22 @@ async def test_a_retried_resume_rotates_once(store: SessionStore) -> None:
         CALLER, token=first.resume_token, candidate=candidate(), now_ms=T0 + 5
     )
     assert (old.outcome, old.replayed) == (Outcome.REFUSED, True)
+
+
+async def test_a_late_resume_with_the_previous_token_locks_nobody_out(
+    store: SessionStore,
+) -> None:
+    """Two resumes present the same token; the slower lands after the client already used the
+    token the faster one issued: that token still resumes (the spare), so a racing resume
+    cannot lock the caller out."""
+    first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert first is not None
+    await store.write_turn(CALLER, first.session_id, write(first, "t1", T0 + 1, name="Ada"))
+    a = first.resume_token
+    fast = await store.restore(CALLER, token=a, candidate=candidate(), now_ms=T0 + 2)
+    assert fast.session is not None
+    late = await store.restore(CALLER, token=a, candidate=candidate(), now_ms=T0 + 3)
+    assert late.outcome is Outcome.HIT
+    held = fast.session.resume_token  # what the client got from the faster resume
+    again = await store.restore(CALLER, token=held, candidate=candidate(), now_ms=T0 + 4)
+    assert again.outcome is Outcome.HIT

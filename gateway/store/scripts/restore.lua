@@ -4,8 +4,9 @@
 -- ARGV: now_ms, max_age_ms (-1: none), ttl_ms, token digest ('' : none),
 --       candidate sid, candidate token digest, candidate state (sealed), last_seq (-1: none),
 --       owner (this instance's ID), lease_ms
--- Tokens are SHA-256 digests; tok, prev and dead are the current, previous and retired ones
--- (gateway/core/resume.py Tokens): a hit rotates them so that the candidate's is current.
+-- Tokens are SHA-256 digests; tok, prev, dead and spare are the current, previous, retired
+-- and spare ones (gateway/core/resume.py Tokens): a hit rotates them so that the candidate's
+-- is current.
 -- Returns {outcome} for ended, {'refused'} or {'refused', 'replayed'} (a retired token),
 --         else
 --         {outcome, sid, token, version, state, created, updated, {turn_id, version, ...},
@@ -16,7 +17,7 @@
 local now = tonumber(ARGV[1])
 local max_age = tonumber(ARGV[2])
 local h = redis.call('HMGET', KEYS[1], 'sid', 'tok', 'ver', 'state', 'created', 'updated', 'ended',
-  'origin', 'epoch', 'seq', 'push', 'owner', 'lease', 'prev', 'dead')
+  'origin', 'epoch', 'seq', 'push', 'owner', 'lease', 'prev', 'dead', 'spare')
 local lease = now + tonumber(ARGV[10])
 
 local function replay(seq)
@@ -56,7 +57,12 @@ if h[1] then
     -- how much of a guessed token is right.
     local presented = ARGV[4]
     local previous = h[14] or ''
-    if presented ~= '' and presented ~= h[2] and (previous == '' or presented ~= previous) then
+    local spare = h[16] or ''
+    local function same(a, b)
+      return a ~= '' and a == b
+    end
+    if presented ~= '' and not (same(presented, h[2]) or same(presented, previous)
+        or same(presented, spare)) then
       if h[3] ~= '0' then
         if h[15] and presented == h[15] then
           return {'refused', 'replayed'}
@@ -75,12 +81,21 @@ if h[1] then
     -- A new epoch: writes of every earlier connection to this session are refused.
     h[9] = tostring(redis.call('HINCRBY', KEYS[1], 'epoch', 1))
     redis.call('HSET', KEYS[1], 'updated', ARGV[1], 'owner', ARGV[9], 'lease', lease)
-    -- Rotate: back with the previous token (the last welcome was lost), it stays valid;
-    -- else the current one becomes the previous, and the previous is retired.
-    if presented ~= '' and previous ~= '' and presented == previous then
-      redis.call('HSET', KEYS[1], 'tok', ARGV[6])
+    -- Rotate (Tokens.rotate): back with the previous token, it stays valid and the current
+    -- one becomes the spare (its welcome was lost, or its resume raced this one); else the
+    -- token used (the current, or the spare) becomes the previous, and the previous retires.
+    if same(presented, previous) then
+      local keep = h[2]
+      if ARGV[6] == h[2] then
+        keep = spare
+      end
+      redis.call('HSET', KEYS[1], 'tok', ARGV[6], 'spare', keep)
     else
-      redis.call('HSET', KEYS[1], 'tok', ARGV[6], 'prev', h[2])
+      local used = h[2]
+      if same(presented, spare) then
+        used = presented
+      end
+      redis.call('HSET', KEYS[1], 'tok', ARGV[6], 'prev', used, 'spare', '')
       if previous ~= '' then
         redis.call('HSET', KEYS[1], 'dead', previous)
       end
