@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import platform
@@ -51,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import jwt
 
 from gateway.cli import tune_gc
 from gateway.client import Client, Restored
@@ -336,6 +339,8 @@ def _session(
     holder: list[Session] = []
 
     def restored(r: Restored) -> None:
+        if r.degraded:
+            return  # the store was out; the real welcome follows
         s = holder[0]
         if storm_started[0] and s.after is None:
             s.after, s.restored_at = r, time.monotonic()
@@ -354,9 +359,12 @@ def _session(
             if code == 1013:
                 s.shed_hints += 1
 
+    caller = {"user_id": name, "call_id": run_id}
     client = Client(
         args.url,
-        {"user_id": name, "call_id": run_id},
+        caller,
+        tenant=args.tenant,
+        token=_token(args, caller),
         on_restored=restored,
         on_message=message,
         on_reconnecting=reconnecting,
@@ -371,6 +379,15 @@ def _session(
     session = Session(name, client)
     holder.append(session)
     return session
+
+
+def _token(args: argparse.Namespace, caller: dict[str, str]) -> str | None:
+    """A signed token for ``caller`` (HS256, the key of ``--token-key``), or ``None``."""
+    if args.token_key is None:
+        return None
+    kid, _, secret = args.token_key.partition(":")
+    claims = {"tenant": args.tenant, "caller": caller, "exp": int(time.time()) + 3600}
+    return jwt.encode(claims, base64.b64decode(secret), "HS256", headers={"kid": kid})
 
 
 async def _run_client(session: Session, gate: asyncio.Semaphore) -> None:
@@ -525,7 +542,9 @@ async def _storm(
     if gateway is not None and cpu_before is not None:
         cpu = gateway.cpu_seconds() - cpu_before
         storm["gateway_cpu_s"] = round(cpu, 3)
-        result.setdefault("gateway", {})["cpu_ms_per_restore"] = round(cpu / len(alive) * 1000, 3)
+        result.setdefault("gateway", {})["cpu_ms_per_restore"] = round(
+            cpu / max(1, len(alive)) * 1000, 3
+        )
     result["storm"] = storm
     result["restore_latency_ms"] = {**_percentiles(latencies), "samples": latencies}
     result["restored_over_time"] = [
@@ -657,6 +676,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result here")
     p.add_argument("--html", help="write the HTML report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tenant", default=None, help="the sessions' tenant (default: none)")
+    p.add_argument(
+        "--token-key",
+        default=None,
+        metavar="KID:BASE64",
+        help="sign each session an HS256 token with this key of --tenant, for a gateway with"
+        " --auth-keys (a key of that tenant with this kid and secret)",
+    )
     return p
 
 

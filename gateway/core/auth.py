@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -115,18 +117,33 @@ class Grant:
 class Verifier:
     """Verifies tokens against the configured keys.
 
+    A reconnecting client presents the token it connected with, so a reconnect storm
+    presents every token a second time: tokens that verified are remembered (a bounded
+    number, least recently used first out) and only their expiry is checked again.
+
     Args:
         keys: Every tenant's keys.
         leeway: Seconds of clock skew allowed on ``exp`` and ``nbf``.
         default_region: Region for phone numbers in tokens written without ``+``.
+        cache: Verified tokens remembered at most.
+        clock: Seconds since the epoch (tests pass their own).
     """
 
     def __init__(
-        self, keys: Iterable[AuthKey], *, leeway: float = 30.0, default_region: str | None = None
+        self,
+        keys: Iterable[AuthKey],
+        *,
+        leeway: float = 30.0,
+        default_region: str | None = None,
+        cache: int = 20_000,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.keys = {key.kid: key for key in keys}
         self.leeway = leeway
         self.default_region = default_region
+        self._cache: OrderedDict[str, Grant] = OrderedDict()
+        self._cache_size = cache
+        self._clock = clock
 
     def verify(self, token: str) -> Grant:
         """Check ``token``'s signature, expiry and claims.
@@ -134,6 +151,20 @@ class Verifier:
         Raises:
             AuthError: Saying why it was refused.
         """
+        grant = self._cache.get(token)
+        if grant is not None:
+            if grant.expires + self.leeway <= self._clock():
+                del self._cache[token]
+                raise AuthError("expired_token", "the token has expired; get a new one")
+            self._cache.move_to_end(token)
+            return grant
+        grant = self._verify(token)
+        self._cache[token] = grant
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return grant
+
+    def _verify(self, token: str) -> Grant:
         if not token or len(token) > _MAX_TOKEN:
             raise AuthError("malformed_token", "the token is empty or too long")
         try:

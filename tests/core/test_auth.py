@@ -140,3 +140,21 @@ def test_keys_document_is_checked() -> None:
     ).decode()
     with pytest.raises(ValueError, match="twice"):
         parse_auth_keys(twice)
+
+
+def test_a_verified_token_is_remembered_until_it_expires() -> None:
+    """A token presented again is not verified again, but its expiry still counts; the
+    cache holds a bounded number of tokens."""
+    now = [time.time()]
+    verifier = Verifier(parse_auth_keys(keys_document()), leeway=0, cache=2, clock=lambda: now[0])
+    first, second, third = (token({**ADA, "call_id": f"c{n}"}, ttl=60) for n in range(3))
+    grant = verifier.verify(first)
+    assert verifier.verify(first) is grant  # from the cache
+    verifier.verify(second)
+    verifier.verify(third)  # first is pushed out
+    assert verifier.verify(first) is not grant
+    now[0] += 120
+    with pytest.raises(AuthError) as caught:
+        verifier.verify(first)
+    assert caught.value.reason == "expired_token"
+    assert first not in verifier._cache  # an expired token is forgotten

@@ -3,6 +3,7 @@ each mode, and it names the sessions when a gateway loses what it acknowledged."
 
 from __future__ import annotations
 
+import base64
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from loadtest.storm import parser, run_storm
+from tests.authkeys import ACME_SECRET, keys_document
 from tests.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
@@ -60,6 +62,26 @@ async def test_every_session_comes_back_whole(
     assert result["restored_over_time"][-1][1] == 40
     assert result["gateway"]["peak_rss_mb"] > 0 and result["gateway"]["rss_over_time"]
     assert result["redis"]["round_trips_per_turn"] > 0
+
+
+async def test_a_storm_with_signed_tokens(tmp_path: Path, own_redis: RedisServer) -> None:
+    """Against a gateway that requires tokens, sessions that sign theirs with --token-key
+    come back whole after a drop; none is refused."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(keys_document())
+    secret = base64.b64encode(ACME_SECRET).decode()
+    result = await storm(
+        tmp_path,
+        "drop",
+        ["--redis-url", own_redis.url, "--auth-keys", str(keys)],
+        "--tenant",
+        "acme",
+        "--token-key",
+        f"acme-1:{secret}",
+    )
+    assert result["ok"], result["violations"][:5]
+    assert result["verified"] == 40 and result["storm"]["restored"] == 40
+    assert "hello refused auth" not in (tmp_path / "gateway.log").read_text()
 
 
 async def test_a_gateway_that_forgets_is_caught(tmp_path: Path) -> None:
