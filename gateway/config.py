@@ -320,10 +320,6 @@ def _tokens(text: str) -> tuple[str, ...]:
     return tokens
 
 
-def _state_keys(text: str) -> tuple[tuple[str, bytes], ...]:
-    return parse_state_keys(text)
-
-
 def _hash_key(text: str) -> bytes:
     key = parse_key(text, minimum=32, exact=False)
     if len(key) > 64:
@@ -586,7 +582,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "security",
         "state_keys",
-        _state_keys,
+        parse_state_keys,
         "keys sealing stored state, ID:BASE64 comma-separated, newest first; set by env",
         secret=True,
     ),

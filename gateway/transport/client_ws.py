@@ -1019,19 +1019,28 @@ def _nack(ctx: ClientContext, conn: Connection, turn: Turn, why: str) -> None:
     conn.protocol.send_nack(turn.turn_id, "store_unavailable", why, retry_after=wait)
 
 
+async def _restored(ctx: ClientContext, live: LiveSession) -> bool:
+    """Wait, bounded, until a degraded session is restored for real (at once for any other);
+    ``False`` if the store stayed unreachable. Only the store knows which session a turn or
+    a bye belongs to."""
+    recovered = live.recovered
+    if recovered is None:
+        return True
+    try:
+        async with asyncio.timeout(ctx.retry_budget or _DEGRADED_WAIT):
+            await recovered.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 async def _turn(ctx: ClientContext, live: LiveSession, conn: Connection, turn: Turn) -> None:
     if conn.held is not None and conn.held != turn.turn_id:
         _nack(ctx, conn, turn, f"an earlier turn is not stored yet: send {conn.held!r} first")
         return
-    recovered = live.recovered
-    if recovered is not None:
-        # A degraded session: its turns wait for the store, bounded.
-        try:
-            async with asyncio.timeout(ctx.retry_budget or _DEGRADED_WAIT):
-                await recovered.wait()
-        except TimeoutError:
-            _nack(ctx, conn, turn, "session store unreachable; send the turn again")
-            return
+    if not await _restored(ctx, live):
+        _nack(ctx, conn, turn, "session store unreachable; send the turn again")
+        return
     async with live.lock:
         session, protocol = live.session, conn.protocol
         if live.client is not conn or session is None:
@@ -1090,15 +1099,9 @@ async def _turn(ctx: ClientContext, live: LiveSession, conn: Connection, turn: T
 
 
 async def _bye(ctx: ClientContext, live: LiveSession, conn: Connection) -> None:
-    recovered = live.recovered
-    if recovered is not None:
-        # A degraded session: only the store knows which session the bye ends.
-        try:
-            async with asyncio.timeout(ctx.retry_budget or _DEGRADED_WAIT):
-                await recovered.wait()
-        except TimeoutError:
-            conn.protocol.fail("store_unavailable", "bye not saved: store unavailable; reconnect")
-            return
+    if not await _restored(ctx, live):
+        conn.protocol.fail("store_unavailable", "bye not saved: store unavailable; reconnect")
+        return
     async with live.lock:
         session = live.session
         if live.client is not conn or session is None:
