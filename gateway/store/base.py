@@ -32,6 +32,12 @@ hash's key and the field (a message to its ``seq``). ``tok``, ``prev``, ``dead``
 (:class:`~gateway.core.resume.Tokens`); the tokens themselves are never stored.
 Every key of one session shares the hash tag, so each script touches one Redis
 Cluster slot. Every key carries a TTL refreshed on each write.
+
+Both stores check the arguments of every operation before they change anything
+(:func:`check_restore`, :func:`check_turn`, :func:`check_push`, :func:`check_renewal`)
+and refuse a bad one with a :class:`~gateway.exceptions.StoreError` that is not retried
+(:func:`bad_argument`); each Redis script checks its own again (``scripts/check.lua``),
+because Redis keeps the writes of a script that fails half way.
 """
 
 from __future__ import annotations
@@ -45,18 +51,44 @@ from gateway.core.callerkey import CallerKey
 from gateway.core.resume import Outcome, Replay
 from gateway.core.sealing import Keyring
 from gateway.core.session import Push, Session, SessionId, TurnWrite
-from gateway.exceptions import StoreConflict
+from gateway.exceptions import StoreConflict, StoreError
 
 __all__ = [
+    "MAX_INT",
+    "MAX_MESSAGES",
+    "MAX_OWNER",
+    "MAX_SESSION_ID",
+    "MAX_TURN_ID",
+    "MAX_WRITE_ID",
     "Restored",
     "SessionStore",
     "StoreSettings",
     "Takeover",
     "Written",
+    "bad_argument",
+    "check_int",
+    "check_push",
+    "check_renewal",
+    "check_restore",
+    "check_turn",
     "conflict",
     "owner_channel",
     "session_keys",
 ]
+
+MAX_INT = 2**53 - 1
+"""The largest integer a store takes (times, durations, versions, epochs, sequence numbers):
+Lua numbers are doubles, exact up to 2**53. The protocol's limit is the same."""
+MAX_SESSION_ID = 128
+"""Bytes of a session ID at most (the gateway's are 24)."""
+MAX_TURN_ID = 512
+"""Bytes of a turn ID at most: 128 characters of UTF-8 (the protocol's limit)."""
+MAX_OWNER = 512
+"""Bytes of an instance ID at most."""
+MAX_WRITE_ID = 128
+"""Bytes of a write's or a push's random ID at most (the gateway's are 12)."""
+MAX_MESSAGES = 1024
+"""Messages in one push at most (the gateway sends at most 64)."""
 
 _REFUSALS = {
     "gone": "session expired or was replaced",
@@ -74,6 +106,75 @@ def conflict(op: str, status: str, stored_version: object = None) -> StoreConfli
     if status == "conflict":
         return StoreConflict(op, f"stored version is {stored_version}")
     return StoreConflict(op, _REFUSALS[status])
+
+
+def bad_argument(op: str, name: str) -> StoreError:
+    """The error for an operation refused for a bad argument: not retried, since a retry
+    would carry the same argument."""
+    return StoreError(op, f"bad argument {name}")
+
+
+def check_int(op: str, name: str, value: int, low: int = 0) -> None:
+    """Refuse ``value`` unless it is from ``low`` to :data:`MAX_INT`.
+
+    Raises:
+        StoreError: :func:`bad_argument`.
+    """
+    if not low <= value <= MAX_INT:
+        raise bad_argument(op, name)
+
+
+def _check_text(op: str, name: str, value: str, low: int, high: int) -> None:
+    # Most values are short: measure the UTF-8 only when the characters might exceed it.
+    size = len(value)
+    if size < low or (size > high // 4 and len(value.encode()) > high):
+        raise bad_argument(op, name)
+
+
+def check_restore(candidate: Session, *, now_ms: int, last_seq: int | None, owner: str) -> None:
+    """Refuse a restore with an argument out of range (see :func:`check_int`)."""
+    check_int("restore", "now_ms", now_ms)
+    if last_seq is not None:
+        check_int("restore", "last_seq", last_seq)
+    _check_text("restore", "session_id", candidate.session_id, 1, MAX_SESSION_ID)
+    _check_text("restore", "owner", owner, 0, MAX_OWNER)
+
+
+def check_turn(session_id: str, write: TurnWrite) -> None:
+    """Refuse a turn write with an argument out of range (see :func:`check_int`)."""
+    _check_text("write_turn", "session_id", session_id, 1, MAX_SESSION_ID)
+    check_int("write_turn", "base_version", write.base_version)
+    check_int("write_turn", "version", write.version)
+    _check_text("write_turn", "turn_id", write.turn_id, 1, MAX_TURN_ID)
+    check_int("write_turn", "now_ms", write.at_ms)
+    check_int("write_turn", "epoch", write.epoch)
+    _check_text("write_turn", "write_id", write.write_id, 1, MAX_WRITE_ID)
+
+
+def check_push(session_id: str, push: Push) -> None:
+    """Refuse a push with an argument out of range (see :func:`check_int`)."""
+    _check_text("push", "session_id", session_id, 1, MAX_SESSION_ID)
+    check_int("push", "epoch", push.epoch)
+    check_int("push", "base_version", push.base_version)
+    check_int("push", "version", push.version)
+    check_int("push", "base_seq", push.base_seq)
+    if len(push.messages) > MAX_MESSAGES:
+        raise bad_argument("push", "count")
+    check_int("push", "base_seq", push.seq)
+    check_int("push", "acked_seq", push.acked_seq)
+    check_int("push", "now_ms", push.at_ms)
+    _check_text("push", "push_id", push.push_id, 1, MAX_WRITE_ID)
+
+
+def check_renewal(
+    op: str, session_id: str, *, now_ms: int, epoch: int, owner: str | None = None
+) -> None:
+    """Refuse an ``end`` or a ``touch`` (``op``) with an argument out of range."""
+    _check_text(op, "session_id", session_id, 1, MAX_SESSION_ID)
+    check_int(op, "now_ms", now_ms)
+    check_int(op, "epoch", epoch)
+    if owner is not None:
+        _check_text(op, "owner", owner, 0, MAX_OWNER)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -150,8 +251,10 @@ class SessionStore(Protocol):
 
     Implementations raise :class:`~gateway.exceptions.StoreUnavailable` or
     :class:`~gateway.exceptions.StoreTimeout` for transient failures (the caller
-    retries) and :class:`~gateway.exceptions.StoreConflict` when the stored
-    session is no longer the one being written.
+    retries), :class:`~gateway.exceptions.StoreConflict` when the stored
+    session is no longer the one being written, and a plain
+    :class:`~gateway.exceptions.StoreError` (not retried) for an argument out of range
+    (:func:`bad_argument`), having changed nothing.
     """
 
     name: str
@@ -177,7 +280,8 @@ class SessionStore(Protocol):
         ``None``) is a hit: its ``updated`` time is refreshed, its epoch bumped, its
         tokens rotated so that ``candidate.resume_token`` is the current one, and the
         messages after ``last_seq`` still held are returned; a missing or stale one is replaced by
-        ``candidate``; a refused or ended one is left untouched. Finding
+        ``candidate`` (whose replay is planned from ``last_seq`` like any other: a client that
+        had seen messages is told it is partial); a refused or ended one is left untouched. Finding
         ``candidate`` itself (a retry after a lost reply) answers as the attempt
         that stored it did. A session with no turn yet (version 0) is not guarded
         by its token: a hello with another token gets it, with the outcome that

@@ -20,6 +20,11 @@ from gateway.store.base import (
     StoreSettings,
     Takeover,
     Written,
+    check_int,
+    check_push,
+    check_renewal,
+    check_restore,
+    check_turn,
     conflict,
     session_keys,
 )
@@ -127,12 +132,14 @@ class MemoryStore:
         last_seq: int | None = None,
         owner: str = "",
     ) -> Restored:
+        check_restore(candidate, now_ms=now_ms, last_seq=last_seq, owner=owner)
+        lease = now_ms + int(self.settings.lease * 1000)
+        check_int("restore", "lease_ms", lease)  # as restore.lua
         key, record = self._get(caller, now_ms)
         keyring, new = self.settings.keyring, candidate.resume_token
         if record is not None and record.sid == candidate.session_id:
             return record.restored(keyring, key, new, record.origin, last_seq)
         presented = None if token is None else token_digest(token)
-        lease = now_ms + int(self.settings.lease * 1000)
         max_age = self.settings.max_age
         decision = classify(
             exists=record is not None,
@@ -159,7 +166,7 @@ class MemoryStore:
             record.owner, record.lease = owner, lease
             record.tokens = record.tokens.rotate(presented, token_digest(new))
             return record.restored(keyring, key, new, outcome, last_seq, displaced)
-        self._records[key] = _Record(
+        record = self._records[key] = _Record(
             candidate.session_id,
             Tokens(token_digest(new)),
             candidate.version,
@@ -171,11 +178,14 @@ class MemoryStore:
             owner=owner,
             lease=lease,
         )
-        return Restored(outcome, self._records[key].session(keyring, key, new))
+        # As restore.lua: last_seq is compared with the new session (seq 0), so a client that
+        # had seen messages is told the replay is partial (docs/protocol.md).
+        return record.restored(keyring, key, new, outcome, last_seq)
 
     async def write_turn(
         self, caller: CallerKey, session_id: SessionId, write: TurnWrite
     ) -> Written:
+        check_turn(session_id, write)
         key, record = self._get(caller, write.at_ms)
         if record is None or record.sid != session_id:
             raise conflict("write_turn", "gone")
@@ -185,6 +195,9 @@ class MemoryStore:
         if seen is not None:
             # As in turn.lua: the stored state is this very write's, which landed before.
             mine = seen == record.ver == write.version and record.write_id == write.write_id
+            # turn.lua writes here (so that a WAIT covers the write that applied the turn):
+            # a re-sent turn counts as activity, never back in time.
+            record.updated = max(record.updated, write.at_ms)
             return Written(seen, applied=mine)
         if record.ended is not None:
             raise conflict("write_turn", "ended")
@@ -199,6 +212,7 @@ class MemoryStore:
         return Written(write.version, applied=True)
 
     async def push(self, caller: CallerKey, session_id: SessionId, push: Push) -> None:
+        check_push(session_id, push)
         key, record = self._get(caller, push.at_ms)
         if record is None or record.sid != session_id:
             raise conflict("push", "gone")
@@ -207,7 +221,10 @@ class MemoryStore:
         if record.ended is not None:
             raise conflict("push", "ended")
         if record.last_push == push.push_id:
-            return  # as in push.lua: an earlier try of this push landed
+            # As in push.lua: an earlier try of this push landed; it counts as activity,
+            # never back in time.
+            record.updated = max(record.updated, push.at_ms)
+            return
         if record.ver != push.base_version or record.seq != push.base_seq:
             raise conflict("push", "conflict", record.ver)
         keyring = self.settings.keyring
@@ -229,16 +246,24 @@ class MemoryStore:
     async def end(
         self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int
     ) -> None:
+        check_renewal("end", session_id, now_ms=now_ms, epoch=epoch)
         _, record = self._get(caller, now_ms)
-        if record is not None and record.sid == session_id and record.ended is None:
-            if record.epoch != epoch:
-                raise conflict("end", "superseded")
-            record.ended = record.updated = now_ms
-            record.expires = now_ms + int(self.settings.end_ttl * 1000)
+        if record is None or record.sid != session_id:
+            return
+        if record.ended is not None:
+            record.updated = now_ms  # as end.lua: a retried bye sets it again
+            return
+        if record.epoch != epoch:
+            raise conflict("end", "superseded")
+        record.ended = record.updated = now_ms
+        record.expires = now_ms + int(self.settings.end_ttl * 1000)
 
     async def touch(
         self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int, owner: str
     ) -> None:
+        check_renewal("touch", session_id, now_ms=now_ms, epoch=epoch, owner=owner)
+        lease = now_ms + int(self.settings.lease * 1000)
+        check_int("touch", "lease_ms", lease)  # as touch.lua
         _, record = self._get(caller, now_ms)
         if record is not None and record.sid == session_id and record.ended is None:
             if record.epoch != epoch:
@@ -246,7 +271,7 @@ class MemoryStore:
             record.updated = now_ms
             record.expires = now_ms + self._ttl_ms()
             record.owner = owner
-            record.lease = now_ms + int(self.settings.lease * 1000)
+            record.lease = lease
 
     async def notify(self, owner: str, session_id: SessionId, epoch: int) -> None:
         listener = self._listeners.get(owner)

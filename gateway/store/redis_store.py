@@ -1,6 +1,10 @@
 """The Redis store: every restore and every turn is one script call.
 
-Scripts live in ``scripts/*.lua`` and are read once. They run with EVALSHA;
+Scripts live in ``scripts/*.lua`` and are read once, each behind ``check.lua``: every
+script checks all its arguments before its first write, and a bad one gets the reply
+``hangon bad argument <name>``, which :func:`_mapped` turns into a store error that is not
+retried. The store checks the same arguments before it sends them (defence in depth; see
+:func:`~gateway.store.base.check_int`). Scripts run with EVALSHA;
 after a ``NOSCRIPT`` (the first call, or Redis restarted) the store sends
 ``SCRIPT LOAD`` and EVALSHA again. Each script touches only the keys of one
 session, which share a hash tag, so every script runs on Redis Cluster too:
@@ -62,6 +66,12 @@ from gateway.store.base import (
     StoreSettings,
     Takeover,
     Written,
+    bad_argument,
+    check_int,
+    check_push,
+    check_renewal,
+    check_restore,
+    check_turn,
     conflict,
     owner_channel,
     session_keys,
@@ -85,7 +95,14 @@ def is_cluster_url(url: str) -> bool:
 
 
 def _script(name: str) -> str:
-    return resources.files("gateway.store").joinpath("scripts", name).read_text()
+    """A script's source, behind the argument checks it calls (``check.lua``)."""
+    scripts = resources.files("gateway.store").joinpath("scripts")
+    return scripts.joinpath("check.lua").read_text() + scripts.joinpath(name).read_text()
+
+
+_BAD_ARGUMENT = "hangon bad argument "
+"""How a script's reply to a bad argument begins (``check.lua``), after redis-py took off
+the ``ERR``."""
 
 
 class _mapped:
@@ -121,6 +138,10 @@ class _mapped:
         ):
             # ReadOnlyError: a failover left us talking to a replica for a moment.
             raise StoreUnavailable(op, str(exc) or type(exc).__name__) from exc
+        if isinstance(exc, rex.ResponseError) and str(exc).startswith(_BAD_ARGUMENT):
+            # Not retryable: a retry would carry the same argument. The script wrote nothing.
+            name = str(exc)[len(_BAD_ARGUMENT) :].split(" ", 1)[0]
+            raise bad_argument(op, name) from exc
         if isinstance(exc, rex.RedisError):
             raise StoreError(op, str(exc)) from exc
 
@@ -143,7 +164,12 @@ class _Connection(aioredis.Connection):
     sync client does; its asyncio client packs in Python, which cost a tenth of a turn's
     CPU under load (a turn's script call carries the whole session state)."""
 
-    _packer = HiredisRespSerializer() if HIREDIS_AVAILABLE else None
+    # redis-py 8.2 leaves its __init__ untyped; earlier releases type it.
+    _packer = (
+        HiredisRespSerializer()  # type: ignore[no-untyped-call, unused-ignore]
+        if HIREDIS_AVAILABLE
+        else None
+    )
 
     def pack_command(self, *args: Any) -> list[bytes]:
         if self._packer is None:  # pragma: no cover - hiredis is a dependency
@@ -231,7 +257,9 @@ class RedisStore:
         self._touch = self.client.register_script(_script("touch.lua"))
         self._push = self.client.register_script(_script("push.lua"))
         self._ttl_ms = int(settings.ttl * 1000)
+        self._end_ttl_ms = int(settings.end_ttl * 1000)
         self._lease_ms = int(settings.lease * 1000)
+        self._max_age_ms = -1 if settings.max_age is None else int(settings.max_age * 1000)
         self._keyring = settings.keyring
 
     def _keys(self, caller: CallerKey) -> tuple[str, str, str]:
@@ -244,6 +272,13 @@ class RedisStore:
         durable = script is not self._restore and script is not self._touch
         return await self._scripts.run(script, keys, args, durable=durable)
 
+    def _check_lifetimes(self, op: str, now_ms: int) -> None:
+        """Refuse a TTL or lease that the scripts would refuse (settings are checked nowhere
+        else)."""
+        check_int(op, "ttl_ms", self._ttl_ms, 1)
+        check_int(op, "lease_ms", self._lease_ms)
+        check_int(op, "lease_ms", now_ms + self._lease_ms)
+
     async def restore(
         self,
         caller: CallerKey,
@@ -254,7 +289,9 @@ class RedisStore:
         last_seq: int | None = None,
         owner: str = "",
     ) -> Restored:
-        max_age = self.settings.max_age
+        check_restore(candidate, now_ms=now_ms, last_seq=last_seq, owner=owner)
+        self._check_lifetimes("restore", now_ms)
+        check_int("restore", "max_age_ms", self._max_age_ms, -1)
         keys = self._keys(caller)
         keyring = self._keyring
         with _mapped("restore"):
@@ -263,7 +300,7 @@ class RedisStore:
                 keys,
                 [
                     now_ms,
-                    -1 if max_age is None else int(max_age * 1000),
+                    self._max_age_ms,
                     self._ttl_ms,
                     "" if token is None else token_digest(token),
                     candidate.session_id,
@@ -309,6 +346,8 @@ class RedisStore:
     async def write_turn(
         self, caller: CallerKey, session_id: SessionId, write: TurnWrite
     ) -> Written:
+        check_turn(session_id, write)
+        check_int("write_turn", "ttl_ms", self._ttl_ms, 1)
         keys = self._keys(caller)
         with _mapped("write_turn"):
             reply: list[Any] = await self._run(
@@ -333,6 +372,9 @@ class RedisStore:
         raise _conflict("write_turn", reply)
 
     async def push(self, caller: CallerKey, session_id: SessionId, push: Push) -> None:
+        check_push(session_id, push)
+        check_int("push", "window", self.settings.replay_window)
+        check_int("push", "ttl_ms", self._ttl_ms, 1)
         keys = self._keys(caller)
         keyring = self._keyring
         sealed = [
@@ -367,11 +409,11 @@ class RedisStore:
     async def end(
         self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int
     ) -> None:
+        check_renewal("end", session_id, now_ms=now_ms, epoch=epoch)
+        check_int("end", "end_ttl_ms", self._end_ttl_ms, 1)
         with _mapped("end"):
             done = await self._run(
-                self._end,
-                self._keys(caller),
-                [session_id, now_ms, int(self.settings.end_ttl * 1000), epoch],
+                self._end, self._keys(caller), [session_id, now_ms, self._end_ttl_ms, epoch]
             )
         if done == -1:
             raise conflict("end", "superseded")
@@ -379,6 +421,8 @@ class RedisStore:
     async def touch(
         self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int, owner: str
     ) -> None:
+        check_renewal("touch", session_id, now_ms=now_ms, epoch=epoch, owner=owner)
+        self._check_lifetimes("touch", now_ms)
         with _mapped("touch"):
             done = await self._run(
                 self._touch,

@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.core.resume import Outcome
+from gateway.core.resume import Outcome, Replay
 from gateway.core.session import (
     ResumeToken,
     SessionId,
     new_resume_token,
 )
-from gateway.exceptions import StoreConflict
+from gateway.exceptions import StoreConflict, StoreError
 from gateway.store.base import SessionStore, StoreSettings, Written
 from tests.conftest import StoreFactory
 from tests.store.records import CALLER, OTHER, T0, candidate, write
@@ -326,3 +326,51 @@ async def test_a_late_resume_with_the_previous_token_locks_nobody_out(
     held = fast.session.resume_token  # what the client got from the faster resume
     again = await store.restore(CALLER, token=held, candidate=candidate(), now_ms=T0 + 4)
     assert again.outcome is Outcome.HIT
+
+
+async def test_new_session_replay_starts_at_one(store: SessionStore) -> None:
+    """A hello with last_seq 5 that gets a new session is told the replay is partial from 1,
+    since the new session has sent nothing (docs/protocol.md, Messages and replay)."""
+    got = await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0, last_seq=5)
+    assert got.outcome is Outcome.MISS
+    assert (got.replay, got.messages) == (Replay(1, partial=True), ())
+    fresh = await store.restore(OTHER, token=None, candidate=candidate(), now_ms=T0, last_seq=0)
+    assert fresh.replay == Replay(1, partial=False)
+
+
+@pytest.mark.parametrize("last_seq", [-1, 2**53, 2**62])
+async def test_out_of_range_last_seq_is_refused_and_changes_nothing(
+    store: SessionStore, last_seq: int
+) -> None:
+    """A resume with last_seq out of 0..2**53-1 fails with an error that is not retried, and
+    the session is untouched: its live connection goes on writing at its epoch."""
+    first = candidate()
+    s = (await store.restore(CALLER, token=None, candidate=first, now_ms=T0)).session
+    assert s is not None
+    with pytest.raises(StoreError) as caught:
+        await store.restore(
+            CALLER,
+            token=first.resume_token,
+            candidate=candidate(),
+            now_ms=T0 + 1,
+            last_seq=last_seq,
+        )
+    assert (caught.value.retryable, caught.value.detail) == (False, "bad argument last_seq")
+    assert not isinstance(caught.value, StoreConflict)
+    assert (await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 2))).applied
+    again = await store.restore(
+        CALLER, token=first.resume_token, candidate=candidate(), now_ms=T0 + 3
+    )
+    assert again.session is not None and again.session.epoch == s.epoch + 1
+
+
+async def test_resent_turn_restarts_age(store: SessionStore) -> None:
+    """A turn sent again later (already applied) counts as activity: it restarts max_age."""
+    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
+    assert s is not None
+    await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 1, name="Ada"))
+    resent = write(s, "t1", T0 + 15_000, name="Ada")
+    assert await store.write_turn(CALLER, s.session_id, resent) == Written(1, applied=False)
+    # max_age is 20 s: 29 s after the first write, 14 s after the re-sent one.
+    later = await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0 + 29_000)
+    assert later.outcome is Outcome.HIT

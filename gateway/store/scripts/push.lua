@@ -2,6 +2,26 @@
 -- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list
 -- ARGV: sid, epoch, base version, new version, state ('' : unchanged), base seq,
 --       acked seq, window, now_ms, ttl_ms, push id, message...
+-- Every argument is checked before the first write (check.lua).
+local problem = arity(11, true)
+  or text(1, 'session_id', 1, MAX_SESSION_ID)
+  or int(2, 'epoch', 0)
+  or int(3, 'base_version', 0)
+  or int(4, 'version', 0)
+  or sealed(5, 'state', true)
+  or int(6, 'base_seq', 0)
+  or int(7, 'acked_seq', 0)
+  or int(8, 'window', 0)
+  or int(9, 'now_ms', 0)
+  or int(10, 'ttl_ms', 1)
+  or text(11, 'push_id', 1, MAX_WRITE_ID)
+  or all_sealed(12, 'message')
+if problem then
+  return problem
+end
+if tonumber(ARGV[6]) + #ARGV - 11 > MAX_INT then
+  return bad('base_seq')
+end
 local cur = redis.call('HMGET', KEYS[1], 'sid', 'ver', 'ended', 'epoch', 'seq', 'push')
 -- A session stored before messages existed has no seq: it has sent none.
 cur[5] = tonumber(cur[5] or '0')

@@ -14,6 +14,24 @@
 --          displaced owner ('' : none)}
 -- The caller becomes the owner, with a lease until now + lease_ms. The displaced owner is
 -- another instance whose lease had not run out: it still serves the session and is told.
+-- Every argument is checked before the first write (check.lua).
+local problem = arity(10)
+  or int(1, 'now_ms', 0)
+  or int(2, 'max_age_ms', -1)
+  or int(3, 'ttl_ms', 1)
+  or digest(4, 'token', true)
+  or text(5, 'session_id', 1, MAX_SESSION_ID)
+  or digest(6, 'candidate_token', false)
+  or sealed(7, 'state', false)
+  or int(8, 'last_seq', -1)
+  or text(9, 'owner', 0, MAX_OWNER)
+  or int(10, 'lease_ms', 0)
+if problem then
+  return problem
+end
+if tonumber(ARGV[1]) + tonumber(ARGV[10]) > MAX_INT then
+  return bad('lease_ms')
+end
 local now = tonumber(ARGV[1])
 local max_age = tonumber(ARGV[2])
 local h = redis.call('HMGET', KEYS[1], 'sid', 'tok', 'ver', 'state', 'created', 'updated', 'ended',

@@ -2,6 +2,20 @@
 -- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list
 -- ARGV: sid, now_ms, ttl_ms, epoch, owner ('' : release the session), lease_ms
 -- Returns 1, 0 for a session ended or gone, -1 when a newer hello superseded the epoch.
+-- Every argument is checked before the first write (check.lua).
+local problem = arity(6)
+  or text(1, 'session_id', 1, MAX_SESSION_ID)
+  or int(2, 'now_ms', 0)
+  or int(3, 'ttl_ms', 1)
+  or int(4, 'epoch', 0)
+  or text(5, 'owner', 0, MAX_OWNER)
+  or int(6, 'lease_ms', 0)
+if problem then
+  return problem
+end
+if tonumber(ARGV[2]) + tonumber(ARGV[6]) > MAX_INT then
+  return bad('lease_ms')
+end
 local cur = redis.call('HMGET', KEYS[1], 'sid', 'ended', 'epoch')
 if cur[1] ~= ARGV[1] or cur[2] then
   return 0

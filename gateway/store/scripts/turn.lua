@@ -2,6 +2,21 @@
 -- KEYS[1] session hash, KEYS[2] turns zset, KEYS[3] messages list
 -- ARGV: sid, base version, new version, state (sealed), turn_id, now_ms, ttl_ms, turns kept,
 --       epoch, write id
+-- Every argument is checked before the first write (check.lua).
+local problem = arity(10)
+  or text(1, 'session_id', 1, MAX_SESSION_ID)
+  or int(2, 'base_version', 0)
+  or int(3, 'version', 0)
+  or sealed(4, 'state', false)
+  or text(5, 'turn_id', 1, MAX_TURN_ID)
+  or int(6, 'now_ms', 0)
+  or int(7, 'ttl_ms', 1)
+  or int(8, 'turns_kept', 1)
+  or int(9, 'epoch', 0)
+  or text(10, 'write_id', 1, MAX_WRITE_ID)
+if problem then
+  return problem
+end
 local cur = redis.call('HMGET', KEYS[1], 'sid', 'ver', 'ended', 'epoch')
 if cur[1] ~= ARGV[1] then
   return {'gone'}
