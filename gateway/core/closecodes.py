@@ -28,6 +28,7 @@ __all__ = [
     "SESSION_CONFLICT",
     "SESSION_ENDED",
     "SESSION_REPLACED",
+    "SLOW_CONSUMER",
     "STATE_TOO_BIG",
     "STORE_UNAVAILABLE",
     "UNSUPPORTED_DATA",
@@ -80,6 +81,11 @@ HELLO_TIMEOUT = CloseReason(4002, "no hello in time", reconnect=True)
 RATE_LIMITED = CloseReason(4008, "too many turns", reconnect=True)
 """The client sent turns faster than ``--max-turns-per-second`` allows; reconnect after the
 error's ``retry_after`` and resume (unacknowledged turns are re-sent, and deduplicated)."""
+SLOW_CONSUMER = CloseReason(4009, "not reading", reconnect=True)
+"""The client stopped reading: a frame waited ``--send-timeout`` seconds to be taken, or
+more than ``--max-send-queue`` bytes waited for it. Reconnect and resume; what was not
+delivered is replayed. A peer that reads nothing sees a reset connection (1006) instead:
+it cannot read the close frame either."""
 
 SESSION_REPLACED = CloseReason(4500, "session replaced by a newer connection", reconnect=False)
 """Another connection resumed this session; this one is stale and must not come back."""

@@ -45,13 +45,16 @@ from gateway.core.closecodes import CloseReason
 from gateway.core.events import Ack, Bye, Event, Hello, Turn
 from gateway.core.session import Session
 
-__all__ = ["ERRORS", "PROTOCOL_VERSION", "Phase", "Protocol"]
+__all__ = ["ERRORS", "MAX_INT", "PROTOCOL_VERSION", "Phase", "Protocol"]
 
 PROTOCOL_VERSION: Final = 1
 
 _MAX_ID = 128
 _MAX_TOKEN = 256
 _MAX_AUTH_TOKEN = 8192
+MAX_INT: Final = 2**53 - 1
+"""Largest integer a client may send (``last_seq``, an ack's ``seq``): the largest that
+JavaScript, Lua and the stores' scripts all hold exactly. Checked here, at the edge."""
 
 
 class Phase(enum.Enum):
@@ -82,6 +85,7 @@ ERRORS: Final[Mapping[str, CloseReason]] = {
     "overloaded": closecodes.OVERLOADED,
     "tenant_limit": closecodes.OVERLOADED,
     "rate_limited": closecodes.RATE_LIMITED,
+    "slow_consumer": closecodes.SLOW_CONSUMER,
     "hello_timeout": closecodes.HELLO_TIMEOUT,
     "internal_error": closecodes.INTERNAL_ERROR,
 }
@@ -123,6 +127,8 @@ class Protocol:
         self.stream: dict[str, Any] | None = None
         """A phone stream's description for the agent: never, on protocol v1."""
         self._outbox: list[bytes] = []
+        self.buffered = 0
+        """Bytes of the frames queued and not yet taken by :meth:`data_to_send`."""
 
     # Receiving
 
@@ -166,7 +172,7 @@ class Protocol:
                 "unexpected_message", f"'{kind}' is not allowed in phase {self.phase.value}"
             )
         if kind == "ping":
-            self._outbox.append(_PONG)
+            self._queue(_PONG)
             return None
         if kind == "hello":
             event: Event = self._hello(msg)
@@ -175,8 +181,10 @@ class Protocol:
             event = self._turn(msg)
         elif kind == "ack":
             seq = msg.get("seq")
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                raise _Invalid("invalid_message", "field 'seq' must be a non-negative integer")
+            if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_INT:
+                raise _Invalid(
+                    "invalid_message", f"field 'seq' must be an integer from 0 to {MAX_INT}"
+                )
             event = Ack(seq)
         else:
             event = Bye()
@@ -190,8 +198,10 @@ class Protocol:
         if auth is not None and not 0 < len(auth) <= _MAX_AUTH_TOKEN:
             raise _Invalid("invalid_message", "field 'token' has a bad length")
         last_seq = _optional(msg, "last_seq", int)
-        if last_seq is not None and last_seq < 0:
-            raise _Invalid("invalid_message", "field 'last_seq' must not be negative")
+        if last_seq is not None and not 0 <= last_seq <= MAX_INT:
+            raise _Invalid(
+                "invalid_message", f"field 'last_seq' must be an integer from 0 to {MAX_INT}"
+            )
         if "caller" not in msg:
             raise _Invalid("invalid_message", "field 'caller' is required")
         try:
@@ -257,18 +267,18 @@ class Protocol:
             frame["stale"] = True
         if degraded:
             frame["degraded"] = True
-        self._outbox.append(codec.dumps(frame))
+        self._queue(codec.dumps(frame))
         self.phase = Phase.OPEN
 
     def send_msg(self, seq: int, data: bytes) -> None:
         """Queue an agent message: ``data`` is its JSON, sent as is (nothing unless open)."""
         if self.phase is Phase.OPEN:
-            self._outbox.append(b'{"type":"msg","seq":%d,"data":%b}' % (seq, data))
+            self._queue(b'{"type":"msg","seq":%d,"data":%b}' % (seq, data))
 
     def send_state(self, session: Session) -> None:
         """Queue the session's state after the agent changed it (nothing unless open)."""
         if self.phase is Phase.OPEN:
-            self._outbox.append(
+            self._queue(
                 codec.dumps({"type": "state", "version": session.version, "state": session.state})
             )
 
@@ -280,14 +290,14 @@ class Protocol:
         """
         if self.phase is Phase.CLOSED:
             return
-        self._outbox.append(codec.dumps({"type": "ack", "turn_id": turn_id, "version": version}))
+        self._queue(codec.dumps({"type": "ack", "turn_id": turn_id, "version": version}))
 
     def send_nack(self, turn_id: str, code: str, message: str, *, retry_after: float) -> None:
         """Say that a turn was not applied and should be sent again after ``retry_after``
         seconds; the connection stays open (nothing once closed)."""
         if self.phase is Phase.CLOSED:
             return
-        self._outbox.append(
+        self._queue(
             codec.dumps(
                 {
                     "type": "nack",
@@ -317,7 +327,7 @@ class Protocol:
         }
         if retry_after is not None:
             frame["retry_after"] = retry_after
-        self._outbox.append(codec.dumps(frame))
+        self._queue(codec.dumps(frame))
         self.error_code = code
         self.close(reason)
 
@@ -329,8 +339,12 @@ class Protocol:
 
     def data_to_send(self) -> list[bytes]:
         """Return and forget the frames queued since the last call."""
-        out, self._outbox = self._outbox, []
+        out, self._outbox, self.buffered = self._outbox, [], 0
         return out
+
+    def _queue(self, frame: bytes) -> None:
+        self._outbox.append(frame)
+        self.buffered += len(frame)
 
 
 def _optional(msg: dict[str, Any], name: str, kind: type) -> Any:

@@ -86,6 +86,8 @@ class TwilioStream:
         self._outbox: list[tuple[str, bytes]] = []
         """Frames for Twilio, each with its event (``media``, ``mark``, ``clear``)."""
         self._queued_media = 0
+        self.buffered = 0
+        """Bytes of the frames queued and not yet taken by :meth:`data_to_send`."""
 
     # Receiving
 
@@ -159,9 +161,7 @@ class TwilioStream:
         start = _object(msg, "start")
         call_sid = _string(start, "callSid", _MAX_SID)
         self.stream_sid = _string(start, "streamSid", _MAX_SID)
-        params = start.get("customParameters") or {}
-        if not isinstance(params, dict):
-            raise _Invalid("invalid_message", "start.customParameters must be an object")
+        params = _parameters(start.get("customParameters"))
         who = params.get(self.caller_param)
         if not isinstance(who, str) or not who:
             raise _Invalid(
@@ -188,9 +188,9 @@ class TwilioStream:
             "provider": "twilio",
             "stream_sid": self.stream_sid,
             "call_sid": call_sid,
-            "account_sid": start.get("accountSid"),
-            "tracks": start.get("tracks"),
-            "media_format": start.get("mediaFormat"),
+            "account_sid": _optional_string(start, "accountSid", _MAX_SID),
+            "tracks": _tracks(start.get("tracks")),
+            "media_format": _media_format(start.get("mediaFormat")),
             "custom_parameters": params,
         }
         return Hello(caller, None, None)
@@ -243,7 +243,10 @@ class TwilioStream:
         else:
             self._outbox = [item for item in self._outbox if item[0] != "media"]
             self._queued_media = 0
-        self._outbox.append((media.kind, codec.dumps(frame)))
+            self.buffered = sum(len(item) for _, item in self._outbox)
+        encoded = codec.dumps(frame)
+        self._outbox.append((media.kind, encoded))
+        self.buffered += len(encoded)
         return True
 
     def fail(self, code: str, message: str, *, retry_after: float | None = None) -> None:
@@ -263,7 +266,7 @@ class TwilioStream:
 
     def data_to_send(self) -> list[bytes]:
         """Return and forget the frames queued since the last call."""
-        out, self._outbox, self._queued_media = self._outbox, [], 0
+        out, self._outbox, self._queued_media, self.buffered = self._outbox, [], 0, 0
         return [frame for _, frame in out]
 
 
@@ -281,6 +284,75 @@ def _string(msg: dict[str, Any], name: str, limit: int) -> str:
             "invalid_message", f"field {name!r} must be a string of 1 to {limit} characters"
         )
     return value
+
+
+def _optional_string(msg: dict[str, Any], name: str, limit: int) -> str | None:
+    return None if msg.get(name) is None else _string(msg, name, limit)
+
+
+_MAX_PARAMETERS = 32
+_MAX_PARAMETER_NAME = 128
+_MAX_PARAMETER_VALUE = 1024
+_TRACKS: Final = frozenset(
+    {"inbound", "outbound", "inbound_track", "outbound_track", "both_tracks"}
+)
+_MEDIA_FORMAT: Final = {"encoding": str, "sampleRate": int, "channels": int}
+
+
+def _parameters(value: Any) -> dict[str, str]:
+    """``start.customParameters``: what the TwiML's ``<Parameter>`` elements said, which
+    Twilio sends as strings. Checked here, before any of it is copied to the agent: at most
+    :data:`_MAX_PARAMETERS` names, each a string, as is each value, of bounded length."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > _MAX_PARAMETERS:
+        raise _Invalid(
+            "invalid_message",
+            f"start.customParameters must be an object of at most {_MAX_PARAMETERS} strings",
+        )
+    for name, text in value.items():
+        if not 0 < len(name) <= _MAX_PARAMETER_NAME or not (
+            isinstance(text, str) and len(text) <= _MAX_PARAMETER_VALUE
+        ):
+            raise _Invalid(
+                "invalid_message",
+                f"a custom parameter must be a string of at most {_MAX_PARAMETER_VALUE}"
+                f" characters, named in 1 to {_MAX_PARAMETER_NAME}",
+            )
+    return value
+
+
+def _tracks(value: Any) -> list[str] | None:
+    """``start.tracks``: which tracks the stream carries, from Twilio's short list."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) > len(_TRACKS)
+        or not all(isinstance(track, str) and track in _TRACKS for track in value)
+    ):
+        raise _Invalid("invalid_message", f"start.tracks must list some of {sorted(_TRACKS)}")
+    return value
+
+
+def _media_format(value: Any) -> dict[str, Any] | None:
+    """``start.mediaFormat``: encoding, sample rate and channels; other fields are dropped."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _Invalid("invalid_message", "start.mediaFormat must be an object")
+    out: dict[str, Any] = {}
+    for name, kind in _MEDIA_FORMAT.items():
+        field = value.get(name)
+        if field is None:
+            continue
+        if kind is str:
+            out[name] = _string(value, name, 32)
+        elif isinstance(field, int) and not isinstance(field, bool) and 0 < field <= 1_000_000:
+            out[name] = field
+        else:
+            raise _Invalid("invalid_message", f"start.mediaFormat.{name} must be 1 to 1000000")
+    return out
 
 
 def _number(msg: dict[str, Any], name: str) -> int:

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.core import closecodes
 from gateway.core.events import Ack, Bye, Hello, Turn
-from gateway.core.protocol import ERRORS, Phase, Protocol
+from gateway.core.protocol import ERRORS, MAX_INT, Phase, Protocol
 from gateway.core.session import ResumeToken, Session, SessionId
 
 CALLER = {"phone": "+14155550100", "call_id": "c1"}
@@ -135,6 +135,9 @@ def test_unknown_fields_are_ignored() -> None:
         (frame({"type": "hello"}), "invalid_message"),
         (frame({"type": "hello", "caller": CALLER, "last_seq": -1}), "invalid_message"),
         (frame({"type": "hello", "caller": CALLER, "last_seq": True}), "invalid_message"),
+        # Past what Lua and JavaScript hold exactly: refused here, before any store sees it.
+        (frame({"type": "hello", "caller": CALLER, "last_seq": 2**53}), "invalid_message"),
+        (frame({"type": "hello", "caller": CALLER, "last_seq": 2**62}), "invalid_message"),
         (frame({"type": "hello", "caller": CALLER, "resume_token": 5}), "invalid_message"),
         (frame({"type": "hello", "caller": {"phone": "12", "call_id": "c"}}), "invalid_caller"),
         (frame({"type": "hello", "caller": "me"}), "invalid_caller"),
@@ -291,6 +294,7 @@ def test_ack_event() -> None:
     protocol = opened()
     assert protocol.receive_text(frame({"type": "ack", "seq": 0})) == Ack(0)
     assert protocol.receive_text(frame({"type": "ack", "seq": 12, "extra": 1})) == Ack(12)
+    assert protocol.receive_text(frame({"type": "ack", "seq": MAX_INT})) == Ack(MAX_INT)
     assert protocol.phase is Phase.OPEN
     assert protocol.data_to_send() == []
 
@@ -301,6 +305,8 @@ def test_ack_event() -> None:
         {"type": "ack"},
         {"type": "ack", "seq": None},
         {"type": "ack", "seq": -1},
+        {"type": "ack", "seq": MAX_INT + 1},
+        {"type": "ack", "seq": 2**64},
         {"type": "ack", "seq": True},
         {"type": "ack", "seq": False},
         {"type": "ack", "seq": "3"},
@@ -414,3 +420,13 @@ def test_overloaded_error_says_when_to_come_back() -> None:
     (error,) = frames(protocol)
     assert error["retry_after"] == 1.5 and error["close_code"] == 1013 and error["reconnect"]
     assert protocol.close_reason == closecodes.OVERLOADED
+
+
+def test_buffered_counts_the_bytes_queued() -> None:
+    """The bytes of every frame queued are counted until the driver takes them."""
+    protocol = Protocol(max_message_size=1024)
+    protocol.receive_text(frame({"type": "ping"}))
+    protocol.fail("rate_limited", "slow down", retry_after=1.0)
+    counted = protocol.buffered
+    assert counted == sum(len(f) for f in protocol.data_to_send())
+    assert protocol.buffered == 0

@@ -72,6 +72,30 @@ def test_start_is_a_hello_for_the_number_and_the_call() -> None:
     }
 
 
+def test_start_copies_only_what_it_checked() -> None:
+    """Unknown mediaFormat fields (however deep) are not copied to the agent; missing
+    optional fields are None; a long parameter value is kept within its bound."""
+    stream = TwilioStream(max_message_size=4096, default_region=None)
+    deep = json.loads("[" * 300 + "]" * 300)
+    params = {"From": "+14155550100", "note": "n" * 1024}
+    event = stream.receive_text(
+        start(params, mediaFormat={"encoding": "audio/x-mulaw", "extra": deep}, tracks=None)
+    )
+    assert isinstance(event, Hello)
+    assert stream.stream is not None
+    assert stream.stream["media_format"] == {"encoding": "audio/x-mulaw"}
+    assert stream.stream["tracks"] is None
+    assert stream.stream["custom_parameters"] == params
+    bare = TwilioStream(max_message_size=4096, default_region=None)
+    body = {"streamSid": STREAM, "callSid": CALL, "customParameters": {"From": "+14155550100"}}
+    assert isinstance(bare.receive_text(json.dumps({"event": "start", "start": body})), Hello)
+    assert bare.stream is not None
+    assert (bare.stream["account_sid"], bare.stream["media_format"]) == (None, None)
+    too_long = TwilioStream(max_message_size=4096, default_region=None)
+    too_long.receive_text(start({"From": "+14155550100", "note": "n" * 1025}))
+    assert too_long.error_code == "invalid_message"
+
+
 def test_caller_parameter_name_is_configurable() -> None:
     """The caller comes from the configured custom parameter."""
     stream = TwilioStream(max_message_size=1024, caller_param="caller", default_region="US")
@@ -101,6 +125,26 @@ def test_a_caller_that_is_not_a_number_is_a_user(who: str) -> None:
         (start({"From": "+14155550100", "tenant": "bad tenant"}), "invalid_caller"),
         (start({"From": "x" * 200}), "invalid_caller"),
         (start(["From"]), "invalid_message"),
+        (
+            json.dumps({"event": "start", "start": {"streamSid": STREAM, "callSid": CALL}}),
+            "invalid_caller",
+        ),
+        # What start copies through to the agent is checked here: depth, size, type, range.
+        (
+            start({"From": "+14155550100", "x": json.loads("[" * 300 + "]" * 300)}),
+            "invalid_message",
+        ),
+        (start({"From": "+14155550100", "": "x"}), "invalid_message"),
+        (start({"From": "+14155550100", **{f"p{i}": "v" for i in range(32)}}), "invalid_message"),
+        (start(tracks=json.loads("[" * 300 + "]" * 300)), "invalid_message"),
+        (start(tracks=["inbound", "sideways"]), "invalid_message"),
+        (start(tracks="inbound"), "invalid_message"),
+        (start(mediaFormat="mulaw"), "invalid_message"),
+        (start(mediaFormat={"sampleRate": 2**70}), "invalid_message"),
+        (start(mediaFormat={"sampleRate": True}), "invalid_message"),
+        (start(mediaFormat={"channels": 0}), "invalid_message"),
+        (start(mediaFormat={"encoding": 5}), "invalid_message"),
+        (start(accountSid={"a": [1]}), "invalid_message"),
         (start(callSid=5), "invalid_message"),
         (start(streamSid="M" * 65), "invalid_message"),
         (json.dumps({"event": "start"}), "invalid_message"),
@@ -236,6 +280,23 @@ def test_media_waits_for_the_session_and_is_bounded() -> None:
     assert stream.send_media(Media("mark", "m"))
     assert len(stream.data_to_send()) == MAX_QUEUED_MEDIA + 1
     assert stream.send_media(Media("media", "AAEC"))
+
+
+def test_buffered_counts_the_bytes_queued_for_twilio() -> None:
+    """The bytes queued for Twilio are counted as they are queued, recounted when a clear
+    drops audio, and zero once taken."""
+    stream = opened()
+    stream.send_media(Media("media", "AAAA"))
+    stream.send_media(Media("mark", "m1"))
+    counted = stream.buffered
+    assert counted == sum(len(f) for f in stream.data_to_send()) and stream.buffered == 0
+    stream.send_media(Media("media", "AAAA"))
+    stream.send_media(Media("mark", "m2"))
+    stream.send_media(Media("clear", ""))
+    counted = stream.buffered
+    queued = stream.data_to_send()
+    assert [json.loads(f)["event"] for f in queued] == ["mark", "clear"]
+    assert counted == sum(len(f) for f in queued)
 
 
 def test_clear_drops_the_audio_still_queued() -> None:
