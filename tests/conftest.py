@@ -4,6 +4,8 @@ running gateway."""
 from __future__ import annotations
 
 import base64
+import gc
+import logging
 import os
 import shutil
 import time
@@ -34,6 +36,36 @@ TEST_KEYRING = Keyring.from_text(TEST_STATE_KEYS, TEST_CALLER_HASH_KEY)
 the environment, as an operator's would."""
 os.environ.setdefault("HANGON_STATE_KEYS", TEST_STATE_KEYS)
 os.environ.setdefault("HANGON_CALLER_HASH_KEY", TEST_CALLER_HASH_KEY)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def no_unhandled_loop_errors() -> Iterator[None]:
+    """Fail the test if an event loop reported an exception nobody handled: "Task exception
+    was never retrieved", an exception in a callback. Set up before the test's loop, so it
+    checks after that loop is closed and its dead tasks collected."""
+    handler = _Records()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    try:
+        yield
+        gc.collect()
+    finally:
+        logger.removeHandler(handler)
+    if handler.records:
+        pytest.fail(
+            "unhandled exception in the event loop:\n"
+            + "\n".join(handler.format(record) for record in handler.records),
+            pytrace=False,
+        )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
