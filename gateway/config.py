@@ -150,6 +150,16 @@ class LimitsConfig:
     hello_timeout: float | None = 10.0
     """Seconds a new connection has to send its hello; then ``hello_timeout``, close 4002.
     ``None``: forever."""
+    send_timeout: float = 20.0
+    """Seconds a frame, ping or close may wait for a peer (client, phone stream or agent)
+    to read it; a client past it is cut with ``slow_consumer`` (close 4009, or a reset if
+    it reads nothing), an agent link is dropped and redialled."""
+    max_send_queue: int = 1048576
+    """Bytes that may wait for one peer beyond what it is being sent: the agent's output
+    for a client or phone stream, forwarded turns and audio for an agent. Past it a client
+    is cut with ``slow_consumer``; an agent link drops audio first, then the link. Never
+    less than ``max_state_size`` plus ``max_message_size``: one state change (the whole
+    state) and one message must fit, or every state change would cut the client."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -566,6 +576,18 @@ OPTIONS: tuple[Option, ...] = (
         "hello_timeout",
         _or_none(_positive(float)),
         "seconds a new connection has to send hello; then close 4002 ('none': forever)",
+    ),
+    Option(
+        "limits",
+        "send_timeout",
+        _positive(float),
+        "seconds a frame may wait for a peer to read it; then a client is cut (close 4009)",
+    ),
+    Option(
+        "limits",
+        "max_send_queue",
+        _positive(int),
+        "bytes that may wait for one client or agent before it is cut as not reading",
     ),
     Option(
         "limits",

@@ -131,6 +131,15 @@ class Metrics:
             subsystem="agent",
             registry=r,
         )
+        self.agent_cuts = Counter(
+            "links_cut",
+            "Agent connections the gateway dropped: the agent did not read (slow_consumer), or"
+            " the link failed unexpectedly (error, logged with its session).",
+            ["reason"],
+            namespace="hangon",
+            subsystem="agent",
+            registry=r,
+        )
         self.agent_errors = Counter(
             "frames_rejected",
             "Frames from the voice agent rejected and not relayed, by error code.",
@@ -241,6 +250,8 @@ class Metrics:
             self.agent_connects.labels(result)
         for code in AGENT_ERRORS:
             self.agent_errors.labels(code)
+        for reason in ("slow_consumer", "error"):
+            self.agent_cuts.labels(reason)
         for how in ("stored", "relayed", "replayed", "dropped"):
             self.messages.labels(how)
         for replay in ("full", "partial"):

@@ -49,10 +49,13 @@ from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
 from gateway.transport.admission import Admission
 from gateway.transport.client_ws import ClientContext, handle_client, now_ms
+from gateway.transport.connection import Outbound
 from gateway.transport.keepalive import Keepalive
 
 __all__ = ["SUBPROTOCOL", "Gateway", "instance_id", "open_store"]
 
+_READ_AHEAD = 4
+"""Frames websockets reads ahead of a connection's handler (its default is 16)."""
 log = logging.getLogger("gateway.server")
 
 _READY_TIMEOUT = 1.0
@@ -179,6 +182,13 @@ class Gateway:
             turn_burst=config.limits.turn_burst,
             hello_timeout=config.limits.hello_timeout,
             max_tenant_connections=config.limits.max_tenant_connections,
+            outbound=Outbound(
+                send_timeout=config.limits.send_timeout,
+                max_send_queue=max(
+                    config.limits.max_send_queue,
+                    config.limits.max_state_size + config.limits.max_message_size,
+                ),
+            ),
         )
         admission = self.context.admission
         self.metrics.admission_waiting.set_function(lambda: admission.waiting)
@@ -222,6 +232,9 @@ class Gateway:
             # Frames up to twice the limit reach the protocol, which answers with an
             # error frame; websockets drops larger ones itself with 1009.
             max_size=2 * max_size,
+            # Frames read ahead of the handler, which takes one at a time: with max_size,
+            # the bound on what a client that sends faster than it is served makes us hold.
+            max_queue=_READ_AHEAD,
             # One task pings every connection (gateway.transport.keepalive), rather than
             # a task per connection.
             ping_interval=None,

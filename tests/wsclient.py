@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.uri import parse_uri
 
-__all__ = ["Closed", "closed", "connect", "hello", "recv", "send", "turn", "url"]
+__all__ = ["Closed", "closed", "connect", "hello", "raw_client", "recv", "send", "turn", "url"]
 
 
 def url(port: int, path: str = "/ws") -> str:
     return f"ws://127.0.0.1:{port}{path}"
+
+
+async def raw_client(
+    port: int, sock: socket.socket | None = None, *, path: str = "/ws"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ClientProtocol]:
+    """Send a WebSocket handshake on a connection of our own, which answers nothing by
+    itself (websockets' protocol queues pongs; nobody sends them)."""
+    if sock is None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    else:
+        reader, writer = await asyncio.open_connection(sock=sock)
+    protocol = ClientProtocol(parse_uri(url(port, path)), max_size=None)
+    protocol.send_request(protocol.connect())
+    writer.write(b"".join(protocol.data_to_send()))
+    return reader, writer, protocol
 
 
 async def send(ws: ClientConnection, message: dict[str, Any]) -> None:

@@ -48,7 +48,6 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from prometheus_client import Counter
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request
@@ -80,12 +79,12 @@ from gateway.metrics import Metrics
 from gateway.store.base import Restored, SessionStore
 from gateway.store.retry import retry
 from gateway.transport.admission import Admission
-from gateway.transport.downstream import AgentLink
+from gateway.transport.connection import Connection, Outbound
+from gateway.transport.downstream import AgentLink, Inbox
 
 __all__ = [
     "TOKEN_SUBPROTOCOL",
     "ClientContext",
-    "Connection",
     "LiveSession",
     "handle_client",
     "now_ms",
@@ -101,8 +100,6 @@ _REFUSALS = {
 }
 _BATCH = 64
 """Agent frames persisted in one store write at most."""
-_INBOX = 1024
-"""Agent frames waiting to be persisted before the link stops reading (backpressure)."""
 _FENCED = 4096
 """Takeovers remembered for sessions not (yet) served here: a restore in flight loses."""
 _ACLOSE_TIMEOUT = 10.0
@@ -125,80 +122,6 @@ def now_ms() -> int:
 
 
 @dataclass(slots=True, eq=False)
-class Connection:
-    """One client WebSocket: its protocol state and whoever is sending what it queued."""
-
-    ws: ServerConnection
-    protocol: Protocol | TwilioStream
-    errors: Counter
-    """``hangon_protocol_errors_total``: the error that closes the connection is counted here."""
-    sent_seq: int = 0
-    """The newest agent message queued on this connection."""
-    sending: bool = False
-    """A sender (the handler, or :attr:`writer`) is draining the queue; nobody else may."""
-    writer: asyncio.Task[None] | None = None
-    """A sender started by :meth:`flush`, until the queue is empty."""
-    finished: bool = False
-    """The handler has returned: nothing more is sent."""
-    counted: bool = False
-    """The error that closes this connection has been counted."""
-    next_ping: float = 0.0
-    """When :class:`~gateway.transport.keepalive.Keepalive` pings it next."""
-    pinging: bool = False
-    """The keepalive's ping is in flight."""
-    bucket: TokenBucket | None = None
-    """Its turn allowance, from its first turn on."""
-    tenant: str | None = None
-    """The tenant whose connection count this connection holds (from its hello on)."""
-    held: str | None = None
-    """The turn ID of a nacked turn not yet acked: until it is, other turns are nacked too,
-    so that turns are applied in the order they were sent."""
-
-    def flush(self) -> None:
-        """Send what is queued, from a task of its own; for callers other than the handler."""
-        if not self.sending and not self.finished:
-            self.sending = True  # before the task runs: the handler must not send meanwhile
-            self.writer = asyncio.create_task(self._write())
-
-    async def send(self) -> None:
-        """Send what is queued, in order, and close when the protocol says so.
-
-        An error is counted once, as soon as a sender takes from the queue after it,
-        before anything is sent: even when the client is already gone, and even
-        without an error frame (a Twilio stream gets none).
-        """
-        protocol, ws = self.protocol, self.ws
-        self.sending = True
-        try:
-            # Counted before each take from the queue, so an error set while a send was
-            # under way is counted before the close that follows it (no await between).
-            self._count()
-            while frames := protocol.data_to_send():
-                for frame in frames:
-                    await ws.send(frame, text=True)
-                del frame  # an idle connection must not hold its last frame (a welcome)
-                self._count()
-            reason = protocol.close_reason
-            if reason is not None and ws.state is State.OPEN:
-                await ws.close(reason.code, reason.reason)
-        finally:
-            self.sending = False
-            self._count()  # the client went away mid-send
-
-    async def _write(self) -> None:
-        try:
-            with contextlib.suppress(ConnectionClosed):
-                await self.send()
-        finally:
-            self.writer = None
-
-    def _count(self) -> None:
-        if self.protocol.error_code is not None and not self.counted:
-            self.counted = True
-            self.errors.labels(self.protocol.error_code).inc()
-
-
-@dataclass(slots=True, eq=False)
 class LiveSession:
     """A caller's session as this instance serves it."""
 
@@ -208,7 +131,7 @@ class LiveSession:
     """``None`` until the first restore completes."""
     client: Connection | None = None
     link: AgentLink | None = None
-    inbox: asyncio.Queue[str | bytes] | None = None
+    inbox: Inbox | None = None
     """The agent's frames waiting for the pump; made with the first agent link (see
     :func:`_inbox`), so that sessions without an agent do not carry one."""
     acked_seq: int = 0
@@ -275,6 +198,8 @@ class ClientContext:
     """Seconds a connection has to say hello; ``None``: forever."""
     max_tenant_connections: int | None = None
     """Connections that said hello one tenant may hold here; ``None``: any."""
+    outbound: Outbound = Outbound()
+    """How long a client may take to read, and how much may wait for it."""
     degrade_after: float | None = None
     """Seconds a hello waits for an unreachable store before its session opens degraded;
     ``None``: it waits through every retry, then gets ``store_unavailable``."""
@@ -386,7 +311,7 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
         protocol = Protocol(
             max_message_size=ctx.max_message_size, default_region=ctx.default_region
         )
-    conn = Connection(ws, protocol, ctx.metrics.protocol_errors)
+    conn = Connection(ws, protocol, ctx.metrics.protocol_errors, ctx.outbound)
     live: LiveSession | None = None
     ctx.metrics.connections_active.inc()
     ctx.connections.add(conn)
@@ -477,6 +402,7 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
                 await conn.writer
             await conn.send()
         conn.finished = True
+        conn.drained.set()
 
 
 def _allowed(ctx: ClientContext, conn: Connection, now: float) -> bool:
@@ -963,20 +889,22 @@ def _dial(ctx: ClientContext, live: LiveSession, reason: str) -> AgentLink:
         ctx.downstream,
         opening=opening,
         reason=reason,
-        inbox=_inbox(live),
+        inbox=_inbox(ctx, live),
         metrics=ctx.metrics,
         delays=ctx.agent_delays,
         max_size=ctx.max_message_size,
         open_timeout=ctx.agent_open_timeout,
+        send_timeout=ctx.outbound.send_timeout,
+        max_queue=ctx.outbound.max_send_queue,
         session_id=live.session.session_id,
         route=route,
     )
     return link
 
 
-def _inbox(live: LiveSession) -> asyncio.Queue[str | bytes]:
+def _inbox(ctx: ClientContext, live: LiveSession) -> Inbox:
     if live.inbox is None:
-        live.inbox = asyncio.Queue(maxsize=_INBOX)
+        live.inbox = Inbox(max_size=ctx.outbound.max_send_queue)
     return live.inbox
 
 
@@ -1217,12 +1145,20 @@ async def _pump(ctx: ClientContext, live: LiveSession) -> None:
     batch: _Batch | None = None
     delays: Iterator[float] | None = None
     while True:
+        if batch is None and live.client is not None:
+            # At the pace the client reads: the inbox fills meanwhile, and holds the agent.
+            await live.client.room()
         if not pending:
-            pending.append(await _inbox(live).get())
+            pending.append(await _inbox(ctx, live).get())
         if batch is None:
-            inbox = _inbox(live)
-            while len(pending) < _BATCH and not inbox.empty():
+            inbox = _inbox(ctx, live)
+            # Bounded in bytes too: a batch held through a store outage is memory the
+            # inbox no longer counts, and one batch must fit in the client's queue.
+            size = sum(len(frame) for frame in pending)
+            room = ctx.outbound.max_send_queue // 4
+            while len(pending) < _BATCH and size < room and not inbox.empty():
                 pending.append(inbox.get_nowait())
+                size += len(pending[-1])
         live.unsaved = len(pending)
         async with live.lock:
             if live.gone:
@@ -1310,7 +1246,15 @@ async def _persist(
         return "drop"
     except StoreError as exc:
         log.warning("agent output not written session=%s error=%s", session.session_id, exc)
-        return "retry"
+        if exc.retryable:
+            return "retry"
+        # The same write would be refused again: give the session up here, and let the
+        # client's resume start from what the store holds.
+        if live.client is not None:
+            live.client.protocol.fail("store_unavailable", "agent output not saved; reconnect")
+            live.client.flush()
+        _drop(ctx, live)
+        return "drop"
     session.commit_push(push)
     ctx.metrics.messages_stored.inc(len(push.messages))
     conn = live.client

@@ -14,6 +14,15 @@ A caller's audio is the exception: the newest :data:`EARLY_MEDIA` frames are
 kept and sent after the opening frame, so that words spoken while the link
 dials are not lost (nor seconds-old audio replayed after a long outage).
 The client is told nothing about the agent's connection.
+
+The agent is a peer like any other, and untrusted: each frame sent to it may wait
+``send_timeout`` seconds to be read, and ``max_queue`` bytes in all may wait for it
+(audio is dropped first); past either, the connection is dropped and redialled, and
+``session.resume`` tells the agent where the session stands. What it sends waits in
+an :class:`Inbox` of at most ``max_queue`` bytes; when that is full the link stops
+reading, which holds the agent back. A link that fails unexpectedly logs it once with
+its session, releases its connection and gauge, and stops; the session goes on without
+an agent until its next resume dials a new link.
 """
 
 from __future__ import annotations
@@ -27,10 +36,11 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
 
 from gateway.metrics import Metrics
 
-__all__ = ["EARLY_MEDIA", "MAX_QUEUED_MEDIA", "AgentLink", "Opening", "Route"]
+__all__ = ["EARLY_MEDIA", "MAX_QUEUED_MEDIA", "AgentLink", "Inbox", "Opening", "Route"]
 
 log = logging.getLogger("gateway.downstream")
 
@@ -49,6 +59,48 @@ Route = Callable[[str | bytes], bool]
 """Takes an agent frame that needs no store (a phone caller's audio): ``True`` if it did."""
 
 
+class Inbox:
+    """The agent's frames waiting to be persisted, bounded in characters, not frames.
+
+    A frame is taken whatever its size when the inbox is empty (the agent's frame limit
+    bounds it), so that one large frame cannot wedge the link.
+    """
+
+    def __init__(self, *, max_size: int) -> None:
+        self.max_size = max_size
+        self.size = 0
+        """Characters (or bytes) of the frames held."""
+        self._frames: deque[str | bytes] = deque()
+        self._readable = asyncio.Event()
+        self._room = asyncio.Event()
+
+    def empty(self) -> bool:
+        return not self._frames
+
+    async def put(self, frame: str | bytes) -> None:
+        """Add ``frame``, waiting while the inbox is full."""
+        while self._frames and self.size + len(frame) > self.max_size:
+            self._room.clear()
+            await self._room.wait()
+        self._frames.append(frame)
+        self.size += len(frame)
+        self._readable.set()
+
+    async def get(self) -> str | bytes:
+        """Take the oldest frame, waiting for one."""
+        while not self._frames:
+            self._readable.clear()
+            await self._readable.wait()
+        return self.get_nowait()
+
+    def get_nowait(self) -> str | bytes:
+        """Take the oldest frame; :class:`IndexError` if there is none."""
+        frame = self._frames.popleft()
+        self.size -= len(frame)
+        self._room.set()
+        return frame
+
+
 class AgentLink:
     """The connection of one session to the voice agent.
 
@@ -62,6 +114,8 @@ class AgentLink:
         delays: A fresh, endless sequence of redial delays (seconds) per outage.
         max_size: Largest frame accepted from the agent; larger ones drop the link.
         open_timeout: Seconds to wait for the agent's handshake.
+        send_timeout: Seconds a frame may wait for the agent to read it.
+        max_queue: Bytes that may wait to be sent to the agent.
         session_id: For log lines.
         route: Sees every agent frame before ``inbox`` does, and keeps those it takes.
     """
@@ -72,12 +126,14 @@ class AgentLink:
         *,
         opening: Opening,
         reason: str,
-        inbox: asyncio.Queue[str | bytes],
+        inbox: Inbox,
         metrics: Metrics,
         delays: Callable[[], Iterator[float]],
         max_size: int,
         open_timeout: float,
         session_id: str,
+        send_timeout: float = 20.0,
+        max_queue: int = 1 << 20,
         route: Route | None = None,
     ) -> None:
         self.url = url
@@ -88,11 +144,17 @@ class AgentLink:
         self._delays = delays
         self._max_size = max_size
         self._open_timeout = open_timeout
+        self._send_timeout = send_timeout
+        self._max_queue = max_queue
+        self._queued = 0
+        """Bytes in :attr:`_outbox`."""
         self._session_id = session_id
         self._route = route
         self._ws: ClientConnection | None = None
         self._outbox: deque[bytes] = deque()
         self._early: deque[bytes] = deque()
+        self._early_size = 0
+        """Bytes in :attr:`_early`."""
         self._wake = asyncio.Event()
         self._closing = False
         self._final: bytes | None = None
@@ -106,25 +168,54 @@ class AgentLink:
         wait for an agent that reads slower than the caller speaks; it is counted
         as relayed or dropped where its fate is decided.
         """
+        ws = self._ws
         if not droppable:
-            if self._ws is not None and not self._closing:
-                self._outbox.append(frame)
-                self._wake.set()
+            if ws is not None and not self._closing:
+                if self._queued + len(frame) > self._max_queue:
+                    # Not reading: what is queued goes, and so does the connection. The
+                    # redial's session.resume says where the session stands.
+                    self._metrics.agent_cuts.labels("slow_consumer").inc()
+                    log.warning(
+                        "agent not reading, link dropped session=%s queued=%d",
+                        self._session_id,
+                        self._queued,
+                    )
+                    self._clear()
+                    ws.transport.abort()
+                    return
+                self._queue(frame)
             return
         media = self._metrics.media
         if self._closing:
             media.labels("to_agent", "dropped").inc()
-        elif self._ws is None:
-            if len(self._early) >= EARLY_MEDIA:
-                self._early.popleft()
+        elif ws is None:
+            # The newest EARLY_MEDIA frames, and no more than half the queue in bytes.
+            while self._early and (
+                len(self._early) >= EARLY_MEDIA
+                or self._early_size + len(frame) > self._max_queue // 2
+            ):
+                self._early_size -= len(self._early.popleft())
                 media.labels("to_agent", "dropped").inc()
             self._early.append(frame)
-        elif len(self._outbox) >= MAX_QUEUED_MEDIA:
+            self._early_size += len(frame)
+        elif (
+            len(self._outbox) >= MAX_QUEUED_MEDIA
+            or self._queued + len(frame) > self._max_queue // 2
+        ):
+            # Audio may take half the queue: the rest stays for turns, which matter more.
             media.labels("to_agent", "dropped").inc()
         else:
-            self._outbox.append(frame)
-            self._wake.set()
+            self._queue(frame)
             media.labels("to_agent", "relayed").inc()
+
+    def _queue(self, frame: bytes) -> None:
+        self._outbox.append(frame)
+        self._queued += len(frame)
+        self._wake.set()
+
+    def _clear(self) -> None:
+        self._outbox.clear()
+        self._queued = 0
 
     def reopen(self, reason: str) -> None:
         """Tell the agent where the session stands, now or on the next connection.
@@ -149,6 +240,7 @@ class AgentLink:
         if self._early:
             self._metrics.media.labels("to_agent", "dropped").inc(len(self._early))
             self._early.clear()
+            self._early_size = 0
         if self._ws is None:
             self._task.cancel()
         return self._wait()
@@ -158,6 +250,20 @@ class AgentLink:
             await self._task
 
     async def _run(self) -> None:
+        try:
+            await self._dial()
+        except Exception:
+            # A bug, or input that got past the checks: logged once, here, with the session;
+            # the connection and gauge were released on the way out. Redialling would only
+            # fail again.
+            log.exception("agent link failed session=%s", self._session_id)
+            self._metrics.agent_cuts.labels("error").inc()
+            self._closing = True
+            self._clear()
+            self._early.clear()
+            self._early_size = 0
+
+    async def _dial(self) -> None:
         delays = self._delays()
         while not self._closing:
             try:
@@ -165,6 +271,8 @@ class AgentLink:
                     self.url,
                     open_timeout=self._open_timeout,
                     max_size=2 * self._max_size,
+                    # Read ahead of the inbox: the reader moves each frame on at once.
+                    max_queue=4,
                     compression=None,
                 )
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
@@ -190,20 +298,27 @@ class AgentLink:
 
     async def _serve(self, ws: ClientConnection) -> None:
         self._metrics.agent_links_active.inc()
-        self._outbox.clear()
-        if not self._closing:
-            # Built now, so it carries the state as it stands; never once stopped, when the
-            # session it would describe may be another one.
-            self._outbox.append(self._opening(self._reason))
-            self._outbox.extend(self._early)
-            self._metrics.media.labels("to_agent", "relayed").inc(len(self._early))
-        self._early.clear()
-        self._ws = ws
-        reader = asyncio.create_task(self._read(ws))
+        reader: asyncio.Task[None] | None = None
         try:
+            self._clear()
+            if not self._closing:
+                # Built now, so it carries the state as it stands; never once stopped, when
+                # the session it would describe may be another one.
+                self._queue(self._opening(self._reason))
+                for frame in self._early:
+                    self._queue(frame)
+                self._metrics.media.labels("to_agent", "relayed").inc(len(self._early))
+            self._early.clear()
+            self._early_size = 0
+            self._ws = ws
+            reader = asyncio.create_task(self._read(ws))
             while not reader.done():
                 while self._outbox:
-                    await ws.send(self._outbox.popleft(), text=True)
+                    frame = self._outbox.popleft()
+                    self._queued -= len(frame)
+                    async with asyncio.timeout(self._send_timeout):
+                        await ws.send(frame, text=True)
+                    del frame
                 if self._closing:
                     # An agent that stops reading must not hold up a shutdown.
                     async with asyncio.timeout(_CLOSE_TIMEOUT):
@@ -213,18 +328,27 @@ class AgentLink:
                     break
                 self._wake.clear()
                 waiter = asyncio.create_task(self._wake.wait())
-                await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+                try:
+                    await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
         except ConnectionClosed:
             pass
         except TimeoutError:
+            if not self._closing:
+                self._metrics.agent_cuts.labels("slow_consumer").inc()
+                log.warning("agent not reading, link dropped session=%s", self._session_id)
             ws.transport.abort()
         finally:
             self._ws = None
+            self._clear()
             self._metrics.agent_links_active.dec()
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                await reader
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await reader
+            if ws.state is not State.CLOSED:
+                ws.transport.abort()  # left by an unexpected error: never held open
             if not self._closing:
                 log.warning("agent link dropped session=%s", self._session_id)
 

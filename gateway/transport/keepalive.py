@@ -6,7 +6,10 @@ one sweep runs every :data:`TICK` seconds over the open connections and pings
 those whose turn has come; a ping waits for its pong in a task of its own, for a
 round trip. What a client sees is what websockets does: a ping every
 ``interval`` seconds, and close 1011 ``keepalive ping timeout`` when no pong
-comes within ``timeout``.
+comes within ``timeout`` of the ping being queued (websockets' own keepalive starts
+that clock only once the send buffer drained, which a peer that stops reading never
+lets happen). If the close frame is not taken within ``timeout`` either, the TCP
+connection is reset.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.protocol import State
+
+from gateway.transport.connection import hang_up
 
 __all__ = ["TICK", "Keepalive", "Pinged"]
 
@@ -91,13 +96,19 @@ class Keepalive:
         ws = conn.ws
         try:
             with contextlib.suppress(ConnectionClosed):
-                pong = await ws.ping()
                 if self.timeout is None:
-                    return  # the pong frees the waiter; nothing waits for it
+                    await ws.ping()  # the pong frees the waiter; nothing waits for it
+                    return
                 try:
+                    # The clock starts when the ping is queued: websockets' ping() returns
+                    # only once the send buffer drained, which a peer that stopped reading
+                    # never lets happen.
                     async with asyncio.timeout(self.timeout):
+                        pong = await ws.ping()
                         await pong
                 except TimeoutError:
-                    await ws.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                    await hang_up(
+                        ws, CloseCode.INTERNAL_ERROR, "keepalive ping timeout", timeout=self.timeout
+                    )
         finally:
             conn.pinging = False

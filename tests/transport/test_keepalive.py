@@ -7,30 +7,13 @@ import asyncio
 import json
 import socket
 
-from websockets.client import ClientProtocol
 from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import State
-from websockets.uri import parse_uri
 
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.server import Gateway
-from tests.wsclient import connect, hello, turn, url
-
-
-async def raw_client(
-    port: int, sock: socket.socket | None = None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ClientProtocol]:
-    """Send a WebSocket handshake on a connection of our own, which answers nothing by
-    itself (websockets' protocol queues pongs; nobody sends them)."""
-    if sock is None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    else:
-        reader, writer = await asyncio.open_connection(sock=sock)
-    protocol = ClientProtocol(parse_uri(url(port)), max_size=None)
-    protocol.send_request(protocol.connect())
-    writer.write(b"".join(protocol.data_to_send()))
-    return reader, writer, protocol
+from tests.wsclient import connect, hello, raw_client, turn, url
 
 
 async def silent_client(port: int) -> list[Frame]:
@@ -94,9 +77,10 @@ def ping_tasks() -> int:
 
 async def test_a_client_that_stopped_reading_holds_one_ping_at_most(config: Config) -> None:
     """A client that stopped reading while its welcome is still being sent has one ping in
-    flight at most, however many intervals pass, as with websockets' own keepalive."""
-    cfg = config.replace("keepalive", ping_interval=0.2, ping_timeout=0.2).replace(
-        "limits", max_message_size=1_000_000, max_state_size=16_000_000
+    flight at most, however many intervals pass, as with websockets' own keepalive (no pong
+    deadline and a long send timeout here, so that nothing cuts it meanwhile)."""
+    cfg = config.replace("keepalive", ping_interval=0.2, ping_timeout=None).replace(
+        "limits", max_message_size=1_000_000, max_state_size=16_000_000, send_timeout=60.0
     )
     caller = {"user_id": "u-stuck", "call_id": "c"}
     async with Gateway(cfg, metrics=Metrics()) as gateway:
