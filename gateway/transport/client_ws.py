@@ -239,10 +239,16 @@ class ClientContext:
         return self.store.settings.keyring.digest(caller)
 
     def background(self, coro: Awaitable[None]) -> None:
-        """Run ``coro`` in the background; :meth:`aclose` waits for it."""
+        """Run ``coro`` in the background; :meth:`aclose` waits for it, and a failure is
+        logged once, here (the tasks handle the failures they expect)."""
         task = asyncio.ensure_future(coro)
         self.closing.add(task)
-        task.add_done_callback(self.closing.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Future[None]) -> None:
+        self.closing.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("background task failed", exc_info=exc)
 
     async def aclose(self) -> None:
         """Drop every session (agent links close; stored state stays) and wait for closes."""
@@ -257,11 +263,7 @@ class ClientContext:
                 # cancellation; a task that missed its own must not hold up the exit.
                 log.warning("shutdown: %d background tasks did not stop", len(self.closing))
                 return
-            tasks = set(self.closing)
-            done, _ = await asyncio.wait(tasks, timeout=left)
-            for task in done:
-                if not task.cancelled():
-                    task.exception()  # retrieved: failures were logged where they happened
+            await asyncio.wait(set(self.closing), timeout=left)  # _finished retrieves them
 
     def taken_over(self, session_id: SessionId, epoch: int) -> None:
         """Another instance restored ``session_id`` at ``epoch``: stop serving it here."""
@@ -284,10 +286,13 @@ class ClientContext:
         self.draining = True
         rng = random.Random()
         lives = list(self.live.values())
-        await asyncio.gather(
+        results = await asyncio.gather(
             *(_drain_session(self, live, rng.uniform(0, period)) for live in lives),
             return_exceptions=True,
         )
+        for live, result in zip(lives, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("drain failed caller=%s", self.who(live.caller), exc_info=result)
         for conn in list(self.connections):
             conn.protocol.close(SERVICE_RESTART)
             conn.flush()
@@ -1110,8 +1115,10 @@ def _stop_tasks(ctx: ClientContext, live: LiveSession) -> None:
         if task is None or task is current:
             continue
         task.cancel()
-        if isinstance(task, asyncio.Task):
-            ctx.background(task)  # shutdown waits until it has stopped
+        if isinstance(task, asyncio.Task) and not task.done():
+            # Shutdown waits until it has stopped. One that is done already was logged
+            # by _log_failure, if it failed.
+            ctx.background(task)
     live.pump = live.renewal = live.recovery = None
 
 

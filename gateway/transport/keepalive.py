@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -28,6 +29,8 @@ from websockets.protocol import State
 from gateway.transport.connection import hang_up
 
 __all__ = ["TICK", "Keepalive", "Pinged"]
+
+log = logging.getLogger("gateway.keepalive")
 
 TICK = 1.0
 """Seconds between sweeps at most; a shorter interval sweeps more often."""
@@ -90,7 +93,12 @@ class Keepalive:
                 conn.pinging = True
                 task = asyncio.create_task(self._ping(conn))
                 self._pings.add(task)
-                task.add_done_callback(self._pings.discard)
+                task.add_done_callback(self._pinged)
+
+    def _pinged(self, task: asyncio.Task[None]) -> None:
+        self._pings.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("keepalive ping failed", exc_info=exc)
 
     async def _ping(self, conn: Pinged) -> None:
         ws = conn.ws
