@@ -33,7 +33,7 @@ from gateway.core.protocol import Protocol
 from gateway.core.ratelimit import TokenBucket
 from gateway.core.twilio import TwilioStream
 
-__all__ = ["Connection", "Outbound", "hang_up"]
+__all__ = ["Connection", "Outbound", "fits", "hang_up"]
 
 log = logging.getLogger("gateway.client")
 
@@ -59,6 +59,17 @@ async def hang_up(ws: ServerConnection, code: int, reason: str, *, timeout: floa
             await ws.close(code, reason)
     except TimeoutError:
         ws.transport.abort()
+
+
+_HEADER = 14
+"""The most bytes a WebSocket frame's header takes (RFC 6455 section 5.2)."""
+
+
+def fits(transport: asyncio.WriteTransport, size: int) -> bool:
+    """Whether a frame of ``size`` bytes stays under ``transport``'s write limit: then
+    websockets' send does not wait for the buffer to drain, and needs no deadline."""
+    _, high = transport.get_write_buffer_limits()
+    return transport.get_write_buffer_size() + size + _HEADER <= high
 
 
 @dataclass(slots=True, eq=False)
@@ -122,6 +133,8 @@ class Connection:
         so that a producer (the agent's relay) goes at the pace the client reads; cut the
         client if that takes longer than :attr:`Outbound.send_timeout`."""
         half = self.outbound.max_send_queue // 2
+        if self.waiting() <= half:
+            return  # the usual case: no timer armed
         try:
             async with asyncio.timeout(self.outbound.send_timeout):
                 while self.waiting() > half and not self.finished and self.cut_by is None:
@@ -183,9 +196,13 @@ class Connection:
         protocol, ws = self.protocol, self.ws
         while frames := protocol.data_to_send():
             self.pending = sum(len(frame) for frame in frames)
+            transport = ws.transport
             for frame in frames:
-                async with asyncio.timeout_at(self._deadline()):
-                    await ws.send(frame, text=True)
+                if fits(transport, len(frame)):
+                    await ws.send(frame, text=True)  # the usual case: no timer armed
+                else:
+                    async with asyncio.timeout_at(self._deadline()):
+                        await ws.send(frame, text=True)
                 self.pending -= len(frame)
                 self.drained.set()
             del frame  # an idle connection must not hold its last frame (a welcome)

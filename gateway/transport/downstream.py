@@ -39,6 +39,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State
 
 from gateway.metrics import Metrics
+from gateway.transport.connection import fits
 
 __all__ = ["EARLY_MEDIA", "MAX_QUEUED_MEDIA", "AgentLink", "Inbox", "Opening", "Route"]
 
@@ -316,8 +317,11 @@ class AgentLink:
                 while self._outbox:
                     frame = self._outbox.popleft()
                     self._queued -= len(frame)
-                    async with asyncio.timeout(self._send_timeout):
-                        await ws.send(frame, text=True)
+                    if fits(ws.transport, len(frame)):
+                        await ws.send(frame, text=True)  # the usual case: no timer armed
+                    else:
+                        async with asyncio.timeout(self._send_timeout):
+                            await ws.send(frame, text=True)
                     del frame
                 if self._closing:
                     # An agent that stops reading must not hold up a shutdown.
