@@ -54,8 +54,6 @@ from gateway.transport.keepalive import Keepalive
 
 __all__ = ["SUBPROTOCOL", "Gateway", "instance_id", "open_store"]
 
-_READ_AHEAD = 4
-"""Frames websockets reads ahead of a connection's handler (its default is 16)."""
 log = logging.getLogger("gateway.server")
 
 _READY_TIMEOUT = 1.0
@@ -232,9 +230,6 @@ class Gateway:
             # Frames up to twice the limit reach the protocol, which answers with an
             # error frame; websockets drops larger ones itself with 1009.
             max_size=2 * max_size,
-            # Frames read ahead of the handler, which takes one at a time: with max_size,
-            # the bound on what a client that sends faster than it is served makes us hold.
-            max_queue=_READ_AHEAD,
             # One task pings every connection (gateway.transport.keepalive), rather than
             # a task per connection.
             ping_interval=None,

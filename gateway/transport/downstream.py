@@ -272,8 +272,6 @@ class AgentLink:
                     self.url,
                     open_timeout=self._open_timeout,
                     max_size=2 * self._max_size,
-                    # Read ahead of the inbox: the reader moves each frame on at once.
-                    max_queue=4,
                     compression=None,
                 )
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
