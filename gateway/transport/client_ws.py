@@ -407,7 +407,8 @@ async def handle_client(ctx: ClientContext, ws: ServerConnection, *, twilio: boo
                 await conn.writer
             await conn.send()
         conn.finished = True
-        conn.drained.set()
+        if conn.drained is not None:
+            conn.drained.set()
 
 
 def _allowed(ctx: ClientContext, conn: Connection, now: float) -> bool:

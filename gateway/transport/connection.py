@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client import Counter
 from websockets.asyncio.server import ServerConnection
@@ -104,8 +104,9 @@ class Connection:
     so that turns are applied in the order they were sent."""
     pending: int = 0
     """Bytes a sender took from the protocol and has not written yet."""
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set each time a frame was written, and once the handler returned."""
+    drained: asyncio.Event | None = None
+    """Made by :meth:`room` when it has to wait; set each time a frame was written, and
+    once the handler returned. Most connections never need one."""
     cut_by: float | None = None
     """Set once the client was found not reading: the event loop time by which the error
     frame and close must have been taken, or the connection is reset."""
@@ -138,8 +139,9 @@ class Connection:
         try:
             async with asyncio.timeout(self.outbound.send_timeout):
                 while self.waiting() > half and not self.finished and self.cut_by is None:
-                    self.drained.clear()
-                    await self.drained.wait()
+                    drained = self.drained = self.drained or asyncio.Event()
+                    drained.clear()
+                    await drained.wait()
         except TimeoutError:
             self.cut(f"{self.waiting()} bytes waited {self.outbound.send_timeout:g} s to be read")
             self.flush()
@@ -189,7 +191,8 @@ class Connection:
         finally:
             self.sending = False
             self.pending = 0
-            self.drained.set()
+            if self.drained is not None:
+                self.drained.set()
             self._count()  # the client went away mid-send
 
     async def _send_queued(self) -> None:
@@ -204,7 +207,8 @@ class Connection:
                     async with asyncio.timeout_at(self._deadline()):
                         await ws.send(frame, text=True)
                 self.pending -= len(frame)
-                self.drained.set()
+                if self.drained is not None:
+                    self.drained.set()
             del frame  # an idle connection must not hold its last frame (a welcome)
             self._count()
         reason = protocol.close_reason
