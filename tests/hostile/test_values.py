@@ -264,3 +264,35 @@ async def test_agent_output_the_store_refuses_is_not_retried(
             async with connect(url(gw.port)) as ws:
                 again = await hello(ws, CALLER, resume_token=welcome["resume_token"])
             assert (again["version"], again["seq"]) == (1, 0)
+
+
+STREAM = "MZ" + "2" * 32
+TWILIO_FRAMES = [
+    {"event": "media", "media": {"track": "inbound", "chunk": "9" * 19, "timestamp": "1"}},
+    {"event": "media", "media": {"track": DEEP, "chunk": "1", "timestamp": "1", "payload": "AA=="}},
+    {"event": "media", "media": {"track": "inbound", "chunk": 2**62, "timestamp": "1"}},
+    {"event": "media", "media": DEEP_OBJECT},
+    {"event": "dtmf", "sequenceNumber": "1", "dtmf": {"digit": DEEP}},
+    {"event": "dtmf", "sequenceNumber": "9" * 40, "dtmf": {"digit": "1"}},
+    {"event": "mark", "mark": {"name": "m" * 300}},
+    {"event": "mark", "mark": DEEP},
+]
+
+
+@pytest.mark.parametrize("frame", TWILIO_FRAMES, ids=range(len(TWILIO_FRAMES)))
+async def test_a_bad_twilio_frame_changes_nothing(
+    gateway: Gateway, settings: StoreSettings, frame: dict[str, Any]
+) -> None:
+    """A media, dtmf or mark frame with a value out of range, too deep or too long closes
+    its stream with 1007; the call's session is byte for byte as it was."""
+    async with Bystander(gateway.port) as bystander:
+        async with connect(url(gateway.port, "/v1/twilio")) as ws:
+            await send(ws, {"event": "connected", "protocol": "Call", "version": "1.0.0"})
+            await send(ws, start())
+            await asyncio.sleep(0.2)  # the session is open
+            before = await snapshot(gateway.store, settings.key_prefix)
+            await send(ws, {**frame, "streamSid": STREAM})
+            result = await closed(ws)
+        assert result.code == 1007
+        assert await snapshot(gateway.store, settings.key_prefix) == before
+        await bystander.check()
