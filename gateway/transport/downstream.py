@@ -71,6 +71,8 @@ class Inbox:
         self.max_size = max_size
         self.size = 0
         """Characters (or bytes) of the frames held."""
+        self.holding = 0
+        """Producers waiting for room: the agent is being held back, on purpose."""
         self._frames: deque[str | bytes] = deque()
         self._readable = asyncio.Event()
         self._room = asyncio.Event()
@@ -82,7 +84,11 @@ class Inbox:
         """Add ``frame``, waiting while the inbox is full."""
         while self._frames and self.size + len(frame) > self.max_size:
             self._room.clear()
-            await self._room.wait()
+            self.holding += 1
+            try:
+                await self._room.wait()
+            finally:
+                self.holding -= 1
         self._frames.append(frame)
         self.size += len(frame)
         self._readable.set()
@@ -318,8 +324,7 @@ class AgentLink:
                     if fits(ws.transport, len(frame)):
                         await ws.send(frame, text=True)  # the usual case: no timer armed
                     else:
-                        async with asyncio.timeout(self._send_timeout):
-                            await ws.send(frame, text=True)
+                        await self._send_slowly(ws, frame)
                     del frame
                 if self._closing:
                     # An agent that stops reading must not hold up a shutdown.
@@ -353,6 +358,28 @@ class AgentLink:
                 ws.transport.abort()  # left by an unexpected error: never held open
             if not self._closing:
                 log.warning("agent link dropped session=%s", self._session_id)
+
+    async def _send_slowly(self, ws: ClientConnection, frame: bytes) -> None:
+        """Send a frame that waits for the send buffer to drain, for ``send_timeout`` at
+        most, not counting the time the inbox holds the agent back: an agent that blocks
+        on its own sends while we do not read it cannot read us either, and is not to
+        blame (the client that is not reading is, and is cut by its own bounds).
+
+        Raises:
+            TimeoutError: The agent did not read the frame in time.
+        """
+        sending = asyncio.ensure_future(ws.send(frame, text=True))
+        try:
+            while True:
+                done, _ = await asyncio.wait({sending}, timeout=self._send_timeout)
+                if done:
+                    sending.result()
+                    return
+                if not self._inbox.holding:
+                    raise TimeoutError
+        finally:
+            if not sending.done():
+                sending.cancel()
 
     async def _read(self, ws: ClientConnection) -> None:
         with contextlib.suppress(ConnectionClosed):

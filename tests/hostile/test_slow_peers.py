@@ -73,6 +73,8 @@ async def test_a_client_that_stops_reading_is_cut_and_resumes(config: Config) ->
             most = await flood_turns(gw, peer, seconds=10)
             await peer.aclose()
             assert errors(gw, "slow_consumer") == 1
+            # The agent, held back because the client is, is not blamed for it.
+            assert agent_cuts(gw, "slow_consumer") == 0
             # The queue limit, one frame over it, and what the transport holds.
             assert most <= QUEUE + 2 * 25_000 + WRITE_LIMIT
             async with connect(url(gw.port)) as ws:
