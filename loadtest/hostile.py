@@ -10,7 +10,7 @@ bystander session open beside the attacks, and runs:
    it. Measures the gateway's RSS growth, how long until it cut the client, and RSS
    once the client is gone.
 2. ``twilio-deep``: Twilio ``start`` frames whose pass-through fields nest 300 deep.
-   Each must close 1007 with no agent link left behind.
+   Each must close 1007 with no agent link left behind and no key added to Redis.
 3. ``last-seq``: a ``hello`` with ``last_seq`` 2^62 beside the caller's live
    connection. Redis must be byte for byte unchanged, and the live connection's
    next turn must be acknowledged.
@@ -183,29 +183,39 @@ async def non_reader(gw: Gateway, *, seconds: float) -> dict[str, Any]:
         peak = max(peak, gw.rss())
     writer.transport.abort()
     await asyncio.sleep(5)
+    # The agent, held back while the client was, must not be blamed for it.
+    cut = await metric(gw, 'hangon_agent_links_cut_total{reason="slow_consumer"}')
     return {
+        "agent_links_cut": cut,
         "turns_sent": i,
         "cut_after_s": None if cut_after is None else round(cut_after, 1),
         "rss_before_mib": round(before / MIB, 1),
         "rss_peak_growth_mib": round((peak - before) / MIB, 1),
         "rss_after_mib": round(gw.rss() / MIB, 1),
-        "ok": cut_after is not None and cut_after < 60 and peak - before < 50 * MIB,
+        "ok": cut_after is not None and cut_after < 60 and peak - before < 50 * MIB and cut == 0,
     }
 
 
-async def agent_links(gw: Gateway) -> float:
+async def metric(gw: Gateway, sample: str) -> float:
+    """One sample of the gateway's /metrics, as written there (name and labels)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     body = (await reader.read()).decode()
     writer.close()
-    found = re.search(r"^hangon_agent_links_active (\S+)$", body, re.M)
+    found = re.search(rf"^{re.escape(sample)} (\S+)$", body, re.M)
     return float(found.group(1)) if found else -1.0
+
+
+async def agent_links(gw: Gateway) -> float:
+    return await metric(gw, "hangon_agent_links_active")
 
 
 async def twilio_deep(gw: Gateway, client: aioredis.Redis, *, streams: int = 20) -> dict[str, Any]:
     """Attack 2: Twilio starts whose pass-through fields nest 300 deep."""
     links = await agent_links(gw)
-    before = await snapshot(client, gw.prefix)
+    # Keys, not their contents: the sessions of the other attacks may still be written to
+    # (the non-reader's agent output, stored after its cut), but no stream may add one.
+    before = set(await snapshot(client, gw.prefix))
     deep = json.loads("[" * 300 + "]" * 300)
     codes = []
     for n in range(streams):
@@ -227,13 +237,13 @@ async def twilio_deep(gw: Gateway, client: aioredis.Redis, *, streams: int = 20)
             codes.append(ws.close_code)
     await asyncio.sleep(1)
     after = await agent_links(gw)
-    unchanged = await snapshot(client, gw.prefix) == before
+    unchanged = set(await snapshot(client, gw.prefix)) == before
     return {
         "streams": streams,
         "close_codes": sorted(set(codes), key=str),
         "agent_links_before": links,
         "agent_links_after": after,
-        "redis_unchanged": unchanged,
+        "no_keys_added": unchanged,
         "ok": set(codes) == {1007} and after == links and unchanged,
     }
 
@@ -248,8 +258,16 @@ async def last_seq(gw: Gateway, client: aioredis.Redis) -> dict[str, Any]:
     caller = {"phone": "+14155550123", "call_id": secrets.token_hex(4)}
     async with connect(gw.url()) as live:
         welcome = await hello(live, caller)
-        first = await turn(live, "l1", text="Ada")
-        version = max(first["version"], await quiet(live))
+        await turn(live, "l1", text="Ada")
+        # The demo agent answers with a state change, then a message: both stored before
+        # the snapshot, however slow the machine.
+        version = 0
+        while True:
+            frame = json.loads(await asyncio.wait_for(live.recv(), 10))
+            if frame["type"] == "state":
+                version = frame["version"]
+            elif frame["type"] == "msg" and version:
+                break
         before = await snapshot(client, gw.prefix)
         async with connect(gw.url()) as bad:
             await bad.send(

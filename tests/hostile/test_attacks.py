@@ -27,4 +27,4 @@ async def test_the_three_attacks_leave_the_gateway_whole(redis_url: str, tmp_pat
     assert report["non_reader"]["cut_after_s"] < 10, report
     assert report["non_reader"]["rss_peak_growth_mib"] < 50, report
     for part in ("non_reader", "twilio_deep", "last_seq", "bystander", "log"):
-        assert report[part]["ok"], report
+        assert report[part]["ok"], (part, report[part])
