@@ -35,6 +35,12 @@ __all__ = [
 ]
 
 
+_MAX_STATE_SIZE = 15 << 20
+"""Largest ``--max-state-size``: a sealed state of at most 16 MiB is what the store takes."""
+_MAX_INSTANCE_ID = 512
+"""Longest ``--instance-id`` in UTF-8 bytes: the store takes an owner of at most that."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -274,6 +280,15 @@ class Config:
             raise ConfigError("--max-message-size", self.limits.max_message_size, "below 1024")
         if self.limits.max_state_size < 1024:
             raise ConfigError("--max-state-size", self.limits.max_state_size, "below 1024")
+        if self.limits.max_state_size > _MAX_STATE_SIZE:
+            # The store scripts refuse a sealed state past 16 MiB (gateway/store/base.py).
+            raise ConfigError(
+                "--max-state-size", self.limits.max_state_size, "above 15 MiB (15728640)"
+            )
+        instance = self.server.instance_id
+        if instance is not None and len(instance.encode()) > _MAX_INSTANCE_ID:
+            # Written into every session it serves; the store scripts refuse a longer owner.
+            raise ConfigError("--instance-id", instance, f"longer than {_MAX_INSTANCE_ID} bytes")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Config:

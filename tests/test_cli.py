@@ -88,6 +88,11 @@ def test_flag_error_names_flag(capsys: pytest.CaptureFixture[str]) -> None:
         ({"HANGON_DOWNSTREAM": "http://agent"}, "HANGON_DOWNSTREAM"),
         ({"HANGON_AGENT_LINGER": "-1"}, "HANGON_AGENT_LINGER"),
         ({"HANGON_REPLAY_WINDOW": "0"}, "HANGON_REPLAY_WINDOW"),
+        # What the store scripts would refuse on every call: refused at start instead.
+        ({"HANGON_MAX_STATE_SIZE": str(15 * 2**20 + 1)}, "HANGON_MAX_STATE_SIZE"),
+        ({"HANGON_INSTANCE_ID": "i" * 513}, "HANGON_INSTANCE_ID"),
+        ({"HANGON_SEND_TIMEOUT": "0"}, "HANGON_SEND_TIMEOUT"),
+        ({"HANGON_MAX_SEND_QUEUE": "0"}, "HANGON_MAX_SEND_QUEUE"),
     ],
 )
 def test_invalid_values(environ: dict[str, str], name: str) -> None:

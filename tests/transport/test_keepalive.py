@@ -80,7 +80,7 @@ async def test_a_client_that_stopped_reading_holds_one_ping_at_most(config: Conf
     flight at most, however many intervals pass, as with websockets' own keepalive (no pong
     deadline and a long send timeout here, so that nothing cuts it meanwhile)."""
     cfg = config.replace("keepalive", ping_interval=0.2, ping_timeout=None).replace(
-        "limits", max_message_size=1_000_000, max_state_size=16_000_000, send_timeout=60.0
+        "limits", max_message_size=1_000_000, max_state_size=15_000_000, send_timeout=60.0
     )
     caller = {"user_id": "u-stuck", "call_id": "c"}
     async with Gateway(cfg, metrics=Metrics()) as gateway:
