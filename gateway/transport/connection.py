@@ -48,14 +48,15 @@ class Outbound:
     """Bytes that other tasks may queue for one connection before it is cut."""
 
 
-async def hang_up(ws: ServerConnection, code: int, reason: str, *, timeout: float) -> None:
-    """Close ``ws`` with ``code``, resetting it if the close frame is not taken in time.
+async def hang_up(ws: ServerConnection, code: int, reason: str, *, deadline: float) -> None:
+    """Close ``ws`` with ``code``, resetting it if the close is not done by ``deadline``
+    (event loop time).
 
     websockets' ``close()`` waits, unbounded, for the send buffer to drain before its
     own close timeout starts: a peer that stops reading would hold it forever.
     """
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout_at(deadline):
             await ws.close(code, reason)
     except TimeoutError:
         ws.transport.abort()
@@ -213,13 +214,7 @@ class Connection:
             self._count()
         reason = protocol.close_reason
         if reason is not None and ws.state is State.OPEN:
-            try:
-                async with asyncio.timeout_at(self._deadline()):
-                    await ws.close(reason.code, reason.reason)
-            except TimeoutError:
-                # websockets' close() waits, unbounded, for the send buffer to drain
-                # before its own close timeout starts.
-                ws.transport.abort()
+            await hang_up(ws, reason.code, reason.reason, deadline=self._deadline())
 
     def _deadline(self) -> float:
         limit = asyncio.get_running_loop().time() + self.outbound.send_timeout

@@ -115,8 +115,9 @@ class Keepalive:
                         pong = await ws.ping()
                         await pong
                 except TimeoutError:
+                    deadline = asyncio.get_running_loop().time() + self.timeout
                     await hang_up(
-                        ws, CloseCode.INTERNAL_ERROR, "keepalive ping timeout", timeout=self.timeout
+                        ws, CloseCode.INTERNAL_ERROR, "keepalive ping timeout", deadline=deadline
                     )
         finally:
             conn.pinging = False
