@@ -261,6 +261,12 @@ class RedisStore:
         self._lease_ms = int(settings.lease * 1000)
         self._max_age_ms = -1 if settings.max_age is None else int(settings.max_age * 1000)
         self._keyring = settings.keyring
+        # The lifetimes the scripts would refuse, checked once: they never change.
+        check_int("settings", "ttl_ms", self._ttl_ms, 1)
+        check_int("settings", "end_ttl_ms", self._end_ttl_ms, 1)
+        check_int("settings", "lease_ms", self._lease_ms)
+        check_int("settings", "max_age_ms", self._max_age_ms, -1)
+        check_int("settings", "window", settings.replay_window)
 
     def _keys(self, caller: CallerKey) -> tuple[str, str, str]:
         return session_keys(self.settings.key_prefix, caller, self._keyring)
@@ -271,13 +277,6 @@ class RedisStore:
         # epoch it bumped is gone, so the next write is refused and resumes.
         durable = script is not self._restore and script is not self._touch
         return await self._scripts.run(script, keys, args, durable=durable)
-
-    def _check_lifetimes(self, op: str, now_ms: int) -> None:
-        """Refuse a TTL or lease that the scripts would refuse (settings are checked nowhere
-        else)."""
-        check_int(op, "ttl_ms", self._ttl_ms, 1)
-        check_int(op, "lease_ms", self._lease_ms)
-        check_int(op, "lease_ms", now_ms + self._lease_ms)
 
     async def restore(
         self,
@@ -290,8 +289,7 @@ class RedisStore:
         owner: str = "",
     ) -> Restored:
         check_restore(candidate, now_ms=now_ms, last_seq=last_seq, owner=owner)
-        self._check_lifetimes("restore", now_ms)
-        check_int("restore", "max_age_ms", self._max_age_ms, -1)
+        check_int("restore", "lease_ms", now_ms + self._lease_ms)  # as restore.lua
         keys = self._keys(caller)
         keyring = self._keyring
         with _mapped("restore"):
@@ -347,7 +345,6 @@ class RedisStore:
         self, caller: CallerKey, session_id: SessionId, write: TurnWrite
     ) -> Written:
         check_turn(session_id, write)
-        check_int("write_turn", "ttl_ms", self._ttl_ms, 1)
         keys = self._keys(caller)
         with _mapped("write_turn"):
             reply: list[Any] = await self._run(
@@ -373,8 +370,6 @@ class RedisStore:
 
     async def push(self, caller: CallerKey, session_id: SessionId, push: Push) -> None:
         check_push(session_id, push)
-        check_int("push", "window", self.settings.replay_window)
-        check_int("push", "ttl_ms", self._ttl_ms, 1)
         keys = self._keys(caller)
         keyring = self._keyring
         sealed = [
@@ -410,7 +405,6 @@ class RedisStore:
         self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int
     ) -> None:
         check_renewal("end", session_id, now_ms=now_ms, epoch=epoch)
-        check_int("end", "end_ttl_ms", self._end_ttl_ms, 1)
         with _mapped("end"):
             done = await self._run(
                 self._end, self._keys(caller), [session_id, now_ms, self._end_ttl_ms, epoch]
@@ -422,7 +416,7 @@ class RedisStore:
         self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int, owner: str
     ) -> None:
         check_renewal("touch", session_id, now_ms=now_ms, epoch=epoch, owner=owner)
-        self._check_lifetimes("touch", now_ms)
+        check_int("touch", "lease_ms", now_ms + self._lease_ms)  # as touch.lua
         with _mapped("touch"):
             done = await self._run(
                 self._touch,
