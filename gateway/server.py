@@ -47,10 +47,9 @@ from gateway.metrics import Metrics
 from gateway.store.base import SessionStore, StoreSettings
 from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
-from gateway.transport.admission import Admission
-from gateway.transport.client_ws import ClientContext, handle_client, now_ms
-from gateway.transport.connection import Outbound
+from gateway.transport.client_ws import handle_client
 from gateway.transport.keepalive import Keepalive
+from gateway.transport.sessions import Sessions, now_ms
 
 __all__ = ["SUBPROTOCOL", "Gateway", "instance_id", "open_store"]
 
@@ -143,14 +142,10 @@ class Gateway:
         self.store = store if store is not None else open_store(config, metrics=self.metrics)
         self.instance = config.server.instance_id or instance_id()
         s = config.store
-        self.context = ClientContext(
+        self.context = Sessions(
+            config,
             store=self.store,
             metrics=self.metrics,
-            max_message_size=config.limits.max_message_size,
-            max_state_size=config.limits.max_state_size,
-            default_region=config.caller.default_region,
-            # A third of the shortest lifetime: two renewals may fail before any runs out.
-            touch_interval=max(0.1, min(s.ttl, s.max_age or s.ttl, s.owner_lease) / 3),
             delays=delays
             or functools.partial(
                 backoff,
@@ -158,16 +153,11 @@ class Gateway:
                 max_delay=s.retry_max_delay,
                 attempts=s.retry_attempts,
             ),
-            retry_budget=s.retry_budget,
-            clock=clock,
             agent_delays=functools.partial(
                 backoff, initial_delay=0.1, max_delay=config.agent.agent_retry_max_delay
             ),
-            agent_open_timeout=config.agent.agent_open_timeout,
-            agent_linger=config.agent.agent_linger,
+            clock=clock,
             instance=self.instance,
-            twilio_caller_param=config.twilio.twilio_caller_param,
-            admission=Admission.from_limits(config.limits),
             verifier=Verifier(
                 config.security.auth_keys,
                 leeway=config.security.auth_leeway,
@@ -175,18 +165,6 @@ class Gateway:
             )
             if config.security.auth_keys
             else None,
-            degrade_after=s.degrade_after,
-            turn_rate=config.limits.max_turns_per_second,
-            turn_burst=config.limits.turn_burst,
-            hello_timeout=config.limits.hello_timeout,
-            max_tenant_connections=config.limits.max_tenant_connections,
-            outbound=Outbound(
-                send_timeout=config.limits.send_timeout,
-                max_send_queue=max(
-                    config.limits.max_send_queue,
-                    config.limits.max_state_size + config.limits.max_message_size,
-                ),
-            ),
         )
         admission = self.context.admission
         self.metrics.admission_waiting.set_function(lambda: admission.waiting)

@@ -30,7 +30,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from gateway.core.protocol import Protocol
-from gateway.core.ratelimit import TokenBucket
 from gateway.core.twilio import TwilioStream
 
 __all__ = ["Connection", "Outbound", "fits", "hang_up"]
@@ -96,13 +95,8 @@ class Connection:
     """When :class:`~gateway.transport.keepalive.Keepalive` pings it next."""
     pinging: bool = False
     """The keepalive's ping is in flight."""
-    bucket: TokenBucket | None = None
-    """Its turn allowance, from its first turn on."""
     tenant: str | None = None
     """The tenant whose connection count this connection holds (from its hello on)."""
-    held: str | None = None
-    """The turn ID of a nacked turn not yet acked: until it is, other turns are nacked too,
-    so that turns are applied in the order they were sent."""
     pending: int = 0
     """Bytes a sender took from the protocol and has not written yet."""
     drained: asyncio.Event | None = None

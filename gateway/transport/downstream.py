@@ -3,10 +3,9 @@
 :class:`AgentLink` opens the connection, sends ``session.start`` or
 ``session.resume`` first (built when the connection opens, so it carries the
 state as it stands then), then whatever the session forwards (turns,
-``session.end``, a phone caller's audio). Frames the agent sends go to
-``route`` first, which takes a phone stream's audio straight to the caller, and
-the rest to ``inbox`` unparsed; the session checks, persists and relays them
-(:mod:`gateway.transport.client_ws`).
+``session.end``, a phone caller's audio). Each frame the agent sends goes to
+``take``, which parses it once (:meth:`gateway.transport.relay.Relay.take`):
+what it returns waits in ``inbox`` for the session to persist and relay.
 
 While the link is down, forwarded frames are dropped rather than queued: the
 ``session.resume`` sent on the next connection carries the state they produced.
@@ -33,6 +32,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Generic, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -41,7 +41,7 @@ from websockets.protocol import State
 from gateway.metrics import Metrics
 from gateway.transport.connection import fits
 
-__all__ = ["EARLY_MEDIA", "MAX_QUEUED_MEDIA", "AgentLink", "Inbox", "Opening", "Route"]
+__all__ = ["EARLY_MEDIA", "MAX_QUEUED_MEDIA", "AgentLink", "Inbox", "Opening", "Take"]
 
 log = logging.getLogger("gateway.downstream")
 
@@ -56,12 +56,12 @@ EARLY_MEDIA = 100
 
 Opening = Callable[[str], bytes]
 """Builds a connection's first frame (``session.start`` or ``session.resume``) for a reason."""
-Route = Callable[[str | bytes], bool]
-"""Takes an agent frame that needs no store (a phone caller's audio): ``True`` if it did."""
+T = TypeVar("T")
 
 
-class Inbox:
-    """The agent's frames waiting to be persisted, bounded in characters, not frames.
+class Inbox(Generic[T]):
+    """The agent's parsed frames waiting to be persisted, bounded in the characters (or
+    bytes) they arrived as, not in frames.
 
     A frame is taken whatever its size when the inbox is empty (the agent's frame limit
     bounds it), so that one large frame cannot wedge the link.
@@ -73,42 +73,47 @@ class Inbox:
         """Characters (or bytes) of the frames held."""
         self.holding = 0
         """Producers waiting for room: the agent is being held back, on purpose."""
-        self._frames: deque[str | bytes] = deque()
+        self._frames: deque[tuple[T, int]] = deque()
         self._readable = asyncio.Event()
         self._room = asyncio.Event()
 
     def empty(self) -> bool:
         return not self._frames
 
-    async def put(self, frame: str | bytes) -> None:
-        """Add ``frame``, waiting while the inbox is full."""
-        while self._frames and self.size + len(frame) > self.max_size:
+    async def put(self, frame: T, size: int) -> None:
+        """Add ``frame``, received as ``size`` characters, waiting while the inbox is full."""
+        while self._frames and self.size + size > self.max_size:
             self._room.clear()
             self.holding += 1
             try:
                 await self._room.wait()
             finally:
                 self.holding -= 1
-        self._frames.append(frame)
-        self.size += len(frame)
+        self._frames.append((frame, size))
+        self.size += size
         self._readable.set()
 
-    async def get(self) -> str | bytes:
-        """Take the oldest frame, waiting for one."""
+    async def get(self) -> tuple[T, int]:
+        """Take the oldest frame and its size, waiting for one."""
         while not self._frames:
             self._readable.clear()
             await self._readable.wait()
         return self.get_nowait()
 
-    def get_nowait(self) -> str | bytes:
-        """Take the oldest frame; :class:`IndexError` if there is none."""
+    def get_nowait(self) -> tuple[T, int]:
+        """Take the oldest frame and its size; :class:`IndexError` if there is none."""
         frame = self._frames.popleft()
-        self.size -= len(frame)
+        self.size -= frame[1]
         self._room.set()
         return frame
 
 
-class AgentLink:
+Take = Callable[["AgentLink[T]", str | bytes], "T | None"]
+"""Parses an agent frame from a link: what is to wait in the inbox, or ``None`` if the
+frame was dealt with (refused, or a phone caller's audio sent on)."""
+
+
+class AgentLink(Generic[T]):
     """The connection of one session to the voice agent.
 
     Args:
@@ -116,7 +121,7 @@ class AgentLink:
         opening: Builds the first frame for a reason: ``start`` (a new session),
             ``client_resumed`` or ``agent_reconnected``.
         reason: The reason for the first connection.
-        inbox: Where the agent's frames go, as received.
+        inbox: Where the agent's frames wait, as ``take`` returns them.
         metrics: Counts connections and their failures.
         delays: A fresh, endless sequence of redial delays (seconds) per outage.
         max_size: Largest frame accepted from the agent; larger ones drop the link.
@@ -124,7 +129,7 @@ class AgentLink:
         send_timeout: Seconds a frame may wait for the agent to read it.
         max_queue: Bytes that may wait to be sent to the agent.
         session_id: For log lines.
-        route: Sees every agent frame before ``inbox`` does, and keeps those it takes.
+        take: Parses every agent frame, once.
     """
 
     def __init__(
@@ -133,7 +138,8 @@ class AgentLink:
         *,
         opening: Opening,
         reason: str,
-        inbox: Inbox,
+        inbox: Inbox[T],
+        take: Take[T],
         metrics: Metrics,
         delays: Callable[[], Iterator[float]],
         max_size: int,
@@ -141,7 +147,6 @@ class AgentLink:
         session_id: str,
         send_timeout: float = 20.0,
         max_queue: int = 1 << 20,
-        route: Route | None = None,
     ) -> None:
         self.url = url
         self._opening = opening
@@ -156,7 +161,7 @@ class AgentLink:
         self._queued = 0
         """Bytes in :attr:`_outbox`."""
         self._session_id = session_id
-        self._route = route
+        self._take = take
         self._ws: ClientConnection | None = None
         self._outbox: deque[bytes] = deque()
         self._early: deque[bytes] = deque()
@@ -385,10 +390,10 @@ class AgentLink:
         with contextlib.suppress(ConnectionClosed):
             async for frame in ws:
                 try:
-                    routed = self._route is not None and self._route(frame)
+                    taken = self._take(self, frame)
                 except Exception:
-                    # The link must outlive a bad frame or a bug in the route.
-                    log.exception("agent frame not routed session=%s", self._session_id)
-                    routed = True
-                if not routed:
-                    await self._inbox.put(frame)
+                    # The link must outlive a bad frame or a bug in its parsing.
+                    log.exception("agent frame not taken session=%s", self._session_id)
+                    taken = None
+                if taken is not None:
+                    await self._inbox.put(taken, len(frame))
