@@ -178,7 +178,7 @@ class CallerConfig:
 class TwilioConfig:
     twilio_path: str | None = "/v1/twilio"
     """HTTP path of the Twilio Media Streams endpoint; ``None`` turns it off."""
-    twilio_auth_token: tuple[str, ...] = ()
+    twilio_auth_token: tuple[str, ...] = field(default=(), repr=False)
     """Twilio auth tokens the upgrade's ``X-Twilio-Signature`` is checked against (the
     primary, and a secondary while it is rotated in); empty: not checked."""
     twilio_url: str | None = None
