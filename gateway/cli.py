@@ -55,8 +55,6 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "'none' disables an option that allows it.",
     )
     for option in OPTIONS:
-        default = option.default()
-        shown = "none" if default is None or default == () else default
         note = ""
         if option.env in environ:
             shown_env = "set" if option.secret else f"now {environ[option.env]!r}"
@@ -65,7 +63,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             option.flag,
             dest=option.name,
             metavar=option.name.split("_")[-1].upper(),
-            help=f"{option.help} (default: {shown}; env {option.env}){note}",
+            help=f"{option.help} (default: {option.default_text()}; env {option.env}){note}",
         )
     demo = sub.add_parser(
         "demo-agent",

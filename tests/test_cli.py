@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from gateway import cli
 from gateway.config import OPTIONS, Config
 from gateway.exceptions import ConfigError
 from tests.gateway_process import GatewayProcess
+
+DOCS = Path(__file__).parent.parent / "docs"
 
 
 def parse(argv: list[str], environ: dict[str, str]) -> Config:
@@ -34,6 +37,15 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None
     assert "(default: 3600.0; env HANGON_TTL)" in out
     assert "(default: none; env HANGON_REDIS_URL)" in out
     assert "--log-level" in out
+
+
+def test_help_lists_options_in_order(capsys: pytest.CaptureFixture[str]) -> None:
+    """`hangon serve --help` describes the options in the order of OPTIONS, then the log flags."""
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    described = capsys.readouterr().out.split("\noptions:\n", 1)[1]
+    flags = re.findall(r"^  (--[a-z-]+)", described, re.MULTILINE)
+    assert flags == [*(o.flag for o in OPTIONS), "--log-level", "--log-format"]
 
 
 def test_defaults() -> None:
