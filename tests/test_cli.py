@@ -48,6 +48,22 @@ def test_help_lists_options_in_order(capsys: pytest.CaptureFixture[str]) -> None
     assert flags == [*(o.flag for o in OPTIONS), "--log-level", "--log-format"]
 
 
+def test_demo_agent_flags_match_docs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The docs' `hangon demo-agent` table has the flags of its --help, each with the variable
+    and default that --help gives it."""
+    with pytest.raises(SystemExit):
+        cli.main(["demo-agent", "--help"])
+    out = capsys.readouterr().out
+    described = " ".join(out.split("show this help message and exit", 1)[1].split())
+    flag_help = r"(--[a-z-]+) .*?\(default: ([^;)]+)(?:; env (HANGON_[A-Z_]+))?\)"
+    shown = {flag: (env, default) for flag, default, env in re.findall(flag_help, described)}
+    assert len(shown) == 4
+    section = (DOCS / "configuration.md").read_text().split("\n## `hangon demo-agent`\n", 1)[1]
+    row = r"^\| `(--[a-z-]+)` \| `?([A-Z_]*)`? \| `([^`]*)` \|"
+    rows = re.findall(row, section.split("\n## ", 1)[0], re.MULTILINE)
+    assert {flag: (env, default) for flag, env, default in rows} == shown
+
+
 def test_defaults() -> None:
     """With nothing set, the embedded memory store on 127.0.0.1:8765."""
     config = parse([], {})
