@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from gateway import __version__
@@ -30,7 +31,46 @@ log = logging.getLogger("gateway")
 _WORKER_ENV = "HANGON_WORKER"
 """Set by ``--workers`` in each worker process: its index."""
 
-_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+@dataclass(frozen=True, slots=True)
+class _LogFlag:
+    """A flag of ``serve`` and ``demo-agent`` that sets up logging, with its ``HANGON_*``
+    variable. Not part of :class:`Config`: the log is set up before the config is read,
+    and ``demo-agent`` has no config."""
+
+    name: str
+    default: str
+    choices: tuple[str, ...]
+    clean: Callable[[str], str]
+    """Applied to the flag and the variable before they are checked."""
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "HANGON_" + self.name.upper()
+
+    def problem(self) -> str:
+        """What an error says of a bad variable."""
+        if len(self.choices) == 2:
+            return "must be " + " or ".join(self.choices)
+        return "must be one of " + ", ".join(self.choices)
+
+
+_LOG_LEVEL = _LogFlag(
+    "log_level",
+    "INFO",
+    ("DEBUG", "INFO", "WARNING", "ERROR"),
+    lambda text: text.strip().upper(),
+    "log level",
+)
+_LOG_FORMAT = _LogFlag(
+    "log_format",
+    "text",
+    ("text", "json"),
+    lambda text: text.strip().lower(),
+    "text: one line per record; json: one JSON object per line, each key=value a field",
+)
+_LOG_FLAGS = (_LOG_LEVEL, _LOG_FORMAT)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -55,8 +95,6 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "'none' disables an option that allows it.",
     )
     for option in OPTIONS:
-        default = option.default()
-        shown = "none" if default is None or default == () else default
         note = ""
         if option.env in environ:
             shown_env = "set" if option.secret else f"now {environ[option.env]!r}"
@@ -65,7 +103,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             option.flag,
             dest=option.name,
             metavar=option.name.split("_")[-1].upper(),
-            help=f"{option.help} (default: {shown}; env {option.env}){note}",
+            help=f"{option.help} (default: {option.default_text()}; env {option.env}){note}",
         )
     demo = sub.add_parser(
         "demo-agent",
@@ -73,9 +111,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         description="Run the demo voice agent (appointment booking) as a WebSocket server, "
         "to stand in for a real agent: hangon serve --downstream ws://HOST:PORT/",
     )
-    demo.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
+    demo.add_argument("--host", default="127.0.0.1", help="interface (default: %(default)s)")
     demo.add_argument(
-        "--port", type=int, default=8766, help="TCP port; 0 picks one (default: 8766)"
+        "--port", type=int, default=8766, help="TCP port; 0 picks one (default: %(default)s)"
     )
     keygen = sub.add_parser(
         "keygen",
@@ -91,21 +129,16 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="ID of the new state key (default: k and today's date, e.g. k20261126)",
     )
     for command in (serve, demo):
-        command.add_argument(
-            "--log-level",
-            default=environ.get("HANGON_LOG_LEVEL", "INFO"),
-            type=lambda text: text.strip().upper(),
-            choices=_LEVELS,
-            help="log level (default: INFO; env HANGON_LOG_LEVEL)",
-        )
-        command.add_argument(
-            "--log-format",
-            default=environ.get("HANGON_LOG_FORMAT", "text"),
-            type=lambda text: text.strip().lower(),
-            choices=("text", "json"),
-            help="text: one line per record; json: one JSON object per line, each key=value"
-            " a field (default: text; env HANGON_LOG_FORMAT)",
-        )
+        for flag in _LOG_FLAGS:
+            command.add_argument(
+                "--" + flag.name.replace("_", "-"),
+                # argparse passes a default through ``type`` but not through ``choices``:
+                # main() checks the variable.
+                default=environ.get(flag.env, flag.default),
+                type=flag.clean,
+                choices=flag.choices,
+                help=f"{flag.help} (default: {flag.default}; env {flag.env})",
+            )
     return parser
 
 
@@ -344,10 +377,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "keygen":
         _keygen(args.key_id)
         return
-    if args.log_level not in _LEVELS:  # argparse does not check a default against choices
-        parser.error(f"HANGON_LOG_LEVEL={args.log_level!r}: must be one of {', '.join(_LEVELS)}")
-    if args.log_format not in ("text", "json"):
-        parser.error(f"HANGON_LOG_FORMAT={args.log_format!r}: must be text or json")
+    for flag in _LOG_FLAGS:
+        value = getattr(args, flag.name)
+        if value not in flag.choices:  # only a variable can get here: see build_parser
+            parser.error(f"{flag.env}={value!r}: {flag.problem()}")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if args.log_format == "json" else _Formatter())
     logging.basicConfig(level=args.log_level, handlers=[handler])

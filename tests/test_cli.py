@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from gateway import cli
 from gateway.config import OPTIONS, Config
 from gateway.exceptions import ConfigError
 from tests.gateway_process import GatewayProcess
+
+DOCS = Path(__file__).parent.parent / "docs"
 
 
 def parse(argv: list[str], environ: dict[str, str]) -> Config:
@@ -34,6 +37,31 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None
     assert "(default: 3600.0; env HANGON_TTL)" in out
     assert "(default: none; env HANGON_REDIS_URL)" in out
     assert "--log-level" in out
+
+
+def test_help_lists_options_in_order(capsys: pytest.CaptureFixture[str]) -> None:
+    """`hangon serve --help` describes the options in the order of OPTIONS, then the log flags."""
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    described = capsys.readouterr().out.split("\noptions:\n", 1)[1]
+    flags = re.findall(r"^  (--[a-z-]+)", described, re.MULTILINE)
+    assert flags == [*(o.flag for o in OPTIONS), "--log-level", "--log-format"]
+
+
+def test_demo_agent_flags_match_docs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The docs' `hangon demo-agent` table has the flags of its --help, each with the variable
+    and default that --help gives it."""
+    with pytest.raises(SystemExit):
+        cli.main(["demo-agent", "--help"])
+    out = capsys.readouterr().out
+    described = " ".join(out.split("show this help message and exit", 1)[1].split())
+    flag_help = r"(--[a-z-]+) .*?\(default: ([^;)]+)(?:; env (HANGON_[A-Z_]+))?\)"
+    shown = {flag: (env, default) for flag, default, env in re.findall(flag_help, described)}
+    assert len(shown) == 4
+    section = (DOCS / "configuration.md").read_text().split("\n## `hangon demo-agent`\n", 1)[1]
+    row = r"^\| `(--[a-z-]+)` \| `?([A-Z_]*)`? \| `([^`]*)` \|"
+    rows = re.findall(row, section.split("\n## ", 1)[0], re.MULTILINE)
+    assert {flag: (env, default) for flag, env, default in rows} == shown
 
 
 def test_defaults() -> None:
