@@ -1,6 +1,6 @@
--- Argument checks: redis_store.py puts this file in front of every other script.
--- A script checks all its arguments before its first write, because Redis keeps the writes
--- of a script that fails half way. Each check returns nil, or the error reply
+-- Argument checks, and the fence of a write: redis_store.py puts this file in front of every
+-- other script. A script checks all its arguments before its first write, because Redis keeps
+-- the writes of a script that fails half way. Each check returns nil, or the error reply
 -- 'hangon bad argument <name>'; a script chains them with `or` and returns the first error
 -- before it changes anything. The limits are gateway/store/base.py's; keep them alike.
 
@@ -79,5 +79,18 @@ local function all_sealed(first, name)
     if problem then
       return problem
     end
+  end
+end
+
+-- The fence of a write (a turn or a push), once its arguments passed: {'gone'} if the
+-- session hash holds another session than sid, or none; {'superseded'} if a newer hello
+-- moved its epoch past epoch; else nil. cur is the hash's HMGET of 'sid', 'ver', 'ended',
+-- 'epoch', and any more fields after them.
+local function fenced(cur, sid, epoch)
+  if cur[1] ~= sid then
+    return {'gone'}
+  end
+  if cur[4] ~= epoch then
+    return {'superseded'}
   end
 end

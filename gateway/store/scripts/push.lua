@@ -25,11 +25,9 @@ end
 local cur = redis.call('HMGET', KEYS[1], 'sid', 'ver', 'ended', 'epoch', 'seq', 'push')
 -- A session stored before messages existed has no seq: it has sent none.
 cur[5] = tonumber(cur[5] or '0')
-if cur[1] ~= ARGV[1] then
-  return {'gone'}
-end
-if cur[4] ~= ARGV[2] then
-  return {'superseded'}
+local refused = fenced(cur, ARGV[1], ARGV[2])
+if refused then
+  return refused
 end
 if cur[3] then
   return {'ended'}

@@ -18,11 +18,9 @@ if problem then
   return problem
 end
 local cur = redis.call('HMGET', KEYS[1], 'sid', 'ver', 'ended', 'epoch')
-if cur[1] ~= ARGV[1] then
-  return {'gone'}
-end
-if cur[4] ~= ARGV[9] then
-  return {'superseded'}
+local refused = fenced(cur, ARGV[1], ARGV[9])
+if refused then
+  return refused
 end
 local seen = redis.call('ZSCORE', KEYS[2], ARGV[5])
 if seen then
