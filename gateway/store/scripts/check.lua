@@ -82,6 +82,16 @@ local function all_sealed(first, name)
   end
 end
 
+-- ARGV[i] is a lease in milliseconds, an integer from 0, that ends by 2^53 - 1 counted from
+-- ARGV[now]. Chain it after the check of ARGV[now].
+local function lease(i, now)
+  local problem = int(i, 'lease_ms', 0)
+  if problem or tonumber(ARGV[now]) + tonumber(ARGV[i]) <= MAX_INT then
+    return problem
+  end
+  return bad('lease_ms')
+end
+
 -- The fence of a write (a turn or a push), once its arguments passed: {'gone'} if the
 -- session hash holds another session than sid, or none; {'superseded'} if a newer hello
 -- moved its epoch past epoch; else nil. cur is the hash's HMGET of 'sid', 'ver', 'ended',

@@ -25,12 +25,9 @@ local problem = arity(10)
   or sealed(7, 'state', false)
   or int(8, 'last_seq', -1)
   or text(9, 'owner', 0, MAX_OWNER)
-  or int(10, 'lease_ms', 0)
+  or lease(10, 1)
 if problem then
   return problem
-end
-if tonumber(ARGV[1]) + tonumber(ARGV[10]) > MAX_INT then
-  return bad('lease_ms')
 end
 local now = tonumber(ARGV[1])
 local max_age = tonumber(ARGV[2])
