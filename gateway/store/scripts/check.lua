@@ -45,26 +45,18 @@ local function text(i, name, low, high)
   end
 end
 
--- ARGV[i] is a resume token's SHA-256 digest in hex (core/resume.py token_digest), or ''
--- where optional.
-local function digest(i, name, optional)
+-- ARGV[i] is a resume token's SHA-256 digest in hex (core/resume.py token_digest).
+local function digest(i, name)
   local s = ARGV[i]
-  if s == '' and optional then
-    return nil
-  end
   if #s ~= 64 or string.find(s, '[^0-9a-f]') then
     return bad(name)
   end
 end
 
 -- ARGV[i] is what Keyring.seal made (core/sealing.py): byte 1, the key ID's length, the key
--- ID, a 12-byte nonce, the ciphertext and its 16-byte tag; at most MAX_SEALED bytes. ''
--- where optional.
-local function sealed(i, name, optional)
+-- ID, a 12-byte nonce, the ciphertext and its 16-byte tag; at most MAX_SEALED bytes.
+local function sealed(i, name)
   local s = ARGV[i]
-  if s == '' and optional then
-    return nil
-  end
   local size = #s
   local version, kid = string.byte(s, 1, 2)
   if size > MAX_SEALED or version ~= 1 or kid == nil or size < 2 + kid + 12 + 16 then
@@ -72,10 +64,17 @@ local function sealed(i, name, optional)
   end
 end
 
+-- ARGV[i] is '' (none), or passes check(i, name).
+local function optional(check, i, name)
+  if ARGV[i] ~= '' then
+    return check(i, name)
+  end
+end
+
 -- ARGV[first] on are sealed.
 local function all_sealed(first, name)
   for i = first, #ARGV do
-    local problem = sealed(i, name, false)
+    local problem = sealed(i, name)
     if problem then
       return problem
     end
