@@ -95,7 +95,8 @@ def is_cluster_url(url: str) -> bool:
 
 
 def _script(name: str) -> str:
-    """A script's source, behind the argument checks it calls (``check.lua``)."""
+    """A script's source, behind the argument checks and the write fence it calls
+    (``check.lua``)."""
     scripts = resources.files("gateway.store").joinpath("scripts")
     return scripts.joinpath("check.lua").read_text() + scripts.joinpath(name).read_text()
 
