@@ -115,6 +115,23 @@ class MemoryStore:
             record = None
         return key, record
 
+    def _fenced(
+        self, op: str, caller: CallerKey, session_id: SessionId, now_ms: int, epoch: int
+    ) -> tuple[str, _Record]:
+        """The key and record of ``session_id`` for a write at ``epoch``, as turn.lua and
+        push.lua fence theirs (``fenced`` in check.lua).
+
+        Raises:
+            StoreConflict: ``gone`` if the caller's record is missing or another session,
+                ``superseded`` if a newer hello moved it past ``epoch``.
+        """
+        key, record = self._get(caller, now_ms)
+        if record is None or record.sid != session_id:
+            raise conflict(op, "gone")
+        if record.epoch != epoch:
+            raise conflict(op, "superseded")
+        return key, record
+
     def _sweep(self, now_ms: int) -> None:
         for key in [k for k, r in self._records.items() if r.expires <= now_ms]:
             del self._records[key]
@@ -186,11 +203,7 @@ class MemoryStore:
         self, caller: CallerKey, session_id: SessionId, write: TurnWrite
     ) -> Written:
         check_turn(session_id, write)
-        key, record = self._get(caller, write.at_ms)
-        if record is None or record.sid != session_id:
-            raise conflict("write_turn", "gone")
-        if record.epoch != write.epoch:
-            raise conflict("write_turn", "superseded")
+        key, record = self._fenced("write_turn", caller, session_id, write.at_ms, write.epoch)
         seen = record.turns.get(write.turn_id)
         if seen is not None:
             # As in turn.lua: the stored state is this very write's, which landed before.
@@ -213,11 +226,7 @@ class MemoryStore:
 
     async def push(self, caller: CallerKey, session_id: SessionId, push: Push) -> None:
         check_push(session_id, push)
-        key, record = self._get(caller, push.at_ms)
-        if record is None or record.sid != session_id:
-            raise conflict("push", "gone")
-        if record.epoch != push.epoch:
-            raise conflict("push", "superseded")
+        key, record = self._fenced("push", caller, session_id, push.at_ms, push.epoch)
         if record.ended is not None:
             raise conflict("push", "ended")
         if record.last_push == push.push_id:

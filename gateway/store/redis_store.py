@@ -95,7 +95,8 @@ def is_cluster_url(url: str) -> bool:
 
 
 def _script(name: str) -> str:
-    """A script's source, behind the argument checks it calls (``check.lua``)."""
+    """A script's source, behind the argument checks and the write fence it calls
+    (``check.lua``)."""
     scripts = resources.files("gateway.store").joinpath("scripts")
     return scripts.joinpath("check.lua").read_text() + scripts.joinpath(name).read_text()
 
@@ -256,6 +257,14 @@ class RedisStore:
         self._end = self.client.register_script(_script("end.lua"))
         self._touch = self.client.register_script(_script("touch.lua"))
         self._push = self.client.register_script(_script("push.lua"))
+        self._ops = {
+            self._restore: "restore",
+            self._turn: "write_turn",
+            self._end: "end",
+            self._touch: "touch",
+            self._push: "push",
+        }
+        """The store operation that runs each script, as store errors name it."""
         self._ttl_ms = int(settings.ttl * 1000)
         self._end_ttl_ms = int(settings.end_ttl * 1000)
         self._lease_ms = int(settings.lease * 1000)
@@ -272,11 +281,13 @@ class RedisStore:
         return session_keys(self.settings.key_prefix, caller, self._keyring)
 
     async def _run(self, script: AsyncScript, keys: Sequence[str], args: list[Any]) -> Any:
-        """Run a script; with ``ack_replicas``, a write returns once enough replicas have it."""
+        """Run a script, its errors mapped to store errors (:class:`_mapped`); with
+        ``ack_replicas``, a write returns once enough replicas have it."""
         # A restore or renewal lost in a failover costs a reconnect, never a turn: the
         # epoch it bumped is gone, so the next write is refused and resumes.
         durable = script is not self._restore and script is not self._touch
-        return await self._scripts.run(script, keys, args, durable=durable)
+        with _mapped(self._ops[script]):
+            return await self._scripts.run(script, keys, args, durable=durable)
 
     async def restore(
         self,
@@ -292,23 +303,22 @@ class RedisStore:
         check_int("restore", "lease_ms", now_ms + self._lease_ms)  # as restore.lua
         keys = self._keys(caller)
         keyring = self._keyring
-        with _mapped("restore"):
-            reply: list[Any] = await self._run(
-                self._restore,
-                keys,
-                [
-                    now_ms,
-                    self._max_age_ms,
-                    self._ttl_ms,
-                    "" if token is None else token_digest(token),
-                    candidate.session_id,
-                    token_digest(candidate.resume_token),
-                    keyring.seal(codec.dumps(candidate.state), aad(keys[0], "state")),
-                    -1 if last_seq is None else last_seq,
-                    owner,
-                    self._lease_ms,
-                ],
-            )
+        reply: list[Any] = await self._run(
+            self._restore,
+            keys,
+            [
+                now_ms,
+                self._max_age_ms,
+                self._ttl_ms,
+                "" if token is None else token_digest(token),
+                candidate.session_id,
+                token_digest(candidate.resume_token),
+                keyring.seal(codec.dumps(candidate.state), aad(keys[0], "state")),
+                -1 if last_seq is None else last_seq,
+                owner,
+                self._lease_ms,
+            ],
+        )
         outcome = Outcome(_text(reply[0]))
         if outcome in (Outcome.REFUSED, Outcome.ENDED):
             return Restored(outcome, None, replayed=len(reply) > 1)
@@ -346,23 +356,22 @@ class RedisStore:
     ) -> Written:
         check_turn(session_id, write)
         keys = self._keys(caller)
-        with _mapped("write_turn"):
-            reply: list[Any] = await self._run(
-                self._turn,
-                keys,
-                [
-                    session_id,
-                    write.base_version,
-                    write.version,
-                    self._keyring.seal(write.encoded, aad(keys[0], "state")),
-                    write.turn_id,
-                    write.at_ms,
-                    self._ttl_ms,
-                    RECENT_TURNS,
-                    write.epoch,
-                    write.write_id,
-                ],
-            )
+        reply: list[Any] = await self._run(
+            self._turn,
+            keys,
+            [
+                session_id,
+                write.base_version,
+                write.version,
+                self._keyring.seal(write.encoded, aad(keys[0], "state")),
+                write.turn_id,
+                write.at_ms,
+                self._ttl_ms,
+                RECENT_TURNS,
+                write.epoch,
+                write.write_id,
+            ],
+        )
         status = _text(reply[0])
         if status in ("ok", "dup"):
             return Written(int(reply[1]), applied=status == "ok")
@@ -376,27 +385,24 @@ class RedisStore:
             keyring.seal(data, _msg_aad(keys[0], push.base_seq + 1 + i))
             for i, data in enumerate(push.messages)
         ]
-        with _mapped("push"):
-            reply: list[Any] = await self._run(
-                self._push,
-                keys,
-                [
-                    session_id,
-                    push.epoch,
-                    push.base_version,
-                    push.version,
-                    b""
-                    if push.encoded is None
-                    else keyring.seal(push.encoded, aad(keys[0], "state")),
-                    push.base_seq,
-                    push.acked_seq,
-                    self.settings.replay_window,
-                    push.at_ms,
-                    self._ttl_ms,
-                    push.push_id,
-                    *sealed,
-                ],
-            )
+        reply: list[Any] = await self._run(
+            self._push,
+            keys,
+            [
+                session_id,
+                push.epoch,
+                push.base_version,
+                push.version,
+                b"" if push.encoded is None else keyring.seal(push.encoded, aad(keys[0], "state")),
+                push.base_seq,
+                push.acked_seq,
+                self.settings.replay_window,
+                push.at_ms,
+                self._ttl_ms,
+                push.push_id,
+                *sealed,
+            ],
+        )
         status = _text(reply[0])
         if status != "ok":
             raise _conflict("push", reply)
@@ -405,10 +411,9 @@ class RedisStore:
         self, caller: CallerKey, session_id: SessionId, now_ms: int, *, epoch: int
     ) -> None:
         check_renewal("end", session_id, now_ms=now_ms, epoch=epoch)
-        with _mapped("end"):
-            done = await self._run(
-                self._end, self._keys(caller), [session_id, now_ms, self._end_ttl_ms, epoch]
-            )
+        done = await self._run(
+            self._end, self._keys(caller), [session_id, now_ms, self._end_ttl_ms, epoch]
+        )
         if done == -1:
             raise conflict("end", "superseded")
 
@@ -417,12 +422,11 @@ class RedisStore:
     ) -> None:
         check_renewal("touch", session_id, now_ms=now_ms, epoch=epoch, owner=owner)
         check_int("touch", "lease_ms", now_ms + self._lease_ms)  # as touch.lua
-        with _mapped("touch"):
-            done = await self._run(
-                self._touch,
-                self._keys(caller),
-                [session_id, now_ms, self._ttl_ms, epoch, owner, self._lease_ms],
-            )
+        done = await self._run(
+            self._touch,
+            self._keys(caller),
+            [session_id, now_ms, self._ttl_ms, epoch, owner, self._lease_ms],
+        )
         if done == -1:
             raise conflict("touch", "superseded")
 

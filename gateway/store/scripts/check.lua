@@ -1,6 +1,6 @@
--- Argument checks: redis_store.py puts this file in front of every other script.
--- A script checks all its arguments before its first write, because Redis keeps the writes
--- of a script that fails half way. Each check returns nil, or the error reply
+-- Argument checks, and the fence of a write: redis_store.py puts this file in front of every
+-- other script. A script checks all its arguments before its first write, because Redis keeps
+-- the writes of a script that fails half way. Each check returns nil, or the error reply
 -- 'hangon bad argument <name>'; a script chains them with `or` and returns the first error
 -- before it changes anything. The limits are gateway/store/base.py's; keep them alike.
 
@@ -45,26 +45,18 @@ local function text(i, name, low, high)
   end
 end
 
--- ARGV[i] is a resume token's SHA-256 digest in hex (core/resume.py token_digest), or ''
--- where optional.
-local function digest(i, name, optional)
+-- ARGV[i] is a resume token's SHA-256 digest in hex (core/resume.py token_digest).
+local function digest(i, name)
   local s = ARGV[i]
-  if s == '' and optional then
-    return nil
-  end
   if #s ~= 64 or string.find(s, '[^0-9a-f]') then
     return bad(name)
   end
 end
 
 -- ARGV[i] is what Keyring.seal made (core/sealing.py): byte 1, the key ID's length, the key
--- ID, a 12-byte nonce, the ciphertext and its 16-byte tag; at most MAX_SEALED bytes. ''
--- where optional.
-local function sealed(i, name, optional)
+-- ID, a 12-byte nonce, the ciphertext and its 16-byte tag; at most MAX_SEALED bytes.
+local function sealed(i, name)
   local s = ARGV[i]
-  if s == '' and optional then
-    return nil
-  end
   local size = #s
   local version, kid = string.byte(s, 1, 2)
   if size > MAX_SEALED or version ~= 1 or kid == nil or size < 2 + kid + 12 + 16 then
@@ -72,12 +64,42 @@ local function sealed(i, name, optional)
   end
 end
 
+-- ARGV[i] is '' (none), or passes check(i, name).
+local function optional(check, i, name)
+  if ARGV[i] ~= '' then
+    return check(i, name)
+  end
+end
+
 -- ARGV[first] on are sealed.
 local function all_sealed(first, name)
   for i = first, #ARGV do
-    local problem = sealed(i, name, false)
+    local problem = sealed(i, name)
     if problem then
       return problem
     end
+  end
+end
+
+-- ARGV[i] is a lease in milliseconds, an integer from 0, that ends by 2^53 - 1 counted from
+-- ARGV[now]. Chain it after the check of ARGV[now].
+local function lease(i, now)
+  local problem = int(i, 'lease_ms', 0)
+  if problem or tonumber(ARGV[now]) + tonumber(ARGV[i]) <= MAX_INT then
+    return problem
+  end
+  return bad('lease_ms')
+end
+
+-- The fence of a write (a turn or a push), once its arguments passed: {'gone'} if the
+-- session hash holds another session than sid, or none; {'superseded'} if a newer hello
+-- moved its epoch past epoch; else nil. cur is the hash's HMGET of 'sid', 'ver', 'ended',
+-- 'epoch', and any more fields after them.
+local function fenced(cur, sid, epoch)
+  if cur[1] ~= sid then
+    return {'gone'}
+  end
+  if cur[4] ~= epoch then
+    return {'superseded'}
   end
 end

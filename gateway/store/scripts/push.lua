@@ -8,7 +8,7 @@ local problem = arity(11, true)
   or int(2, 'epoch', 0)
   or int(3, 'base_version', 0)
   or int(4, 'version', 0)
-  or sealed(5, 'state', true)
+  or optional(sealed, 5, 'state')
   or int(6, 'base_seq', 0)
   or int(7, 'acked_seq', 0)
   or int(8, 'window', 0)
@@ -25,11 +25,9 @@ end
 local cur = redis.call('HMGET', KEYS[1], 'sid', 'ver', 'ended', 'epoch', 'seq', 'push')
 -- A session stored before messages existed has no seq: it has sent none.
 cur[5] = tonumber(cur[5] or '0')
-if cur[1] ~= ARGV[1] then
-  return {'gone'}
-end
-if cur[4] ~= ARGV[2] then
-  return {'superseded'}
+local refused = fenced(cur, ARGV[1], ARGV[2])
+if refused then
+  return refused
 end
 if cur[3] then
   return {'ended'}

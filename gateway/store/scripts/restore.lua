@@ -19,18 +19,15 @@ local problem = arity(10)
   or int(1, 'now_ms', 0)
   or int(2, 'max_age_ms', -1)
   or int(3, 'ttl_ms', 1)
-  or digest(4, 'token', true)
+  or optional(digest, 4, 'token')
   or text(5, 'session_id', 1, MAX_SESSION_ID)
-  or digest(6, 'candidate_token', false)
-  or sealed(7, 'state', false)
+  or digest(6, 'candidate_token')
+  or sealed(7, 'state')
   or int(8, 'last_seq', -1)
   or text(9, 'owner', 0, MAX_OWNER)
-  or int(10, 'lease_ms', 0)
+  or lease(10, 1)
 if problem then
   return problem
-end
-if tonumber(ARGV[1]) + tonumber(ARGV[10]) > MAX_INT then
-  return bad('lease_ms')
 end
 local now = tonumber(ARGV[1])
 local max_age = tonumber(ARGV[2])

@@ -9,12 +9,9 @@ local problem = arity(6)
   or int(3, 'ttl_ms', 1)
   or int(4, 'epoch', 0)
   or text(5, 'owner', 0, MAX_OWNER)
-  or int(6, 'lease_ms', 0)
+  or lease(6, 2)
 if problem then
   return problem
-end
-if tonumber(ARGV[2]) + tonumber(ARGV[6]) > MAX_INT then
-  return bad('lease_ms')
 end
 local cur = redis.call('HMGET', KEYS[1], 'sid', 'ended', 'epoch')
 if cur[1] ~= ARGV[1] or cur[2] then

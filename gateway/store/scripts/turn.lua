@@ -7,7 +7,7 @@ local problem = arity(10)
   or text(1, 'session_id', 1, MAX_SESSION_ID)
   or int(2, 'base_version', 0)
   or int(3, 'version', 0)
-  or sealed(4, 'state', false)
+  or sealed(4, 'state')
   or text(5, 'turn_id', 1, MAX_TURN_ID)
   or int(6, 'now_ms', 0)
   or int(7, 'ttl_ms', 1)
@@ -18,11 +18,9 @@ if problem then
   return problem
 end
 local cur = redis.call('HMGET', KEYS[1], 'sid', 'ver', 'ended', 'epoch')
-if cur[1] ~= ARGV[1] then
-  return {'gone'}
-end
-if cur[4] ~= ARGV[9] then
-  return {'superseded'}
+local refused = fenced(cur, ARGV[1], ARGV[9])
+if refused then
+  return refused
 end
 local seen = redis.call('ZSCORE', KEYS[2], ARGV[5])
 if seen then
