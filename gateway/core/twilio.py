@@ -40,9 +40,9 @@ from urllib.parse import urlsplit, urlunsplit
 from gateway.core import codec
 from gateway.core.agent import Media
 from gateway.core.callerkey import InvalidCaller, parse_caller
-from gateway.core.closecodes import CloseReason
+from gateway.core.closecodes import ERRORS, CloseReason, ErrorCode
 from gateway.core.events import Forward, Hello, Turn
-from gateway.core.protocol import ERRORS, Phase
+from gateway.core.protocol import Phase
 from gateway.core.session import Session
 
 __all__ = ["MAX_QUEUED_MEDIA", "STREAM_STOPPED", "TwilioStream", "signature", "signature_valid"]
@@ -55,7 +55,7 @@ _MAX_SID = 64
 
 
 class _Invalid(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         self.code = code
         self.message = message
 
@@ -77,7 +77,7 @@ class TwilioStream:
         self.default_region = default_region
         self.phase = Phase.AWAIT_HELLO
         self.close_reason: CloseReason | None = None
-        self.error_code: str | None = None
+        self.error_code: ErrorCode | None = None
         self.error_message: str | None = None
         """Why the stream was closed for an error, for the log (Twilio gets no error frame)."""
         self.stream_sid: str | None = None
@@ -104,32 +104,34 @@ class TwilioStream:
     def receive_binary(self, data: bytes) -> None:
         """Refuse a binary frame: Twilio sends JSON text only."""
         if self.phase is not Phase.CLOSED:
-            self.fail("unsupported_data", "binary frames are not part of Media Streams")
+            self.fail(ErrorCode.UNSUPPORTED_DATA, "binary frames are not part of Media Streams")
 
     def _parse(self, data: str) -> Hello | Turn | Forward | None:
         if len(data) > self.max_message_size or len(data.encode()) > self.max_message_size:
             raise _Invalid(
-                "message_too_big", f"frames are limited to {self.max_message_size} bytes"
+                ErrorCode.MESSAGE_TOO_BIG, f"frames are limited to {self.max_message_size} bytes"
             )
         try:
             msg = codec.loads(data)
         except codec.DecodeError as exc:
-            raise _Invalid("invalid_json", f"frame is not valid JSON: {exc}") from None
+            raise _Invalid(ErrorCode.INVALID_JSON, f"frame is not valid JSON: {exc}") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
-            raise _Invalid("invalid_message", "a frame must be an object with a string event")
+            raise _Invalid(
+                ErrorCode.INVALID_MESSAGE, "a frame must be an object with a string event"
+            )
         event = msg["event"]
         if event == "connected":
             return None
         if event == "start":
             if self.phase is not Phase.AWAIT_HELLO:
-                raise _Invalid("unexpected_message", "a second start on one stream")
+                raise _Invalid(ErrorCode.UNEXPECTED_MESSAGE, "a second start on one stream")
             hello = self._start(msg)
             self.phase = Phase.RESTORING
             return hello
         if event not in ("media", "dtmf", "mark", "stop"):
             return None  # a newer event than we know: Twilio's protocol grows
         if self.phase is Phase.AWAIT_HELLO:
-            raise _Invalid("unexpected_message", f"'{event}' before start")
+            raise _Invalid(ErrorCode.UNEXPECTED_MESSAGE, f"'{event}' before start")
         if self.phase is Phase.RESTORING and event != "stop":
             # Only seen when the driver gave up on the hello (Twilio hung up meanwhile) and
             # reads what was already buffered: nothing to act on.
@@ -165,7 +167,7 @@ class TwilioStream:
         who = params.get(self.caller_param)
         if not isinstance(who, str) or not who:
             raise _Invalid(
-                "invalid_caller",
+                ErrorCode.INVALID_CALLER,
                 f"start.customParameters has no {self.caller_param!r}: add "
                 f'<Parameter name="{self.caller_param}" value="..."/> to the <Stream>',
             )
@@ -183,7 +185,7 @@ class TwilioStream:
                 # client:alice, sip:…, anonymous: not a number, still a caller.
                 caller = parse_caller({"user_id": who, "call_id": call_sid}, tenant)
         except InvalidCaller as exc:
-            raise _Invalid("invalid_caller", f"caller {exc}") from None
+            raise _Invalid(ErrorCode.INVALID_CALLER, f"caller {exc}") from None
         self.stream = {
             "provider": "twilio",
             "stream_sid": self.stream_sid,
@@ -219,7 +221,7 @@ class TwilioStream:
     def send_ack(self, turn_id: str, version: int) -> None:
         """A turn (a key press) is durable: Twilio expects no answer."""
 
-    def send_nack(self, turn_id: str, code: str, message: str, *, retry_after: float) -> None:
+    def send_nack(self, turn_id: str, code: ErrorCode, message: str, *, retry_after: float) -> None:
         """A turn (a key press) was not stored: Twilio cannot send it again, so it is lost,
         and the call goes on."""
 
@@ -249,7 +251,7 @@ class TwilioStream:
         self.buffered += len(encoded)
         return True
 
-    def fail(self, code: str, message: str, *, retry_after: float | None = None) -> None:
+    def fail(self, code: ErrorCode, message: str, *, retry_after: float | None = None) -> None:
         """Close with the close reason of ``code``; ``message`` and ``retry_after`` go
         nowhere Twilio reads (it re-attaches through the app, not by itself)."""
         if self.phase is Phase.CLOSED:
@@ -273,7 +275,7 @@ class TwilioStream:
 def _object(msg: dict[str, Any], name: str) -> dict[str, Any]:
     value = msg.get(name)
     if not isinstance(value, dict):
-        raise _Invalid("invalid_message", f"field {name!r} must be an object")
+        raise _Invalid(ErrorCode.INVALID_MESSAGE, f"field {name!r} must be an object")
     return value
 
 
@@ -281,7 +283,7 @@ def _string(msg: dict[str, Any], name: str, limit: int) -> str:
     value = msg.get(name)
     if not isinstance(value, str) or not 0 < len(value) <= limit:
         raise _Invalid(
-            "invalid_message", f"field {name!r} must be a string of 1 to {limit} characters"
+            ErrorCode.INVALID_MESSAGE, f"field {name!r} must be a string of 1 to {limit} characters"
         )
     return value
 
@@ -307,7 +309,7 @@ def _parameters(value: Any) -> dict[str, str]:
         return {}
     if not isinstance(value, dict) or len(value) > _MAX_PARAMETERS:
         raise _Invalid(
-            "invalid_message",
+            ErrorCode.INVALID_MESSAGE,
             f"start.customParameters must be an object of at most {_MAX_PARAMETERS} strings",
         )
     for name, text in value.items():
@@ -315,7 +317,7 @@ def _parameters(value: Any) -> dict[str, str]:
             isinstance(text, str) and len(text) <= _MAX_PARAMETER_VALUE
         ):
             raise _Invalid(
-                "invalid_message",
+                ErrorCode.INVALID_MESSAGE,
                 f"a custom parameter must be a string of at most {_MAX_PARAMETER_VALUE}"
                 f" characters, named in 1 to {_MAX_PARAMETER_NAME}",
             )
@@ -331,7 +333,9 @@ def _tracks(value: Any) -> list[str] | None:
         or len(value) > len(_TRACKS)
         or not all(isinstance(track, str) and track in _TRACKS for track in value)
     ):
-        raise _Invalid("invalid_message", f"start.tracks must list some of {sorted(_TRACKS)}")
+        raise _Invalid(
+            ErrorCode.INVALID_MESSAGE, f"start.tracks must list some of {sorted(_TRACKS)}"
+        )
     return value
 
 
@@ -340,7 +344,7 @@ def _media_format(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise _Invalid("invalid_message", "start.mediaFormat must be an object")
+        raise _Invalid(ErrorCode.INVALID_MESSAGE, "start.mediaFormat must be an object")
     out: dict[str, Any] = {}
     for name, kind in _MEDIA_FORMAT.items():
         field = value.get(name)
@@ -351,7 +355,9 @@ def _media_format(value: Any) -> dict[str, Any] | None:
         elif isinstance(field, int) and not isinstance(field, bool) and 0 < field <= 1_000_000:
             out[name] = field
         else:
-            raise _Invalid("invalid_message", f"start.mediaFormat.{name} must be 1 to 1000000")
+            raise _Invalid(
+                ErrorCode.INVALID_MESSAGE, f"start.mediaFormat.{name} must be 1 to 1000000"
+            )
     return out
 
 
@@ -360,7 +366,7 @@ def _number(msg: dict[str, Any], name: str) -> int:
     value = msg.get(name)
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
         return int(value)
-    raise _Invalid("invalid_message", f"field {name!r} must be a decimal string")
+    raise _Invalid(ErrorCode.INVALID_MESSAGE, f"field {name!r} must be a decimal string")
 
 
 # The upgrade request's signature
