@@ -38,6 +38,7 @@ from gateway.core import codec
 from gateway.core.callerkey import CallerKey
 from gateway.core.events import Turn
 from gateway.core.session import PATCHABLE, Session
+from gateway.exceptions import InvalidInput
 
 __all__ = [
     "AGENT_ERRORS",
@@ -65,7 +66,7 @@ AGENT_ERRORS: Final[Mapping[str, str]] = {
 """Every reason the gateway rejects an agent frame (an ``error`` frame's ``code``)."""
 
 
-class InvalidAgentFrame(ValueError):
+class InvalidAgentFrame(InvalidInput, ValueError):
     """An agent frame the gateway rejects; ``code`` is a key of :data:`AGENT_ERRORS`."""
 
     def __init__(self, code: str, message: str) -> None:
