@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 
-One :class:`Protocol` object per client connection. The I/O layer
+One :class:`Protocol` object per protocol v1 connection: the
+:class:`gateway.core.wire.ClientProtocol` of browsers and apps, as
+:class:`gateway.core.twilio.TwilioStream` is of phone streams. The I/O layer
 (:mod:`gateway.transport.client_ws`) feeds it every frame it receives with
 :meth:`Protocol.receive_text` or :meth:`Protocol.receive_binary` and gets back
 at most one event (:class:`Hello`, :class:`Turn`, :class:`Bye`). It acts on the
@@ -35,17 +37,19 @@ and state changes with :meth:`Protocol.send_state`, in OPEN only.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from gateway.core import codec
+from gateway.core.agent import Media
 from gateway.core.callerkey import InvalidCaller, parse_caller
 from gateway.core.closecodes import ERRORS, CloseReason, ErrorCode
 from gateway.core.events import Ack, Bye, Event, Hello, Turn
 from gateway.core.session import Session
+from gateway.core.wire import ClientProtocol, Phase, _Invalid
 
 __all__ = ["ERRORS", "MAX_INT", "PROTOCOL_VERSION", "Phase", "Protocol"]
+# ERRORS (from closecodes) and Phase (from wire) are exported here too, where they began.
 
 PROTOCOL_VERSION: Final = 1
 
@@ -55,15 +59,6 @@ _MAX_AUTH_TOKEN = 8192
 MAX_INT: Final = 2**53 - 1
 """Largest integer a client may send (``last_seq``, an ack's ``seq``): the largest that
 JavaScript, Lua and the stores' scripts all hold exactly. Checked here, at the edge."""
-
-
-class Phase(enum.Enum):
-    """Where a connection stands in the protocol."""
-
-    AWAIT_HELLO = "await_hello"
-    RESTORING = "restoring"
-    OPEN = "open"
-    CLOSED = "closed"
 
 
 # Which message types each phase accepts (h11-style transition table).
@@ -77,46 +72,26 @@ _KNOWN_TYPES: Final = frozenset({"hello", "turn", "ack", "bye", "ping"})
 _PONG: Final = codec.dumps({"type": "pong"})
 
 
-class _Invalid(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        self.code = code
-        self.message = message
+class Protocol(ClientProtocol):
+    """State machine for one protocol v1 connection.
 
-
-class Protocol:
-    """State machine for one client connection.
+    A ``ping`` is answered here, with a ``pong``: :meth:`receive_text` returns
+    ``None`` for it.
 
     Args:
         max_message_size: Largest accepted frame, in UTF-8 bytes.
         default_region: Region for phone numbers written without ``+``.
     """
 
+    phone: ClassVar[bool] = False
+    _KIND_FIELD = "type"
+    _NOT_AN_OBJECT = "a message must be a JSON object"
+    _KIND_NOT_A_STRING = "field 'type' must be a string"
+
     def __init__(self, *, max_message_size: int, default_region: str | None = None) -> None:
-        self.max_message_size = max_message_size
-        self.default_region = default_region
-        self.phase = Phase.AWAIT_HELLO
-        self.close_reason: CloseReason | None = None
-        """Set once the connection must close; the driver closes with it."""
-        self.error_code: ErrorCode | None = None
-        """The code of the error that closed the connection, if any (for metrics)."""
-        self.stream: dict[str, Any] | None = None
-        """A phone stream's description for the agent: never, on protocol v1."""
-        self._outbox: list[bytes] = []
-        self.buffered = 0
-        """Bytes of the frames queued and not yet taken by :meth:`data_to_send`."""
+        super().__init__(max_message_size=max_message_size, default_region=default_region)
 
     # Receiving
-
-    def receive_text(self, data: str) -> Event | None:
-        """Parse one text frame; return the event it carries, or ``None`` (a ``ping`` is
-        answered here, with a ``pong``)."""
-        if self.phase is Phase.CLOSED:
-            return None
-        try:
-            return self._parse(data)
-        except _Invalid as exc:
-            self.fail(exc.code, exc.message)
-            return None
 
     def receive_binary(self, data: bytes) -> None:
         """Refuse a binary frame: protocol v1 is JSON text frames only."""
@@ -124,22 +99,7 @@ class Protocol:
             self.fail(ErrorCode.UNSUPPORTED_DATA, "binary frames are not accepted; send JSON text")
 
     def _parse(self, data: str) -> Event | None:
-        size = len(data)
-        if size > self.max_message_size or (
-            size * 4 > self.max_message_size and len(data.encode()) > self.max_message_size
-        ):
-            raise _Invalid(
-                ErrorCode.MESSAGE_TOO_BIG, f"frames are limited to {self.max_message_size} bytes"
-            )
-        try:
-            msg = codec.loads(data)
-        except codec.DecodeError as exc:
-            raise _Invalid(ErrorCode.INVALID_JSON, f"frame is not valid JSON: {exc}") from None
-        if not isinstance(msg, dict):
-            raise _Invalid(ErrorCode.INVALID_MESSAGE, "a message must be a JSON object")
-        kind = msg.get("type")
-        if not isinstance(kind, str):
-            raise _Invalid(ErrorCode.INVALID_MESSAGE, "field 'type' must be a string")
+        msg, kind = self._decode(data)
         if kind not in _KNOWN_TYPES:
             raise _Invalid(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}")
         if kind not in _ACCEPTS[self.phase]:
@@ -285,15 +245,15 @@ class Protocol:
             )
         )
 
-    def fail(self, code: ErrorCode, message: str, *, retry_after: float | None = None) -> None:
-        """Queue an ``error`` frame for ``code`` and close with its close reason.
+    def send_media(self, media: Media) -> bool:
+        """Queue nothing: protocol v1 never carries a phone call's audio."""
+        return False
 
-        Args:
-            retry_after: Seconds the client should wait before it reconnects.
-        """
-        if self.phase is Phase.CLOSED:
-            return
-        reason = ERRORS[code]
+    def _send_error(
+        self, code: ErrorCode, message: str, reason: CloseReason, *, retry_after: float | None
+    ) -> None:
+        """Queue the ``error`` frame that tells the client why it is closed and whether to
+        reconnect (and when, with ``retry_after``)."""
         frame: dict[str, Any] = {
             "type": "error",
             "code": code,
@@ -304,23 +264,6 @@ class Protocol:
         if retry_after is not None:
             frame["retry_after"] = retry_after
         self._queue(codec.dumps(frame))
-        self.error_code = code
-        self.close(reason)
-
-    def close(self, reason: CloseReason) -> None:
-        """Close with ``reason`` after the frames queued so far."""
-        if self.phase is not Phase.CLOSED:
-            self.close_reason = reason
-            self.phase = Phase.CLOSED
-
-    def data_to_send(self) -> list[bytes]:
-        """Return and forget the frames queued since the last call."""
-        out, self._outbox, self.buffered = self._outbox, [], 0
-        return out
-
-    def _queue(self, frame: bytes) -> None:
-        self._outbox.append(frame)
-        self.buffered += len(frame)
 
 
 def _optional(msg: dict[str, Any], name: str, kind: type) -> Any:

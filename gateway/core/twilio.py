@@ -3,9 +3,11 @@
 A TwiML ``<Connect><Stream url="wss://…/v1/twilio">`` makes Twilio open a
 WebSocket and speak its own protocol: ``connected``, ``start``, then ``media``
 every 20 ms, ``dtmf`` on a key press, ``mark`` when playback reaches one of
-ours, and ``stop``. :class:`TwilioStream` stands in for
-:class:`gateway.core.protocol.Protocol` on such a connection, with the same
-driver interface, and maps it onto sessions:
+ours, and ``stop``. :class:`TwilioStream` is the
+:class:`gateway.core.wire.ClientProtocol` of such a connection, as
+:class:`gateway.core.protocol.Protocol` is of protocol v1 (its
+:attr:`~gateway.core.wire.ClientProtocol.phone` is true), and maps it onto
+sessions:
 
 * ``start`` is the hello. The caller key is the custom parameter that names
   the caller (``From`` by default; a phone number, or else taken as a user ID)
@@ -34,16 +36,16 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway.core import codec
 from gateway.core.agent import Media
 from gateway.core.callerkey import InvalidCaller, parse_caller
-from gateway.core.closecodes import ERRORS, CloseReason, ErrorCode
+from gateway.core.closecodes import CloseReason, ErrorCode
 from gateway.core.events import Forward, Hello, Turn
-from gateway.core.protocol import Phase
 from gateway.core.session import Session
+from gateway.core.wire import ClientProtocol, Phase, _Invalid
 
 __all__ = ["MAX_QUEUED_MEDIA", "STREAM_STOPPED", "TwilioStream", "signature", "signature_valid"]
 
@@ -54,13 +56,12 @@ MAX_QUEUED_MEDIA: Final = 1500
 _MAX_SID = 64
 
 
-class _Invalid(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        self.code = code
-        self.message = message
+_AUDIO: Final = b'{"event":"media",'
+"""How every audio frame queued for Twilio begins (:meth:`TwilioStream.send_media` writes
+``event`` first), so that a ``clear`` can pick them out of the outbox."""
 
 
-class TwilioStream:
+class TwilioStream(ClientProtocol):
     """State machine for one Twilio Media Streams connection.
 
     Args:
@@ -69,37 +70,20 @@ class TwilioStream:
         default_region: Region for phone numbers written without ``+``.
     """
 
+    phone: ClassVar[bool] = True
+    _KIND_FIELD = "event"
+    _NOT_AN_OBJECT = _KIND_NOT_A_STRING = "a frame must be an object with a string event"
+
     def __init__(
         self, *, max_message_size: int, caller_param: str = "From", default_region: str | None
     ) -> None:
-        self.max_message_size = max_message_size
+        super().__init__(max_message_size=max_message_size, default_region=default_region)
         self.caller_param = caller_param
-        self.default_region = default_region
-        self.phase = Phase.AWAIT_HELLO
-        self.close_reason: CloseReason | None = None
-        self.error_code: ErrorCode | None = None
-        self.error_message: str | None = None
-        """Why the stream was closed for an error, for the log (Twilio gets no error frame)."""
         self.stream_sid: str | None = None
-        self.stream: dict[str, Any] | None = None
-        """What ``start`` said about the stream, for the agent; ``None`` before it."""
-        self._outbox: list[tuple[str, bytes]] = []
-        """Frames for Twilio, each with its event (``media``, ``mark``, ``clear``)."""
         self._queued_media = 0
-        self.buffered = 0
-        """Bytes of the frames queued and not yet taken by :meth:`data_to_send`."""
+        """Audio frames in the outbox, bounded by :data:`MAX_QUEUED_MEDIA`."""
 
     # Receiving
-
-    def receive_text(self, data: str) -> Hello | Turn | Forward | None:
-        """Parse one frame from Twilio; return what the driver must act on, if anything."""
-        if self.phase is Phase.CLOSED:
-            return None
-        try:
-            return self._parse(data)
-        except _Invalid as exc:
-            self.fail(exc.code, exc.message)
-            return None
 
     def receive_binary(self, data: bytes) -> None:
         """Refuse a binary frame: Twilio sends JSON text only."""
@@ -107,19 +91,7 @@ class TwilioStream:
             self.fail(ErrorCode.UNSUPPORTED_DATA, "binary frames are not part of Media Streams")
 
     def _parse(self, data: str) -> Hello | Turn | Forward | None:
-        if len(data) > self.max_message_size or len(data.encode()) > self.max_message_size:
-            raise _Invalid(
-                ErrorCode.MESSAGE_TOO_BIG, f"frames are limited to {self.max_message_size} bytes"
-            )
-        try:
-            msg = codec.loads(data)
-        except codec.DecodeError as exc:
-            raise _Invalid(ErrorCode.INVALID_JSON, f"frame is not valid JSON: {exc}") from None
-        if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
-            raise _Invalid(
-                ErrorCode.INVALID_MESSAGE, "a frame must be an object with a string event"
-            )
-        event = msg["event"]
+        msg, event = self._decode(data)
         if event == "connected":
             return None
         if event == "start":
@@ -243,33 +215,22 @@ class TwilioStream:
         elif media.kind == "mark":
             frame["mark"] = {"name": media.value}
         else:
-            self._outbox = [item for item in self._outbox if item[0] != "media"]
+            self._outbox = [item for item in self._outbox if not item.startswith(_AUDIO)]
             self._queued_media = 0
-            self.buffered = sum(len(item) for _, item in self._outbox)
-        encoded = codec.dumps(frame)
-        self._outbox.append((media.kind, encoded))
-        self.buffered += len(encoded)
+            self.buffered = sum(len(item) for item in self._outbox)
+        self._queue(codec.dumps(frame))
         return True
 
-    def fail(self, code: ErrorCode, message: str, *, retry_after: float | None = None) -> None:
-        """Close with the close reason of ``code``; ``message`` and ``retry_after`` go
-        nowhere Twilio reads (it re-attaches through the app, not by itself)."""
-        if self.phase is Phase.CLOSED:
-            return
-        self.error_code = code
-        self.error_message = message
-        self.close(ERRORS[code])
-
-    def close(self, reason: CloseReason) -> None:
-        """Close with ``reason`` after the frames queued so far."""
-        if self.phase is not Phase.CLOSED:
-            self.close_reason = reason
-            self.phase = Phase.CLOSED
+    def _send_error(
+        self, code: ErrorCode, message: str, reason: CloseReason, *, retry_after: float | None
+    ) -> None:
+        """Send nothing: Twilio reads no error frame, and re-attaches through the app, not
+        by itself. The driver logs :attr:`error_message` instead."""
 
     def data_to_send(self) -> list[bytes]:
         """Return and forget the frames queued since the last call."""
-        out, self._outbox, self._queued_media, self.buffered = self._outbox, [], 0, 0
-        return [frame for _, frame in out]
+        self._queued_media = 0
+        return super().data_to_send()
 
 
 def _object(msg: dict[str, Any], name: str) -> dict[str, Any]:
