@@ -5,13 +5,25 @@ The tree::
     GatewayError
     ├── ConfigError          a setting has a bad value; names the setting
     ├── ClientClosed         gateway.client stopped: a close that forbids resuming, or given up
-    └── StoreError           the session store failed an operation
-        ├── StoreUnavailable the store could not be reached (retryable)
-        ├── StoreTimeout     the store did not answer in time (retryable)
-        └── StoreConflict    the stored session moved on: another writer, expiry or replacement
+    ├── StoreError           the session store failed an operation
+    │   ├── StoreUnavailable the store could not be reached (retryable)
+    │   ├── StoreTimeout     the store did not answer in time (retryable)
+    │   └── StoreConflict    the stored session moved on: another writer, expiry or replacement
+    ├── InvalidInput         a peer sent something the gateway refuses, checked where it entered
+    │   ├── InvalidCaller    a caller object is malformed       (gateway.core.callerkey; ValueError)
+    │   ├── InvalidAgentFrame  the voice agent sent a bad frame (gateway.core.agent; ValueError)
+    │   └── AuthError        a client token was refused         (gateway.core.auth)
+    └── Unsealable           a sealed blob does not open        (gateway.core.sealing; ValueError)
+
+The core's exceptions are defined beside the code that raises them and
+importable from there; the ones that were :class:`ValueError` before they
+joined the tree still are.
 
 Protocol errors made by clients are not exceptions: :mod:`gateway.core.protocol`
 records them and queues an error frame and a close instead.
+
+This module imports nothing but the standard library, so that the sans-I/O
+core can import it.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ __all__ = [
     "ClientClosed",
     "ConfigError",
     "GatewayError",
+    "InvalidInput",
     "StoreConflict",
     "StoreError",
     "StoreTimeout",
@@ -29,6 +42,11 @@ __all__ = [
 
 class GatewayError(Exception):
     """Root of every exception hangon raises."""
+
+
+class InvalidInput(GatewayError):
+    """Something a peer sent (a client, a phone stream, the voice agent) was refused where
+    it entered the gateway. The subclasses carry what was wrong with it."""
 
 
 class ClientClosed(GatewayError):

@@ -248,8 +248,8 @@ class Metrics:
             self.store_seconds.labels(op)
         for result in ("ok", "error"):
             self.agent_connects.labels(result)
-        for code in AGENT_ERRORS:
-            self.agent_errors.labels(code)
+        for agent_code in AGENT_ERRORS:
+            self.agent_errors.labels(agent_code)
         for reason in ("slow_consumer", "error"):
             self.agent_cuts.labels(reason)
         for how in ("stored", "relayed", "replayed", "dropped"):

@@ -25,12 +25,40 @@ def test_all_modules_declare_existing_exports() -> None:
 def test_package_exports() -> None:
     """The top-level package exports the config and the exception tree."""
     assert set(gateway.__all__) == {
+        "AuthError",
+        "ClientClosed",
         "Config",
         "ConfigError",
         "GatewayError",
+        "InvalidAgentFrame",
+        "InvalidCaller",
+        "InvalidInput",
         "StoreConflict",
         "StoreError",
         "StoreTimeout",
         "StoreUnavailable",
+        "Unsealable",
         "__version__",
     }
+
+
+def test_every_exception_joins_the_tree() -> None:
+    """Each public exception a gateway module defines descends from GatewayError and is
+    exported by the package; those that were ValueErrors still are."""
+    names = [m.name for m in pkgutil.walk_packages(gateway.__path__, "gateway.")]
+    found = {
+        value
+        for name in names
+        if name != "gateway.__main__"
+        for value in vars(importlib.import_module(name)).values()
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__module__ == name
+        and not value.__name__.startswith("_")
+    }
+    assert gateway.GatewayError in found and gateway.InvalidCaller in found
+    for exc in found:
+        assert issubclass(exc, gateway.GatewayError), exc
+        assert getattr(gateway, exc.__name__) is exc
+    for exc in (gateway.InvalidCaller, gateway.InvalidAgentFrame, gateway.Unsealable):
+        assert issubclass(exc, ValueError)

@@ -30,6 +30,7 @@ stored or numbered (:class:`Media`). Any other object is a message for the clien
 from __future__ import annotations
 
 import binascii
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -38,9 +39,11 @@ from gateway.core import codec
 from gateway.core.callerkey import CallerKey
 from gateway.core.events import Turn
 from gateway.core.session import PATCHABLE, Session
+from gateway.exceptions import InvalidInput
 
 __all__ = [
     "AGENT_ERRORS",
+    "AgentErrorCode",
     "AgentMessage",
     "InvalidAgentFrame",
     "Media",
@@ -53,22 +56,37 @@ __all__ = [
     "turn_frame",
 ]
 
-AGENT_ERRORS: Final[Mapping[str, str]] = {
-    "invalid_json": "the frame is not JSON",
-    "invalid_message": "the frame is not an object with a string type",
-    "unsupported_data": "the frame is binary",
-    "message_too_big": "the frame is larger than the limit",
-    "invalid_patch": "a state patch has the wrong shape",
-    "invalid_media": "a media, mark or clear frame has the wrong shape",
-    "state_too_big": "a state patch would grow the state past the limit",
+
+class AgentErrorCode(enum.StrEnum):
+    """Why the gateway rejects an agent frame: the ``code`` of the ``error`` frame the agent
+    gets back, and a metrics label. Not :class:`gateway.core.closecodes.ErrorCode`: the
+    agent's link is not closed for a bad frame, and a few codes are the agent's own."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    UNSUPPORTED_DATA = "unsupported_data"
+    MESSAGE_TOO_BIG = "message_too_big"
+    INVALID_PATCH = "invalid_patch"
+    INVALID_MEDIA = "invalid_media"
+    STATE_TOO_BIG = "state_too_big"
+
+
+AGENT_ERRORS: Final[Mapping[AgentErrorCode, str]] = {
+    AgentErrorCode.INVALID_JSON: "the frame is not JSON",
+    AgentErrorCode.INVALID_MESSAGE: "the frame is not an object with a string type",
+    AgentErrorCode.UNSUPPORTED_DATA: "the frame is binary",
+    AgentErrorCode.MESSAGE_TOO_BIG: "the frame is larger than the limit",
+    AgentErrorCode.INVALID_PATCH: "a state patch has the wrong shape",
+    AgentErrorCode.INVALID_MEDIA: "a media, mark or clear frame has the wrong shape",
+    AgentErrorCode.STATE_TOO_BIG: "a state patch would grow the state past the limit",
 }
-"""Every reason the gateway rejects an agent frame (an ``error`` frame's ``code``)."""
+"""Every reason the gateway rejects an agent frame, explained."""
 
 
-class InvalidAgentFrame(ValueError):
-    """An agent frame the gateway rejects; ``code`` is a key of :data:`AGENT_ERRORS`."""
+class InvalidAgentFrame(InvalidInput, ValueError):
+    """An agent frame the gateway rejects, with the code the agent is told."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: AgentErrorCode, message: str) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
@@ -121,37 +139,52 @@ def parse_frame(
             without a string ``name``.
     """
     if isinstance(data, bytes):
-        raise InvalidAgentFrame("unsupported_data", "binary frames are not relayed; send JSON")
+        raise InvalidAgentFrame(
+            AgentErrorCode.UNSUPPORTED_DATA, "binary frames are not relayed; send JSON"
+        )
     raw = data.encode()
     if len(raw) > max_size:
-        raise InvalidAgentFrame("message_too_big", f"frames are limited to {max_size} bytes")
+        raise InvalidAgentFrame(
+            AgentErrorCode.MESSAGE_TOO_BIG, f"frames are limited to {max_size} bytes"
+        )
     try:
         msg = codec.loads(raw)
     except codec.DecodeError as exc:
-        raise InvalidAgentFrame("invalid_json", f"frame is not valid JSON: {exc}") from None
+        raise InvalidAgentFrame(
+            AgentErrorCode.INVALID_JSON, f"frame is not valid JSON: {exc}"
+        ) from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-        raise InvalidAgentFrame("invalid_message", "a frame must be an object with a string type")
+        raise InvalidAgentFrame(
+            AgentErrorCode.INVALID_MESSAGE, "a frame must be an object with a string type"
+        )
     kind = msg["type"]
     if phone and kind in ("media", "mark", "clear"):
         return _media(kind, msg)
     if kind != "state":
         if codec.too_deep(msg, codec.MAX_DEPTH):
             raise InvalidAgentFrame(
-                "invalid_message", f"the frame nests deeper than {codec.MAX_DEPTH}"
+                AgentErrorCode.INVALID_MESSAGE, f"the frame nests deeper than {codec.MAX_DEPTH}"
             )
         return AgentMessage(raw)
     patch = msg.get("patch")
     if not isinstance(patch, dict) or not patch:
-        raise InvalidAgentFrame("invalid_patch", "field 'patch' must be a non-empty object")
+        raise InvalidAgentFrame(
+            AgentErrorCode.INVALID_PATCH, "field 'patch' must be a non-empty object"
+        )
     for name, changes in patch.items():
         if name not in PATCHABLE:
             raise InvalidAgentFrame(
-                "invalid_patch", f"a patch may change {' and '.join(PATCHABLE)}, not {name[:40]!r}"
+                AgentErrorCode.INVALID_PATCH,
+                f"a patch may change {' and '.join(PATCHABLE)}, not {name[:40]!r}",
             )
         if not isinstance(changes, dict):
-            raise InvalidAgentFrame("invalid_patch", f"patch field {name!r} must be an object")
+            raise InvalidAgentFrame(
+                AgentErrorCode.INVALID_PATCH, f"patch field {name!r} must be an object"
+            )
         if codec.too_deep(changes, codec.MAX_DEPTH):
-            raise InvalidAgentFrame("invalid_patch", f"patch nests deeper than {codec.MAX_DEPTH}")
+            raise InvalidAgentFrame(
+                AgentErrorCode.INVALID_PATCH, f"patch nests deeper than {codec.MAX_DEPTH}"
+            )
     return StatePatch(patch)
 
 
@@ -161,14 +194,20 @@ def _media(kind: str, msg: dict[str, Any]) -> Media:
     field = "payload" if kind == "media" else "name"
     value = msg.get(field)
     if not isinstance(value, str) or not value:
-        raise InvalidAgentFrame("invalid_media", f"a {kind} frame needs a string {field!r}")
+        raise InvalidAgentFrame(
+            AgentErrorCode.INVALID_MEDIA, f"a {kind} frame needs a string {field!r}"
+        )
     if kind == "media":
         try:
             binascii.a2b_base64(value, strict_mode=True)
         except ValueError:  # binascii.Error, or a str that is not ASCII
-            raise InvalidAgentFrame("invalid_media", "a media payload must be base64") from None
+            raise InvalidAgentFrame(
+                AgentErrorCode.INVALID_MEDIA, "a media payload must be base64"
+            ) from None
     elif len(value) > 256:
-        raise InvalidAgentFrame("invalid_media", "a mark name is at most 256 characters")
+        raise InvalidAgentFrame(
+            AgentErrorCode.INVALID_MEDIA, "a mark name is at most 256 characters"
+        )
     return Media("media" if kind == "media" else "mark", value)
 
 

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.core import codec
 from gateway.core.callerkey import CallerKey, InvalidCaller, parse_caller, validate_tenant
+from gateway.exceptions import InvalidInput
 
 __all__ = [
     "ALGORITHMS",
@@ -68,7 +69,7 @@ _ANY_CALL = "\x00any"
 """The call ID of a grant bound to a phone number or user ID only."""
 
 
-class AuthError(Exception):
+class AuthError(InvalidInput):
     """A token was refused; ``reason`` is one of :data:`REASONS`."""
 
     def __init__(self, reason: str, message: str) -> None:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import phonenumbers
 
+from gateway.exceptions import InvalidInput
+
 __all__ = ["DEFAULT_TENANT", "CallerKey", "InvalidCaller", "parse_caller", "validate_tenant"]
 
 DEFAULT_TENANT = "default"
@@ -25,7 +27,7 @@ _TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _MAX_ID = 128
 
 
-class InvalidCaller(ValueError):
+class InvalidCaller(InvalidInput, ValueError):
     """The caller object is malformed; ``field`` names the culprit."""
 
     def __init__(self, field: str, problem: str) -> None:

@@ -12,7 +12,10 @@ payloads are at most 125 bytes, two of which carry the code).
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 __all__ = [
     "BYE",
@@ -33,6 +36,8 @@ __all__ = [
     "STORE_UNAVAILABLE",
     "UNSUPPORTED_DATA",
     "CloseReason",
+    "ERRORS",
+    "ErrorCode",
 ]
 
 
@@ -51,6 +56,34 @@ class CloseReason:
             raise ValueError(f"code {self.code} is in the retryable range")
         if 4500 <= self.code <= 4999 and self.reconnect:
             raise ValueError(f"code {self.code} is in the terminal range")
+
+
+class ErrorCode(enum.StrEnum):
+    """The ``code`` of an ``error`` frame (and of a ``nack``); :data:`ERRORS` maps each to
+    the close that follows it. A :class:`str`, so it compares equal to the code's text and
+    serves as a metrics label as is."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    UNSUPPORTED_DATA = "unsupported_data"
+    MESSAGE_TOO_BIG = "message_too_big"
+    STATE_TOO_BIG = "state_too_big"
+    UNKNOWN_TYPE = "unknown_type"
+    UNEXPECTED_MESSAGE = "unexpected_message"
+    INVALID_CALLER = "invalid_caller"
+    AUTH_FAILED = "auth_failed"
+    TOKEN_EXPIRED = "token_expired"
+    RESUME_REFUSED = "resume_refused"
+    SESSION_ENDED = "session_ended"
+    SESSION_REPLACED = "session_replaced"
+    SESSION_CONFLICT = "session_conflict"
+    STORE_UNAVAILABLE = "store_unavailable"
+    OVERLOADED = "overloaded"
+    TENANT_LIMIT = "tenant_limit"
+    RATE_LIMITED = "rate_limited"
+    SLOW_CONSUMER = "slow_consumer"
+    HELLO_TIMEOUT = "hello_timeout"
+    INTERNAL_ERROR = "internal_error"
 
 
 BYE = CloseReason(1000, "bye", reconnect=False)
@@ -93,3 +126,29 @@ RESUME_REFUSED = CloseReason(4501, "resume token refused", reconnect=False)
 """The hello named a live session but carried the wrong resume token."""
 SESSION_ENDED = CloseReason(4502, "session ended", reconnect=False)
 """The session for this caller key ended with ``bye``; a new call needs a new call ID."""
+
+
+ERRORS: Final[Mapping[ErrorCode, CloseReason]] = {
+    ErrorCode.INVALID_JSON: INVALID_PAYLOAD,
+    ErrorCode.INVALID_MESSAGE: INVALID_PAYLOAD,
+    ErrorCode.UNSUPPORTED_DATA: UNSUPPORTED_DATA,
+    ErrorCode.MESSAGE_TOO_BIG: MESSAGE_TOO_BIG,
+    ErrorCode.STATE_TOO_BIG: STATE_TOO_BIG,
+    ErrorCode.UNKNOWN_TYPE: POLICY_VIOLATION,
+    ErrorCode.UNEXPECTED_MESSAGE: POLICY_VIOLATION,
+    ErrorCode.INVALID_CALLER: POLICY_VIOLATION,
+    ErrorCode.AUTH_FAILED: POLICY_VIOLATION,
+    ErrorCode.TOKEN_EXPIRED: POLICY_VIOLATION,
+    ErrorCode.RESUME_REFUSED: RESUME_REFUSED,
+    ErrorCode.SESSION_ENDED: SESSION_ENDED,
+    ErrorCode.SESSION_REPLACED: SESSION_REPLACED,
+    ErrorCode.SESSION_CONFLICT: SESSION_CONFLICT,
+    ErrorCode.STORE_UNAVAILABLE: STORE_UNAVAILABLE,
+    ErrorCode.OVERLOADED: OVERLOADED,
+    ErrorCode.TENANT_LIMIT: OVERLOADED,
+    ErrorCode.RATE_LIMITED: RATE_LIMITED,
+    ErrorCode.SLOW_CONSUMER: SLOW_CONSUMER,
+    ErrorCode.HELLO_TIMEOUT: HELLO_TIMEOUT,
+    ErrorCode.INTERNAL_ERROR: INTERNAL_ERROR,
+}
+"""Every error code an ``error`` frame may carry, and the close that follows it."""

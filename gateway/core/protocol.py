@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 
-One :class:`Protocol` object per client connection. The I/O layer
+One :class:`Protocol` object per protocol v1 connection: the
+:class:`gateway.core.wire.ClientProtocol` of browsers and apps, as
+:class:`gateway.core.twilio.TwilioStream` is of phone streams. The I/O layer
 (:mod:`gateway.transport.client_ws`) feeds it every frame it receives with
 :meth:`Protocol.receive_text` or :meth:`Protocol.receive_binary` and gets back
 at most one event (:class:`Hello`, :class:`Turn`, :class:`Bye`). It acts on the
@@ -35,17 +37,19 @@ and state changes with :meth:`Protocol.send_state`, in OPEN only.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
-from gateway.core import closecodes, codec
+from gateway.core import codec
+from gateway.core.agent import Media
 from gateway.core.callerkey import InvalidCaller, parse_caller
-from gateway.core.closecodes import CloseReason
+from gateway.core.closecodes import ERRORS, CloseReason, ErrorCode
 from gateway.core.events import Ack, Bye, Event, Hello, Turn
 from gateway.core.session import Session
+from gateway.core.wire import ClientProtocol, Phase, _Invalid
 
 __all__ = ["ERRORS", "MAX_INT", "PROTOCOL_VERSION", "Phase", "Protocol"]
+# ERRORS (from closecodes) and Phase (from wire) are exported here too, where they began.
 
 PROTOCOL_VERSION: Final = 1
 
@@ -56,40 +60,6 @@ MAX_INT: Final = 2**53 - 1
 """Largest integer a client may send (``last_seq``, an ack's ``seq``): the largest that
 JavaScript, Lua and the stores' scripts all hold exactly. Checked here, at the edge."""
 
-
-class Phase(enum.Enum):
-    """Where a connection stands in the protocol."""
-
-    AWAIT_HELLO = "await_hello"
-    RESTORING = "restoring"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-ERRORS: Final[Mapping[str, CloseReason]] = {
-    "invalid_json": closecodes.INVALID_PAYLOAD,
-    "invalid_message": closecodes.INVALID_PAYLOAD,
-    "unsupported_data": closecodes.UNSUPPORTED_DATA,
-    "message_too_big": closecodes.MESSAGE_TOO_BIG,
-    "state_too_big": closecodes.STATE_TOO_BIG,
-    "unknown_type": closecodes.POLICY_VIOLATION,
-    "unexpected_message": closecodes.POLICY_VIOLATION,
-    "invalid_caller": closecodes.POLICY_VIOLATION,
-    "auth_failed": closecodes.POLICY_VIOLATION,
-    "token_expired": closecodes.POLICY_VIOLATION,
-    "resume_refused": closecodes.RESUME_REFUSED,
-    "session_ended": closecodes.SESSION_ENDED,
-    "session_replaced": closecodes.SESSION_REPLACED,
-    "session_conflict": closecodes.SESSION_CONFLICT,
-    "store_unavailable": closecodes.STORE_UNAVAILABLE,
-    "overloaded": closecodes.OVERLOADED,
-    "tenant_limit": closecodes.OVERLOADED,
-    "rate_limited": closecodes.RATE_LIMITED,
-    "slow_consumer": closecodes.SLOW_CONSUMER,
-    "hello_timeout": closecodes.HELLO_TIMEOUT,
-    "internal_error": closecodes.INTERNAL_ERROR,
-}
-"""Every error code an ``error`` frame may carry, and the close that follows it."""
 
 # Which message types each phase accepts (h11-style transition table).
 _ACCEPTS: Final[Mapping[Phase, frozenset[str]]] = {
@@ -102,74 +72,39 @@ _KNOWN_TYPES: Final = frozenset({"hello", "turn", "ack", "bye", "ping"})
 _PONG: Final = codec.dumps({"type": "pong"})
 
 
-class _Invalid(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
+class Protocol(ClientProtocol):
+    """State machine for one protocol v1 connection.
 
-
-class Protocol:
-    """State machine for one client connection.
+    A ``ping`` is answered here, with a ``pong``: :meth:`receive_text` returns
+    ``None`` for it.
 
     Args:
         max_message_size: Largest accepted frame, in UTF-8 bytes.
         default_region: Region for phone numbers written without ``+``.
     """
 
+    phone: ClassVar[bool] = False
+    _KIND_FIELD = "type"
+    _NOT_AN_OBJECT = "a message must be a JSON object"
+    _KIND_NOT_A_STRING = "field 'type' must be a string"
+
     def __init__(self, *, max_message_size: int, default_region: str | None = None) -> None:
-        self.max_message_size = max_message_size
-        self.default_region = default_region
-        self.phase = Phase.AWAIT_HELLO
-        self.close_reason: CloseReason | None = None
-        """Set once the connection must close; the driver closes with it."""
-        self.error_code: str | None = None
-        """The code of the error that closed the connection, if any (for metrics)."""
-        self.stream: dict[str, Any] | None = None
-        """A phone stream's description for the agent: never, on protocol v1."""
-        self._outbox: list[bytes] = []
-        self.buffered = 0
-        """Bytes of the frames queued and not yet taken by :meth:`data_to_send`."""
+        super().__init__(max_message_size=max_message_size, default_region=default_region)
 
     # Receiving
-
-    def receive_text(self, data: str) -> Event | None:
-        """Parse one text frame; return the event it carries, or ``None`` (a ``ping`` is
-        answered here, with a ``pong``)."""
-        if self.phase is Phase.CLOSED:
-            return None
-        try:
-            return self._parse(data)
-        except _Invalid as exc:
-            self.fail(exc.code, exc.message)
-            return None
 
     def receive_binary(self, data: bytes) -> None:
         """Refuse a binary frame: protocol v1 is JSON text frames only."""
         if self.phase is not Phase.CLOSED:
-            self.fail("unsupported_data", "binary frames are not accepted; send JSON text")
+            self.fail(ErrorCode.UNSUPPORTED_DATA, "binary frames are not accepted; send JSON text")
 
     def _parse(self, data: str) -> Event | None:
-        size = len(data)
-        if size > self.max_message_size or (
-            size * 4 > self.max_message_size and len(data.encode()) > self.max_message_size
-        ):
-            raise _Invalid(
-                "message_too_big", f"frames are limited to {self.max_message_size} bytes"
-            )
-        try:
-            msg = codec.loads(data)
-        except codec.DecodeError as exc:
-            raise _Invalid("invalid_json", f"frame is not valid JSON: {exc}") from None
-        if not isinstance(msg, dict):
-            raise _Invalid("invalid_message", "a message must be a JSON object")
-        kind = msg.get("type")
-        if not isinstance(kind, str):
-            raise _Invalid("invalid_message", "field 'type' must be a string")
+        msg, kind = self._decode(data)
         if kind not in _KNOWN_TYPES:
-            raise _Invalid("unknown_type", f"unknown message type {kind[:40]!r}")
+            raise _Invalid(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}")
         if kind not in _ACCEPTS[self.phase]:
             raise _Invalid(
-                "unexpected_message", f"'{kind}' is not allowed in phase {self.phase.value}"
+                ErrorCode.UNEXPECTED_MESSAGE, f"'{kind}' is not allowed in phase {self.phase.value}"
             )
         if kind == "ping":
             self._queue(_PONG)
@@ -183,7 +118,7 @@ class Protocol:
             seq = msg.get("seq")
             if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_INT:
                 raise _Invalid(
-                    "invalid_message", f"field 'seq' must be an integer from 0 to {MAX_INT}"
+                    ErrorCode.INVALID_MESSAGE, f"field 'seq' must be an integer from 0 to {MAX_INT}"
                 )
             event = Ack(seq)
         else:
@@ -193,30 +128,31 @@ class Protocol:
     def _hello(self, msg: dict[str, Any]) -> Hello:
         token = _optional(msg, "resume_token", str)
         if token is not None and not 0 < len(token) <= _MAX_TOKEN:
-            raise _Invalid("invalid_message", "field 'resume_token' has a bad length")
+            raise _Invalid(ErrorCode.INVALID_MESSAGE, "field 'resume_token' has a bad length")
         auth = _optional(msg, "token", str)
         if auth is not None and not 0 < len(auth) <= _MAX_AUTH_TOKEN:
-            raise _Invalid("invalid_message", "field 'token' has a bad length")
+            raise _Invalid(ErrorCode.INVALID_MESSAGE, "field 'token' has a bad length")
         last_seq = _optional(msg, "last_seq", int)
         if last_seq is not None and not 0 <= last_seq <= MAX_INT:
             raise _Invalid(
-                "invalid_message", f"field 'last_seq' must be an integer from 0 to {MAX_INT}"
+                ErrorCode.INVALID_MESSAGE,
+                f"field 'last_seq' must be an integer from 0 to {MAX_INT}",
             )
         if "caller" not in msg:
-            raise _Invalid("invalid_message", "field 'caller' is required")
+            raise _Invalid(ErrorCode.INVALID_MESSAGE, "field 'caller' is required")
         try:
             caller = parse_caller(
                 msg["caller"], msg.get("tenant"), default_region=self.default_region
             )
         except InvalidCaller as exc:
-            raise _Invalid("invalid_caller", f"caller {exc}") from None
+            raise _Invalid(ErrorCode.INVALID_CALLER, f"caller {exc}") from None
         return Hello(caller, token, last_seq, auth)
 
     def _turn(self, msg: dict[str, Any]) -> Turn:
         turn_id = msg.get("turn_id")
         if not isinstance(turn_id, str) or not 0 < len(turn_id) <= _MAX_ID:
             raise _Invalid(
-                "invalid_message",
+                ErrorCode.INVALID_MESSAGE,
                 f"field 'turn_id' must be a non-empty string of at most {_MAX_ID} characters",
             )
         form = _optional(msg, "form", dict)
@@ -224,7 +160,7 @@ class Protocol:
         for name, value in (("form", form), ("context", context)):
             if value is not None and codec.too_deep(value, codec.MAX_DEPTH):
                 raise _Invalid(
-                    "invalid_message", f"field '{name}' nests deeper than {codec.MAX_DEPTH}"
+                    ErrorCode.INVALID_MESSAGE, f"field '{name}' nests deeper than {codec.MAX_DEPTH}"
                 )
         return Turn(turn_id, _optional(msg, "text", str), form, context)
 
@@ -292,7 +228,7 @@ class Protocol:
             return
         self._queue(codec.dumps({"type": "ack", "turn_id": turn_id, "version": version}))
 
-    def send_nack(self, turn_id: str, code: str, message: str, *, retry_after: float) -> None:
+    def send_nack(self, turn_id: str, code: ErrorCode, message: str, *, retry_after: float) -> None:
         """Say that a turn was not applied and should be sent again after ``retry_after``
         seconds; the connection stays open (nothing once closed)."""
         if self.phase is Phase.CLOSED:
@@ -309,15 +245,15 @@ class Protocol:
             )
         )
 
-    def fail(self, code: str, message: str, *, retry_after: float | None = None) -> None:
-        """Queue an ``error`` frame for ``code`` and close with its close reason.
+    def send_media(self, media: Media) -> bool:
+        """Queue nothing: protocol v1 never carries a phone call's audio."""
+        return False
 
-        Args:
-            retry_after: Seconds the client should wait before it reconnects.
-        """
-        if self.phase is Phase.CLOSED:
-            return
-        reason = ERRORS[code]
+    def _send_error(
+        self, code: ErrorCode, message: str, reason: CloseReason, *, retry_after: float | None
+    ) -> None:
+        """Queue the ``error`` frame that tells the client why it is closed and whether to
+        reconnect (and when, with ``retry_after``)."""
         frame: dict[str, Any] = {
             "type": "error",
             "code": code,
@@ -328,30 +264,13 @@ class Protocol:
         if retry_after is not None:
             frame["retry_after"] = retry_after
         self._queue(codec.dumps(frame))
-        self.error_code = code
-        self.close(reason)
-
-    def close(self, reason: CloseReason) -> None:
-        """Close with ``reason`` after the frames queued so far."""
-        if self.phase is not Phase.CLOSED:
-            self.close_reason = reason
-            self.phase = Phase.CLOSED
-
-    def data_to_send(self) -> list[bytes]:
-        """Return and forget the frames queued since the last call."""
-        out, self._outbox, self.buffered = self._outbox, [], 0
-        return out
-
-    def _queue(self, frame: bytes) -> None:
-        self._outbox.append(frame)
-        self.buffered += len(frame)
 
 
 def _optional(msg: dict[str, Any], name: str, kind: type) -> Any:
     value = msg.get(name)
     # bool is an int subclass; {"last_seq": true} is not a number.
     if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-        raise _Invalid("invalid_message", f"field '{name}' must be {_TYPE_NAMES[kind]}")
+        raise _Invalid(ErrorCode.INVALID_MESSAGE, f"field '{name}' must be {_TYPE_NAMES[kind]}")
     return value
 
 

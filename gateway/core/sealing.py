@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.core.callerkey import CallerKey
+from gateway.exceptions import GatewayError
 
 __all__ = ["Keyring", "Unsealable", "aad", "new_key", "parse_key", "parse_state_keys"]
 
@@ -45,7 +46,7 @@ _MAX_HASH_KEY = 64
 _KID_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
 
-class Unsealable(ValueError):
+class Unsealable(GatewayError, ValueError):
     """A sealed blob does not open: unknown key ID, wrong session, or tampered with."""
 
 

@@ -3,9 +3,11 @@
 A TwiML ``<Connect><Stream url="wss://…/v1/twilio">`` makes Twilio open a
 WebSocket and speak its own protocol: ``connected``, ``start``, then ``media``
 every 20 ms, ``dtmf`` on a key press, ``mark`` when playback reaches one of
-ours, and ``stop``. :class:`TwilioStream` stands in for
-:class:`gateway.core.protocol.Protocol` on such a connection, with the same
-driver interface, and maps it onto sessions:
+ours, and ``stop``. :class:`TwilioStream` is the
+:class:`gateway.core.wire.ClientProtocol` of such a connection, as
+:class:`gateway.core.protocol.Protocol` is of protocol v1 (its
+:attr:`~gateway.core.wire.ClientProtocol.phone` is true), and maps it onto
+sessions:
 
 * ``start`` is the hello. The caller key is the custom parameter that names
   the caller (``From`` by default; a phone number, or else taken as a user ID)
@@ -34,16 +36,16 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway.core import codec
 from gateway.core.agent import Media
 from gateway.core.callerkey import InvalidCaller, parse_caller
-from gateway.core.closecodes import CloseReason
+from gateway.core.closecodes import CloseReason, ErrorCode
 from gateway.core.events import Forward, Hello, Turn
-from gateway.core.protocol import ERRORS, Phase
 from gateway.core.session import Session
+from gateway.core.wire import ClientProtocol, Phase, _Invalid
 
 __all__ = ["MAX_QUEUED_MEDIA", "STREAM_STOPPED", "TwilioStream", "signature", "signature_valid"]
 
@@ -54,13 +56,12 @@ MAX_QUEUED_MEDIA: Final = 1500
 _MAX_SID = 64
 
 
-class _Invalid(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
+_AUDIO: Final = b'{"event":"media",'
+"""How every audio frame queued for Twilio begins (:meth:`TwilioStream.send_media` writes
+``event`` first), so that a ``clear`` can pick them out of the outbox."""
 
 
-class TwilioStream:
+class TwilioStream(ClientProtocol):
     """State machine for one Twilio Media Streams connection.
 
     Args:
@@ -69,67 +70,40 @@ class TwilioStream:
         default_region: Region for phone numbers written without ``+``.
     """
 
+    phone: ClassVar[bool] = True
+    _KIND_FIELD = "event"
+    _NOT_AN_OBJECT = _KIND_NOT_A_STRING = "a frame must be an object with a string event"
+
     def __init__(
         self, *, max_message_size: int, caller_param: str = "From", default_region: str | None
     ) -> None:
-        self.max_message_size = max_message_size
+        super().__init__(max_message_size=max_message_size, default_region=default_region)
         self.caller_param = caller_param
-        self.default_region = default_region
-        self.phase = Phase.AWAIT_HELLO
-        self.close_reason: CloseReason | None = None
-        self.error_code: str | None = None
-        self.error_message: str | None = None
-        """Why the stream was closed for an error, for the log (Twilio gets no error frame)."""
         self.stream_sid: str | None = None
-        self.stream: dict[str, Any] | None = None
-        """What ``start`` said about the stream, for the agent; ``None`` before it."""
-        self._outbox: list[tuple[str, bytes]] = []
-        """Frames for Twilio, each with its event (``media``, ``mark``, ``clear``)."""
         self._queued_media = 0
-        self.buffered = 0
-        """Bytes of the frames queued and not yet taken by :meth:`data_to_send`."""
+        """Audio frames in the outbox, bounded by :data:`MAX_QUEUED_MEDIA`."""
 
     # Receiving
-
-    def receive_text(self, data: str) -> Hello | Turn | Forward | None:
-        """Parse one frame from Twilio; return what the driver must act on, if anything."""
-        if self.phase is Phase.CLOSED:
-            return None
-        try:
-            return self._parse(data)
-        except _Invalid as exc:
-            self.fail(exc.code, exc.message)
-            return None
 
     def receive_binary(self, data: bytes) -> None:
         """Refuse a binary frame: Twilio sends JSON text only."""
         if self.phase is not Phase.CLOSED:
-            self.fail("unsupported_data", "binary frames are not part of Media Streams")
+            self.fail(ErrorCode.UNSUPPORTED_DATA, "binary frames are not part of Media Streams")
 
     def _parse(self, data: str) -> Hello | Turn | Forward | None:
-        if len(data) > self.max_message_size or len(data.encode()) > self.max_message_size:
-            raise _Invalid(
-                "message_too_big", f"frames are limited to {self.max_message_size} bytes"
-            )
-        try:
-            msg = codec.loads(data)
-        except codec.DecodeError as exc:
-            raise _Invalid("invalid_json", f"frame is not valid JSON: {exc}") from None
-        if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
-            raise _Invalid("invalid_message", "a frame must be an object with a string event")
-        event = msg["event"]
+        msg, event = self._decode(data)
         if event == "connected":
             return None
         if event == "start":
             if self.phase is not Phase.AWAIT_HELLO:
-                raise _Invalid("unexpected_message", "a second start on one stream")
+                raise _Invalid(ErrorCode.UNEXPECTED_MESSAGE, "a second start on one stream")
             hello = self._start(msg)
             self.phase = Phase.RESTORING
             return hello
         if event not in ("media", "dtmf", "mark", "stop"):
             return None  # a newer event than we know: Twilio's protocol grows
         if self.phase is Phase.AWAIT_HELLO:
-            raise _Invalid("unexpected_message", f"'{event}' before start")
+            raise _Invalid(ErrorCode.UNEXPECTED_MESSAGE, f"'{event}' before start")
         if self.phase is Phase.RESTORING and event != "stop":
             # Only seen when the driver gave up on the hello (Twilio hung up meanwhile) and
             # reads what was already buffered: nothing to act on.
@@ -165,7 +139,7 @@ class TwilioStream:
         who = params.get(self.caller_param)
         if not isinstance(who, str) or not who:
             raise _Invalid(
-                "invalid_caller",
+                ErrorCode.INVALID_CALLER,
                 f"start.customParameters has no {self.caller_param!r}: add "
                 f'<Parameter name="{self.caller_param}" value="..."/> to the <Stream>',
             )
@@ -183,7 +157,7 @@ class TwilioStream:
                 # client:alice, sip:…, anonymous: not a number, still a caller.
                 caller = parse_caller({"user_id": who, "call_id": call_sid}, tenant)
         except InvalidCaller as exc:
-            raise _Invalid("invalid_caller", f"caller {exc}") from None
+            raise _Invalid(ErrorCode.INVALID_CALLER, f"caller {exc}") from None
         self.stream = {
             "provider": "twilio",
             "stream_sid": self.stream_sid,
@@ -219,7 +193,7 @@ class TwilioStream:
     def send_ack(self, turn_id: str, version: int) -> None:
         """A turn (a key press) is durable: Twilio expects no answer."""
 
-    def send_nack(self, turn_id: str, code: str, message: str, *, retry_after: float) -> None:
+    def send_nack(self, turn_id: str, code: ErrorCode, message: str, *, retry_after: float) -> None:
         """A turn (a key press) was not stored: Twilio cannot send it again, so it is lost,
         and the call goes on."""
 
@@ -241,39 +215,28 @@ class TwilioStream:
         elif media.kind == "mark":
             frame["mark"] = {"name": media.value}
         else:
-            self._outbox = [item for item in self._outbox if item[0] != "media"]
+            self._outbox = [item for item in self._outbox if not item.startswith(_AUDIO)]
             self._queued_media = 0
-            self.buffered = sum(len(item) for _, item in self._outbox)
-        encoded = codec.dumps(frame)
-        self._outbox.append((media.kind, encoded))
-        self.buffered += len(encoded)
+            self.buffered = sum(len(item) for item in self._outbox)
+        self._queue(codec.dumps(frame))
         return True
 
-    def fail(self, code: str, message: str, *, retry_after: float | None = None) -> None:
-        """Close with the close reason of ``code``; ``message`` and ``retry_after`` go
-        nowhere Twilio reads (it re-attaches through the app, not by itself)."""
-        if self.phase is Phase.CLOSED:
-            return
-        self.error_code = code
-        self.error_message = message
-        self.close(ERRORS[code])
-
-    def close(self, reason: CloseReason) -> None:
-        """Close with ``reason`` after the frames queued so far."""
-        if self.phase is not Phase.CLOSED:
-            self.close_reason = reason
-            self.phase = Phase.CLOSED
+    def _send_error(
+        self, code: ErrorCode, message: str, reason: CloseReason, *, retry_after: float | None
+    ) -> None:
+        """Send nothing: Twilio reads no error frame, and re-attaches through the app, not
+        by itself. The driver logs :attr:`error_message` instead."""
 
     def data_to_send(self) -> list[bytes]:
         """Return and forget the frames queued since the last call."""
-        out, self._outbox, self._queued_media, self.buffered = self._outbox, [], 0, 0
-        return [frame for _, frame in out]
+        self._queued_media = 0
+        return super().data_to_send()
 
 
 def _object(msg: dict[str, Any], name: str) -> dict[str, Any]:
     value = msg.get(name)
     if not isinstance(value, dict):
-        raise _Invalid("invalid_message", f"field {name!r} must be an object")
+        raise _Invalid(ErrorCode.INVALID_MESSAGE, f"field {name!r} must be an object")
     return value
 
 
@@ -281,7 +244,7 @@ def _string(msg: dict[str, Any], name: str, limit: int) -> str:
     value = msg.get(name)
     if not isinstance(value, str) or not 0 < len(value) <= limit:
         raise _Invalid(
-            "invalid_message", f"field {name!r} must be a string of 1 to {limit} characters"
+            ErrorCode.INVALID_MESSAGE, f"field {name!r} must be a string of 1 to {limit} characters"
         )
     return value
 
@@ -307,7 +270,7 @@ def _parameters(value: Any) -> dict[str, str]:
         return {}
     if not isinstance(value, dict) or len(value) > _MAX_PARAMETERS:
         raise _Invalid(
-            "invalid_message",
+            ErrorCode.INVALID_MESSAGE,
             f"start.customParameters must be an object of at most {_MAX_PARAMETERS} strings",
         )
     for name, text in value.items():
@@ -315,7 +278,7 @@ def _parameters(value: Any) -> dict[str, str]:
             isinstance(text, str) and len(text) <= _MAX_PARAMETER_VALUE
         ):
             raise _Invalid(
-                "invalid_message",
+                ErrorCode.INVALID_MESSAGE,
                 f"a custom parameter must be a string of at most {_MAX_PARAMETER_VALUE}"
                 f" characters, named in 1 to {_MAX_PARAMETER_NAME}",
             )
@@ -331,7 +294,9 @@ def _tracks(value: Any) -> list[str] | None:
         or len(value) > len(_TRACKS)
         or not all(isinstance(track, str) and track in _TRACKS for track in value)
     ):
-        raise _Invalid("invalid_message", f"start.tracks must list some of {sorted(_TRACKS)}")
+        raise _Invalid(
+            ErrorCode.INVALID_MESSAGE, f"start.tracks must list some of {sorted(_TRACKS)}"
+        )
     return value
 
 
@@ -340,7 +305,7 @@ def _media_format(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise _Invalid("invalid_message", "start.mediaFormat must be an object")
+        raise _Invalid(ErrorCode.INVALID_MESSAGE, "start.mediaFormat must be an object")
     out: dict[str, Any] = {}
     for name, kind in _MEDIA_FORMAT.items():
         field = value.get(name)
@@ -351,7 +316,9 @@ def _media_format(value: Any) -> dict[str, Any] | None:
         elif isinstance(field, int) and not isinstance(field, bool) and 0 < field <= 1_000_000:
             out[name] = field
         else:
-            raise _Invalid("invalid_message", f"start.mediaFormat.{name} must be 1 to 1000000")
+            raise _Invalid(
+                ErrorCode.INVALID_MESSAGE, f"start.mediaFormat.{name} must be 1 to 1000000"
+            )
     return out
 
 
@@ -360,7 +327,7 @@ def _number(msg: dict[str, Any], name: str) -> int:
     value = msg.get(name)
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
         return int(value)
-    raise _Invalid("invalid_message", f"field {name!r} must be a decimal string")
+    raise _Invalid(ErrorCode.INVALID_MESSAGE, f"field {name!r} must be a decimal string")
 
 
 # The upgrade request's signature

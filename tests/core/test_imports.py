@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import gateway.core
@@ -34,3 +35,15 @@ def test_only_codec_imports_orjson() -> None:
         str(p.relative_to(root)) for p in root.rglob("*.py") if "import orjson" in p.read_text()
     )
     assert users == ["core/codec.py"]
+
+
+def test_exceptions_import_only_the_standard_library() -> None:
+    """gateway/exceptions.py, which the core imports, imports nothing outside the stdlib."""
+    path = Path(gateway.core.__file__).parent.parent / "exceptions.py"
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert imported <= sys.stdlib_module_names
