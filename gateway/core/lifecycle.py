@@ -13,9 +13,13 @@ changes the lifecycle and returns the decision, for the transport to carry out
 awaits, so a race between two steps is a sequence of calls that a loop-free
 test can replay (``tests/core/test_lifecycle.py``).
 
-The transport calls every transition under the session's lock, except
-:meth:`Lifecycle.held_back`, :meth:`Lifecycle.ack` and the linger timer's
-:meth:`Lifecycle.linger_over`, which read or change nothing a locked step relies on.
+The transport calls the transitions that follow a store call (``attach``,
+``plan_turn`` and what follows it, ``check``/``plan_push``/``pushed``, ``end``,
+``superseded``, the linger's and drain's ``drop``) under the session's lock. The
+others run without it, between two awaits: ``held_back``, ``nacked`` and ``ack``
+(the connection's own turn order and acks), ``detach`` (the handler's exit),
+``drain`` and the linger timer's first ``linger_over``. None of them awaits, and
+each leaves nothing that a locked step, once it holds the lock, does not check again.
 
 Phases and transitions::
 
@@ -44,7 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from gateway.core import codec
-from gateway.core.agent import AgentMessage, InvalidAgentFrame, StatePatch
+from gateway.core.agent import AgentErrorCode, AgentMessage, InvalidAgentFrame, StatePatch
+from gateway.core.closecodes import ErrorCode
 from gateway.core.events import Turn
 from gateway.core.resume import Outcome, Replay
 from gateway.core.session import Push, Session, SessionId, TurnWrite, merge_patch
@@ -118,7 +123,7 @@ class Restore(Protocol):
 class Refusal:
     """The restore refused the hello: fail the client with ``code``."""
 
-    code: str
+    code: ErrorCode
     message: str
     replayed: bool = False
     """It presented a resume token already traded for a newer one (a copy in other hands)."""
@@ -211,9 +216,12 @@ class Batch:
     """The write last tried; retried unchanged while the session's epoch holds."""
 
 
-_REFUSALS: Mapping[Outcome, tuple[str, str]] = {
-    Outcome.REFUSED: ("resume_refused", "the resume token does not match this session"),
-    Outcome.ENDED: ("session_ended", "this call ended with bye; a new call needs a new call_id"),
+_REFUSALS: Mapping[Outcome, tuple[ErrorCode, str]] = {
+    Outcome.REFUSED: (ErrorCode.RESUME_REFUSED, "the resume token does not match this session"),
+    Outcome.ENDED: (
+        ErrorCode.SESSION_ENDED,
+        "this call ended with bye; a new call needs a new call_id",
+    ),
 }
 
 
@@ -264,11 +272,11 @@ class Lifecycle(Generic[C]):
         if session is None:
             if restored.replayed:
                 return Refusal(
-                    "resume_refused", "this resume token was replaced by a newer one", True
+                    ErrorCode.RESUME_REFUSED, "this resume token was replaced by a newer one", True
                 )
             if outcome is Outcome.REFUSED and token == TOKEN_REQUIRED:
                 return Refusal(
-                    "resume_refused",
+                    ErrorCode.RESUME_REFUSED,
                     "this call's session exists: resuming it needs its resume token",
                 )
             return Refusal(*_REFUSALS[outcome])
@@ -291,7 +299,9 @@ class Lifecycle(Generic[C]):
             return Abandoned(adopted)
         if fenced.get(session.session_id, 0) > session.epoch:
             # Another instance restored it after us, and said so before our reply came.
-            return Refusal("session_replaced", "another connection resumed this session first")
+            return Refusal(
+                ErrorCode.SESSION_REPLACED, "another connection resumed this session first"
+            )
         previous = self.session
         replaced = previous is not None and previous.session_id != session.session_id
         if replaced:
@@ -425,7 +435,8 @@ class Lifecycle(Generic[C]):
             if len(codec.dumps(trial)) > max_state_size:
                 batch.rejected.append(
                     InvalidAgentFrame(
-                        "state_too_big", f"the patch would grow the state past {max_state_size}"
+                        AgentErrorCode.STATE_TOO_BIG,
+                        f"the patch would grow the state past {max_state_size}",
                     )
                 )
                 continue

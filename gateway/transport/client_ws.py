@@ -29,12 +29,13 @@ from websockets.http11 import Request
 
 from gateway.core import agent
 from gateway.core.auth import AuthError, Grant
-from gateway.core.closecodes import BYE, SERVICE_RESTART
+from gateway.core.closecodes import BYE, SERVICE_RESTART, ErrorCode
 from gateway.core.events import Ack, Bye, Forward, Hello, Turn
 from gateway.core.lifecycle import TOKEN_REQUIRED, Duplicate, Ignore, TooBig, Write
 from gateway.core.protocol import Protocol
 from gateway.core.ratelimit import TokenBucket
 from gateway.core.twilio import TwilioStream
+from gateway.core.wire import ClientProtocol
 from gateway.exceptions import StoreConflict, StoreError
 from gateway.transport.connection import Connection
 from gateway.transport.opening import Opening
@@ -57,7 +58,7 @@ async def handle_client(sessions: Sessions, ws: ServerConnection, *, twilio: boo
             not a protocol v1 client.
     """
     limits, default_region = sessions.limits, sessions.config.caller.default_region
-    protocol: Protocol | TwilioStream
+    protocol: ClientProtocol
     if twilio:
         protocol = TwilioStream(
             max_message_size=limits.max_message_size,
@@ -99,7 +100,8 @@ class Handler:
                             message = await ws.recv()
                     except TimeoutError:
                         protocol.fail(
-                            "hello_timeout", f"no hello within {hello_timeout} s of connecting"
+                            ErrorCode.HELLO_TIMEOUT,
+                            f"no hello within {hello_timeout} s of connecting",
                         )
                         break
                 if isinstance(message, bytes):
@@ -133,13 +135,13 @@ class Handler:
                 sessions.metrics.protocol_errors.labels("message_too_big").inc()
         except Exception:
             log.exception("unexpected error on a client connection")
-            protocol.fail("internal_error", "unexpected error; reconnect to resume")
+            protocol.fail(ErrorCode.INTERNAL_ERROR, "unexpected error; reconnect to resume")
         finally:
             await self._closed()
 
     async def _closed(self) -> None:
         sessions, conn, protocol = self.sessions, self.conn, self.conn.protocol
-        if isinstance(protocol, TwilioStream) and protocol.error_code is not None:
+        if protocol.phone and protocol.error_code is not None:
             # A Twilio stream gets no error frame: the log is the only place that says why.
             log.warning(
                 "twilio stream closed error=%s message=%s",
@@ -176,7 +178,7 @@ class Handler:
     async def _hello(self, hello: Hello) -> LiveSession | None:
         sessions, conn = self.sessions, self.conn
         resume_token = hello.resume_token
-        if sessions.verifier is not None and not isinstance(conn.protocol, TwilioStream):
+        if sessions.verifier is not None and not conn.protocol.phone:
             grant = self._authorize(hello)
             if grant is None:
                 return None
@@ -206,7 +208,9 @@ class Handler:
         except AuthError as exc:
             sessions.metrics.auth_failures.labels(exc.reason).inc()
             log.warning("hello refused auth=%s tenant=%s", exc.reason, hello.caller.tenant)
-            code = "token_expired" if exc.reason == "expired_token" else "auth_failed"
+            code = (
+                ErrorCode.TOKEN_EXPIRED if exc.reason == "expired_token" else ErrorCode.AUTH_FAILED
+            )
             self.conn.protocol.fail(code, exc.message)
             return None
         return grant
@@ -229,7 +233,7 @@ class Handler:
         if not self._allowed(now):
             assert self.bucket is not None
             conn.protocol.fail(
-                "rate_limited",
+                ErrorCode.RATE_LIMITED,
                 f"more than {self.sessions.limits.max_turns_per_second:g} turns per second;"
                 " resume after retry_after",
                 retry_after=round(max(1.0, self.bucket.wait()), 1),
@@ -261,7 +265,8 @@ class Handler:
         if isinstance(plan, TooBig):
             # Not retryable: the same turn would be refused again; the session is intact.
             protocol.fail(
-                "state_too_big", f"the turn would grow the session state past {plan.limit} bytes"
+                ErrorCode.STATE_TOO_BIG,
+                f"the turn would grow the session state past {plan.limit} bytes",
             )
             return
         assert isinstance(plan, Write)
@@ -274,7 +279,7 @@ class Handler:
             )
         except StoreConflict as exc:
             log.info("turn refused session=%s reason=%s", session.session_id, exc.detail)
-            protocol.fail("session_conflict", f"{exc.detail}; reconnect to resume")
+            protocol.fail(ErrorCode.SESSION_CONFLICT, f"{exc.detail}; reconnect to resume")
             return
         except StoreError as exc:
             log.warning("turn not written session=%s error=%s", session.session_id, exc)
@@ -283,7 +288,8 @@ class Handler:
                 self._nack(turn, "turn not saved: session store unavailable; send it again")
             else:
                 protocol.fail(
-                    "store_unavailable", "turn not saved: store unavailable; reconnect, resend"
+                    ErrorCode.STORE_UNAVAILABLE,
+                    "turn not saved: store unavailable; reconnect, resend",
                 )
             return
         if live.life.turn_written(write, applied=written.applied):
@@ -311,13 +317,17 @@ class Handler:
         self.sessions.metrics.turns.labels("nacked").inc()
         # Spread: every session of an outage must not come back at the same instant.
         wait = round(random.uniform(1.0, 3.0), 1)
-        self.conn.protocol.send_nack(turn.turn_id, "store_unavailable", why, retry_after=wait)
+        self.conn.protocol.send_nack(
+            turn.turn_id, ErrorCode.STORE_UNAVAILABLE, why, retry_after=wait
+        )
 
     async def _bye(self) -> None:
         sessions, conn, live = self.sessions, self.conn, self.live
         assert live is not None
         if not await live.restored():
-            conn.protocol.fail("store_unavailable", "bye not saved: store unavailable; reconnect")
+            conn.protocol.fail(
+                ErrorCode.STORE_UNAVAILABLE, "bye not saved: store unavailable; reconnect"
+            )
             return
         async with live.lock:
             session = live.life.end(conn)
@@ -330,11 +340,11 @@ class Handler:
                     lambda: sessions.store.end(live.caller, sid, sessions.clock(), epoch=epoch),
                 )
             except StoreConflict as exc:
-                conn.protocol.fail("session_conflict", f"{exc.detail}; reconnect to resume")
+                conn.protocol.fail(ErrorCode.SESSION_CONFLICT, f"{exc.detail}; reconnect to resume")
                 return
             except StoreError:
                 conn.protocol.fail(
-                    "store_unavailable", "bye not saved: store unavailable; reconnect"
+                    ErrorCode.STORE_UNAVAILABLE, "bye not saved: store unavailable; reconnect"
                 )
                 return
             conn.protocol.close(BYE)

@@ -29,8 +29,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from gateway.core.protocol import Protocol
-from gateway.core.twilio import TwilioStream
+from gateway.core.closecodes import ErrorCode
+from gateway.core.wire import ClientProtocol
 
 __all__ = ["Connection", "Outbound", "fits", "hang_up"]
 
@@ -77,7 +77,7 @@ class Connection:
     """One client WebSocket: its protocol state and whoever is sending what it queued."""
 
     ws: ServerConnection
-    protocol: Protocol | TwilioStream
+    protocol: ClientProtocol
     errors: Counter
     """``hangon_protocol_errors_total``: the error that closes the connection is counted here."""
     outbound: Outbound = Outbound()
@@ -156,7 +156,7 @@ class Connection:
         if protocol.close_reason is not None:
             # Closing already (replaced, failed): only the wait is left to bound.
             self.errors.labels("slow_consumer").inc()
-        protocol.fail("slow_consumer", f"the connection was cut: {why}; resume to catch up")
+        protocol.fail(ErrorCode.SLOW_CONSUMER, f"the connection was cut: {why}; resume to catch up")
 
     async def send(self) -> None:
         """Send what is queued, in order, and close when the protocol says so.

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Iterator
 
 from websockets.protocol import State
 
-from gateway.core.closecodes import SERVICE_RESTART
+from gateway.core.closecodes import SERVICE_RESTART, ErrorCode
 from gateway.core.events import Hello
 from gateway.core.lifecycle import Abandoned, Attached, Refusal
 from gateway.core.session import (
@@ -27,7 +27,6 @@ from gateway.core.session import (
     new_resume_token,
     new_session_id,
 )
-from gateway.core.twilio import TwilioStream
 from gateway.exceptions import StoreError
 from gateway.store.base import Restored
 from gateway.transport.connection import Connection
@@ -66,7 +65,7 @@ class Opening:
         cap = sessions.limits.max_tenant_connections
         if cap is not None and sessions.tenant_connections.get(tenant, 0) >= cap:
             protocol.fail(
-                "tenant_limit",
+                ErrorCode.TENANT_LIMIT,
                 f"this tenant holds {cap} connections on this instance already",
                 retry_after=5.0,
             )
@@ -76,10 +75,10 @@ class Opening:
             sessions.count_tenant(tenant, 1)
         admission = sessions.admission
         # A phone stream is never shed: Twilio cannot wait for a hint, only re-attach at once.
-        if admission.full() and not isinstance(protocol, TwilioStream):
+        if admission.full() and not protocol.phone:
             sessions.metrics.shed.labels("hello").inc()
             protocol.fail(
-                "overloaded",
+                ErrorCode.OVERLOADED,
                 "too many callers are reconnecting; come back after retry_after seconds",
                 retry_after=admission.retry_after(),
             )
@@ -133,7 +132,9 @@ class Opening:
                 return True
             sessions.metrics.restores.labels("error").inc()
             log.warning("restore failed caller=%s error=%s", sessions.who(self.hello.caller), exc)
-            conn.protocol.fail("store_unavailable", "session store unavailable; reconnect to retry")
+            conn.protocol.fail(
+                ErrorCode.STORE_UNAVAILABLE, "session store unavailable; reconnect to retry"
+            )
             return False
         return self._attach(live, restored, self.resume_token)
 
@@ -154,7 +155,7 @@ class Opening:
         log.warning("session open degraded: store unreachable session=%s", candidate.session_id)
         live.life.open_degraded(conn, candidate)
         sessions.by_sid[candidate.session_id] = live
-        live.phone = isinstance(conn.protocol, TwilioStream)
+        live.phone = conn.protocol.phone
         sessions.metrics.sessions_active.inc()
         live.recovered = asyncio.Event()
         shown = dataclasses.replace(
@@ -187,7 +188,8 @@ class Opening:
                         async with live.lock:
                             if live.client is conn:
                                 live.fail(
-                                    "store_unavailable", "session store unavailable; reconnect"
+                                    ErrorCode.STORE_UNAVAILABLE,
+                                    "session store unavailable; reconnect",
                                 )
                         return
                 if delays is None:
@@ -257,7 +259,7 @@ class Opening:
             live.relay = None
         if decision.displaced is not None:
             decision.displaced.protocol.fail(
-                "session_replaced", "a newer connection resumed this session"
+                ErrorCode.SESSION_REPLACED, "a newer connection resumed this session"
             )
             decision.displaced.flush()
             metrics.takeovers.labels("local").inc()
@@ -278,7 +280,7 @@ class Opening:
         if decision.previous is not None and sessions.by_sid.get(decision.previous) is live:
             del sessions.by_sid[decision.previous]
         sessions.by_sid[session.session_id] = live
-        live.phone = isinstance(protocol, TwilioStream)
+        live.phone = protocol.phone
         replay = restored.replay
         protocol.send_welcome(
             session,

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
 from gateway.core import agent
+from gateway.core.closecodes import ErrorCode
 from gateway.core.lifecycle import Batch
-from gateway.core.twilio import TwilioStream
 from gateway.exceptions import StoreConflict, StoreError
 from gateway.transport.downstream import AgentLink, Inbox
 from gateway.transport.sessions import log_failure
@@ -115,11 +115,7 @@ class Relay:
             media.labels("to_caller", "dropped").inc()
             return None
         conn = live.client
-        sent = (
-            conn is not None
-            and isinstance(conn.protocol, TwilioStream)
-            and conn.protocol.send_media(parsed)
-        )
+        sent = conn is not None and conn.protocol.send_media(parsed)
         if sent:
             assert conn is not None
             conn.flush()
@@ -198,7 +194,7 @@ class Relay:
                     session = live.session
                     log.exception("relay failed session=%s", session and session.session_id)
                     done = "drop"
-                    live.fail("internal_error", "unexpected error; reconnect")
+                    live.fail(ErrorCode.INTERNAL_ERROR, "unexpected error; reconnect")
                     live.drop()
             if done == "retry":
                 # The store is down: keep the frames (the inbox fills and the link stops
@@ -226,7 +222,7 @@ class Relay:
             )
         except StoreConflict as exc:
             log.info("agent output refused session=%s reason=%s", session.session_id, exc.detail)
-            live.fail("session_conflict", f"{exc.detail}; reconnect to resume")
+            live.fail(ErrorCode.SESSION_CONFLICT, f"{exc.detail}; reconnect to resume")
             live.drop()
             return "drop"
         except StoreError as exc:
@@ -235,7 +231,7 @@ class Relay:
                 return "retry"
             # The same write would be refused again: give the session up here, and let the
             # client's resume start from what the store holds.
-            live.fail("store_unavailable", "agent output not saved; reconnect")
+            live.fail(ErrorCode.STORE_UNAVAILABLE, "agent output not saved; reconnect")
             live.drop()
             return "drop"
         conn = live.client

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, TypeVar
 from gateway.config import Config
 from gateway.core.auth import Verifier
 from gateway.core.callerkey import CallerKey
-from gateway.core.closecodes import SERVICE_RESTART
+from gateway.core.closecodes import SERVICE_RESTART, ErrorCode
 from gateway.core.lifecycle import Lifecycle
 from gateway.core.session import Session, SessionId
 from gateway.exceptions import StoreConflict, StoreError
@@ -213,7 +213,7 @@ class Sessions:
             if len(self.fenced) > _FENCED:
                 self.fenced.popitem(last=False)
             return
-        self.background(live.superseded(session_id, epoch, "session_replaced"))
+        self.background(live.superseded(session_id, epoch, ErrorCode.SESSION_REPLACED))
 
     async def notify(self, owner: str, session: Session) -> None:
         """Tell ``owner`` that this instance took ``session`` over (best effort)."""
@@ -374,7 +374,7 @@ class LiveSession:
 
         self.sessions.background(drop())
 
-    def fail(self, code: str, message: str) -> None:
+    def fail(self, code: ErrorCode, message: str) -> None:
         """Fail the attached client, if any, and send what that queued."""
         client = self.client
         if client is not None:
@@ -404,7 +404,7 @@ class LiveSession:
         if self.session is not None:
             self.sessions.background(self.touch(self.session, "release", release=True))
 
-    async def superseded(self, session_id: SessionId, epoch: int, code: str) -> None:
+    async def superseded(self, session_id: SessionId, epoch: int, code: ErrorCode) -> None:
         """Stop serving the session if it is still ``session_id`` from before ``epoch``."""
         async with self.lock:
             if not self.life.superseded(session_id, epoch):
@@ -490,6 +490,6 @@ class LiveSession:
         try:
             await sessions.call("touch", touch)
         except StoreConflict:
-            await self.superseded(sid, epoch + 1, "session_conflict")
+            await self.superseded(sid, epoch + 1, ErrorCode.SESSION_CONFLICT)
         except StoreError as exc:
             log.warning("%s failed session=%s error=%s", why, sid, exc)
