@@ -1,10 +1,14 @@
-"""The docs name every option, error code and metric the code has."""
+"""The docs name every option, error code and metric the code has, and only code that exists."""
 
 from __future__ import annotations
 
+import builtins
+import keyword
+import re
 from pathlib import Path
 
 from gateway.config import OPTIONS
+from gateway.core.lifecycle import Lifecycle, Phase
 from gateway.core.protocol import ERRORS
 from gateway.metrics import Metrics
 
@@ -32,3 +36,83 @@ def test_operations_lists_every_metric() -> None:
     names = {m.name for m in Metrics().registry.collect()}
     missing = sorted(n for n in names if n not in text)
     assert missing == []
+
+
+ROOT = DOCS.parent
+GATEWAY = ROOT / "gateway"
+_SPAN = re.compile(r"`([^`\n]+)`")
+_NAME = re.compile(r"[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?")
+"""``Class`` or ``Class.member``: CamelCase first, so constants and config fields are left
+out."""
+
+
+def _defines(text: str, name: str) -> bool:
+    """Whether ``text`` defines ``name``: a class, a function, an assignment or a field."""
+    pattern = rf"^\s*(?:(?:async\s+)?def|class)\s+{name}\b|^\s*(?:self\.)?{name}\s*[:=]"
+    return re.search(pattern, text, re.MULTILINE) is not None
+
+
+def _missing_files(spans: list[str]) -> list[str]:
+    """The file names among ``spans`` that do not exist: a path from the checkout's root,
+    or a bare file name anywhere under gateway/."""
+    names = {p.name for p in GATEWAY.rglob("*") if p.is_file()}
+    missing = []
+    for span in spans:
+        if not span.endswith((".py", ".lua", ".md")):
+            continue
+        found = (ROOT / span).exists() if "/" in span else span in names
+        if not found:
+            missing.append(span)
+    return missing
+
+
+def _missing_names(spans: list[str]) -> list[str]:
+    """The ``Class`` and ``Class.member`` names among ``spans`` that gateway/ does not define."""
+    sources = [p.read_text() for p in GATEWAY.rglob("*.py")]
+    missing = []
+    for span in spans:
+        if not _NAME.fullmatch(span):
+            continue
+        cls, _, member = span.partition(".")
+        if keyword.iskeyword(cls) or hasattr(builtins, cls):
+            continue
+        homes = [text for text in sources if re.search(rf"^class {cls}\b", text, re.MULTILINE)]
+        if not homes or (member and not any(_defines(text, member) for text in homes)):
+            missing.append(span)
+    return missing
+
+
+def test_architecture_names_only_what_exists() -> None:
+    """Every file, class and Class.member that docs/architecture.md names exists."""
+    spans = _SPAN.findall((DOCS / "architecture.md").read_text())
+    assert _missing_files(spans) + _missing_names(spans) == []
+
+
+def test_architecture_table_names_live_in_their_modules() -> None:
+    """Each name in the table of concerns is defined in one of the modules of its row."""
+    text = (DOCS / "architecture.md").read_text()
+    missing = []
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
+    for _, modules, names in rows[1:]:
+        files, folder = [], GATEWAY
+        for path in _SPAN.findall(modules):
+            if "/" in path:
+                folder = (ROOT / path).parent
+            files.append((folder / Path(path).name).read_text())
+        for name in _SPAN.findall(names):
+            if not any(_defines(source, name) for source in files):
+                missing.append(name)
+    assert len(rows) > 20
+    assert missing == []
+
+
+def test_architecture_diagram_has_every_phase() -> None:
+    """The lifecycle diagram's states are Lifecycle's phases, its arrows Lifecycle's methods."""
+    text = (DOCS / "architecture.md").read_text()
+    diagram = text.split("stateDiagram-v2", 1)[1].split("```", 1)[0]
+    arrows = re.findall(r"(\S+) --> ([^\s:]+)(?::\s*(\w+))?", diagram)
+    states = {state for a, b, _ in arrows for state in (a, b)} - {"[*]"}
+    assert states == {phase.name for phase in Phase}
+    methods = {method for _, _, method in arrows if method}
+    assert [m for m in sorted(methods) if not callable(getattr(Lifecycle, m, None))] == []
+    assert methods >= {"attach", "open_degraded", "detach", "linger_over", "drain", "drop", "end"}
