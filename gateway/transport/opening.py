@@ -53,10 +53,9 @@ class Opening:
         self.conn = conn
         self.hello = hello
         self.resume_token = resume_token
-        now = sessions.clock()
-        # Every attempt offers the same candidate, so that a retry whose first try
-        # landed is recognised.
-        self.candidate = Session(new_session_id(), new_resume_token(), 0, empty_state(), now, now)
+        self.candidate: Session | None = None
+        """The new session every restore attempt offers, made once the hello is admitted:
+        the same one each time, so that a retry whose first try landed is recognised."""
 
     async def run(self) -> LiveSession | None:
         """Admit the hello and open its session; ``None`` if the connection was failed."""
@@ -108,6 +107,7 @@ class Opening:
     def _restore(self) -> Awaitable[Restored]:
         """One restore attempt for the hello."""
         sessions, hello = self.sessions, self.hello
+        assert self.candidate is not None
         return sessions.store.restore(
             hello.caller,
             token=self.resume_token,
@@ -120,6 +120,8 @@ class Opening:
     async def _open(self, live: LiveSession) -> bool:
         """Restore the session, attach the connection and tell the agent; under the lock."""
         sessions, conn = self.sessions, self.conn
+        now = sessions.clock()
+        self.candidate = Session(new_session_id(), new_resume_token(), 0, empty_state(), now, now)
         after = sessions.config.store.degrade_after
         degrade = after is not None and live.session is None
         try:
@@ -151,6 +153,7 @@ class Opening:
         with a token the store knows.
         """
         sessions, conn, candidate = self.sessions, self.conn, self.candidate
+        assert candidate is not None
         sessions.metrics.restores.labels("degraded").inc()
         log.warning("session open degraded: store unreachable session=%s", candidate.session_id)
         live.life.open_degraded(conn, candidate)
