@@ -46,7 +46,21 @@ class GatewayError(Exception):
 
 class InvalidInput(GatewayError):
     """Something a peer sent (a client, a phone stream, the voice agent) was refused where
-    it entered the gateway. The subclasses carry what was wrong with it."""
+    it entered the gateway.
+
+    Args:
+        code: What was wrong, from the closed set of the subclass (an error code, an auth
+            failure's reason, the caller field at fault).
+        message: Why, for the peer and the log.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
 
 
 class ClientClosed(GatewayError):

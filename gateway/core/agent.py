@@ -86,13 +86,10 @@ AGENT_ERRORS: Final[Mapping[AgentErrorCode, str]] = {
 class InvalidAgentFrame(InvalidInput, ValueError):
     """An agent frame the gateway rejects, with the code the agent is told."""
 
+    code: AgentErrorCode
+
     def __init__(self, code: AgentErrorCode, message: str) -> None:
         super().__init__(code, message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
 
 
 @dataclass(frozen=True, slots=True)

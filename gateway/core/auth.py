@@ -72,13 +72,10 @@ _ANY_CALL = "\x00any"
 class AuthError(InvalidInput):
     """A token was refused; ``reason`` is one of :data:`REASONS`."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(reason, message)
-        self.reason = reason
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.message}"
+    @property
+    def reason(self) -> str:
+        """Why the token was refused (the metric's label): the :attr:`code`."""
+        return self.code
 
 
 @dataclass(frozen=True, slots=True)

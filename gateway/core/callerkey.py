@@ -30,13 +30,10 @@ _MAX_ID = 128
 class InvalidCaller(InvalidInput, ValueError):
     """The caller object is malformed; ``field`` names the culprit."""
 
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(field, problem)
-        self.field = field
-        self.problem = problem
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.problem}"
+    @property
+    def field(self) -> str:
+        """The field at fault: the :attr:`code`."""
+        return self.code
 
 
 @dataclass(frozen=True, slots=True)

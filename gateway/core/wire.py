@@ -47,13 +47,10 @@ class _Invalid(InvalidInput):
     """A client frame is refused with ``code``; caught in :meth:`ClientProtocol.receive_text`,
     never raised out of it."""
 
+    code: ErrorCode
+
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(code, message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
 
 
 class ClientProtocol(abc.ABC):
