@@ -70,12 +70,7 @@ _ANY_CALL = "\x00any"
 
 
 class AuthError(InvalidInput):
-    """A token was refused; ``reason`` is one of :data:`REASONS`."""
-
-    @property
-    def reason(self) -> str:
-        """Why the token was refused (the metric's label): the :attr:`code`."""
-        return self.code
+    """A token was refused; its ``code`` is one of :data:`REASONS`."""
 
 
 @dataclass(frozen=True, slots=True)

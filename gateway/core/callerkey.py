@@ -28,12 +28,7 @@ _MAX_ID = 128
 
 
 class InvalidCaller(InvalidInput, ValueError):
-    """The caller object is malformed; ``field`` names the culprit."""
-
-    @property
-    def field(self) -> str:
-        """The field at fault: the :attr:`code`."""
-        return self.code
+    """The caller object is malformed; its ``code`` names the field at fault."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,7 @@ from gateway.core.closecodes import ErrorCode
 from gateway.core.events import Turn
 from gateway.core.resume import Outcome, Replay
 from gateway.core.session import Push, Session, SessionId, TurnWrite, merge_patch
+from gateway.core.wire import Welcome
 
 __all__ = [
     "TOKEN_REQUIRED",
@@ -154,10 +155,7 @@ class Attached(Generic[C]):
     """A session that had no client: one more active."""
     recovered: bool
     """A degraded session restored: its waiting turns go on, its recovery stops."""
-    resumed: bool
-    stale: bool
-    replay_from: int | None
-    """Set when the replay is partial: where it starts."""
+    welcome: Welcome
     missed: int
     """Messages the resuming client will never see: the replay window moved past them."""
     fresh: bool
@@ -331,9 +329,12 @@ class Lifecycle(Generic[C]):
             displaced=old if old is not None and old is not client else None,
             counted=old is None,
             recovered=recovered,
-            resumed=hit,
-            stale=outcome is Outcome.STALE,
-            replay_from=replay.start if replay.partial else None,
+            welcome=Welcome(
+                session,
+                resumed=hit,
+                stale=outcome is Outcome.STALE,
+                replay_from=replay.start if replay.partial else None,
+            ),
             missed=missed,
             fresh=not hit and session.version == 0,
         )

@@ -46,7 +46,7 @@ from gateway.core.callerkey import InvalidCaller, parse_caller
 from gateway.core.closecodes import ERRORS, CloseReason, ErrorCode
 from gateway.core.events import Ack, Bye, Event, Hello, Turn
 from gateway.core.session import Session
-from gateway.core.wire import ClientProtocol, Phase, _Invalid
+from gateway.core.wire import ClientProtocol, Phase, Welcome, _Invalid
 
 __all__ = ["ERRORS", "MAX_INT", "PROTOCOL_VERSION", "Phase", "Protocol"]
 # ERRORS (from closecodes) and Phase (from wire) are exported here too, where they began.
@@ -166,31 +166,17 @@ class Protocol(ClientProtocol):
 
     # Sending
 
-    def send_welcome(
-        self,
-        session: Session,
-        *,
-        resumed: bool,
-        stale: bool,
-        replay_from: int | None = None,
-        degraded: bool = False,
-    ) -> None:
+    def send_welcome(self, welcome: Welcome) -> None:
         """Answer the hello: the session is open (nothing once closed). A second welcome
-        on the same connection replaces what the first said.
-
-        Args:
-            replay_from: The first sequence number still held, when the client
-                missed older messages that are gone (``"replay": "partial"``).
-            degraded: The store is unreachable: the session is new and held here
-                only, and turns wait until a welcome without ``degraded`` follows.
-        """
+        on the same connection replaces what the first said."""
         if self.phase is Phase.CLOSED:
             return
+        session, replay_from = welcome.session, welcome.replay_from
         frame: dict[str, Any] = {
             "type": "welcome",
             "protocol": PROTOCOL_VERSION,
             "session_id": session.session_id,
-            "resumed": resumed,
+            "resumed": welcome.resumed,
             "state": session.state,
             "version": session.version,
             "seq": session.seq,
@@ -199,9 +185,9 @@ class Protocol(ClientProtocol):
         }
         if replay_from is not None:
             frame["replay_from"] = replay_from
-        if stale:
+        if welcome.stale:
             frame["stale"] = True
-        if degraded:
+        if welcome.degraded:
             frame["degraded"] = True
         self._queue(codec.dumps(frame))
         self.phase = Phase.OPEN

@@ -45,7 +45,7 @@ from gateway.core.callerkey import InvalidCaller, parse_caller
 from gateway.core.closecodes import CloseReason, ErrorCode
 from gateway.core.events import Forward, Hello, Turn
 from gateway.core.session import Session
-from gateway.core.wire import ClientProtocol, Phase, _Invalid
+from gateway.core.wire import ClientProtocol, Phase, Welcome, _Invalid
 
 __all__ = ["MAX_QUEUED_MEDIA", "STREAM_STOPPED", "TwilioStream", "signature", "signature_valid"]
 
@@ -152,7 +152,7 @@ class TwilioStream(ClientProtocol):
                     default_region=self.default_region,
                 )
             except InvalidCaller as exc:
-                if exc.field != "phone":
+                if exc.code != "phone":
                     raise
                 # client:alice, sip:…, anonymous: not a number, still a caller.
                 caller = parse_caller({"user_id": who, "call_id": call_sid}, tenant)
@@ -171,15 +171,7 @@ class TwilioStream(ClientProtocol):
 
     # Sending
 
-    def send_welcome(
-        self,
-        session: Session,
-        *,
-        resumed: bool,
-        stale: bool,
-        replay_from: int | None = None,
-        degraded: bool = False,
-    ) -> None:
+    def send_welcome(self, welcome: Welcome) -> None:
         """The session is open; Twilio is told nothing (the agent is, on its link)."""
         if self.phase is not Phase.CLOSED:
             self.phase = Phase.OPEN

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from gateway.core import codec
@@ -31,7 +32,7 @@ from gateway.core.events import Event, Forward
 from gateway.core.session import Session
 from gateway.exceptions import InvalidInput
 
-__all__ = ["ClientProtocol", "Phase"]
+__all__ = ["ClientProtocol", "Phase", "Welcome"]
 
 
 class Phase(enum.Enum):
@@ -41,6 +42,21 @@ class Phase(enum.Enum):
     RESTORING = "restoring"
     OPEN = "open"
     CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """What a client is told when its session opens (or, degraded, opens again)."""
+
+    session: Session
+    resumed: bool = False
+    stale: bool = False
+    replay_from: int | None = None
+    """The first sequence number still held, when the client missed older messages that
+    are gone (``"replay": "partial"``)."""
+    degraded: bool = False
+    """The store is unreachable: the session is new and held here only, and turns wait
+    until a welcome without ``degraded`` follows."""
 
 
 class _Invalid(InvalidInput):
@@ -140,23 +156,8 @@ class ClientProtocol(abc.ABC):
     # Sending
 
     @abc.abstractmethod
-    def send_welcome(
-        self,
-        session: Session,
-        *,
-        resumed: bool,
-        stale: bool,
-        replay_from: int | None = None,
-        degraded: bool = False,
-    ) -> None:
-        """Answer the hello: the session is open (nothing once closed).
-
-        Args:
-            replay_from: The first sequence number still held, when the client
-                missed older messages that are gone.
-            degraded: The store is unreachable: the session is new and held here
-                only, and turns wait until a welcome without ``degraded`` follows.
-        """
+    def send_welcome(self, welcome: Welcome) -> None:
+        """Answer the hello: the session is open (nothing once closed)."""
 
     @abc.abstractmethod
     def send_msg(self, seq: int, data: bytes) -> None:

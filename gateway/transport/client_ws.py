@@ -206,11 +206,9 @@ class Handler:
                     raise AuthError("wrong_tenant", "the token is for another tenant")
                 raise AuthError("wrong_caller", "the token is for another caller")
         except AuthError as exc:
-            sessions.metrics.auth_failures.labels(exc.reason).inc()
-            log.warning("hello refused auth=%s tenant=%s", exc.reason, hello.caller.tenant)
-            code = (
-                ErrorCode.TOKEN_EXPIRED if exc.reason == "expired_token" else ErrorCode.AUTH_FAILED
-            )
+            sessions.metrics.auth_failures.labels(exc.code).inc()
+            log.warning("hello refused auth=%s tenant=%s", exc.code, hello.caller.tenant)
+            code = ErrorCode.TOKEN_EXPIRED if exc.code == "expired_token" else ErrorCode.AUTH_FAILED
             self.conn.protocol.fail(code, exc.message)
             return None
         return grant

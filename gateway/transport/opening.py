@@ -27,6 +27,7 @@ from gateway.core.session import (
     new_resume_token,
     new_session_id,
 )
+from gateway.core.wire import Welcome
 from gateway.exceptions import StoreError
 from gateway.store.base import Restored
 from gateway.transport.connection import Connection
@@ -164,7 +165,7 @@ class Opening:
         shown = dataclasses.replace(
             candidate, resume_token=ResumeToken(self.hello.resume_token or "")
         )
-        conn.protocol.send_welcome(shown, resumed=False, stale=False, degraded=True)
+        conn.protocol.send_welcome(Welcome(shown, degraded=True))
         live.recovery = asyncio.create_task(self._recover(live))
         live.recovery.add_done_callback(log_failure)
 
@@ -285,12 +286,7 @@ class Opening:
         sessions.by_sid[session.session_id] = live
         live.phone = protocol.phone
         replay = restored.replay
-        protocol.send_welcome(
-            session,
-            resumed=decision.resumed,
-            stale=decision.stale,
-            replay_from=decision.replay_from,
-        )
+        protocol.send_welcome(decision.welcome)
         for offset, data in enumerate(restored.messages):
             protocol.send_msg(replay.start + offset, data)
         conn.sent_seq = session.seq

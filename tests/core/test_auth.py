@@ -50,8 +50,8 @@ def test_grant_binds_tenant_and_caller(verifier: Verifier) -> None:
 def reason(verifier: Verifier, raw: str) -> str:
     with pytest.raises(AuthError) as caught:
         verifier.verify(raw)
-    assert caught.value.reason in str(caught.value)
-    return caught.value.reason
+    assert caught.value.code in str(caught.value)
+    return caught.value.code
 
 
 def test_refusals_say_why(verifier: Verifier) -> None:
@@ -156,5 +156,5 @@ def test_a_verified_token_is_remembered_until_it_expires() -> None:
     now[0] += 120
     with pytest.raises(AuthError) as caught:
         verifier.verify(first)
-    assert caught.value.reason == "expired_token"
+    assert caught.value.code == "expired_token"
     assert first not in verifier._cache  # an expired token is forgotten

@@ -63,5 +63,5 @@ def test_invalid_callers(caller: Any, tenant: Any, field: str) -> None:
     """Malformed callers raise InvalidCaller naming the field."""
     with pytest.raises(InvalidCaller) as info:
         parse_caller(caller, tenant)
-    assert info.value.field == field
+    assert info.value.code == field
     assert str(info.value).startswith(field + ":")

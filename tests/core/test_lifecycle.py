@@ -87,16 +87,20 @@ def test_first_restore_attaches_a_fresh_session() -> None:
     assert life.phase is Phase.OPENING and not life.gone
     decision = attached(life, "c1", Restored(Outcome.MISS, session()))
     assert life.phase is Phase.ATTACHED and life.client == "c1"
-    assert decision.counted and decision.fresh and not decision.resumed
+    assert decision.counted and decision.fresh and not decision.welcome.resumed
     assert (decision.previous, decision.replaced, decision.displaced) == (None, False, None)
-    assert (decision.replay_from, decision.missed, decision.stale) == (None, 0, False)
+    assert (decision.welcome.replay_from, decision.missed, decision.welcome.stale) == (
+        None,
+        0,
+        False,
+    )
 
 
 def test_a_stale_session_is_flagged_and_not_fresh_once_written() -> None:
     """A stale restore is flagged; a restored session with turns resumes the agent."""
     life: Lifecycle[str] = Lifecycle()
     decision = attached(life, "c1", Restored(Outcome.STALE, session(version=3)))
-    assert decision.stale and not decision.fresh and not decision.resumed
+    assert decision.welcome.stale and not decision.fresh and not decision.welcome.resumed
 
 
 @pytest.mark.parametrize(
@@ -138,7 +142,7 @@ def test_a_newer_client_replaces_the_attached_one() -> None:
     """A second hello for the session displaces the first client, which is not counted twice."""
     life = opened("c1")
     decision = attached(life, "c2", Restored(Outcome.HIT, session(epoch=2)))
-    assert decision.displaced == "c1" and not decision.counted and decision.resumed
+    assert decision.displaced == "c1" and not decision.counted and decision.welcome.resumed
     assert life.client == "c2"
 
 
@@ -158,7 +162,7 @@ def test_partial_replay_counts_what_the_client_missed() -> None:
     life: Lifecycle[str] = Lifecycle()
     restored = Restored(Outcome.HIT, session(seq=200), Replay(73, partial=True))
     decision = attached(life, "c1", restored, last_seq=40)
-    assert (decision.replay_from, decision.missed) == (73, 32)
+    assert (decision.welcome.replay_from, decision.missed) == (73, 32)
     # A client that saw more than the store knows of missed nothing it can be told of.
     life = Lifecycle()
     restored = Restored(Outcome.HIT, session(seq=5), Replay(6, partial=True))

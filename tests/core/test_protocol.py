@@ -11,6 +11,7 @@ from gateway.core import closecodes
 from gateway.core.events import Ack, Bye, Hello, Turn
 from gateway.core.protocol import ERRORS, MAX_INT, Phase, Protocol
 from gateway.core.session import ResumeToken, Session, SessionId
+from gateway.core.wire import Welcome
 
 CALLER = {"phone": "+14155550100", "call_id": "c1"}
 
@@ -27,7 +28,7 @@ def opened() -> Protocol:
     protocol = Protocol(max_message_size=1024)
     protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
     session = Session(SessionId("s_1"), ResumeToken("tok"), 3, {"form_answers": {}}, 1, 2)
-    protocol.send_welcome(session, resumed=True, stale=False)
+    protocol.send_welcome(Welcome(session, resumed=True))
     protocol.data_to_send()
     return protocol
 
@@ -60,7 +61,7 @@ def test_welcome_frame_carries_session() -> None:
     protocol = Protocol(max_message_size=1024)
     protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
     session = Session(SessionId("s_1"), ResumeToken("tok"), 0, {"context": {}}, 1, 1)
-    protocol.send_welcome(session, resumed=False, stale=True)
+    protocol.send_welcome(Welcome(session, stale=True))
     (welcome,) = frames(protocol)
     assert welcome == {
         "type": "welcome",
@@ -84,9 +85,9 @@ def test_degraded_welcome_then_the_real_one_and_nacks() -> None:
     protocol = Protocol(max_message_size=1024)
     protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
     session = Session(SessionId("s_1"), ResumeToken(""), 0, {}, 1, 1)
-    protocol.send_welcome(session, resumed=False, stale=False, degraded=True)
+    protocol.send_welcome(Welcome(session, degraded=True))
     protocol.send_nack("t1", "store_unavailable", "later", retry_after=1.5)
-    protocol.send_welcome(session, resumed=True, stale=False)
+    protocol.send_welcome(Welcome(session, resumed=True))
     first, nack, second = frames(protocol)
     assert first["degraded"] is True and "degraded" not in second
     assert nack == {
@@ -253,7 +254,7 @@ def test_nothing_queued_after_error() -> None:
     protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
     protocol.fail("store_unavailable", "down")
     session = Session(SessionId("s_1"), ResumeToken("tok"), 0, {}, 1, 1)
-    protocol.send_welcome(session, resumed=False, stale=False)
+    protocol.send_welcome(Welcome(session))
     protocol.send_ack("t1", 1)
     assert [f["type"] for f in frames(protocol)] == ["error"]
 
@@ -366,7 +367,7 @@ def test_msg_and_state_only_when_open() -> None:
     protocol.send_msg(1, b"{}")
     protocol.send_state(session)
     assert protocol.data_to_send() == []
-    protocol.send_welcome(session, resumed=False, stale=False)
+    protocol.send_welcome(Welcome(session))
     protocol.send_msg(1, b"{}")
     protocol.close(closecodes.BYE)
     protocol.send_msg(2, b"{}")
@@ -384,7 +385,7 @@ def test_welcome_with_partial_replay() -> None:
     protocol = Protocol(max_message_size=1024)
     protocol.receive_text(frame({"type": "hello", "caller": CALLER}))
     session = Session(SessionId("s_1"), ResumeToken("tok"), 2, {}, 1, 1, seq=40, epoch=4)
-    protocol.send_welcome(session, resumed=True, stale=False, replay_from=31)
+    protocol.send_welcome(Welcome(session, resumed=True, replay_from=31))
     (welcome,) = frames(protocol)
     assert welcome["resumed"] is True
     assert (welcome["seq"], welcome["replay"], welcome["replay_from"]) == (40, "partial", 31)

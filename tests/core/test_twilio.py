@@ -21,6 +21,7 @@ from gateway.core.twilio import (
     signature,
     signature_valid,
 )
+from gateway.core.wire import Welcome
 
 CALL = "CA" + "1" * 32
 STREAM = "MZ" + "2" * 32
@@ -50,7 +51,7 @@ def opened(**kwargs: Any) -> TwilioStream:
     stream = TwilioStream(max_message_size=1024, default_region=None, **kwargs)
     assert stream.receive_text('{"event":"connected","protocol":"Call","version":"1.0.0"}') is None
     assert isinstance(stream.receive_text(start()), Hello)
-    stream.send_welcome(SESSION, resumed=False, stale=False)
+    stream.send_welcome(Welcome(SESSION))
     return stream
 
 
@@ -274,7 +275,7 @@ def test_media_waits_for_the_session_and_is_bounded() -> None:
     stream = TwilioStream(max_message_size=1024, default_region=None)
     assert not stream.send_media(Media("clear", ""))
     stream.receive_text(start())
-    stream.send_welcome(SESSION, resumed=False, stale=False)
+    stream.send_welcome(Welcome(SESSION))
     sent = [stream.send_media(Media("media", "AAEC")) for _ in range(MAX_QUEUED_MEDIA + 1)]
     assert sent.count(True) == MAX_QUEUED_MEDIA and sent[-1] is False
     assert stream.send_media(Media("mark", "m"))
@@ -327,7 +328,7 @@ def test_a_welcome_after_close_does_not_reopen() -> None:
     stream.receive_text(start())
     stream.close(closecodes.SERVICE_RESTART)
     stream.close(closecodes.BYE)
-    stream.send_welcome(SESSION, resumed=False, stale=False)
+    stream.send_welcome(Welcome(SESSION))
     assert stream.phase is Phase.CLOSED and stream.close_reason == closecodes.SERVICE_RESTART
 
 

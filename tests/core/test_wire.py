@@ -12,7 +12,7 @@ from gateway.core.events import Hello
 from gateway.core.protocol import Protocol
 from gateway.core.session import ResumeToken, Session, SessionId
 from gateway.core.twilio import TwilioStream
-from gateway.core.wire import ClientProtocol, Phase, _Invalid
+from gateway.core.wire import ClientProtocol, Phase, Welcome, _Invalid
 from gateway.exceptions import GatewayError, InvalidInput
 
 SESSION = Session(SessionId("s_1"), ResumeToken("tok"), 0, {}, 1, 2)
@@ -87,7 +87,7 @@ def test_only_a_phone_takes_media() -> None:
     v1.receive_text(HELLO)
     assert isinstance(phone.receive_text(START), Hello)
     for protocol in (v1, phone):
-        protocol.send_welcome(SESSION, resumed=False, stale=False)
+        protocol.send_welcome(Welcome(SESSION))
         protocol.data_to_send()
     assert v1.send_media(Media("media", "f/8=")) is False
     assert v1.data_to_send() == [] and v1.buffered == 0
