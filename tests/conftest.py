@@ -24,10 +24,10 @@ from gateway.store.base import SessionStore, StoreSettings
 from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
 from loadtest import twilio as loadtest_twilio
-from tests.gateway_process import GatewayProcess
-from tests.redis_cluster import RedisCluster
-from tests.redis_server import RedisServer, ensure_redis_server
-from tests.tools import ensure
+from tests.support.gateway_process import GatewayProcess
+from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_server import RedisServer, ensure_redis_server
+from tests.support.tools import ensure
 
 TEST_STATE_KEYS = "t1:" + base64.b64encode(bytes(range(32))).decode()
 TEST_CALLER_HASH_KEY = base64.b64encode(bytes(range(32, 64))).decode()
@@ -231,7 +231,7 @@ def settings(key_prefix: str) -> StoreSettings:
 @pytest.fixture
 def config(settings: StoreSettings) -> Config:
     # No agent: these tests read the client's frames one by one. Tests of the relay
-    # start a demo agent of their own (tests/transport/agents.py).
+    # start a demo agent of their own (tests/support/agents.py).
     base = (
         Config()
         .replace("server", port=0)

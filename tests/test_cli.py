@@ -15,7 +15,7 @@ from websockets.sync.client import connect
 from gateway import cli
 from gateway.config import OPTIONS, Config
 from gateway.exceptions import ConfigError
-from tests.gateway_process import GatewayProcess
+from tests.support.gateway_process import GatewayProcess
 
 
 def parse(argv: list[str], environ: dict[str, str]) -> Config:

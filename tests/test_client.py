@@ -20,11 +20,11 @@ from gateway.core.auth import parse_auth_keys
 from gateway.exceptions import ClientClosed
 from gateway.metrics import Metrics
 from gateway.server import Gateway
-from tests.agents import TestAgent, booking
-from tests.authkeys import keys_document, token
-from tests.gateway_process import GatewayProcess
-from tests.redis_server import RedisServer
-from tests.wsclient import connect, hello, url
+from tests.support.agents import TestAgent, booking
+from tests.support.authkeys import keys_document, token
+from tests.support.gateway_process import GatewayProcess
+from tests.support.redis_server import RedisServer
+from tests.support.wsclient import connect, hello, url
 
 CALLER = {"phone": "+14155550100", "call_id": "call-client"}
 
@@ -138,7 +138,7 @@ async def test_waits_for_retry_after_of_a_draining_gateway(gateway: Gateway) -> 
 
 async def test_gives_up_after_max_attempts(config: Config) -> None:
     """Nobody listens: after max_attempts failed connects, run() raises ClientClosed."""
-    from tests.redis_server import free_port
+    from tests.support.redis_server import free_port
 
     client = fast(free_port(), max_attempts=3)
     with pytest.raises(ClientClosed, match="3 attempts"):

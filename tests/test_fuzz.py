@@ -4,8 +4,8 @@ never crash, log a traceback or an error, answer with an undocumented error or c
 show one caller another's data, or change a bystander session, which keeps being served
 beside the fuzzed ones.
 
-The agent is :class:`tests.fuzzagent.FuzzAgent`, in this process: each agent example draws
-the frames it answers its session with. Every drawn value is small (:mod:`tests.fuzzframes`
+The agent is :class:`tests.support.fuzzagent.FuzzAgent`, in this process: each agent example draws
+the frames it answers its session with. Every drawn value is small (:mod:`tests.support.fuzzframes`
 expands huge and deep values only when a frame is sent), so the number of examples is
 bounded by time alone: ``HANGON_FUZZ_EXAMPLES`` (default 500, about 40 s) examples of each
 kind, v1, Twilio and agent. 6,000 of each send some 130,000 frames in about 8 minutes::
@@ -40,9 +40,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from gateway.core.protocol import ERRORS
-from tests.authkeys import keys_document, token
-from tests.fuzzagent import FuzzAgent
-from tests.fuzzframes import (
+from tests.support.authkeys import keys_document, token
+from tests.support.fuzzagent import FuzzAgent
+from tests.support.fuzzframes import (
     AGENT_BURSTS,
     BYSTANDER,
     FUZZER,
@@ -58,7 +58,7 @@ from tests.fuzzframes import (
     single,
     wire,
 )
-from tests.gateway_process import GatewayProcess
+from tests.support.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.slow
 

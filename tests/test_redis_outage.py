@@ -13,9 +13,9 @@ from gateway.client import Client, Restored
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.server import Gateway
-from tests.httpget import get
-from tests.redis_server import RedisServer
-from tests.wsclient import connect, hello, recv, send, turn, url
+from tests.support.httpget import get
+from tests.support.redis_server import RedisServer
+from tests.support.wsclient import connect, hello, recv, send, turn, url
 
 CALLER = {"user_id": "u-outage", "call_id": "c-1"}
 # About 3.5 s of retries: longer than a Redis restart, short enough for a test.

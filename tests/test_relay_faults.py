@@ -10,10 +10,10 @@ from pathlib import Path
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.server import Gateway
-from tests.gateway_process import GatewayProcess
-from tests.redis_server import RedisServer
-from tests.relayclient import Caller
-from tests.wsclient import url
+from tests.support.gateway_process import GatewayProcess
+from tests.support.redis_server import RedisServer
+from tests.support.relayclient import Caller
+from tests.support.wsclient import url
 
 ANSWERS = [("name", "Alice"), ("date", "Friday"), ("reason", "a checkup"), ("confirm", "yes")]
 BOOKED = {"name": "Alice", "date": "Friday", "reason": "a checkup", "confirm": "yes"}

@@ -13,10 +13,10 @@ from websockets.asyncio.server import ServerConnection, serve
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.server import Gateway
-from tests.agents import TestAgent
-from tests.gwmetrics import errors
-from tests.hostile.peers import Bystander, NonReader, agent_cuts, sample
-from tests.wsclient import connect, hello, recv, send, url
+from tests.support.agents import TestAgent
+from tests.support.gwmetrics import errors
+from tests.support.peers import Bystander, NonReader, agent_cuts, sample
+from tests.support.wsclient import connect, hello, recv, send, url
 
 SEND_TIMEOUT = 1.0
 QUEUE = 65_536

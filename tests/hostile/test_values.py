@@ -18,10 +18,10 @@ from gateway.server import Gateway
 from gateway.store.base import SessionStore, StoreSettings, bad_argument
 from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
-from tests.agents import TestAgent
 from tests.conftest import StoreFactory
-from tests.hostile.peers import Bystander
-from tests.wsclient import closed, connect, hello, recv, send, turn, url
+from tests.support.agents import TestAgent
+from tests.support.peers import Bystander
+from tests.support.wsclient import closed, connect, hello, recv, send, turn, url
 
 CALLER = {"phone": "+14155550100", "call_id": "live"}
 DEEP = json.loads("[" * 300 + "]" * 300)

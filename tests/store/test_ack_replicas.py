@@ -14,9 +14,9 @@ from gateway.core.callerkey import parse_caller
 from gateway.exceptions import StoreUnavailable
 from gateway.store.base import StoreSettings, session_keys
 from gateway.store.redis_store import RedisStore
-from tests.redis_cluster import RedisCluster
-from tests.redis_server import RedisServer
-from tests.store.records import T0, candidate, write
+from tests.support.records import T0, candidate, write
+from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.usefixtures("redis_binary")
 

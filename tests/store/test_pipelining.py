@@ -25,9 +25,9 @@ from gateway.server import Gateway
 from gateway.store.base import StoreSettings
 from gateway.store.pipeline import AutoPipeline
 from gateway.store.redis_store import RedisStore, _Connection
-from tests.redis_cluster import RedisCluster
-from tests.redis_server import RedisServer
-from tests.store.records import T0, candidate, write
+from tests.support.records import T0, candidate, write
+from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_server import RedisServer
 
 SESSIONS = 1000
 

@@ -17,7 +17,7 @@ from gateway.core.sealing import Keyring
 from gateway.exceptions import StoreError
 from gateway.store.base import StoreSettings, session_keys
 from gateway.store.redis_store import RedisStore
-from tests.store.records import OTHER, T0, candidate, write
+from tests.support.records import OTHER, T0, candidate, write
 
 CALLER = CallerKey("acme", "phone", "+14155550100", "call-1")
 

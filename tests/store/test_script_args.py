@@ -20,7 +20,7 @@ from gateway.store import redis_store
 from gateway.store.base import StoreSettings
 from gateway.store.redis_store import RedisStore
 from gateway.store.retry import retry
-from tests.store.records import CALLER, T0, candidate, write
+from tests.support.records import CALLER, T0, candidate, write
 
 MB = 1 << 20
 SEALED_HEADER = b"\x01\x02t1"

@@ -17,7 +17,7 @@ from gateway.core.session import (
 from gateway.exceptions import StoreConflict, StoreError
 from gateway.store.base import SessionStore, StoreSettings, Written
 from tests.conftest import StoreFactory
-from tests.store.records import CALLER, OTHER, T0, candidate, write
+from tests.support.records import CALLER, OTHER, T0, candidate, write
 
 
 @pytest.fixture

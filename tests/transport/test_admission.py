@@ -18,8 +18,8 @@ from gateway.server import Gateway
 from gateway.store.base import StoreSettings
 from gateway.transport.admission import Admission
 from tests.conftest import Clock, StoreFactory
-from tests.storewrap import Gated
-from tests.wsclient import recv, send, url
+from tests.support.storewrap import Gated
+from tests.support.wsclient import recv, send, url
 
 REDIS = pytest.mark.parametrize("store_kind", ["redis"])
 

@@ -14,10 +14,10 @@ from gateway.core.auth import parse_auth_keys
 from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
-from tests.authkeys import keys_document, token
 from tests.conftest import Clock, StoreFactory
-from tests.gwmetrics import errors
-from tests.wsclient import closed, connect, hello, send, turn, url
+from tests.support.authkeys import keys_document, token
+from tests.support.gwmetrics import errors
+from tests.support.wsclient import closed, connect, hello, send, turn, url
 
 ADA = {"phone": "+14155550100", "call_id": "CA1"}
 BOB = {"phone": "+14155550199", "call_id": "CA2"}

@@ -15,8 +15,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 
 from gateway.server import Gateway
-from tests.gwmetrics import errors
-from tests.wsclient import Closed, closed, connect, hello, send, turn, url
+from tests.support.gwmetrics import errors
+from tests.support.wsclient import Closed, closed, connect, hello, send, turn, url
 
 PHONE = {"phone": "+14155550100", "call_id": "bad-1"}
 BYSTANDER = {"user_id": "bystander", "call_id": "b-1"}

@@ -12,8 +12,8 @@ from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
 from tests.conftest import Clock, StoreFactory
-from tests.gwmetrics import restores, settled
-from tests.wsclient import closed, connect, hello, recv, send, turn, url
+from tests.support.gwmetrics import restores, settled
+from tests.support.wsclient import closed, connect, hello, recv, send, turn, url
 
 PHONE = {"phone": "+14155550100", "call_id": "call-1"}
 
@@ -272,7 +272,7 @@ async def test_lost_welcome_after_stale_does_not_lock_out(gateway: Gateway, cloc
 async def test_ping_gets_pong_before_and_after_hello(gateway: Gateway) -> None:
     """An application-level ping is answered with pong before hello and in an open session,
     and the session carries on."""
-    from tests.wsclient import connect, hello, recv, send, turn, url
+    from tests.support.wsclient import connect, hello, recv, send, turn, url
 
     async with connect(url(gateway.port)) as ws:
         await send(ws, {"type": "ping"})

@@ -13,7 +13,7 @@ from websockets.protocol import State
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.server import Gateway
-from tests.wsclient import connect, hello, raw_client, turn, url
+from tests.support.wsclient import connect, hello, raw_client, turn, url
 
 
 async def silent_client(port: int) -> list[Frame]:

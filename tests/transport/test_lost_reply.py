@@ -14,7 +14,7 @@ from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings, Written
 from tests.conftest import Clock, StoreFactory
-from tests.wsclient import connect, hello, turn, url
+from tests.support.wsclient import connect, hello, turn, url
 
 PHONE = {"phone": "+14155550100", "call_id": "call-lost"}
 

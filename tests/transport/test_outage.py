@@ -13,8 +13,8 @@ from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
 from tests.conftest import StoreFactory
-from tests.storewrap import Outage
-from tests.wsclient import closed, connect, hello, recv, send, turn, url
+from tests.support.storewrap import Outage
+from tests.support.wsclient import closed, connect, hello, recv, send, turn, url
 
 ADA = {"phone": "+14155550100", "call_id": "out-1"}
 

@@ -12,10 +12,10 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
-from tests.agents import Reply, TestAgent, booking, silent
 from tests.conftest import Clock, StoreFactory
-from tests.relayclient import Caller
-from tests.wsclient import url
+from tests.support.agents import Reply, TestAgent, booking, silent
+from tests.support.relayclient import Caller
+from tests.support.wsclient import url
 
 PHONE = {"phone": "+14155550100", "call_id": "call-relay"}
 ANSWERS = [("name", "Alice"), ("date", "Friday"), ("reason", "a checkup"), ("confirm", "yes")]

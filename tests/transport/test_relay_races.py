@@ -13,13 +13,13 @@ from gateway.exceptions import StoreTimeout
 from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
-from tests.agents import TestAgent, silent
 from tests.conftest import Clock, StoreFactory
-from tests.relayclient import Caller
-from tests.storewrap import Deaf
+from tests.support.agents import TestAgent, silent
+from tests.support.relayclient import Caller
+from tests.support.storewrap import Deaf
+from tests.support.wsclient import url
 from tests.transport.test_relay import PHONE, relay
 from tests.transport.test_takeover import SlowFirstRestore
-from tests.wsclient import url
 
 
 class LostPushReply:
@@ -181,7 +181,7 @@ async def test_abandoned_hello_does_not_unfence_a_superseded_connection(
     """A connection superseded from another instance (whose notice was lost) stays fenced
     when a hello abandoned on its own instance starts yet another epoch: its turn is refused
     and never stored."""
-    from tests.wsclient import connect, hello, send, turn
+    from tests.support.wsclient import connect, hello, send, turn
 
     inner = make_store(settings)
     slow = SlowFirstRestore(Deaf(inner), slow=2)

@@ -14,7 +14,7 @@ from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
 from tests.conftest import StoreFactory
-from tests.wsclient import connect, hello, recv, send, turn, url
+from tests.support.wsclient import connect, hello, recv, send, turn, url
 
 PHONE = {"phone": "+14155550100", "call_id": "call-takeover"}
 

@@ -21,11 +21,11 @@ from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings, session_keys
 from gateway.store.redis_store import RedisStore
-from tests.agents import TestAgent
 from tests.conftest import TEST_KEYRING
-from tests.relayclient import Caller
-from tests.store.records import write
-from tests.wsclient import closed, connect, hello, recv, send, turn, url
+from tests.support.agents import TestAgent
+from tests.support.records import write
+from tests.support.relayclient import Caller
+from tests.support.wsclient import closed, connect, hello, recv, send, turn, url
 
 CALLER = {"user_id": "u-notice", "call_id": "c-1"}
 

@@ -20,11 +20,11 @@ from gateway.server import Gateway
 from gateway.store.base import StoreSettings
 from gateway.transport.downstream import EARLY_MEDIA
 from loadtest.twilio import CHUNK, Stream, TwilioCall
-from tests.agents import Reply, TestAgent, phone
 from tests.conftest import Clock, StoreFactory
-from tests.redis_server import free_port
-from tests.relayclient import Caller
-from tests.wsclient import url
+from tests.support.agents import Reply, TestAgent, phone
+from tests.support.redis_server import free_port
+from tests.support.relayclient import Caller
+from tests.support.wsclient import url
 
 pytestmark = pytest.mark.parametrize("store_kind", ["redis"])
 

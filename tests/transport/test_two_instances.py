@@ -12,10 +12,10 @@ import pytest
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.server import Gateway, open_store
-from tests.agents import TestAgent
-from tests.relayclient import Caller
-from tests.storewrap import Deaf
-from tests.wsclient import closed, connect, hello, send, turn, url
+from tests.support.agents import TestAgent
+from tests.support.relayclient import Caller
+from tests.support.storewrap import Deaf
+from tests.support.wsclient import closed, connect, hello, send, turn, url
 
 CALLER = {"user_id": "u-two", "call_id": "c-1"}
 

@@ -15,7 +15,7 @@ from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 
 from gateway.server import Gateway
-from tests.wsclient import ClientConnection, connect, hello, raw_client, recv, url
+from tests.support.wsclient import ClientConnection, connect, hello, raw_client, recv, url
 
 __all__ = ["Bystander", "NonReader", "agent_cuts", "sample"]
 

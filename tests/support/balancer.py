@@ -23,8 +23,8 @@ from typing import Self
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from tests.redis_server import free_port
-from tests.tools import ensure
+from tests.support.redis_server import free_port
+from tests.support.tools import ensure
 
 __all__ = [
     "DEPLOY",
@@ -36,7 +36,7 @@ __all__ = [
     "render_backends",
 ]
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 """The directory of the shipped load balancer configs."""
 
 _BEGIN = "# @backends begin"

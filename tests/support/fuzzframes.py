@@ -19,7 +19,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from tests.authkeys import token
+from tests.support.authkeys import token
 
 __all__ = [
     "AGENT_BURSTS",

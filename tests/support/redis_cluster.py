@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import redis
 
-from tests.redis_server import free_port, wait_for_pong
+from tests.support.redis_server import free_port, wait_for_pong
 
 __all__ = ["RedisCluster"]
 
