@@ -16,8 +16,8 @@ from gateway.core.session import (
 )
 from gateway.exceptions import StoreConflict, StoreError
 from gateway.store.base import SessionStore, StoreSettings, Written
-from tests.conftest import StoreFactory
 from tests.support.records import CALLER, OTHER, T0, candidate, write
+from tests.support.stores import StoreFactory
 
 
 @pytest.fixture

@@ -11,11 +11,14 @@ Peers of a gateway:
     :mod:`~tests.support.peers` (hostile peers and their bystander),
     :mod:`~tests.support.streamer` (a steady caller on :class:`gateway.client.Client`),
     :mod:`~tests.support.httpget` (a bare HTTP GET).
+In-process gateways:
+    :mod:`~tests.support.gateways` (what the ``make_gateway`` and ``relay`` fixtures build),
+    :mod:`~tests.support.clock` (a clock the test sets), :mod:`~tests.support.gwmetrics`
+    (reading a gateway's metrics).
 Stores and what they hold:
+    :mod:`~tests.support.stores` (the store kinds, and the keys every store seals with),
     :mod:`~tests.support.storewrap` (wrappers that change one behaviour of a real store),
     :mod:`~tests.support.records` (sessions and writes for the store tests).
-Reading a gateway:
-    :mod:`~tests.support.gwmetrics`.
 Fuzzing:
     :mod:`~tests.support.fuzzframes` (hypothesis strategies), :mod:`~tests.support.fuzzagent`
     (the agent that answers with them).

@@ -13,15 +13,16 @@ from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 
 from gateway.config import Config
-from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
 from gateway.transport.admission import Admission
-from tests.conftest import Clock, StoreFactory
+from tests.support.clock import Clock
+from tests.support.gateways import GatewayFactory
+from tests.support.stores import StoreFactory
 from tests.support.storewrap import Gated
 from tests.support.wsclient import recv, send, url
 
-REDIS = pytest.mark.parametrize("store_kind", ["redis"])
+REDIS = pytest.mark.stores("redis")
 
 
 def caller(n: int) -> dict[str, str]:
@@ -49,13 +50,17 @@ async def until(predicate: object, timeout: float = 5) -> None:
 
 @REDIS
 async def test_restores_are_bounded_queued_in_order_and_the_rest_shed(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    make_gateway: GatewayFactory,
+    config: Config,
+    settings: StoreSettings,
+    make_store: StoreFactory,
+    clock: Clock,
 ) -> None:
     """With one restore at a time and two waiting, a fourth hello gets 1013 with retry_after
     and a new upgrade gets 503 with Retry-After; opening the gate welcomes the others."""
     store = Gated(make_store(settings))
     cfg = config.replace("limits", max_restores=1, restore_queue=2)
-    async with Gateway(cfg, store=store, metrics=Metrics(), clock=clock) as gw, opened(store):
+    async with make_gateway(cfg, store=store, clock=clock) as gw, opened(store):
         # Four connections open while there is room; the fourth says hello last.
         sockets = [await connect(url(gw.port)) for _ in range(4)]
         late = sockets.pop()
@@ -93,13 +98,17 @@ async def test_restores_are_bounded_queued_in_order_and_the_rest_shed(
 
 @REDIS
 async def test_a_hello_whose_client_left_is_not_restored(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    make_gateway: GatewayFactory,
+    config: Config,
+    settings: StoreSettings,
+    make_store: StoreFactory,
+    clock: Clock,
 ) -> None:
     """A queued hello whose client went away before its turn restores nothing: it would take
     the session from wherever the client reconnected."""
     store = Gated(make_store(settings))
     cfg = config.replace("limits", max_restores=1, restore_queue=10)
-    async with Gateway(cfg, store=store, metrics=Metrics(), clock=clock) as gw, opened(store):
+    async with make_gateway(cfg, store=store, clock=clock) as gw, opened(store):
         first = await connect(url(gw.port))
         await send(first, {"type": "hello", "caller": caller(0)})
         await until(lambda: gw.context.admission.restoring == 1)

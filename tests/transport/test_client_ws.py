@@ -8,11 +8,12 @@ import dataclasses
 from typing import Any
 
 from gateway.config import Config
-from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
-from tests.conftest import Clock, StoreFactory
+from tests.support.clock import Clock
+from tests.support.gateways import GatewayFactory
 from tests.support.gwmetrics import restores, settled
+from tests.support.stores import StoreFactory
 from tests.support.wsclient import closed, connect, hello, recv, send, turn, url
 
 PHONE = {"phone": "+14155550100", "call_id": "call-1"}
@@ -212,12 +213,12 @@ async def test_state_round_trips_exactly(gateway: Gateway) -> None:
 
 
 async def test_quiet_connected_session_is_renewed(
-    config: Config, settings: StoreSettings, make_store: StoreFactory
+    make_gateway: GatewayFactory, config: Config, settings: StoreSettings, make_store: StoreFactory
 ) -> None:
     """A caller connected but silent for longer than ttl and max_age keeps its session."""
     quick = dataclasses.replace(settings, ttl=0.9, max_age=0.45)
     cfg = config.replace("store", ttl=0.9, max_age=0.45)
-    async with Gateway(cfg, store=make_store(quick), metrics=Metrics()) as gw:
+    async with make_gateway(cfg, store=make_store(quick)) as gw:
         async with connect(url(gw.port)) as ws:
             welcome = await hello(ws, PHONE)
             await turn(ws, "t1", form={"name": "Ada"})
@@ -272,8 +273,6 @@ async def test_lost_welcome_after_stale_does_not_lock_out(gateway: Gateway, cloc
 async def test_ping_gets_pong_before_and_after_hello(gateway: Gateway) -> None:
     """An application-level ping is answered with pong before hello and in an open session,
     and the session carries on."""
-    from tests.support.wsclient import connect, hello, recv, send, turn, url
-
     async with connect(url(gateway.port)) as ws:
         await send(ws, {"type": "ping"})
         assert await recv(ws) == {"type": "pong"}

@@ -13,22 +13,20 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
-from tests.conftest import StoreFactory
+from tests.support.gateways import GatewayFactory
 from tests.support.gwmetrics import errors
+from tests.support.stores import StoreFactory
 from tests.support.wsclient import closed, connect, hello, recv, send, turn, url
 
 ADA = {"phone": "+14155550100", "call_id": "lim-1"}
 
 
-@pytest.fixture(params=["memory"])
-def store_kind(request: pytest.FixtureRequest) -> str:
-    kind: str = request.param
-    return kind
+pytestmark = pytest.mark.stores("memory")
 
 
 @pytest.fixture
 async def gateway(
-    config: Config, settings: StoreSettings, make_store: StoreFactory
+    make_gateway: GatewayFactory, config: Config, settings: StoreSettings, make_store: StoreFactory
 ) -> AsyncIterator[Gateway]:
     cfg = config.replace(
         "limits",
@@ -38,7 +36,7 @@ async def gateway(
         hello_timeout=0.3,
         metrics_tenants=2,
     )
-    async with Gateway(cfg, store=make_store(settings), metrics=Metrics(tenants=2)) as gw:
+    async with make_gateway(cfg, store=make_store(settings), metrics=Metrics(tenants=2)) as gw:
         yield gw
 
 

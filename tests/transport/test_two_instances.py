@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.config import Config
-from gateway.metrics import Metrics
 from gateway.server import Gateway, open_store
 from tests.support.agents import TestAgent
+from tests.support.gateways import GatewayFactory
 from tests.support.relayclient import Caller
 from tests.support.storewrap import Deaf
 from tests.support.wsclient import closed, connect, hello, send, turn, url
@@ -20,14 +20,16 @@ from tests.support.wsclient import closed, connect, hello, send, turn, url
 CALLER = {"user_id": "u-two", "call_id": "c-1"}
 
 
+pytestmark = pytest.mark.stores("redis")
+
+
 @pytest.fixture
-async def pair(config: Config, redis_url: str) -> AsyncIterator[tuple[Gateway, Gateway]]:
-    cfg = config.replace("store", redis_url=redis_url)
-    deaf = Deaf(open_store(cfg))
-    async with (
-        Gateway(cfg, store=deaf, metrics=Metrics()) as a,
-        Gateway(cfg, metrics=Metrics()) as b,
-    ):
+async def pair(
+    make_gateway: GatewayFactory, store_config: Config
+) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    """Instances A (deaf) and B on one Redis."""
+    deaf = Deaf(open_store(store_config))
+    async with make_gateway(store_config, store=deaf) as a, make_gateway(store_config) as b:
         yield a, b
 
 
@@ -52,16 +54,15 @@ async def test_superseded_connection_cannot_write(pair: tuple[Gateway, Gateway])
     assert back["state"]["form_answers"] == {"name": "Ada", "date": "Friday"}
 
 
-async def test_lingering_agent_link_elsewhere_cannot_write(config: Config, redis_url: str) -> None:
+async def test_lingering_agent_link_elsewhere_cannot_write(
+    make_gateway: GatewayFactory, store_config: Config
+) -> None:
     """A client that moved to instance B fences the agent link still lingering on A: what
     the agent says there is refused, not stored or relayed, and A closes that link."""
     async with TestAgent() as voice:
-        cfg = config.replace("store", redis_url=redis_url).replace("agent", downstream=voice.url)
+        cfg = store_config.replace("agent", downstream=voice.url)
         deaf = Deaf(open_store(cfg))
-        async with (
-            Gateway(cfg, store=deaf, metrics=Metrics()) as a,
-            Gateway(cfg, metrics=Metrics()) as b,
-        ):
+        async with make_gateway(cfg, store=deaf) as a, make_gateway(cfg) as b:
             caller = Caller(url(a.port), CALLER)
             await caller.connect()
             await voice.wait_for(lambda r: len(r) == 1)
