@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import Config
@@ -21,19 +23,17 @@ def quick_retries() -> Iterable[float]:
     return [0.01, 0.02, 0.05]
 
 
+@dataclass(frozen=True, slots=True)
 class GatewayFactory:
     """Builds gateways on 127.0.0.1, each on a free port, with the suite's defaults.
 
     ``async with make_gateway(config, store=..., clock=...) as gw`` starts one and closes it
     at the end of the block, so that a test may read its metrics afterwards and nest it
     inside whatever must outlive it (an agent, a Redis).
-
-    Args:
-        config: What a gateway gets unless the call names another config.
     """
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    config: Config
+    """What a gateway gets unless the call names another config."""
 
     @contextlib.asynccontextmanager
     async def __call__(
@@ -69,34 +69,23 @@ class GatewayFactory:
             yield gw
 
 
+@dataclass(frozen=True, slots=True)
 class RelayFactory:
     """Builds a :class:`TestAgent` and a gateway whose sessions it serves (the ``relay``
     fixture of ``tests/transport``).
 
     ``async with relay(reply) as (gw, voice)``: the agent answers with ``reply``; the gateway
     has the test's store kind and clock, and quick store retries.
-
-    Args:
-        make_gateway: What builds the gateway.
-        config: The test's config; the agent's address is set in it.
-        settings: The test's store settings.
-        make_store: Builds a store of the test's kind.
-        clock: The gateway's clock.
     """
 
-    def __init__(
-        self,
-        make_gateway: GatewayFactory,
-        config: Config,
-        settings: StoreSettings,
-        make_store: StoreFactory,
-        clock: Callable[[], int],
-    ) -> None:
-        self.make_gateway = make_gateway
-        self.config = config
-        self.settings = settings
-        self.make_store = make_store
-        self.clock = clock
+    make_gateway: GatewayFactory
+    config: Config
+    """The test's config; the agent's address is set in it."""
+    settings: StoreSettings
+    """The test's store settings."""
+    make_store: StoreFactory
+    """Builds a store of the test's kind."""
+    clock: Callable[[], int]
 
     @contextlib.asynccontextmanager
     async def __call__(
@@ -115,16 +104,26 @@ class RelayFactory:
             settings: Instead of the test's store settings.
             store: Instead of a new store of the test's kind (a wrapper around one, say).
         """
-        settings = settings if settings is not None else self.settings
         async with TestAgent(reply) as voice:
-            cfg = (config if config is not None else self.config).replace(
-                "agent", downstream=voice.url
-            )
-            cfg = cfg.replace("store", replay_window=settings.replay_window)
-            async with self.make_gateway(
-                cfg,
-                store=self.make_store(settings) if store is None else store,
-                clock=self.clock,
-                delays=quick_retries,
-            ) as gw:
+            cfg = config if config is not None else self.config
+            cfg = cfg.replace("agent", downstream=voice.url)
+            async with self.gateway(cfg, settings=settings, store=store) as gw:
                 yield gw, voice
+
+    def gateway(
+        self,
+        config: Config | None = None,
+        *,
+        settings: StoreSettings | None = None,
+        store: SessionStore | None = None,
+    ) -> AbstractAsyncContextManager[Gateway]:
+        """The same gateway without a test agent: ``config`` names the agent (one the test
+        starts later, or none)."""
+        settings = settings if settings is not None else self.settings
+        cfg = config if config is not None else self.config
+        return self.make_gateway(
+            cfg.replace("store", replay_window=settings.replay_window),
+            store=self.make_store(settings) if store is None else store,
+            clock=self.clock,
+            delays=quick_retries,
+        )

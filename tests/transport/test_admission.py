@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 from websockets.asyncio.client import connect
@@ -33,13 +34,31 @@ def sample(gw: Gateway, name: str, **labels: str) -> float:
     return gw.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-@contextlib.asynccontextmanager
-async def opened(store: Gated) -> AsyncIterator[None]:
-    """Open the gate on the way out, or a failed test hangs in the gateway's shutdown."""
-    try:
-        yield
-    finally:
-        store.gate.set()
+Admitting = Callable[[int], AbstractAsyncContextManager[tuple[Gateway, Gated]]]
+
+
+@pytest.fixture
+def admitting(
+    make_gateway: GatewayFactory,
+    config: Config,
+    settings: StoreSettings,
+    make_store: StoreFactory,
+    clock: Clock,
+) -> Admitting:
+    """``async with admitting(queue) as (gw, store)``: a gateway that restores one session
+    at a time with ``queue`` hellos waiting, on a store whose restores wait at its gate."""
+
+    @contextlib.asynccontextmanager
+    async def open_gateway(queue: int) -> AsyncIterator[tuple[Gateway, Gated]]:
+        store = Gated(make_store(settings))
+        cfg = config.replace("limits", max_restores=1, restore_queue=queue)
+        async with make_gateway(cfg, store=store, clock=clock) as gw:
+            try:
+                yield gw, store
+            finally:
+                store.gate.set()  # or a failed test hangs in the gateway's shutdown
+
+    return open_gateway
 
 
 async def until(predicate: object, timeout: float = 5) -> None:
@@ -50,17 +69,11 @@ async def until(predicate: object, timeout: float = 5) -> None:
 
 @REDIS
 async def test_restores_are_bounded_queued_in_order_and_the_rest_shed(
-    make_gateway: GatewayFactory,
-    config: Config,
-    settings: StoreSettings,
-    make_store: StoreFactory,
-    clock: Clock,
+    admitting: Admitting,
 ) -> None:
     """With one restore at a time and two waiting, a fourth hello gets 1013 with retry_after
     and a new upgrade gets 503 with Retry-After; opening the gate welcomes the others."""
-    store = Gated(make_store(settings))
-    cfg = config.replace("limits", max_restores=1, restore_queue=2)
-    async with make_gateway(cfg, store=store, clock=clock) as gw, opened(store):
+    async with admitting(2) as (gw, store):
         # Four connections open while there is room; the fourth says hello last.
         sockets = [await connect(url(gw.port)) for _ in range(4)]
         late = sockets.pop()
@@ -98,17 +111,11 @@ async def test_restores_are_bounded_queued_in_order_and_the_rest_shed(
 
 @REDIS
 async def test_a_hello_whose_client_left_is_not_restored(
-    make_gateway: GatewayFactory,
-    config: Config,
-    settings: StoreSettings,
-    make_store: StoreFactory,
-    clock: Clock,
+    admitting: Admitting,
 ) -> None:
     """A queued hello whose client went away before its turn restores nothing: it would take
     the session from wherever the client reconnected."""
-    store = Gated(make_store(settings))
-    cfg = config.replace("limits", max_restores=1, restore_queue=10)
-    async with make_gateway(cfg, store=store, clock=clock) as gw, opened(store):
+    async with admitting(10) as (gw, store):
         first = await connect(url(gw.port))
         await send(first, {"type": "hello", "caller": caller(0)})
         await until(lambda: gw.context.admission.restoring == 1)

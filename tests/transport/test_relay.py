@@ -11,10 +11,8 @@ from gateway.config import Config
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
 from tests.support.agents import TestAgent, booking, silent
-from tests.support.clock import Clock
-from tests.support.gateways import GatewayFactory, RelayFactory
+from tests.support.gateways import RelayFactory
 from tests.support.relayclient import Caller
-from tests.support.stores import StoreFactory
 from tests.support.wsclient import url
 
 PHONE = {"phone": "+14155550100", "call_id": "call-relay"}
@@ -226,18 +224,14 @@ async def test_linger_ends_the_agent_link(relay: RelayFactory, config: Config) -
 
 
 async def test_agent_unreachable_does_not_fail_the_session(
-    make_gateway: GatewayFactory,
-    config: Config,
-    settings: StoreSettings,
-    make_store: StoreFactory,
-    clock: Clock,
+    relay: RelayFactory, config: Config
 ) -> None:
     """With the agent down the session still opens and turns are acked; once the agent is up
     the gateway's redial sends the state with the turns made meanwhile."""
     async with TestAgent(booking) as probe:
         port = probe.server.sockets[0].getsockname()[1] if probe.server else 0
     cfg = config.replace("agent", downstream=f"ws://127.0.0.1:{port}/", agent_retry_max_delay=0.2)
-    async with make_gateway(cfg, store=make_store(settings), clock=clock) as gw:
+    async with relay.gateway(cfg) as gw:
         caller = Caller(url(gw.port), PHONE)
         await caller.connect()
         await caller.turn("t1", "Alice")

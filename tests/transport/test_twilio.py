@@ -14,15 +14,12 @@ from websockets.exceptions import InvalidStatus
 
 from gateway.config import Config
 from gateway.server import Gateway
-from gateway.store.base import StoreSettings
 from gateway.transport.downstream import EARLY_MEDIA
 from loadtest.twilio import CHUNK, Stream, TwilioCall
 from tests.support.agents import TestAgent, phone
-from tests.support.clock import Clock
-from tests.support.gateways import GatewayFactory, RelayFactory
+from tests.support.gateways import RelayFactory
 from tests.support.redis_server import free_port
 from tests.support.relayclient import Caller
-from tests.support.stores import StoreFactory
 from tests.support.wsclient import url
 
 pytestmark = pytest.mark.stores("redis")
@@ -328,19 +325,13 @@ async def test_twilio_endpoint_can_be_turned_off(relay: RelayFactory, config: Co
 
 
 async def test_audio_waits_for_the_agent_link_but_only_the_newest(
-    make_gateway: GatewayFactory,
-    config: Config,
-    settings: StoreSettings,
-    make_store: StoreFactory,
-    clock: Clock,
+    relay: RelayFactory, config: Config
 ) -> None:
     """Audio spoken while the agent link is down reaches the agent once it is up, after its
     opening frame: the newest two seconds of it, the older ones dropped and counted."""
     port = free_port()
     cfg = config.replace("agent", downstream=f"ws://127.0.0.1:{port}/", agent_retry_max_delay=0.2)
-    async with make_gateway(
-        cfg, store=make_store(settings), clock=clock, delays=lambda: [0.01]
-    ) as gw:
+    async with relay.gateway(cfg) as gw:
         stream = await TwilioCall(url(gw.port, TWILIO)).stream()
         chunks = EARLY_MEDIA + 50
         for n in range(chunks):
