@@ -19,7 +19,7 @@ from gateway.server import Gateway
 from tests.support.agents import TestAgent
 from tests.support.gateways import GatewayFactory
 from tests.support.gwmetrics import errors
-from tests.support.peers import Bystander, NonReader, agent_cuts, sample
+from tests.support.peers import Bystander, NonReader, agent_cuts, waiting
 from tests.support.wsclient import connect, hello, recv, send, url
 
 SEND_TIMEOUT = 1.0
@@ -73,7 +73,7 @@ async def flood_turns(gw: Gateway, peer: NonReader, *, seconds: float) -> int:
                 break
             if not peer.closing():
                 peer.send({"type": "turn", "turn_id": f"t{i}", "text": f"turn {i}"})
-            most = max(most, sample(gw))
+            most = max(most, waiting(gw))
             await asyncio.sleep(0.01)
     return most
 
@@ -156,7 +156,7 @@ async def test_a_phone_stream_that_stops_reading_is_cut(gateway_beside: GatewayB
                         peer.send(
                             {"event": "media", "streamSid": start["streamSid"], "media": media}
                         )
-                    most = max(most, sample(gw))
+                    most = max(most, waiting(gw))
                     await asyncio.sleep(0.02)
             await peer.aclose()
             assert errors(gw, "slow_consumer") == 1

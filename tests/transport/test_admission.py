@@ -19,6 +19,7 @@ from gateway.store.base import StoreSettings
 from gateway.transport.admission import Admission
 from tests.support.clock import Clock
 from tests.support.gateways import GatewayFactory
+from tests.support.gwmetrics import sample
 from tests.support.stores import StoreFactory
 from tests.support.storewrap import Gated
 from tests.support.wsclient import recv, send, url
@@ -28,10 +29,6 @@ REDIS = pytest.mark.stores("redis")
 
 def caller(n: int) -> dict[str, str]:
     return {"user_id": f"u{n}", "call_id": f"storm-{n}"}
-
-
-def sample(gw: Gateway, name: str, **labels: str) -> float:
-    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 Admitting = Callable[[int], AbstractAsyncContextManager[tuple[Gateway, Gated]]]

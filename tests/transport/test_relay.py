@@ -8,19 +8,15 @@ import dataclasses
 from typing import Any
 
 from gateway.config import Config
-from gateway.server import Gateway
 from gateway.store.base import StoreSettings
 from tests.support.agents import TestAgent, booking, silent
 from tests.support.gateways import RelayFactory
+from tests.support.gwmetrics import sample
 from tests.support.relayclient import Caller
 from tests.support.wsclient import url
 
 PHONE = {"phone": "+14155550100", "call_id": "call-relay"}
 ANSWERS = [("name", "Alice"), ("date", "Friday"), ("reason", "a checkup"), ("confirm", "yes")]
-
-
-def sample(gw: Gateway, name: str, **labels: str) -> float:
-    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 async def test_drop_after_every_turn(relay: RelayFactory) -> None:

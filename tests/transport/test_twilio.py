@@ -18,6 +18,7 @@ from gateway.transport.downstream import EARLY_MEDIA
 from loadtest.twilio import CHUNK, Stream, TwilioCall
 from tests.support.agents import TestAgent, phone
 from tests.support.gateways import RelayFactory
+from tests.support.gwmetrics import sample
 from tests.support.redis_server import free_port
 from tests.support.relayclient import Caller
 from tests.support.wsclient import url
@@ -26,10 +27,6 @@ pytestmark = pytest.mark.stores("redis")
 
 TWILIO = "/v1/twilio"
 TOKEN = "0123456789abcdef0123456789abcdef"
-
-
-def sample(gw: Gateway, name: str, **labels: str) -> float:
-    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def audio_of(frames: list[dict[str, Any]]) -> bytes:
