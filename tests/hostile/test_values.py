@@ -130,8 +130,7 @@ async def test_a_bad_turn_or_ack_changes_nothing(
             before = await snapshot(gateway.store, settings.key_prefix)
             await send(ws, message)
             result = await closed(ws)
-        assert result.error is not None and result.error["code"] == "invalid_message"
-        assert result.code == 1007
+        result.expect(1007, "invalid_message")
         assert await snapshot(gateway.store, settings.key_prefix) == before
         async with connect(url(gateway.port)) as ws:
             again = await hello(ws, CALLER, resume_token=welcome["resume_token"])
@@ -256,8 +255,7 @@ async def test_agent_output_the_store_refuses_is_not_retried(
                 await agent.wait_for(lambda got: len(got) > 0)  # the link is up
                 await agent.send({"type": "say", "text": "hello"})
                 result = await closed(ws)
-            assert result.error is not None and result.error["code"] == "store_unavailable"
-            assert result.code == 4001
+            result.expect(4001, "store_unavailable")
             await asyncio.sleep(0.5)
             assert store.pushes == 1
             async with connect(url(gw.port)) as ws:

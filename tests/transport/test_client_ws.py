@@ -96,9 +96,7 @@ async def test_wrong_token_refused(gateway: Gateway) -> None:
     async with connect(url(gateway.port)) as ws:
         await send(ws, {"type": "hello", "caller": PHONE, "resume_token": "forged"})
         result = await closed(ws)
-    assert result.code == 4501
-    assert result.error is not None and result.error["code"] == "resume_refused"
-    assert result.error["reconnect"] is False
+    result.expect(4501, "resume_refused", reconnect=False)
     async with connect(url(gateway.port)) as ws:
         again = await hello(ws, PHONE, resume_token=welcome["resume_token"])
     assert again["version"] == 1
@@ -161,8 +159,7 @@ async def test_bye_ends_session(gateway: Gateway) -> None:
     async with connect(url(gateway.port)) as ws:
         await send(ws, {"type": "hello", "caller": PHONE, "resume_token": welcome["resume_token"]})
         result = await closed(ws)
-    assert result.code == 4502
-    assert result.error is not None and result.error["code"] == "session_ended"
+    result.expect(4502, "session_ended")
     assert restores(gateway, "ended") == 1
 
 
@@ -176,8 +173,7 @@ async def test_newer_connection_replaces_older(gateway: Gateway) -> None:
             result = await closed(old)
             assert (await turn(new, "t2", form={"date": "mon"}))["version"] == 2
     assert again["version"] == 1
-    assert result.code == 4500
-    assert result.error is not None and result.error["code"] == "session_replaced"
+    result.expect(4500, "session_replaced")
     await settled(gateway)
     assert gateway.metrics.registry.get_sample_value("hangon_session_active") == 0
 
@@ -240,8 +236,7 @@ async def test_state_size_is_bounded(gateway: Gateway) -> None:
             assert (await turn(ws, f"t{i}", form={f"f{i}": "x" * 60_000}))["version"] == i + 1
         await send(ws, {"type": "turn", "turn_id": "t3", "form": {"f3": "x" * 60_000}})
         result = await closed(ws)
-    assert result.code == 1009
-    assert result.error is not None and result.error["code"] == "state_too_big"
+    result.expect(1009, "state_too_big")
     async with connect(url(gateway.port)) as ws:
         again = await hello(ws, PHONE, resume_token=welcome["resume_token"])
     assert again["version"] == 3

@@ -81,9 +81,7 @@ async def test_takeover_closes_the_old_client_and_fences_its_writes(
         with pytest.raises(StoreConflict, match="newer connection"):
             await a.store.write_turn(parse_caller(CALLER), old.session_id, late)
         held = await stored(store_config, CALLER)
-    assert result.code == 4500
-    assert result.error is not None and result.error["code"] == "session_replaced"
-    assert result.error["reconnect"] is False
+    result.expect(4500, "session_replaced", reconnect=False)
     assert held[b"owner"] == b.instance.encode()
     assert int(held[b"epoch"]) == old.epoch + 1
     assert held[b"ver"] == b"2"
@@ -137,8 +135,7 @@ async def test_notice_before_the_restore_reply_loses_the_race(
                 lost = await closed(on_a)
                 ack = await turn(on_b, "t1", form={"name": "Bea"})
     assert won["type"] == "welcome"
-    assert lost.code == 4500 and lost.error is not None
-    assert lost.error["code"] == "session_replaced"
+    lost.expect(4500, "session_replaced")
     assert ack["version"] == 1
 
 
@@ -258,8 +255,7 @@ async def test_lost_notice_is_caught_by_the_renewal(
         await asyncio.sleep(0.5)
         assert live.renewal is None
         assert a.metrics.store_op_seconds["touch"]._sum.get() == touches
-    assert result.code == 4003
-    assert result.error is not None and result.error["code"] == "session_conflict"
+    result.expect(4003, "session_conflict")
 
 
 async def test_drain_after_a_stale_replacement_does_not_wait(

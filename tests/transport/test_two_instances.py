@@ -45,9 +45,7 @@ async def test_superseded_connection_cannot_write(pair: tuple[Gateway, Gateway])
         await send(on_a, {"type": "turn", "turn_id": "t2", "form": {"name": "Bob"}})
         result = await closed(on_a)
         assert (await turn(on_b, "t3", form={"date": "Friday"}))["version"] == 2
-    assert result.code == 4003
-    assert result.error is not None and result.error["code"] == "session_conflict"
-    assert result.error["reconnect"] is True
+    result.expect(4003, "session_conflict", reconnect=True)
     async with connect(url(a.port)) as on_a:
         back = await hello(on_a, CALLER, resume_token=welcome["resume_token"])
     assert back["version"] == 2
