@@ -135,15 +135,22 @@ async def test_a_call_dropped_mid_sentence_resumes_on_a_new_stream(
     )
 
 
+async def pressed(gw: Gateway, voice: TestAgent, digit: str) -> tuple[TwilioCall, Stream]:
+    """Start a call, and on its first stream press ``digit`` once the agent link is up;
+    return the call and the stream once the agent has the turn."""
+    call = TwilioCall(url(gw.port, TWILIO))
+    first = await call.stream()
+    await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
+    await first.dtmf(digit)
+    await voice.wait_for(lambda r: len(voice.of_type("turn")) == 1)
+    return call, first
+
+
 async def test_a_second_stream_for_an_open_call_takes_it_over(relay: RelayFactory) -> None:
     """A second stream for a call whose first is still open gets the session; the first is
     closed with 4500 and the agent's audio goes to the second only."""
     async with relay(phone) as (gw, voice):
-        call = TwilioCall(url(gw.port, TWILIO))
-        first = await call.stream()
-        await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
-        await first.dtmf("1")
-        await voice.wait_for(lambda r: len(voice.of_type("turn")) == 1)
+        call, first = await pressed(gw, voice, "1")
         second = await call.stream()
         assert await first.closed() == 4500
         await voice.wait_for(lambda r: len(voice.of_type("session.resume")) == 1)
@@ -158,11 +165,7 @@ async def test_a_second_stream_for_an_open_call_takes_it_over(relay: RelayFactor
 async def test_stop_leaves_the_session_for_the_next_stream(relay: RelayFactory) -> None:
     """stop closes the stream with 1000; the next stream resumes the session (a re-attach)."""
     async with relay(phone) as (gw, voice):
-        call = TwilioCall(url(gw.port, TWILIO))
-        first = await call.stream()
-        await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
-        await first.dtmf("9")
-        await voice.wait_for(lambda r: len(voice.of_type("turn")) == 1)
+        call, first = await pressed(gw, voice, "9")
         await first.stop()
         assert first.close_code == 1000
         await call.stream()
