@@ -440,6 +440,20 @@ def until_mark(name: str) -> Callable[[dict[str, Any]], bool]:
     return lambda frame: frame.get("event") == "mark" and frame.get("mark", {}).get("name") == name
 
 
+def twilio_stream(port: int, sent: list[str | bytes], key: str, sync: str, stream: int) -> None:
+    """Send ``sent`` on a new Twilio stream, then a mark named for ``sync`` and ``stream``
+    until it comes back through the agent; check what Twilio heard meanwhile (``key``:
+    the example's marker)."""
+    TRIED["frames"]["twilio"] += len(sent) + 1
+    got, code = converse(
+        f"ws://127.0.0.1:{port}/v1/twilio",
+        [*sent, sync_mark(sync, stream)],
+        until_mark(f"fzsync-{sync}-{stream}"),
+        again=True,
+    )
+    check_twilio(got, code, key, sent)
+
+
 @SETTINGS
 @given(
     frames=st.one_of(
@@ -466,16 +480,9 @@ def test_fuzzed_twilio_frames_harm_nobody(
     number = next(NUMBERS)
     key = marker(number)
     sent = [wire(frame, key) for frame in frames]
-    TRIED["frames"]["twilio"] += len(sent) + 1
-    # Not the marker: a fuzzed start may name a call that other examples' streams share.
-    sync = f"t{number}"
-    got, code = converse(
-        f"ws://127.0.0.1:{gateway.port}/v1/twilio",
-        [*sent, sync_mark(sync, 0)],
-        until_mark(f"fzsync-{sync}-0"),
-        again=True,
-    )
-    check_twilio(got, code, key, sent)
+    # The mark is named for the number, not the marker: a fuzzed start may name a call
+    # that other examples' streams share.
+    twilio_stream(gateway.port, sent, key, f"t{number}", 0)
     after_example(gateway, gateway_log, agent, bystander)
 
 
@@ -523,14 +530,7 @@ def agent_twilio(port: int, key: str, connections: list[tuple[Any, list[Any]]]) 
     for number, (passed, media) in enumerate(connections):
         start = good_start(f"-s{number}", "+14155550100", passed)
         sent = [wire(frame, key) for frame in [{"event": "connected"}, start, *media]]
-        TRIED["frames"]["twilio"] += len(sent) + 1
-        got, code = converse(
-            f"ws://127.0.0.1:{port}/v1/twilio",
-            [*sent, sync_mark(key, number)],
-            until_mark(f"fzsync-{key}-{number}"),
-            again=True,
-        )
-        check_twilio(got, code, key, sent)
+        twilio_stream(port, sent, key, key, number)
 
 
 @SETTINGS
