@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -209,21 +210,37 @@ def bystander(gateway: GatewayProcess) -> Iterator[tuple[ClientConnection, dict[
         yield ws, welcome
 
 
-def after_example(
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What every example works on: the gateway, its log, its agent and the bystander."""
+
+    gateway: GatewayProcess
+    log: Log
+    agent: FuzzAgent
+    bystander: tuple[ClientConnection, dict[str, Any]]
+    """The bystander's connection, and its welcome once its secret was stored."""
+
+    def after_example(self) -> None:
+        """The gateway lives, logged nothing bad, and serves the bystander, which gets
+        nothing but the pong it asked for; the agent saw nothing amiss."""
+        proc = self.gateway.proc
+        assert proc is not None and proc.poll() is None, "the gateway died"
+        self.log.check()
+        violations = self.agent.take_violations()
+        assert not violations, violations
+        ws = self.bystander[0]
+        ws.send(PING)
+        assert json.loads(ws.recv(timeout=5)) == {"type": "pong"}
+
+
+@pytest.fixture(scope="module")
+def target(
     gateway: GatewayProcess,
     gateway_log: Log,
     agent: FuzzAgent,
     bystander: tuple[ClientConnection, dict[str, Any]],
-) -> None:
-    """The gateway lives, logged nothing bad, and serves the bystander, which gets nothing
-    but the pong it asked for; the agent saw nothing amiss."""
-    assert gateway.proc is not None and gateway.proc.poll() is None, "the gateway died"
-    gateway_log.check()
-    violations = agent.take_violations()
-    assert not violations, violations
-    ws = bystander[0]
-    ws.send(PING)
-    assert json.loads(ws.recv(timeout=5)) == {"type": "pong"}
+) -> Target:
+    return Target(gateway, gateway_log, agent, bystander)
 
 
 # One connection of a fuzzed client
@@ -410,10 +427,7 @@ GOOD_HELLO = st.builds(
     )
 )
 def test_fuzzed_v1_frames_harm_nobody(
-    gateway: GatewayProcess,
-    gateway_log: Log,
-    agent: FuzzAgent,
-    bystander: tuple[ClientConnection, dict[str, Any]],
+    target: Target,
     frames: list[Any],
 ) -> None:
     """Whatever a client sends, each answer is a JSON frame or a documented close, none
@@ -422,10 +436,10 @@ def test_fuzzed_v1_frames_harm_nobody(
     sent = [wire(frame) for frame in frames]
     TRIED["frames"]["v1"] += len(sent) + 1
     got, code = converse(
-        f"ws://127.0.0.1:{gateway.port}/ws", [*sent, PING], until_pongs(1 + pings(sent))
+        f"ws://127.0.0.1:{target.gateway.port}/ws", [*sent, PING], until_pongs(1 + pings(sent))
     )
     check_v1(got, code, None)
-    after_example(gateway, gateway_log, agent, bystander)
+    target.after_example()
 
 
 # Twilio Media Streams
@@ -467,10 +481,7 @@ def twilio_stream(port: int, sent: list[str | bytes], key: str, sync: str, strea
     )
 )
 def test_fuzzed_twilio_frames_harm_nobody(
-    gateway: GatewayProcess,
-    gateway_log: Log,
-    agent: FuzzAgent,
-    bystander: tuple[ClientConnection, dict[str, Any]],
+    target: Target,
     frames: list[Any],
 ) -> None:
     """Whatever arrives on a Twilio stream (no signature is asked for without a Twilio auth
@@ -482,8 +493,8 @@ def test_fuzzed_twilio_frames_harm_nobody(
     sent = [wire(frame, key) for frame in frames]
     # The mark is named for the number, not the marker: a fuzzed start may name a call
     # that other examples' streams share.
-    twilio_stream(gateway.port, sent, key, f"t{number}", 0)
-    after_example(gateway, gateway_log, agent, bystander)
+    twilio_stream(target.gateway.port, sent, key, f"t{number}", 0)
+    target.after_example()
 
 
 # The voice agent
@@ -542,10 +553,7 @@ def agent_twilio(port: int, key: str, connections: list[tuple[Any, list[Any]]]) 
     ),
 )
 def test_fuzzed_agent_frames_harm_nobody(
-    gateway: GatewayProcess,
-    gateway_log: Log,
-    agent: FuzzAgent,
-    bystander: tuple[ClientConnection, dict[str, Any]],
+    target: Target,
     bursts: list[list[Any]],
     client: tuple[str, list[Any]],
 ) -> None:
@@ -555,29 +563,26 @@ def test_fuzzed_agent_frames_harm_nobody(
     the round trip through the agent."""
     record("agent", (bursts, client))
     key = marker(next(NUMBERS))
-    agent.script(key, bursts)
-    CONTEXT[1:] = [lambda: f"the agent's trace: {agent.trace(key)}"]
+    target.agent.script(key, bursts)
+    CONTEXT[1:] = [lambda: f"the agent's trace: {target.agent.trace(key)}"]
     try:
         kind, connections = client
-        (agent_v1 if kind == "v1" else agent_twilio)(gateway.port, key, connections)
+        (agent_v1 if kind == "v1" else agent_twilio)(target.gateway.port, key, connections)
     finally:
-        agent.forget(key)
-    after_example(gateway, gateway_log, agent, bystander)
+        target.agent.forget(key)
+    target.after_example()
 
 
 def test_report_and_bystander_intact(
-    gateway: GatewayProcess,
-    gateway_log: Log,
-    agent: FuzzAgent,
-    bystander: tuple[ClientConnection, dict[str, Any]],
+    target: Target,
 ) -> None:
     """After the fuzzing, the bystander's state is as it was and its session still takes
     turns; the counts are kept."""
-    after_example(gateway, gateway_log, agent, bystander)
-    with connect(f"ws://127.0.0.1:{gateway.port}/ws") as ws:
+    target.after_example()
+    with connect(f"ws://127.0.0.1:{target.gateway.port}/ws") as ws:
         ws.send(hello(BYSTANDER))
         welcome = json.loads(ws.recv(timeout=5))
-        before = bystander[1]
+        before = target.bystander[1]
         assert (welcome["state"], welcome["version"], welcome["seq"]) == (
             before["state"],
             before["version"],
@@ -586,7 +591,7 @@ def test_report_and_bystander_intact(
         ws.send(json.dumps({"type": "turn", "turn_id": "b2", "form": {"after": True}}))
         assert json.loads(ws.recv(timeout=5)) == {"type": "ack", "turn_id": "b2", "version": 2}
     examples, frames = TRIED["examples"], TRIED["frames"]
-    frames["agent"] = agent.counts["sent"]
+    frames["agent"] = target.agent.counts["sent"]
     report = {
         "examples": sum(examples.values()),
         "examples_by_kind": dict(examples),
@@ -597,7 +602,7 @@ def test_report_and_bystander_intact(
         "msgs": TRIED["msgs"],
         "twilio_out": TRIED["twilio_out"],
         "degraded": TRIED["degraded"],
-        "agent": dict(agent.counts),
+        "agent": dict(target.agent.counts),
         "store": STORE,
         "seconds": round(time.monotonic() - TRIED["started"]),
     }
@@ -607,4 +612,4 @@ def test_report_and_bystander_intact(
     assert sum(examples.values()) >= min(3 * EXAMPLES, 100)
     if EXAMPLES >= 100:  # the fuzz got past hello and start, and the agent was heard
         assert TRIED["welcomes"] > 0 and TRIED["acks"] > 0 and TRIED["msgs"] > 0
-        assert TRIED["twilio_out"] > 0 and agent.counts["errors"] > 0
+        assert TRIED["twilio_out"] > 0 and target.agent.counts["errors"] > 0
