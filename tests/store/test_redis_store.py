@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -22,11 +21,8 @@ from tests.support.records import OTHER, T0, candidate, new_session, write
 CALLER = CallerKey("acme", "phone", "+14155550100", "call-1")
 
 
-@pytest.fixture
-async def store(redis_url: str, settings: StoreSettings) -> AsyncIterator[RedisStore]:
-    s = RedisStore(redis_url, settings)
-    yield s
-    await s.aclose()
+# The store fixture's store is then on the run's Redis, which the tests read at redis_url.
+pytestmark = pytest.mark.stores("redis")
 
 
 async def test_key_layout(store: RedisStore, redis_url: str, key_prefix: str) -> None:

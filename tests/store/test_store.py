@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -14,13 +13,6 @@ from gateway.exceptions import StoreConflict, StoreError
 from gateway.store.base import SessionStore, StoreSettings, Written
 from tests.support.records import CALLER, OTHER, T0, candidate, new_session, write
 from tests.support.stores import StoreFactory
-
-
-@pytest.fixture
-async def store(make_store: StoreFactory, settings: StoreSettings) -> AsyncIterator[SessionStore]:
-    s = make_store(settings)
-    yield s
-    await s.aclose()
 
 
 async def answered(store: SessionStore) -> Session:
