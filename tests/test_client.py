@@ -23,6 +23,7 @@ from tests.support.agents import TestAgent, booking
 from tests.support.authkeys import keys_document, token
 from tests.support.gateway_process import GatewayProcess
 from tests.support.gateways import GatewayFactory
+from tests.support.poll import until
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.wsclient import connect, hello, url
 
@@ -32,14 +33,6 @@ CALLER = {"phone": "+14155550100", "call_id": "call-client"}
 def fast(port: int, **kwargs: Any) -> Client:
     """A client with short reconnect delays, for tests."""
     return Client(url(port), CALLER, initial_delay=0.05, max_delay=0.5, **kwargs)
-
-
-async def until(condition: Any, timeout: float = 5) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline
-        await asyncio.sleep(0.01)
 
 
 def test_which_closes_are_resumed() -> None:

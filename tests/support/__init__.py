@@ -14,7 +14,7 @@ Peers of a gateway:
 In-process gateways:
     :mod:`~tests.support.gateways` (what the ``make_gateway`` and ``relay`` fixtures build),
     :mod:`~tests.support.clock` (a clock the test sets), :mod:`~tests.support.gwmetrics`
-    (reading a gateway's metrics).
+    (reading a gateway's metrics), :mod:`~tests.support.poll` (waiting for a condition).
 Stores and what they hold:
     :mod:`~tests.support.stores` (the store kinds, and the keys every store seals with),
     :mod:`~tests.support.storewrap` (wrappers that change one behaviour of a real store),

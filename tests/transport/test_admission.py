@@ -3,7 +3,6 @@ and everyone past it refused at once with a hint of when to come back, which cli
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -20,6 +19,7 @@ from gateway.transport.admission import Admission
 from tests.support.clock import Clock
 from tests.support.gateways import GatewayFactory
 from tests.support.gwmetrics import sample
+from tests.support.poll import until
 from tests.support.stores import StoreFactory
 from tests.support.storewrap import Gated
 from tests.support.wsclient import recv, send, url
@@ -56,12 +56,6 @@ def admitting(
                 store.gate.set()  # or a failed test hangs in the gateway's shutdown
 
     return open_gateway
-
-
-async def until(predicate: object, timeout: float = 5) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():  # type: ignore[operator]
-            await asyncio.sleep(0.005)
 
 
 @REDIS
