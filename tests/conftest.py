@@ -1,10 +1,11 @@
 """Shared fixtures: private Redis processes, stores of each kind, and in-process gateways.
 
 Store kinds
-    A test that takes ``store_kind``, directly or through ``make_store``, ``store_config``
-    or ``gateway``, runs once per kind of store: ``memory``, ``redis`` (the run's private
-    redis-server) and ``cluster`` (its private three-primary Redis Cluster). The ``stores``
-    marker narrows that, on a test, a class or a module (tests that take no store ignore it)::
+    A test that takes ``store_kind``, directly or through ``make_store``, ``store_config``,
+    ``gateway`` or ``store`` (tests/store), runs once per kind of store: ``memory``,
+    ``redis`` (the run's private redis-server) and ``cluster`` (its private three-primary
+    Redis Cluster). The ``stores`` marker narrows that, on a test, a class or a module
+    (tests that take no store ignore it)::
 
         pytestmark = pytest.mark.stores("redis")
 
@@ -15,14 +16,16 @@ Store kinds
     behaviours (``tests/support/storewrap.py``). ``store_config`` is ``config`` naming the
     store instead, for gateways that open their own: two instances sharing one Redis.
     Tests of Redis itself (killed, replicated, its round trips counted) start their own
-    processes (``own_redis``, ``own_redis_cluster``, ``tests/support/redis_server.py``).
+    processes (``own_redis``, ``own_redis_cluster``, ``tests/support/redis_server.py``);
+    ``tests/store/test_stores_alike.py`` builds a memory and a Redis store side by side.
 
 Gateways
     ``async with make_gateway(cfg, store=..., metrics=..., delays=..., clock=...) as gw``
     starts an in-process gateway on 127.0.0.1, port 0, and closes it when the block ends.
     Every argument may be left out: ``config`` (this test's), fresh ``Metrics()``, the store
     the config names, the config's retry backoff and the real clock. ``gateway`` is one
-    such gateway on the test's store kind and settable ``clock``, with quick retries.
+    such gateway on the test's store kind and settable ``clock``, with quick retries;
+    ``relay`` (tests/transport) adds a test agent it relays to.
 """
 
 from __future__ import annotations
