@@ -1,41 +1,89 @@
-"""Shared fixtures: a private redis-server and Redis Cluster per test run, stores, and a
-running gateway."""
+"""Shared fixtures: private Redis processes, stores of each kind, and in-process gateways.
+
+Store kinds
+    A test that takes ``store_kind``, directly or through ``make_store``, ``store_config``,
+    ``gateway`` or ``store`` (tests/store), runs once per kind of store: ``memory``,
+    ``redis`` (the run's private redis-server) and ``cluster`` (its private three-primary
+    Redis Cluster). The ``stores`` marker narrows that, on a test, a class or a module
+    (tests that take no store ignore it)::
+
+        pytestmark = pytest.mark.stores("redis")
+
+        @pytest.mark.stores("memory", "redis")
+        async def test_turns(make_store: StoreFactory, settings: StoreSettings) -> None: ...
+
+    ``make_store(settings)`` then builds a store of the kind; wrap it to change one of its
+    behaviours (``tests/support/storewrap.py``). ``store_config`` is ``config`` naming the
+    store instead, for gateways that open their own: two instances sharing one Redis.
+    Tests of Redis itself (killed, replicated, its round trips counted) start their own
+    processes (``own_redis``, ``own_redis_cluster``, ``tests/support/redis_server.py``);
+    ``tests/store/test_stores_alike.py`` builds a memory and a Redis store side by side.
+
+Gateways
+    ``async with make_gateway(cfg, store=..., metrics=..., delays=..., clock=...) as gw``
+    starts an in-process gateway on 127.0.0.1, port 0, and closes it when the block ends.
+    Every argument may be left out: ``config`` (this test's), fresh ``Metrics()``, the store
+    the config names, the config's retry backoff and the real clock. ``gateway`` is one
+    such gateway on the test's store kind and settable ``clock``, with quick retries;
+    ``relay`` (tests/transport) adds a test agent it relays to.
+"""
 
 from __future__ import annotations
 
-import base64
 import gc
 import logging
 import os
 import shutil
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
 from gateway.config import Config
-from gateway.core.sealing import Keyring
-from gateway.metrics import Metrics
 from gateway.server import Gateway
-from gateway.store.base import SessionStore, StoreSettings
-from gateway.store.memory_store import MemoryStore
-from gateway.store.redis_store import RedisStore
+from gateway.store.base import StoreSettings
 from loadtest import twilio as loadtest_twilio
-from tests.gateway_process import GatewayProcess
-from tests.redis_cluster import RedisCluster
-from tests.redis_server import RedisServer, ensure_redis_server
-from tests.tools import ensure
+from tests.support.clock import Clock
+from tests.support.gateway_process import GatewayProcess
+from tests.support.gateways import GatewayFactory, quick_retries
+from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_server import RedisServer, ensure_redis_server
+from tests.support.stores import (
+    STORE_KINDS,
+    TEST_CALLER_HASH_KEY,
+    TEST_KEYRING,
+    TEST_STATE_KEYS,
+    StoreFactory,
+    new_store,
+)
+from tests.support.tools import ensure
 
-TEST_STATE_KEYS = "t1:" + base64.b64encode(bytes(range(32))).decode()
-TEST_CALLER_HASH_KEY = base64.b64encode(bytes(range(32, 64))).decode()
-TEST_KEYRING = Keyring.from_text(TEST_STATE_KEYS, TEST_CALLER_HASH_KEY)
-"""The keys of every gateway and store in the suite; gateway subprocesses get them from
-the environment, as an operator's would."""
 os.environ.setdefault("HANGON_STATE_KEYS", TEST_STATE_KEYS)
 os.environ.setdefault("HANGON_CALLER_HASH_KEY", TEST_CALLER_HASH_KEY)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "stores(*kinds): run against these store kinds only (memory, redis, cluster); "
+        "without it a test that takes store_kind runs against all three",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each test that takes ``store_kind`` once per kind its ``stores`` marker names."""
+    if "store_kind" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("stores")
+    kinds = marker.args if marker is not None else STORE_KINDS
+    unknown = [kind for kind in kinds if kind not in STORE_KINDS]
+    if unknown or not kinds:
+        raise pytest.UsageError(
+            f"{metafunc.definition.nodeid}: stores{kinds!r}: not in {STORE_KINDS}"
+        )
+    metafunc.parametrize("store_kind", kinds, indirect=True)
 
 
 class _Records(logging.Handler):
@@ -179,46 +227,34 @@ def key_prefix(redis_url: str) -> Iterator[str]:
         client.close()
 
 
-class Clock:
-    """A settable clock in milliseconds, starting now."""
-
-    def __init__(self) -> None:
-        self.now = time.time_ns() // 1_000_000
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += int(seconds * 1000)
-
-
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
 
 
-StoreFactory = Callable[[StoreSettings], SessionStore]
-
-
-@pytest.fixture(params=["memory", "redis", "cluster"])
+@pytest.fixture
 def store_kind(request: pytest.FixtureRequest) -> str:
+    """The kind of store this run of the test uses (see the module docstring)."""
     kind: str = request.param
     return kind
 
 
+def _store_url(kind: str, request: pytest.FixtureRequest) -> str | None:
+    """Where a store of ``kind`` lives: nowhere for memory, else the run's Redis or cluster."""
+    if kind == "memory":
+        return None
+    if kind == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
 @pytest.fixture
 def make_store(store_kind: str, request: pytest.FixtureRequest) -> StoreFactory:
-    """Build a store of the parametrised kind with the given settings."""
-
-    def factory(settings: StoreSettings) -> SessionStore:
-        if store_kind == "memory":
-            return MemoryStore(settings)
-        if store_kind == "cluster":
-            return RedisStore(request.getfixturevalue("redis_cluster").url, settings)
-        url = request.getfixturevalue("redis_url")
-        return RedisStore(url, settings)
-
-    return factory
+    """Build a store of the test's kind with the given settings."""
+    url = _store_url(store_kind, request)
+    return lambda settings: new_store(url, settings)
 
 
 @pytest.fixture
@@ -231,7 +267,7 @@ def settings(key_prefix: str) -> StoreSettings:
 @pytest.fixture
 def config(settings: StoreSettings) -> Config:
     # No agent: these tests read the client's frames one by one. Tests of the relay
-    # start a demo agent of their own (tests/transport/agents.py).
+    # start an agent of their own (tests/support/agents.py).
     base = (
         Config()
         .replace("server", port=0)
@@ -252,15 +288,23 @@ def config(settings: StoreSettings) -> Config:
 
 
 @pytest.fixture
+def store_config(config: Config, store_kind: str, request: pytest.FixtureRequest) -> Config:
+    """``config`` naming a store of the test's kind, for gateways that open their own."""
+    url = _store_url(store_kind, request)
+    return config if url is None else config.replace("store", redis_url=url)
+
+
+@pytest.fixture
+def make_gateway(config: Config) -> GatewayFactory:
+    """``async with make_gateway(cfg, *, store, metrics, delays, clock) as gw``: a gateway
+    with the suite's defaults (see the module docstring)."""
+    return GatewayFactory(config)
+
+
+@pytest.fixture
 async def gateway(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    make_gateway: GatewayFactory, settings: StoreSettings, make_store: StoreFactory, clock: Clock
 ) -> AsyncIterator[Gateway]:
-    """A gateway on 127.0.0.1, a free port, with the parametrised store and a settable clock."""
-    async with Gateway(
-        config,
-        store=make_store(settings),
-        metrics=Metrics(),
-        clock=clock,
-        delays=lambda: [0.01, 0.02, 0.05],
-    ) as gw:
+    """A gateway on 127.0.0.1, a free port, with the test's store kind and a settable clock."""
+    async with make_gateway(store=make_store(settings), clock=clock, delays=quick_retries) as gw:
         yield gw

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.balancer import HAProxy, Nginx, ensure_haproxy, ensure_nginx
-from tests.gateway_process import GatewayProcess
-from tests.httpget import get
-from tests.redis_server import RedisServer, free_port
-from tests.streamer import Streamer
+from tests.support.balancer import HAProxy, Nginx, ensure_haproxy, ensure_nginx
+from tests.support.gateway_process import GatewayProcess
+from tests.support.httpget import get
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.streamer import Streamer
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.balancer import EchoBackend, HAProxy, Nginx, ensure_haproxy, ensure_nginx
+from tests.support.balancer import EchoBackend, HAProxy, Nginx, ensure_haproxy, ensure_nginx
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.gateway_process import GatewayProcess
-from tests.redis_server import RedisServer
+from tests.support.gateway_process import GatewayProcess
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +112,7 @@ async def test_browser_passes_its_token_as_a_subprotocol_or_in_the_query(
     """In Chromium, a token offered as a subprotocol beside hangon.v1 (answered hangon.v1)
     or in the query string opens the session; a page from an origin not allowed is refused
     at the upgrade."""
-    from tests.authkeys import keys_document, token
+    from tests.support.authkeys import keys_document, token
 
     keys = tmp_path / "keys.json"
     keys.write_text(keys_document())

@@ -16,7 +16,7 @@ from websockets.sync.client import connect
 from gateway import cli
 from gateway.config import OPTIONS, Config
 from gateway.exceptions import ConfigError
-from tests.gateway_process import GatewayProcess
+from tests.support.gateway_process import GatewayProcess
 
 DOCS = Path(__file__).parent.parent / "docs"
 

@@ -18,13 +18,14 @@ from gateway.client import Client, Restored, reconnects
 from gateway.config import Config
 from gateway.core.auth import parse_auth_keys
 from gateway.exceptions import ClientClosed
-from gateway.metrics import Metrics
 from gateway.server import Gateway
-from tests.agents import TestAgent, booking
-from tests.authkeys import keys_document, token
-from tests.gateway_process import GatewayProcess
-from tests.redis_server import RedisServer
-from tests.wsclient import connect, hello, url
+from tests.support.agents import TestAgent, booking
+from tests.support.authkeys import keys_document, token
+from tests.support.gateway_process import GatewayProcess
+from tests.support.gateways import GatewayFactory
+from tests.support.poll import until
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.wsclient import connect, hello, url
 
 CALLER = {"phone": "+14155550100", "call_id": "call-client"}
 
@@ -34,14 +35,6 @@ def fast(port: int, **kwargs: Any) -> Client:
     return Client(url(port), CALLER, initial_delay=0.05, max_delay=0.5, **kwargs)
 
 
-async def until(condition: Any, timeout: float = 5) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline
-        await asyncio.sleep(0.01)
-
-
 def test_which_closes_are_resumed() -> None:
     """Drops, restarts, overload and retryable errors are resumed; bye, protocol errors and
     the terminal range are not."""
@@ -49,14 +42,16 @@ def test_which_closes_are_resumed() -> None:
     assert not any(reconnects(c) for c in (1000, 1003, 1007, 1008, 1009, 4500, 4501, 4999))
 
 
-async def test_resumes_after_a_drop_and_delivers_each_message_once(config: Config) -> None:
+async def test_resumes_after_a_drop_and_delivers_each_message_once(
+    make_gateway: GatewayFactory, config: Config
+) -> None:
     """A connection aborted mid-call: the client reconnects by itself, resumes the session,
     gets the turn sent while it was down acknowledged once, and every agent message once."""
     messages: list[tuple[int, Any]] = []
     restores: list[Restored] = []
     async with TestAgent(booking) as voice:
         cfg = config.replace("agent", downstream=voice.url)
-        async with Gateway(cfg, metrics=Metrics()) as gw:
+        async with make_gateway(cfg) as gw:
             client = fast(
                 gw.port,
                 on_message=lambda data, seq: messages.append((seq, data)),
@@ -138,21 +133,19 @@ async def test_waits_for_retry_after_of_a_draining_gateway(gateway: Gateway) -> 
 
 async def test_gives_up_after_max_attempts(config: Config) -> None:
     """Nobody listens: after max_attempts failed connects, run() raises ClientClosed."""
-    from tests.redis_server import free_port
-
     client = fast(free_port(), max_attempts=3)
     with pytest.raises(ClientClosed, match="3 attempts"):
         await asyncio.wait_for(client.run(), 10)
 
 
 async def test_a_client_built_with_token_and_last_seq_gets_no_message_twice(
-    config: Config,
+    make_gateway: GatewayFactory, config: Config
 ) -> None:
     """A second client given the first one's token and last_seq resumes after them: no
     message the first handled is handed over again, even after a drop."""
     async with TestAgent(booking) as voice:
         cfg = config.replace("agent", downstream=voice.url)
-        async with Gateway(cfg, metrics=Metrics()) as gw:
+        async with make_gateway(cfg) as gw:
             first_seen: list[int] = []
             first = fast(gw.port, on_message=lambda data, seq: first_seen.append(seq))
             runner = asyncio.create_task(first.run())
@@ -303,12 +296,14 @@ async def test_a_hint_restarts_the_backoff() -> None:
     assert delays[-1] == (1013, 0.3)
 
 
-async def test_tokens_and_a_fresh_one_after_expiry(config: Config) -> None:
+async def test_tokens_and_a_fresh_one_after_expiry(
+    make_gateway: GatewayFactory, config: Config
+) -> None:
     """On a gateway that requires tokens, a static token opens the session; an expired
     static token stops the client with 1008; a token function is called before each hello
     and, after token_expired, reconnects with a fresh token."""
     cfg = config.replace("security", auth_keys=parse_auth_keys(keys_document()))
-    async with Gateway(cfg, metrics=Metrics()) as gw:
+    async with make_gateway(cfg) as gw:
         static = fast(gw.port, tenant="acme", token=token(CALLER))
         runner = asyncio.create_task(static.run())
         await asyncio.wait_for(static.connected.wait(), 5)

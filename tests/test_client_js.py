@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway_process import GatewayProcess
-from tests.redis_server import RedisServer
+from tests.support.gateway_process import GatewayProcess
+from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).parent.parent
 

@@ -4,8 +4,8 @@ never crash, log a traceback or an error, answer with an undocumented error or c
 show one caller another's data, or change a bystander session, which keeps being served
 beside the fuzzed ones.
 
-The agent is :class:`tests.fuzzagent.FuzzAgent`, in this process: each agent example draws
-the frames it answers its session with. Every drawn value is small (:mod:`tests.fuzzframes`
+The agent is :class:`tests.support.fuzzagent.FuzzAgent`, in this process: each agent example draws
+the frames it answers its session with. Every drawn value is small (:mod:`tests.support.fuzzframes`
 expands huge and deep values only when a frame is sent), so the number of examples is
 bounded by time alone: ``HANGON_FUZZ_EXAMPLES`` (default 500, about 40 s) examples of each
 kind, v1, Twilio and agent. 6,000 of each send some 130,000 frames in about 8 minutes::
@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from gateway.core.protocol import ERRORS
-from tests.authkeys import keys_document, token
-from tests.fuzzagent import FuzzAgent
-from tests.fuzzframes import (
+from tests.support.authkeys import keys_document, token
+from tests.support.fuzzagent import FuzzAgent
+from tests.support.fuzzframes import (
     AGENT_BURSTS,
     BYSTANDER,
     FUZZER,
@@ -58,7 +59,7 @@ from tests.fuzzframes import (
     single,
     wire,
 )
-from tests.gateway_process import GatewayProcess
+from tests.support.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.slow
 
@@ -209,21 +210,37 @@ def bystander(gateway: GatewayProcess) -> Iterator[tuple[ClientConnection, dict[
         yield ws, welcome
 
 
-def after_example(
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What every example works on: the gateway, its log, its agent and the bystander."""
+
+    gateway: GatewayProcess
+    log: Log
+    agent: FuzzAgent
+    bystander: tuple[ClientConnection, dict[str, Any]]
+    """The bystander's connection, and its welcome once its secret was stored."""
+
+    def after_example(self) -> None:
+        """The gateway lives, logged nothing bad, and serves the bystander, which gets
+        nothing but the pong it asked for; the agent saw nothing amiss."""
+        proc = self.gateway.proc
+        assert proc is not None and proc.poll() is None, "the gateway died"
+        self.log.check()
+        violations = self.agent.take_violations()
+        assert not violations, violations
+        ws = self.bystander[0]
+        ws.send(PING)
+        assert json.loads(ws.recv(timeout=5)) == {"type": "pong"}
+
+
+@pytest.fixture(scope="module")
+def target(
     gateway: GatewayProcess,
     gateway_log: Log,
     agent: FuzzAgent,
     bystander: tuple[ClientConnection, dict[str, Any]],
-) -> None:
-    """The gateway lives, logged nothing bad, and serves the bystander, which gets nothing
-    but the pong it asked for; the agent saw nothing amiss."""
-    assert gateway.proc is not None and gateway.proc.poll() is None, "the gateway died"
-    gateway_log.check()
-    violations = agent.take_violations()
-    assert not violations, violations
-    ws = bystander[0]
-    ws.send(PING)
-    assert json.loads(ws.recv(timeout=5)) == {"type": "pong"}
+) -> Target:
+    return Target(gateway, gateway_log, agent, bystander)
 
 
 # One connection of a fuzzed client
@@ -410,10 +427,7 @@ GOOD_HELLO = st.builds(
     )
 )
 def test_fuzzed_v1_frames_harm_nobody(
-    gateway: GatewayProcess,
-    gateway_log: Log,
-    agent: FuzzAgent,
-    bystander: tuple[ClientConnection, dict[str, Any]],
+    target: Target,
     frames: list[Any],
 ) -> None:
     """Whatever a client sends, each answer is a JSON frame or a documented close, none
@@ -422,10 +436,10 @@ def test_fuzzed_v1_frames_harm_nobody(
     sent = [wire(frame) for frame in frames]
     TRIED["frames"]["v1"] += len(sent) + 1
     got, code = converse(
-        f"ws://127.0.0.1:{gateway.port}/ws", [*sent, PING], until_pongs(1 + pings(sent))
+        f"ws://127.0.0.1:{target.gateway.port}/ws", [*sent, PING], until_pongs(1 + pings(sent))
     )
     check_v1(got, code, None)
-    after_example(gateway, gateway_log, agent, bystander)
+    target.after_example()
 
 
 # Twilio Media Streams
@@ -438,6 +452,20 @@ def sync_mark(key: str, stream: int) -> str:
 
 def until_mark(name: str) -> Callable[[dict[str, Any]], bool]:
     return lambda frame: frame.get("event") == "mark" and frame.get("mark", {}).get("name") == name
+
+
+def twilio_stream(port: int, sent: list[str | bytes], key: str, sync: str, stream: int) -> None:
+    """Send ``sent`` on a new Twilio stream, then a mark named for ``sync`` and ``stream``
+    until it comes back through the agent; check what Twilio heard meanwhile (``key``:
+    the example's marker)."""
+    TRIED["frames"]["twilio"] += len(sent) + 1
+    got, code = converse(
+        f"ws://127.0.0.1:{port}/v1/twilio",
+        [*sent, sync_mark(sync, stream)],
+        until_mark(f"fzsync-{sync}-{stream}"),
+        again=True,
+    )
+    check_twilio(got, code, key, sent)
 
 
 @SETTINGS
@@ -453,10 +481,7 @@ def until_mark(name: str) -> Callable[[dict[str, Any]], bool]:
     )
 )
 def test_fuzzed_twilio_frames_harm_nobody(
-    gateway: GatewayProcess,
-    gateway_log: Log,
-    agent: FuzzAgent,
-    bystander: tuple[ClientConnection, dict[str, Any]],
+    target: Target,
     frames: list[Any],
 ) -> None:
     """Whatever arrives on a Twilio stream (no signature is asked for without a Twilio auth
@@ -466,17 +491,10 @@ def test_fuzzed_twilio_frames_harm_nobody(
     number = next(NUMBERS)
     key = marker(number)
     sent = [wire(frame, key) for frame in frames]
-    TRIED["frames"]["twilio"] += len(sent) + 1
-    # Not the marker: a fuzzed start may name a call that other examples' streams share.
-    sync = f"t{number}"
-    got, code = converse(
-        f"ws://127.0.0.1:{gateway.port}/v1/twilio",
-        [*sent, sync_mark(sync, 0)],
-        until_mark(f"fzsync-{sync}-0"),
-        again=True,
-    )
-    check_twilio(got, code, key, sent)
-    after_example(gateway, gateway_log, agent, bystander)
+    # The mark is named for the number, not the marker: a fuzzed start may name a call
+    # that other examples' streams share.
+    twilio_stream(target.gateway.port, sent, key, f"t{number}", 0)
+    target.after_example()
 
 
 # The voice agent
@@ -523,14 +541,7 @@ def agent_twilio(port: int, key: str, connections: list[tuple[Any, list[Any]]]) 
     for number, (passed, media) in enumerate(connections):
         start = good_start(f"-s{number}", "+14155550100", passed)
         sent = [wire(frame, key) for frame in [{"event": "connected"}, start, *media]]
-        TRIED["frames"]["twilio"] += len(sent) + 1
-        got, code = converse(
-            f"ws://127.0.0.1:{port}/v1/twilio",
-            [*sent, sync_mark(key, number)],
-            until_mark(f"fzsync-{key}-{number}"),
-            again=True,
-        )
-        check_twilio(got, code, key, sent)
+        twilio_stream(port, sent, key, key, number)
 
 
 @SETTINGS
@@ -542,10 +553,7 @@ def agent_twilio(port: int, key: str, connections: list[tuple[Any, list[Any]]]) 
     ),
 )
 def test_fuzzed_agent_frames_harm_nobody(
-    gateway: GatewayProcess,
-    gateway_log: Log,
-    agent: FuzzAgent,
-    bystander: tuple[ClientConnection, dict[str, Any]],
+    target: Target,
     bursts: list[list[Any]],
     client: tuple[str, list[Any]],
 ) -> None:
@@ -555,29 +563,26 @@ def test_fuzzed_agent_frames_harm_nobody(
     the round trip through the agent."""
     record("agent", (bursts, client))
     key = marker(next(NUMBERS))
-    agent.script(key, bursts)
-    CONTEXT[1:] = [lambda: f"the agent's trace: {agent.trace(key)}"]
+    target.agent.script(key, bursts)
+    CONTEXT[1:] = [lambda: f"the agent's trace: {target.agent.trace(key)}"]
     try:
         kind, connections = client
-        (agent_v1 if kind == "v1" else agent_twilio)(gateway.port, key, connections)
+        (agent_v1 if kind == "v1" else agent_twilio)(target.gateway.port, key, connections)
     finally:
-        agent.forget(key)
-    after_example(gateway, gateway_log, agent, bystander)
+        target.agent.forget(key)
+    target.after_example()
 
 
 def test_report_and_bystander_intact(
-    gateway: GatewayProcess,
-    gateway_log: Log,
-    agent: FuzzAgent,
-    bystander: tuple[ClientConnection, dict[str, Any]],
+    target: Target,
 ) -> None:
     """After the fuzzing, the bystander's state is as it was and its session still takes
     turns; the counts are kept."""
-    after_example(gateway, gateway_log, agent, bystander)
-    with connect(f"ws://127.0.0.1:{gateway.port}/ws") as ws:
+    target.after_example()
+    with connect(f"ws://127.0.0.1:{target.gateway.port}/ws") as ws:
         ws.send(hello(BYSTANDER))
         welcome = json.loads(ws.recv(timeout=5))
-        before = bystander[1]
+        before = target.bystander[1]
         assert (welcome["state"], welcome["version"], welcome["seq"]) == (
             before["state"],
             before["version"],
@@ -586,7 +591,7 @@ def test_report_and_bystander_intact(
         ws.send(json.dumps({"type": "turn", "turn_id": "b2", "form": {"after": True}}))
         assert json.loads(ws.recv(timeout=5)) == {"type": "ack", "turn_id": "b2", "version": 2}
     examples, frames = TRIED["examples"], TRIED["frames"]
-    frames["agent"] = agent.counts["sent"]
+    frames["agent"] = target.agent.counts["sent"]
     report = {
         "examples": sum(examples.values()),
         "examples_by_kind": dict(examples),
@@ -597,7 +602,7 @@ def test_report_and_bystander_intact(
         "msgs": TRIED["msgs"],
         "twilio_out": TRIED["twilio_out"],
         "degraded": TRIED["degraded"],
-        "agent": dict(agent.counts),
+        "agent": dict(target.agent.counts),
         "store": STORE,
         "seconds": round(time.monotonic() - TRIED["started"]),
     }
@@ -607,4 +612,4 @@ def test_report_and_bystander_intact(
     assert sum(examples.values()) >= min(3 * EXAMPLES, 100)
     if EXAMPLES >= 100:  # the fuzz got past hello and start, and the agent was heard
         assert TRIED["welcomes"] > 0 and TRIED["acks"] > 0 and TRIED["msgs"] > 0
-        assert TRIED["twilio_out"] > 0 and agent.counts["errors"] > 0
+        assert TRIED["twilio_out"] > 0 and target.agent.counts["errors"] > 0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from gateway.server import Gateway
-from tests.httpget import get
-from tests.wsclient import connect, hello, turn, url
+from tests.support.httpget import get
+from tests.support.wsclient import connect, hello, turn, url
 
 
 async def test_healthz_and_readyz(gateway: Gateway) -> None:

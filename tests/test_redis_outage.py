@@ -11,11 +11,11 @@ import pytest
 
 from gateway.client import Client, Restored
 from gateway.config import Config
-from gateway.metrics import Metrics
 from gateway.server import Gateway
-from tests.httpget import get
-from tests.redis_server import RedisServer
-from tests.wsclient import connect, hello, recv, send, turn, url
+from tests.support.gateways import GatewayFactory
+from tests.support.httpget import get
+from tests.support.redis_server import RedisServer
+from tests.support.wsclient import connect, hello, recv, send, turn, url
 
 CALLER = {"user_id": "u-outage", "call_id": "c-1"}
 # About 3.5 s of retries: longer than a Redis restart, short enough for a test.
@@ -23,11 +23,13 @@ DELAYS = [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
 
 
 @pytest.fixture
-async def gateway(own_redis: RedisServer, config: Config) -> AsyncIterator[Gateway]:
+async def gateway(
+    make_gateway: GatewayFactory, own_redis: RedisServer, config: Config
+) -> AsyncIterator[Gateway]:
     cfg = config.replace(
         "store", redis_url=own_redis.url, redis_timeout=0.5, redis_connect_timeout=0.5
     )
-    async with Gateway(cfg, metrics=Metrics(), delays=lambda: DELAYS) as gw:
+    async with make_gateway(cfg, delays=lambda: DELAYS) as gw:
         yield gw
 
 
@@ -113,7 +115,7 @@ async def test_readyz_follows_redis(gateway: Gateway, own_redis: RedisServer) ->
 
 
 async def test_ten_seconds_without_redis(
-    own_redis: RedisServer, config: Config, tmp_path: Path
+    make_gateway: GatewayFactory, own_redis: RedisServer, config: Config, tmp_path: Path
 ) -> None:
     """Redis is killed for ten seconds mid-conversation (append-only file on). The live
     session stays connected, its turn is nacked and re-sent until Redis is back, then acked;
@@ -128,7 +130,7 @@ async def test_ten_seconds_without_redis(
         retry_budget=2.0,
         degrade_after=1.0,
     )
-    async with Gateway(cfg, metrics=Metrics(), delays=lambda: DELAYS) as gw:
+    async with make_gateway(cfg, delays=lambda: DELAYS) as gw:
         seen: dict[str, list[Restored]] = {"a": [], "b": []}
         a = Client(
             url(gw.port),

@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from gateway.config import Config
-from gateway.metrics import Metrics
-from gateway.server import Gateway
-from tests.gateway_process import GatewayProcess
-from tests.redis_server import RedisServer
-from tests.relayclient import Caller
-from tests.wsclient import url
+from tests.support.gateway_process import GatewayProcess
+from tests.support.gateways import GatewayFactory
+from tests.support.redis_server import RedisServer
+from tests.support.relayclient import Caller
+from tests.support.wsclient import url
 
 ANSWERS = [("name", "Alice"), ("date", "Friday"), ("reason", "a checkup"), ("confirm", "yes")]
 BOOKED = {"name": "Alice", "date": "Friday", "reason": "a checkup", "confirm": "yes"}
@@ -67,16 +68,20 @@ async def test_gateway_sigkill_mid_conversation(
         assert any(m["text"].startswith("Booked: Alice on Friday") for m in caller.messages)
 
 
+@pytest.mark.stores("redis")
 async def test_agent_sigkill_and_restart(
-    tmp_path: Path, config: Config, redis_url: str, demo_agent: GatewayProcess
+    tmp_path: Path,
+    make_gateway: GatewayFactory,
+    store_config: Config,
+    demo_agent: GatewayProcess,
 ) -> None:
     """The agent is killed mid-conversation and restarted: the client stays connected and is
     told nothing, its turn made meanwhile is acked, and the redialled agent, resumed with the
     state, answers it."""
-    cfg = config.replace("store", redis_url=redis_url).replace(
+    cfg = store_config.replace(
         "agent", downstream=f"ws://127.0.0.1:{demo_agent.port}/", agent_retry_max_delay=0.2
     )
-    async with Gateway(cfg, metrics=Metrics()) as gw:
+    async with make_gateway(cfg) as gw:
         caller = Caller(url(gw.port), {"user_id": "u-agent", "call_id": "c1"})
         await caller.connect()
         await answer(caller, 0)

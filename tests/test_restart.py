@@ -13,10 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
-from tests.gateway_process import GatewayProcess
-from tests.httpget import get
-from tests.redis_server import RedisServer
-from tests.wsclient import connect, hello, recv, send, turn, url
+from tests.support.gateway_process import GatewayProcess
+from tests.support.httpget import get
+from tests.support.redis_server import RedisServer
+from tests.support.wsclient import connect, hello, recv, send, turn, url
 
 SESSIONS = 30
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from loadtest.twilio import CHUNK, TwilioCall
-from tests.agents import TestAgent, phone
-from tests.gateway_process import GatewayProcess
-from tests.redis_server import RedisServer
-from tests.wsclient import url
+from tests.support.agents import TestAgent, phone
+from tests.support.gateway_process import GatewayProcess
+from tests.support.redis_server import RedisServer
+from tests.support.wsclient import url
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
-from tests.gateway_process import GatewayProcess
-from tests.redis_server import RedisServer, free_port
-from tests.wsclient import connect, hello, recv, turn, url
+from tests.support.gateway_process import GatewayProcess
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.wsclient import connect, hello, recv, turn, url
 
 pytestmark = pytest.mark.slow
 

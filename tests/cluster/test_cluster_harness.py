@@ -12,7 +12,7 @@ import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
-from tests.redis_cluster import RedisCluster
+from tests.support.redis_cluster import RedisCluster
 
 
 @pytest.fixture

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from gateway.config import Config
-from gateway.metrics import Metrics
 from gateway.server import Gateway
-from tests.agents import TestAgent
-from tests.gwmetrics import errors
-from tests.hostile.peers import Bystander, NonReader, agent_cuts, sample
-from tests.wsclient import connect, hello, recv, send, url
+from tests.support.agents import TestAgent
+from tests.support.gateways import GatewayFactory
+from tests.support.gwmetrics import errors
+from tests.support.peers import Bystander, NonReader, agent_cuts, waiting
+from tests.support.wsclient import connect, hello, recv, send, url
 
 SEND_TIMEOUT = 1.0
 QUEUE = 65_536
@@ -32,6 +36,22 @@ LIMITS: dict[str, Any] = {
 WRITE_LIMIT = 2**15
 """websockets' high-water mark: what a transport holds before a send waits."""
 CALLER = {"user_id": "hostile", "call_id": "c"}
+
+GatewayBeside = Callable[[str], AbstractAsyncContextManager[tuple[Gateway, Bystander]]]
+
+
+@pytest.fixture
+def gateway_beside(make_gateway: GatewayFactory, config: Config) -> GatewayBeside:
+    """``async with gateway_beside(agent_url) as (gw, bystander)``: a gateway with the tight
+    :data:`LIMITS` whose sessions dial the agent at ``agent_url``, and a bystander on it."""
+
+    @contextlib.asynccontextmanager
+    async def open_gateway(agent_url: str) -> AsyncIterator[tuple[Gateway, Bystander]]:
+        cfg = config.replace("limits", **LIMITS).replace("agent", downstream=agent_url)
+        async with make_gateway(cfg) as gw, Bystander(gw.port) as bystander:
+            yield gw, bystander
+
+    return open_gateway
 
 
 def big_states(frame: dict[str, Any], scratch: dict[str, Any]) -> list[Any]:
@@ -53,18 +73,19 @@ async def flood_turns(gw: Gateway, peer: NonReader, *, seconds: float) -> int:
                 break
             if not peer.closing():
                 peer.send({"type": "turn", "turn_id": f"t{i}", "text": f"turn {i}"})
-            most = max(most, sample(gw))
+            most = max(most, waiting(gw))
             await asyncio.sleep(0.01)
     return most
 
 
-async def test_a_client_that_stops_reading_is_cut_and_resumes(config: Config) -> None:
+async def test_a_client_that_stops_reading_is_cut_and_resumes(
+    gateway_beside: GatewayBeside,
+) -> None:
     """A client that stops reading while the agent answers each of its turns with a 24 KB
     state is cut with slow_consumer within two send timeouts of falling behind, with no
     more than the queue limit waiting for it; its session then resumes whole."""
     async with TestAgent(big_states) as agent:
-        cfg = config.replace("limits", **LIMITS).replace("agent", downstream=agent.url)
-        async with Gateway(cfg, metrics=Metrics()) as gw, Bystander(gw.port) as bystander:
+        async with gateway_beside(agent.url) as (gw, bystander):
             peer = NonReader(gw.port)
             await peer.open()
             peer.send({"type": "hello", "caller": CALLER})
@@ -86,12 +107,11 @@ async def test_a_client_that_stops_reading_is_cut_and_resumes(config: Config) ->
             await bystander.check()
 
 
-async def test_a_client_that_reads_slowly_is_cut(config: Config) -> None:
+async def test_a_client_that_reads_slowly_is_cut(gateway_beside: GatewayBeside) -> None:
     """A client that reads 2 KB a second while 24 KB states pile up for it is cut by the
     queue limit, however steadily it reads."""
     async with TestAgent(big_states) as agent:
-        cfg = config.replace("limits", **LIMITS).replace("agent", downstream=agent.url)
-        async with Gateway(cfg, metrics=Metrics()) as gw, Bystander(gw.port) as bystander:
+        async with gateway_beside(agent.url) as (gw, bystander):
             peer = NonReader(gw.port, rate=2_000)
             await peer.open()
             peer.send({"type": "hello", "caller": CALLER})
@@ -112,12 +132,11 @@ def loud_phone(frame: dict[str, Any], scratch: dict[str, Any]) -> list[Any]:
     return [{"type": "media", "payload": payload}] * 4
 
 
-async def test_a_phone_stream_that_stops_reading_is_cut(config: Config) -> None:
+async def test_a_phone_stream_that_stops_reading_is_cut(gateway_beside: GatewayBeside) -> None:
     """A Twilio stream that stops reading while the agent talks to it is cut with
     slow_consumer; the bystander is untouched."""
     async with TestAgent(loud_phone) as agent:
-        cfg = config.replace("limits", **LIMITS).replace("agent", downstream=agent.url)
-        async with Gateway(cfg, metrics=Metrics()) as gw, Bystander(gw.port) as bystander:
+        async with gateway_beside(agent.url) as (gw, bystander):
             peer = NonReader(gw.port, path="/v1/twilio")
             await peer.open()
             peer.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
@@ -137,7 +156,7 @@ async def test_a_phone_stream_that_stops_reading_is_cut(config: Config) -> None:
                         peer.send(
                             {"event": "media", "streamSid": start["streamSid"], "media": media}
                         )
-                    most = max(most, sample(gw))
+                    most = max(most, waiting(gw))
                     await asyncio.sleep(0.02)
             await peer.aclose()
             assert errors(gw, "slow_consumer") == 1
@@ -145,7 +164,9 @@ async def test_a_phone_stream_that_stops_reading_is_cut(config: Config) -> None:
             await bystander.check()
 
 
-async def test_an_agent_that_stops_reading_is_dropped_and_redialled(config: Config) -> None:
+async def test_an_agent_that_stops_reading_is_dropped_and_redialled(
+    gateway_beside: GatewayBeside,
+) -> None:
     """An agent that stops reading has its link dropped once turns for it pass the queue
     limit, and redialled; the caller's turns are all acknowledged meanwhile, and there is
     never more than one link for the session."""
@@ -162,10 +183,7 @@ async def test_an_agent_that_stops_reading_is_dropped_and_redialled(config: Conf
     async with serve(deaf, sock=listener, max_queue=1, max_size=None) as server:
         try:
             port = server.sockets[0].getsockname()[1]
-            cfg = config.replace("limits", **LIMITS).replace(
-                "agent", downstream=f"ws://127.0.0.1:{port}/"
-            )
-            async with Gateway(cfg, metrics=Metrics()) as gw, Bystander(gw.port) as bystander:
+            async with gateway_beside(f"ws://127.0.0.1:{port}/") as (gw, bystander):
                 links = gw.metrics.agent_links_active
                 async with connect(url(gw.port)) as ws:
                     await hello(ws, CALLER)
@@ -195,13 +213,12 @@ def flood(frame: dict[str, Any], scratch: dict[str, Any]) -> list[Any]:
     return [{"type": "say", "n": n, "text": "z" * 1_000} for n in range(600)]
 
 
-async def test_a_flooding_agent_is_held_back(config: Config) -> None:
+async def test_a_flooding_agent_is_held_back(gateway_beside: GatewayBeside) -> None:
     """An agent that floods its session is held back by a bounded inbox: no more than the
     queue limit of its frames waits in the gateway, and the client gets every message, in
     order, once."""
     async with TestAgent(flood) as agent:
-        cfg = config.replace("limits", **LIMITS).replace("agent", downstream=agent.url)
-        async with Gateway(cfg, metrics=Metrics()) as gw, Bystander(gw.port) as bystander:
+        async with gateway_beside(agent.url) as (gw, bystander):
             async with connect(url(gw.port)) as ws:
                 await hello(ws, CALLER)
                 seqs: list[int] = []

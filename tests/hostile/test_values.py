@@ -13,33 +13,32 @@ from typing import Any
 import pytest
 
 from gateway.config import Config
-from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import SessionStore, StoreSettings, bad_argument
 from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
-from tests.agents import TestAgent
-from tests.conftest import StoreFactory
-from tests.hostile.peers import Bystander
-from tests.wsclient import closed, connect, hello, recv, send, turn, url
+from tests.support.agents import TestAgent
+from tests.support.gateways import GatewayFactory
+from tests.support.peers import Bystander
+from tests.support.stores import StoreFactory
+from tests.support.storewrap import Wrapper
+from tests.support.wsclient import closed, connect, hello, recv, send, turn, url
 
 CALLER = {"phone": "+14155550100", "call_id": "live"}
 DEEP = json.loads("[" * 300 + "]" * 300)
 DEEP_OBJECT = json.loads('{"a":' * 300 + "1" + "}" * 300)
 
 
-@pytest.fixture
-def store_kind() -> str:
-    """Redis: where a half-written script would show. The memory store is refused the same
-    values by the same edge checks (tests/core) and store checks (tests/store)."""
-    return "redis"
+# Redis: where a half-written script would show. The memory store is refused the same
+# values by the same edge checks (tests/core) and store checks (tests/store).
+pytestmark = pytest.mark.stores("redis")
 
 
 @pytest.fixture
 async def gateway(
-    config: Config, settings: StoreSettings, make_store: StoreFactory
+    make_gateway: GatewayFactory, settings: StoreSettings, make_store: StoreFactory
 ) -> AsyncIterator[Gateway]:
-    async with Gateway(config, store=make_store(settings), metrics=Metrics()) as gw:
+    async with make_gateway(store=make_store(settings)) as gw:
         yield gw
 
 
@@ -131,8 +130,7 @@ async def test_a_bad_turn_or_ack_changes_nothing(
             before = await snapshot(gateway.store, settings.key_prefix)
             await send(ws, message)
             result = await closed(ws)
-        assert result.error is not None and result.error["code"] == "invalid_message"
-        assert result.code == 1007
+        result.expect(1007, "invalid_message")
         assert await snapshot(gateway.store, settings.key_prefix) == before
         async with connect(url(gateway.port)) as ws:
             again = await hello(ws, CALLER, resume_token=welcome["resume_token"])
@@ -169,13 +167,15 @@ STARTS = [
 
 
 @pytest.mark.parametrize("fields", STARTS, ids=range(len(STARTS)))
-async def test_a_bad_twilio_start_reaches_no_agent(config: Config, fields: dict[str, Any]) -> None:
+async def test_a_bad_twilio_start_reaches_no_agent(
+    make_gateway: GatewayFactory, config: Config, fields: dict[str, Any]
+) -> None:
     """A Twilio start whose pass-through fields are deep, long or out of range closes the
     stream with 1007 before any agent link is dialled: the agent hears nothing and no link
     is left counted."""
     async with TestAgent() as agent:
         cfg = config.replace("agent", downstream=agent.url)
-        async with Gateway(cfg, metrics=Metrics()) as gw, Bystander(gw.port) as bystander:
+        async with make_gateway(cfg) as gw, Bystander(gw.port) as bystander:
             async with connect(url(gw.port, "/v1/twilio")) as ws:
                 await send(ws, {"event": "connected", "protocol": "Call", "version": "1.0.0"})
                 await send(ws, start(**fields))
@@ -202,13 +202,15 @@ AGENT_FRAMES: list[str | bytes] = [
 
 
 @pytest.mark.parametrize("frame", AGENT_FRAMES, ids=range(len(AGENT_FRAMES)))
-async def test_a_bad_agent_frame_reaches_nobody(config: Config, frame: str | bytes) -> None:
+async def test_a_bad_agent_frame_reaches_nobody(
+    make_gateway: GatewayFactory, config: Config, frame: str | bytes
+) -> None:
     """An agent frame that is deep, too big, not JSON or out of range is rejected with an
     error frame to the agent: the client never sees it, the link stays, and the agent's
     next good message arrives as msg 1."""
     async with TestAgent() as agent:
         cfg = config.replace("agent", downstream=agent.url).replace("limits", max_state_size=32_768)
-        async with Gateway(cfg, metrics=Metrics()) as gw, Bystander(gw.port) as bystander:
+        async with make_gateway(cfg) as gw, Bystander(gw.port) as bystander:
             async with connect(url(gw.port)) as ws:
                 await hello(ws, CALLER)
                 await agent.wait_for(lambda got: len(got) >= 2)  # bystander's and ours
@@ -225,17 +227,13 @@ async def test_a_bad_agent_frame_reaches_nobody(config: Config, frame: str | byt
             await bystander.check()
 
 
-class RefusingPushes:
+class RefusingPushes(Wrapper):
     """Delegates to a real store, but refuses every push as a bad argument, as a script
     would refuse one out of range."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.pushes = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     async def push(self, *args: Any, **kwargs: Any) -> None:
         self.pushes += 1
@@ -243,22 +241,21 @@ class RefusingPushes:
 
 
 async def test_agent_output_the_store_refuses_is_not_retried(
-    config: Config, settings: StoreSettings, make_store: StoreFactory
+    make_gateway: GatewayFactory, config: Config, settings: StoreSettings, make_store: StoreFactory
 ) -> None:
     """Agent output that the store refuses outright (a bad argument) is not retried for
     ever: the client gets store_unavailable, 4001, once, and resumes what the store holds."""
     store = RefusingPushes(make_store(settings))
     async with TestAgent() as agent:
         cfg = config.replace("agent", downstream=agent.url)
-        async with Gateway(cfg, store=store, metrics=Metrics()) as gw:  # type: ignore[arg-type]
+        async with make_gateway(cfg, store=store) as gw:  # type: ignore[arg-type]
             async with connect(url(gw.port)) as ws:
                 welcome = await hello(ws, CALLER)
                 assert (await turn(ws, "t1", form={"name": "Ada"}))["version"] == 1
                 await agent.wait_for(lambda got: len(got) > 0)  # the link is up
                 await agent.send({"type": "say", "text": "hello"})
                 result = await closed(ws)
-            assert result.error is not None and result.error["code"] == "store_unavailable"
-            assert result.code == 4001
+            result.expect(4001, "store_unavailable")
             await asyncio.sleep(0.5)
             assert store.pushes == 1
             async with connect(url(gw.port)) as ws:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from loadtest.storm import parser, run_storm
-from tests.authkeys import ACME_SECRET, keys_document
-from tests.redis_server import RedisServer, free_port
+from tests.support.authkeys import ACME_SECRET, keys_document
+from tests.support.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
 

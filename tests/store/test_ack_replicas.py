@@ -14,9 +14,9 @@ from gateway.core.callerkey import parse_caller
 from gateway.exceptions import StoreUnavailable
 from gateway.store.base import StoreSettings, session_keys
 from gateway.store.redis_store import RedisStore
-from tests.redis_cluster import RedisCluster
-from tests.redis_server import RedisServer
-from tests.store.records import T0, candidate, write
+from tests.support.records import T0, candidate, new_session, write
+from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.usefixtures("redis_binary")
 
@@ -35,8 +35,7 @@ async def test_write_waits_for_the_replica(tmp_path: Path) -> None:
     caller = parse_caller({"user_id": "u-wait", "call_id": "c"})
     try:
         primary.wait_replicas()
-        s = (await store.restore(caller, token=None, candidate=candidate(), now_ms=T0)).session
-        assert s is not None
+        s = await new_session(store, caller)
         first = write(s, "t1", T0 + 1, name="Ada")
         assert (await store.write_turn(caller, s.session_id, first)).applied
         s.commit(first)
@@ -103,8 +102,7 @@ async def test_cluster_write_redirected_by_a_moved_slot_still_waits(
         key = session_keys("moved:", caller, store.settings.keyring)[0]
         nodes = {port: redis.Redis(port=port) for port in cluster.ports}
         try:
-            s = (await store.restore(caller, token=None, candidate=candidate(), now_ms=T0)).session
-            assert s is not None
+            s = await new_session(store, caller)
             first = write(s, "t1", T0 + 1, name="Ada")
             assert (await store.write_turn(caller, s.session_id, first)).applied
             s.commit(first)

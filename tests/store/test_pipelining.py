@@ -25,9 +25,9 @@ from gateway.server import Gateway
 from gateway.store.base import StoreSettings
 from gateway.store.pipeline import AutoPipeline
 from gateway.store.redis_store import RedisStore, _Connection
-from tests.redis_cluster import RedisCluster
-from tests.redis_server import RedisServer
-from tests.store.records import T0, candidate, write
+from tests.support.records import T0, candidate, write
+from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_server import RedisServer
 
 SESSIONS = 1000
 
@@ -510,6 +510,7 @@ async def test_one_wait_covers_every_write_of_a_pipeline(tmp_path: Path) -> None
 async def test_gateway_counts_round_trips(redis_url: str, config: Config) -> None:
     """A gateway on Redis exports its round trips and the calls each carried."""
     metrics = Metrics()
+    # Built but not started (make_gateway would start it): only the calls below reach Redis.
     gw = Gateway(config.replace("store", redis_url=redis_url), metrics=metrics)
     try:
         caller = callers(1, "gw")[0]

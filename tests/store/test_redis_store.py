@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -17,23 +16,19 @@ from gateway.core.sealing import Keyring
 from gateway.exceptions import StoreError
 from gateway.store.base import StoreSettings, session_keys
 from gateway.store.redis_store import RedisStore
-from tests.store.records import OTHER, T0, candidate, write
+from tests.support.records import OTHER, T0, candidate, new_session, write
 
 CALLER = CallerKey("acme", "phone", "+14155550100", "call-1")
 
 
-@pytest.fixture
-async def store(redis_url: str, settings: StoreSettings) -> AsyncIterator[RedisStore]:
-    s = RedisStore(redis_url, settings)
-    yield s
-    await s.aclose()
+# The store fixture's store is then on the run's Redis, which the tests read at redis_url.
+pytestmark = pytest.mark.stores("redis")
 
 
 async def test_key_layout(store: RedisStore, redis_url: str, key_prefix: str) -> None:
     """Every key sits under prefix and tenant, they share one hash tag, none holds a phone
     number."""
-    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert s is not None
+    s = await new_session(store)
     await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 1))
     s.version = 1
     await store.push(CALLER, s.session_id, s.push([], [b'{"type":"say"}'], acked_seq=0, now_ms=T0))
@@ -66,8 +61,7 @@ async def test_key_layout(store: RedisStore, redis_url: str, key_prefix: str) ->
 
 async def test_end_shortens_ttl(store: RedisStore, redis_url: str, key_prefix: str) -> None:
     """After bye, the session's keys expire after end_ttl instead of ttl."""
-    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert s is not None
+    s = await new_session(store)
     await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 1))
     await store.end(CALLER, s.session_id, T0 + 2, epoch=s.epoch)
     client = redis.Redis.from_url(redis_url)
@@ -80,8 +74,7 @@ async def test_session_without_seq_takes_agent_output(
     store: RedisStore, redis_url: str, key_prefix: str
 ) -> None:
     """A session stored before messages existed (no seq field) counts as having sent none."""
-    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert s is not None
+    s = await new_session(store)
     client = redis.Redis.from_url(redis_url)
     (key,) = client.scan_iter(match=key_prefix + "*:session")
     client.hdel(key, "seq")
@@ -150,8 +143,7 @@ async def test_retried_push_never_moves_updated_back(
     key = session_keys(key_prefix, caller, store.settings.keyring)[0]
     client = redis.Redis.from_url(redis_url)
     try:
-        s = (await store.restore(caller, token=None, candidate=candidate(), now_ms=T0)).session
-        assert s is not None
+        s = await new_session(store, caller)
         push = s.push([], [b'{"say":"hi"}'], acked_seq=0, now_ms=T0 + 1000)
         await store.push(caller, s.session_id, push)
         later = write(s, "t1", T0 + 9000, name="Ada")
@@ -182,8 +174,7 @@ async def test_nothing_personal_is_stored_in_plaintext(
     store: RedisStore, redis_url: str, key_prefix: str
 ) -> None:
     """Raw Redis holds no phone number, name or form answer: not in keys, state or messages."""
-    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert s is not None
+    s = await new_session(store)
     w = write(s, "t1", T0 + 1, name="Ada Lovelace", dob="1815-12-10")
     await store.write_turn(CALLER, s.session_id, w)
     s.commit(w)
@@ -226,8 +217,7 @@ async def test_rotated_keys_open_old_state_and_a_missing_key_refuses(
         redis_url, dataclasses.replace(settings, keyring=Keyring((new_key,), old.hash_key))
     )
     try:
-        s = (await before.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-        assert s is not None
+        s = await new_session(before)
         w = write(s, "t1", T0 + 1, name="Ada")
         await before.write_turn(CALLER, s.session_id, w)
         with pytest.raises(StoreError, match="does not open: .*'t1', which is not listed"):

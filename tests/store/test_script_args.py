@@ -9,7 +9,7 @@ Redis is byte for byte as before (``DUMP`` of every key, and no TTL refreshed).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -17,10 +17,12 @@ import redis
 
 from gateway.exceptions import StoreError
 from gateway.store import redis_store
-from gateway.store.base import StoreSettings
 from gateway.store.redis_store import RedisStore
 from gateway.store.retry import retry
-from tests.store.records import CALLER, T0, candidate, write
+from tests.support.records import CALLER, T0, candidate, write
+
+# The store fixture's store is then on the run's Redis, which the tests read at redis_url.
+pytestmark = pytest.mark.stores("redis")
 
 MB = 1 << 20
 SEALED_HEADER = b"\x01\x02t1"
@@ -138,13 +140,6 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
     c = redis.Redis.from_url(redis_url)
     yield c
     c.close()
-
-
-@pytest.fixture
-async def store(redis_url: str, settings: StoreSettings) -> AsyncIterator[RedisStore]:
-    s = RedisStore(redis_url, settings)
-    yield s
-    await s.aclose()
 
 
 async def calls(store: RedisStore) -> dict[str, Callable[[], Awaitable[object]]]:

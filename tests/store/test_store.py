@@ -4,27 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
 
 import pytest
 
 from gateway.core.resume import Outcome, Replay
-from gateway.core.session import (
-    ResumeToken,
-    SessionId,
-    new_resume_token,
-)
+from gateway.core.session import ResumeToken, Session, SessionId, new_resume_token
 from gateway.exceptions import StoreConflict, StoreError
 from gateway.store.base import SessionStore, StoreSettings, Written
-from tests.conftest import StoreFactory
-from tests.store.records import CALLER, OTHER, T0, candidate, write
+from tests.support.records import CALLER, OTHER, T0, candidate, new_session, write
+from tests.support.stores import StoreFactory
 
 
-@pytest.fixture
-async def store(make_store: StoreFactory, settings: StoreSettings) -> AsyncIterator[SessionStore]:
-    s = make_store(settings)
-    yield s
-    await s.aclose()
+async def answered(store: SessionStore) -> Session:
+    """A new session of ``CALLER`` whose turn t1 (name Ada) is written at ``T0 + 1``; the
+    session as restored, before that turn."""
+    session = await new_session(store)
+    await store.write_turn(CALLER, session.session_id, write(session, "t1", T0 + 1, name="Ada"))
+    return session
 
 
 async def test_miss_creates_candidate(store: SessionStore) -> None:
@@ -37,8 +33,7 @@ async def test_miss_creates_candidate(store: SessionStore) -> None:
 
 async def test_hit_returns_written_state(store: SessionStore) -> None:
     """After turns, a restore with the token returns the last written state, version and turns."""
-    first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert first is not None
+    first = await new_session(store)
     w1 = write(first, "t1", T0 + 1, name="Zoë ✓")
     assert await store.write_turn(CALLER, first.session_id, w1) == Written(1, applied=True)
     first.commit(w1)
@@ -62,8 +57,7 @@ async def test_hit_returns_written_state(store: SessionStore) -> None:
 
 async def test_tokenless_hello_resumes(store: SessionStore) -> None:
     """Without a token (authentication off) a live session is resumed."""
-    first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert first is not None
+    first = await new_session(store)
     again = await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0 + 1)
     assert again.outcome is Outcome.HIT
     assert again.session is not None and again.session.session_id == first.session_id
@@ -71,9 +65,7 @@ async def test_tokenless_hello_resumes(store: SessionStore) -> None:
 
 async def test_wrong_token_refused_and_changes_nothing(store: SessionStore) -> None:
     """A wrong token is refused and does not refresh the session's age."""
-    first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert first is not None
-    await store.write_turn(CALLER, first.session_id, write(first, "t1", T0 + 1, name="Ada"))
+    first = await answered(store)
     refused = await store.restore(CALLER, token="wrong", candidate=candidate(), now_ms=T0 + 15_000)
     assert refused == type(refused)(Outcome.REFUSED, None)
     # max_age is 20 s: had the refused hello refreshed it, this would be a hit.
@@ -86,9 +78,7 @@ async def test_wrong_token_refused_and_changes_nothing(store: SessionStore) -> N
 async def test_unwritten_session_answers_as_created(store: SessionStore) -> None:
     """A session with no turn yet is not guarded by its token: a hello with the token of the
     session it replaced (its welcome was lost) gets it, with the answer its creator got."""
-    old = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert old is not None
-    await store.write_turn(CALLER, old.session_id, write(old, "t1", T0 + 1, name="Ada"))
+    old = await answered(store)
     cand = candidate(T0 + 30_000)
     stale = await store.restore(CALLER, token=old.resume_token, candidate=cand, now_ms=T0 + 30_000)
     assert stale == type(stale)(Outcome.STALE, cand)
@@ -122,8 +112,7 @@ async def test_callers_are_isolated(store: SessionStore) -> None:
 
 async def test_duplicate_turn_returns_first_version(store: SessionStore) -> None:
     """A turn ID written before returns its version and changes nothing."""
-    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert s is not None
+    s = await new_session(store)
     w1 = write(s, "t1", T0 + 1, name="Ada")
     await store.write_turn(CALLER, s.session_id, w1)
     s.commit(w1)
@@ -137,8 +126,7 @@ async def test_duplicate_turn_returns_first_version(store: SessionStore) -> None
 
 async def test_retried_write_after_lost_reply_counts_as_applied(store: SessionStore) -> None:
     """The same write sent again (its reply was lost) reports applied, so it is adopted."""
-    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert s is not None
+    s = await new_session(store)
     w1 = write(s, "t1", T0 + 1, name="Ada")
     assert await store.write_turn(CALLER, s.session_id, w1) == Written(1, applied=True)
     assert await store.write_turn(CALLER, s.session_id, w1) == Written(1, applied=True)
@@ -148,17 +136,14 @@ async def test_retried_write_after_lost_reply_counts_as_applied(store: SessionSt
 
 async def test_stale_version_conflicts(store: SessionStore) -> None:
     """A write based on an old version is refused: no lost update."""
-    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert s is not None
-    await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 1, name="Ada"))
+    s = await answered(store)
     with pytest.raises(StoreConflict, match="version is 1"):
         await store.write_turn(CALLER, s.session_id, write(s, "t2", T0 + 2, name="Bob"))
 
 
 async def test_write_to_unknown_session_conflicts(store: SessionStore) -> None:
     """A write for a session ID that is not stored is refused."""
-    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert s is not None
+    s = await new_session(store)
     with pytest.raises(StoreConflict):
         await store.write_turn(CALLER, SessionId("s_other"), write(s, "t1", T0 + 1))
     with pytest.raises(StoreConflict):
@@ -167,9 +152,7 @@ async def test_write_to_unknown_session_conflicts(store: SessionStore) -> None:
 
 async def test_stale_session_replaced(store: SessionStore) -> None:
     """A session idle past max_age is replaced by the candidate, turns and all."""
-    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert s is not None
-    await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 1, name="Ada"))
+    s = await answered(store)
     cand = candidate(T0 + 30_000)
     restored = await store.restore(CALLER, token=s.resume_token, candidate=cand, now_ms=T0 + 30_000)
     assert restored.outcome is Outcome.STALE
@@ -186,8 +169,7 @@ async def test_stale_session_replaced(store: SessionStore) -> None:
 async def test_retried_restore_answers_as_first_attempt(store: SessionStore) -> None:
     """A restore retried with the same candidate (its reply was lost) gets the same answer,
     even though the hello's token belonged to the session the first attempt replaced."""
-    old = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert old is not None
+    old = await new_session(store)
     cand = candidate(T0 + 30_000)
     for _ in range(2):
         again = await store.restore(
@@ -204,8 +186,7 @@ async def test_retried_restore_answers_as_first_attempt(store: SessionStore) -> 
 
 async def test_touch_restarts_age(store: SessionStore) -> None:
     """touch() on disconnect restarts the max_age clock."""
-    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert s is not None
+    s = await new_session(store)
     await store.touch(CALLER, s.session_id, T0 + 15_000, epoch=s.epoch, owner="")
     restored = await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0 + 30_000)
     assert restored.outcome is Outcome.HIT
@@ -213,8 +194,7 @@ async def test_touch_restarts_age(store: SessionStore) -> None:
 
 async def test_end_refuses_resume_and_writes(store: SessionStore) -> None:
     """After end(), hellos get ENDED and writes are refused; touch and end do nothing more."""
-    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert s is not None
+    s = await new_session(store)
     await store.end(CALLER, s.session_id, T0 + 1, epoch=s.epoch)
     await store.end(CALLER, s.session_id, T0 + 2, epoch=s.epoch)
     await store.touch(CALLER, s.session_id, T0 + 3, epoch=s.epoch, owner="")
@@ -255,9 +235,7 @@ def test_token_type_is_str() -> None:
 async def test_resume_tokens_rotate_and_a_retired_one_is_a_replay(store: SessionStore) -> None:
     """Each resume issues a new token. The one it replaced still resumes until the new one
     is used (a lost welcome); after that it is refused as a replay."""
-    first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert first is not None
-    await store.write_turn(CALLER, first.session_id, write(first, "t1", T0 + 1, name="Ada"))
+    first = await answered(store)
     a = first.resume_token
     second = await store.restore(CALLER, token=a, candidate=candidate(), now_ms=T0 + 2)
     assert second.session is not None
@@ -292,9 +270,7 @@ async def test_resume_tokens_rotate_and_a_retired_one_is_a_replay(store: Session
 async def test_a_retried_resume_rotates_once(store: SessionStore) -> None:
     """The same resume sent twice (its reply was lost) leaves both the presented token and
     the new one valid, as one resume would."""
-    first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert first is not None
-    await store.write_turn(CALLER, first.session_id, write(first, "t1", T0 + 1, name="Ada"))
+    first = await answered(store)
     cand = candidate()
     for now in (T0 + 2, T0 + 3):
         got = await store.restore(CALLER, token=first.resume_token, candidate=cand, now_ms=now)
@@ -315,9 +291,7 @@ async def test_a_late_resume_with_the_previous_token_locks_nobody_out(
     """Two resumes present the same token; the slower lands after the client already used the
     token the faster one issued: that token still resumes (the spare), so a racing resume
     cannot lock the caller out."""
-    first = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert first is not None
-    await store.write_turn(CALLER, first.session_id, write(first, "t1", T0 + 1, name="Ada"))
+    first = await answered(store)
     a = first.resume_token
     fast = await store.restore(CALLER, token=a, candidate=candidate(), now_ms=T0 + 2)
     assert fast.session is not None
@@ -366,9 +340,7 @@ async def test_out_of_range_last_seq_is_refused_and_changes_nothing(
 
 async def test_resent_turn_restarts_age(store: SessionStore) -> None:
     """A turn sent again later (already applied) counts as activity: it restarts max_age."""
-    s = (await store.restore(CALLER, token=None, candidate=candidate(), now_ms=T0)).session
-    assert s is not None
-    await store.write_turn(CALLER, s.session_id, write(s, "t1", T0 + 1, name="Ada"))
+    s = await answered(store)
     resent = write(s, "t1", T0 + 15_000, name="Ada")
     assert await store.write_turn(CALLER, s.session_id, resent) == Written(1, applied=False)
     # max_age is 20 s: 29 s after the first write, 14 s after the re-sent one.

@@ -41,8 +41,8 @@ from gateway.exceptions import StoreError
 from gateway.store.base import SessionStore, StoreSettings, session_keys
 from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
-from tests.conftest import TEST_KEYRING
-from tests.store.records import CALLER, OTHER, T0
+from tests.support.records import CALLER, OTHER, T0
+from tests.support.stores import TEST_KEYRING
 
 EXAMPLES = int(os.environ.get("HANGON_STORE_EXAMPLES", "200"))
 CALLERS = (CALLER, OTHER)

@@ -3,9 +3,9 @@ and everyone past it refused at once with a hint of when to come back, which cli
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 import pytest
 from websockets.asyncio.client import connect
@@ -13,49 +13,58 @@ from websockets.exceptions import InvalidStatus
 from websockets.protocol import State
 
 from gateway.config import Config
-from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
 from gateway.transport.admission import Admission
-from tests.conftest import Clock, StoreFactory
-from tests.storewrap import Gated
-from tests.wsclient import recv, send, url
+from tests.support.clock import Clock
+from tests.support.gateways import GatewayFactory
+from tests.support.gwmetrics import sample
+from tests.support.poll import until
+from tests.support.stores import StoreFactory
+from tests.support.storewrap import Gated
+from tests.support.wsclient import recv, send, url
 
-REDIS = pytest.mark.parametrize("store_kind", ["redis"])
+REDIS = pytest.mark.stores("redis")
 
 
 def caller(n: int) -> dict[str, str]:
     return {"user_id": f"u{n}", "call_id": f"storm-{n}"}
 
 
-def sample(gw: Gateway, name: str, **labels: str) -> float:
-    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
+Admitting = Callable[[int], AbstractAsyncContextManager[tuple[Gateway, Gated]]]
 
 
-@contextlib.asynccontextmanager
-async def opened(store: Gated) -> AsyncIterator[None]:
-    """Open the gate on the way out, or a failed test hangs in the gateway's shutdown."""
-    try:
-        yield
-    finally:
-        store.gate.set()
+@pytest.fixture
+def admitting(
+    make_gateway: GatewayFactory,
+    config: Config,
+    settings: StoreSettings,
+    make_store: StoreFactory,
+    clock: Clock,
+) -> Admitting:
+    """``async with admitting(queue) as (gw, store)``: a gateway that restores one session
+    at a time with ``queue`` hellos waiting, on a store whose restores wait at its gate."""
 
+    @contextlib.asynccontextmanager
+    async def open_gateway(queue: int) -> AsyncIterator[tuple[Gateway, Gated]]:
+        store = Gated(make_store(settings))
+        cfg = config.replace("limits", max_restores=1, restore_queue=queue)
+        async with make_gateway(cfg, store=store, clock=clock) as gw:
+            try:
+                yield gw, store
+            finally:
+                store.gate.set()  # or a failed test hangs in the gateway's shutdown
 
-async def until(predicate: object, timeout: float = 5) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():  # type: ignore[operator]
-            await asyncio.sleep(0.005)
+    return open_gateway
 
 
 @REDIS
 async def test_restores_are_bounded_queued_in_order_and_the_rest_shed(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    admitting: Admitting,
 ) -> None:
     """With one restore at a time and two waiting, a fourth hello gets 1013 with retry_after
     and a new upgrade gets 503 with Retry-After; opening the gate welcomes the others."""
-    store = Gated(make_store(settings))
-    cfg = config.replace("limits", max_restores=1, restore_queue=2)
-    async with Gateway(cfg, store=store, metrics=Metrics(), clock=clock) as gw, opened(store):
+    async with admitting(2) as (gw, store):
         # Four connections open while there is room; the fourth says hello last.
         sockets = [await connect(url(gw.port)) for _ in range(4)]
         late = sockets.pop()
@@ -93,13 +102,11 @@ async def test_restores_are_bounded_queued_in_order_and_the_rest_shed(
 
 @REDIS
 async def test_a_hello_whose_client_left_is_not_restored(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    admitting: Admitting,
 ) -> None:
     """A queued hello whose client went away before its turn restores nothing: it would take
     the session from wherever the client reconnected."""
-    store = Gated(make_store(settings))
-    cfg = config.replace("limits", max_restores=1, restore_queue=10)
-    async with Gateway(cfg, store=store, metrics=Metrics(), clock=clock) as gw, opened(store):
+    async with admitting(10) as (gw, store):
         first = await connect(url(gw.port))
         await send(first, {"type": "hello", "caller": caller(0)})
         await until(lambda: gw.context.admission.restoring == 1)

@@ -11,27 +11,24 @@ from websockets.exceptions import InvalidStatus
 
 from gateway.config import Config
 from gateway.core.auth import parse_auth_keys
-from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
-from tests.authkeys import keys_document, token
-from tests.conftest import Clock, StoreFactory
-from tests.gwmetrics import errors
-from tests.wsclient import closed, connect, hello, send, turn, url
+from tests.support.authkeys import keys_document, token
+from tests.support.gateways import GatewayFactory
+from tests.support.gwmetrics import errors
+from tests.support.stores import StoreFactory
+from tests.support.wsclient import closed, connect, hello, send, turn, url
 
 ADA = {"phone": "+14155550100", "call_id": "CA1"}
 BOB = {"phone": "+14155550199", "call_id": "CA2"}
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_kind(request: pytest.FixtureRequest) -> str:
-    kind: str = request.param
-    return kind
+pytestmark = pytest.mark.stores("memory", "redis")
 
 
 @pytest.fixture
 async def gateway(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    make_gateway: GatewayFactory, config: Config, settings: StoreSettings, make_store: StoreFactory
 ) -> AsyncIterator[Gateway]:
     """A gateway that requires tokens of four tenants and allows one browser origin."""
     cfg = config.replace(
@@ -39,9 +36,7 @@ async def gateway(
         auth_keys=parse_auth_keys(keys_document()),
         allowed_origins=("https://app.example.com",),
     )
-    async with Gateway(
-        cfg, store=make_store(settings), metrics=Metrics(), delays=lambda: [0.01]
-    ) as gw:
+    async with make_gateway(cfg, store=make_store(settings), delays=lambda: [0.01]) as gw:
         yield gw
 
 

@@ -15,8 +15,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 
 from gateway.server import Gateway
-from tests.gwmetrics import errors
-from tests.wsclient import Closed, closed, connect, hello, send, turn, url
+from tests.support.gwmetrics import errors
+from tests.support.wsclient import Closed, closed, connect, hello, turn, url
 
 PHONE = {"phone": "+14155550100", "call_id": "bad-1"}
 BYSTANDER = {"user_id": "bystander", "call_id": "b-1"}
@@ -45,12 +45,10 @@ async def check(
             await hello(ws, PHONE)
         await act(ws)
         result = await closed(ws)
-    assert result.code == close_code
-    assert result.error is not None
-    assert result.error["type"] == "error"
-    assert result.error["code"] == code
-    assert result.error["close_code"] == close_code
-    assert result.error["message"]
+    error = result.expect(close_code, code)
+    assert error["type"] == "error"
+    assert error["close_code"] == close_code
+    assert error["message"]
     assert errors(gateway, code) == 1
     ack = await turn(bystander, "b2", form={"after": True})
     assert ack == {"type": "ack", "turn_id": "b2", "version": 2}
@@ -61,7 +59,9 @@ async def check(
     return result
 
 
-def text(data: str) -> Callable[[ClientConnection], Awaitable[None]]:
+def sends(data: str | bytes) -> Callable[[ClientConnection], Awaitable[None]]:
+    """Send ``data``: a text frame, or a binary one for bytes."""
+
     async def act(ws: ClientConnection) -> None:
         await ws.send(data)
 
@@ -69,15 +69,76 @@ def text(data: str) -> Callable[[ClientConnection], Awaitable[None]]:
 
 
 def message(msg: dict[str, Any]) -> Callable[[ClientConnection], Awaitable[None]]:
-    async def act(ws: ClientConnection) -> None:
-        await send(ws, msg)
-
-    return act
+    return sends(json.dumps(msg))
 
 
-async def test_invalid_json(gateway: Gateway, bystander: ClientConnection) -> None:
-    """A frame that is not JSON gets invalid_json and close 1007."""
-    await check(gateway, bystander, text('{"type": "hello",'), code="invalid_json", close_code=1007)
+@pytest.mark.parametrize(
+    ("act", "code", "close_code", "after_hello"),
+    [
+        # Not JSON.
+        pytest.param(sends('{"type": "hello",'), "invalid_json", 1007, False, id="invalid_json"),
+        # A binary frame.
+        pytest.param(
+            sends(json.dumps({"type": "hello", "caller": PHONE}).encode()),
+            "unsupported_data",
+            1003,
+            False,
+            id="binary_frame",
+        ),
+        # An unknown message type.
+        pytest.param(
+            message({"type": "dance", "caller": PHONE}),
+            "unknown_type",
+            1008,
+            False,
+            id="unknown_type",
+        ),
+        # A turn before hello, which is not stored either.
+        pytest.param(
+            message({"type": "turn", "turn_id": "t1", "form": {"x": 1}}),
+            "unexpected_message",
+            1008,
+            False,
+            id="turn_before_hello",
+        ),
+        # A turn without turn_id.
+        pytest.param(
+            message({"type": "turn", "form": {"x": 1}}),
+            "invalid_message",
+            1007,
+            True,
+            id="missing_field",
+        ),
+        # A turn whose form is not an object: no write either.
+        pytest.param(
+            message({"type": "turn", "turn_id": "t1", "form": "Ada"}),
+            "invalid_message",
+            1007,
+            True,
+            id="wrongly_typed_field",
+        ),
+        # A frame over --max-message-size.
+        pytest.param(
+            message({"type": "turn", "turn_id": "t1", "text": "a" * 70_000}),
+            "message_too_big",
+            1009,
+            True,
+            id="oversized_frame",
+        ),
+    ],
+)
+async def test_bad_frame(
+    gateway: Gateway,
+    bystander: ClientConnection,
+    act: Callable[[ClientConnection], Awaitable[None]],
+    code: str,
+    close_code: int,
+    after_hello: bool,
+) -> None:
+    """A frame that is not JSON (1007), binary (1003), of an unknown type or a turn before
+    hello (1008), a turn missing a field or with a wrongly typed one (1007), or over
+    --max-message-size (1009) gets its error code and close code."""
+    await check(gateway, bystander, act, code=code, close_code=close_code, after_hello=after_hello)
 
 
 async def test_invalid_utf8_in_text_frame(gateway: Gateway, bystander: ClientConnection) -> None:
@@ -91,74 +152,6 @@ async def test_invalid_utf8_in_text_frame(gateway: Gateway, bystander: ClientCon
         result = await closed(ws)
     assert result.code == 1007
     assert (await turn(bystander, "b2"))["version"] == 2
-
-
-async def test_binary_frame(gateway: Gateway, bystander: ClientConnection) -> None:
-    """A binary frame gets unsupported_data and close 1003."""
-
-    async def act(ws: ClientConnection) -> None:
-        await ws.send(json.dumps({"type": "hello", "caller": PHONE}).encode())
-
-    await check(gateway, bystander, act, code="unsupported_data", close_code=1003)
-
-
-async def test_unknown_type(gateway: Gateway, bystander: ClientConnection) -> None:
-    """An unknown message type gets unknown_type and close 1008."""
-    await check(
-        gateway,
-        bystander,
-        message({"type": "dance", "caller": PHONE}),
-        code="unknown_type",
-        close_code=1008,
-    )
-
-
-async def test_turn_before_hello(gateway: Gateway, bystander: ClientConnection) -> None:
-    """A turn before hello gets unexpected_message and close 1008, and is not stored."""
-    await check(
-        gateway,
-        bystander,
-        message({"type": "turn", "turn_id": "t1", "form": {"x": 1}}),
-        code="unexpected_message",
-        close_code=1008,
-    )
-
-
-async def test_missing_field(gateway: Gateway, bystander: ClientConnection) -> None:
-    """A turn without turn_id gets invalid_message and close 1007."""
-    await check(
-        gateway,
-        bystander,
-        message({"type": "turn", "form": {"x": 1}}),
-        code="invalid_message",
-        close_code=1007,
-        after_hello=True,
-    )
-
-
-async def test_wrongly_typed_field(gateway: Gateway, bystander: ClientConnection) -> None:
-    """A turn whose form is not an object gets invalid_message and close 1007, and no write."""
-    await check(
-        gateway,
-        bystander,
-        message({"type": "turn", "turn_id": "t1", "form": "Ada"}),
-        code="invalid_message",
-        close_code=1007,
-        after_hello=True,
-    )
-
-
-async def test_oversized_frame(gateway: Gateway, bystander: ClientConnection) -> None:
-    """A frame over --max-message-size gets message_too_big and close 1009."""
-    big = {"type": "turn", "turn_id": "t1", "text": "a" * 70_000}
-    await check(
-        gateway,
-        bystander,
-        message(big),
-        code="message_too_big",
-        close_code=1009,
-        after_hello=True,
-    )
 
 
 async def test_huge_frame_refused_by_websockets(
@@ -194,10 +187,7 @@ async def test_too_deeply_nested_turn(gateway: Gateway, bystander: ClientConnect
     """A small turn nested past 32 levels is invalid_message, 1007, not an internal error
     (orjson reads 1024 levels but writes only 255, so it could never be stored)."""
     deep = "[" * 260 + "]" * 260
-
-    async def act(ws: ClientConnection) -> None:
-        await ws.send('{"type":"turn","turn_id":"t1","form":{"k":' + deep + "}}")
-
+    act = sends('{"type":"turn","turn_id":"t1","form":{"k":' + deep + "}}")
     result = await check(
         gateway, bystander, act, code="invalid_message", close_code=1007, after_hello=True
     )

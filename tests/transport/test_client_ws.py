@@ -8,12 +8,13 @@ import dataclasses
 from typing import Any
 
 from gateway.config import Config
-from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
-from tests.conftest import Clock, StoreFactory
-from tests.gwmetrics import restores, settled
-from tests.wsclient import closed, connect, hello, recv, send, turn, url
+from tests.support.clock import Clock
+from tests.support.gateways import GatewayFactory
+from tests.support.gwmetrics import restores, settled
+from tests.support.stores import StoreFactory
+from tests.support.wsclient import closed, connect, hello, recv, send, turn, url
 
 PHONE = {"phone": "+14155550100", "call_id": "call-1"}
 
@@ -95,9 +96,7 @@ async def test_wrong_token_refused(gateway: Gateway) -> None:
     async with connect(url(gateway.port)) as ws:
         await send(ws, {"type": "hello", "caller": PHONE, "resume_token": "forged"})
         result = await closed(ws)
-    assert result.code == 4501
-    assert result.error is not None and result.error["code"] == "resume_refused"
-    assert result.error["reconnect"] is False
+    result.expect(4501, "resume_refused", reconnect=False)
     async with connect(url(gateway.port)) as ws:
         again = await hello(ws, PHONE, resume_token=welcome["resume_token"])
     assert again["version"] == 1
@@ -160,8 +159,7 @@ async def test_bye_ends_session(gateway: Gateway) -> None:
     async with connect(url(gateway.port)) as ws:
         await send(ws, {"type": "hello", "caller": PHONE, "resume_token": welcome["resume_token"]})
         result = await closed(ws)
-    assert result.code == 4502
-    assert result.error is not None and result.error["code"] == "session_ended"
+    result.expect(4502, "session_ended")
     assert restores(gateway, "ended") == 1
 
 
@@ -175,8 +173,7 @@ async def test_newer_connection_replaces_older(gateway: Gateway) -> None:
             result = await closed(old)
             assert (await turn(new, "t2", form={"date": "mon"}))["version"] == 2
     assert again["version"] == 1
-    assert result.code == 4500
-    assert result.error is not None and result.error["code"] == "session_replaced"
+    result.expect(4500, "session_replaced")
     await settled(gateway)
     assert gateway.metrics.registry.get_sample_value("hangon_session_active") == 0
 
@@ -212,12 +209,12 @@ async def test_state_round_trips_exactly(gateway: Gateway) -> None:
 
 
 async def test_quiet_connected_session_is_renewed(
-    config: Config, settings: StoreSettings, make_store: StoreFactory
+    make_gateway: GatewayFactory, config: Config, settings: StoreSettings, make_store: StoreFactory
 ) -> None:
     """A caller connected but silent for longer than ttl and max_age keeps its session."""
     quick = dataclasses.replace(settings, ttl=0.9, max_age=0.45)
     cfg = config.replace("store", ttl=0.9, max_age=0.45)
-    async with Gateway(cfg, store=make_store(quick), metrics=Metrics()) as gw:
+    async with make_gateway(cfg, store=make_store(quick)) as gw:
         async with connect(url(gw.port)) as ws:
             welcome = await hello(ws, PHONE)
             await turn(ws, "t1", form={"name": "Ada"})
@@ -239,8 +236,7 @@ async def test_state_size_is_bounded(gateway: Gateway) -> None:
             assert (await turn(ws, f"t{i}", form={f"f{i}": "x" * 60_000}))["version"] == i + 1
         await send(ws, {"type": "turn", "turn_id": "t3", "form": {"f3": "x" * 60_000}})
         result = await closed(ws)
-    assert result.code == 1009
-    assert result.error is not None and result.error["code"] == "state_too_big"
+    result.expect(1009, "state_too_big")
     async with connect(url(gateway.port)) as ws:
         again = await hello(ws, PHONE, resume_token=welcome["resume_token"])
     assert again["version"] == 3
@@ -272,8 +268,6 @@ async def test_lost_welcome_after_stale_does_not_lock_out(gateway: Gateway, cloc
 async def test_ping_gets_pong_before_and_after_hello(gateway: Gateway) -> None:
     """An application-level ping is answered with pong before hello and in an open session,
     and the session carries on."""
-    from tests.wsclient import connect, hello, recv, send, turn, url
-
     async with connect(url(gateway.port)) as ws:
         await send(ws, {"type": "ping"})
         assert await recv(ws) == {"type": "pong"}

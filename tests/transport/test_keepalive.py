@@ -11,9 +11,8 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import State
 
 from gateway.config import Config
-from gateway.metrics import Metrics
-from gateway.server import Gateway
-from tests.wsclient import connect, hello, raw_client, turn, url
+from tests.support.gateways import GatewayFactory
+from tests.support.wsclient import connect, hello, raw_client, turn, url
 
 
 async def silent_client(port: int) -> list[Frame]:
@@ -35,12 +34,14 @@ async def silent_client(port: int) -> list[Frame]:
     return frames
 
 
-async def test_silent_client_is_closed_and_answering_one_kept(config: Config) -> None:
+async def test_silent_client_is_closed_and_answering_one_kept(
+    make_gateway: GatewayFactory, config: Config
+) -> None:
     """With pings every 0.2 s and a 0.2 s timeout, a client that never answers gets one ping
     and then close 1011 "keepalive ping timeout"; a client beside it that answers stays
     open and keeps being served."""
     cfg = config.replace("keepalive", ping_interval=0.2, ping_timeout=0.2)
-    async with Gateway(cfg, metrics=Metrics()) as gateway:
+    async with make_gateway(cfg) as gateway:
         async with connect(url(gateway.port), ping_interval=None) as answering:
             loop = asyncio.get_running_loop()
             started = loop.time()
@@ -57,10 +58,10 @@ async def test_silent_client_is_closed_and_answering_one_kept(config: Config) ->
     assert welcome["type"] == "welcome"
 
 
-async def test_keepalive_off_sends_no_ping(config: Config) -> None:
+async def test_keepalive_off_sends_no_ping(make_gateway: GatewayFactory, config: Config) -> None:
     """With --ping-interval none, no ping is ever sent."""
     cfg = config.replace("keepalive", ping_interval=None)
-    async with Gateway(cfg, metrics=Metrics()) as gateway:
+    async with make_gateway(cfg) as gateway:
         reader, writer, protocol = await raw_client(gateway.port)
         await asyncio.sleep(1.5)
         writer.close()
@@ -75,7 +76,9 @@ def ping_tasks() -> int:
     )
 
 
-async def test_a_client_that_stopped_reading_holds_one_ping_at_most(config: Config) -> None:
+async def test_a_client_that_stopped_reading_holds_one_ping_at_most(
+    make_gateway: GatewayFactory, config: Config
+) -> None:
     """A client that stopped reading while its welcome is still being sent has one ping in
     flight at most, however many intervals pass, as with websockets' own keepalive (no pong
     deadline and a long send timeout here, so that nothing cuts it meanwhile)."""
@@ -83,7 +86,7 @@ async def test_a_client_that_stopped_reading_holds_one_ping_at_most(config: Conf
         "limits", max_message_size=1_000_000, max_state_size=15_000_000, send_timeout=60.0
     )
     caller = {"user_id": "u-stuck", "call_id": "c"}
-    async with Gateway(cfg, metrics=Metrics()) as gateway:
+    async with make_gateway(cfg) as gateway:
         async with connect(url(gateway.port), max_size=None) as first:
             welcome = await hello(first, caller)
             for i in range(8):  # a 7 MB state: its welcome fills any socket buffer

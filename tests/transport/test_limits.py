@@ -13,22 +13,20 @@ from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
-from tests.conftest import StoreFactory
-from tests.gwmetrics import errors
-from tests.wsclient import closed, connect, hello, recv, send, turn, url
+from tests.support.gateways import GatewayFactory
+from tests.support.gwmetrics import errors
+from tests.support.stores import StoreFactory
+from tests.support.wsclient import closed, connect, hello, recv, send, turn, url
 
 ADA = {"phone": "+14155550100", "call_id": "lim-1"}
 
 
-@pytest.fixture(params=["memory"])
-def store_kind(request: pytest.FixtureRequest) -> str:
-    kind: str = request.param
-    return kind
+pytestmark = pytest.mark.stores("memory")
 
 
 @pytest.fixture
 async def gateway(
-    config: Config, settings: StoreSettings, make_store: StoreFactory
+    make_gateway: GatewayFactory, config: Config, settings: StoreSettings, make_store: StoreFactory
 ) -> AsyncIterator[Gateway]:
     cfg = config.replace(
         "limits",
@@ -38,7 +36,7 @@ async def gateway(
         hello_timeout=0.3,
         metrics_tenants=2,
     )
-    async with Gateway(cfg, store=make_store(settings), metrics=Metrics(tenants=2)) as gw:
+    async with make_gateway(cfg, store=make_store(settings), metrics=Metrics(tenants=2)) as gw:
         yield gw
 
 
@@ -57,9 +55,7 @@ async def test_turns_past_the_rate_close_with_4008_and_resume_cleanly(gateway: G
         acks = [await recv(ws) for _ in range(3)]
         result = await closed(ws)
     assert [a["version"] for a in acks] == [1, 2, 3]
-    assert result.code == 4008 and result.error is not None
-    assert result.error["code"] == "rate_limited" and result.error["reconnect"] is True
-    assert result.error["retry_after"] >= 1.0
+    assert result.expect(4008, "rate_limited", reconnect=True)["retry_after"] >= 1.0
     assert errors(gateway, "rate_limited") == 1
     async with connect(url(gateway.port)) as ws:
         welcome = await hello(ws, ADA)
@@ -79,8 +75,7 @@ async def test_a_tenant_past_its_connections_gets_1013_others_do_not(gateway: Ga
         async with connect(url(gateway.port)) as c:
             await send(c, {"type": "hello", "caller": acme[2]})
             result = await closed(c)
-        assert result.code == 1013 and result.error is not None
-        assert result.error["code"] == "tenant_limit" and result.error["retry_after"] == 5.0
+        assert result.expect(1013, "tenant_limit")["retry_after"] == 5.0
         async with connect(url(gateway.port)) as g:
             assert (await hello(g, {"user_id": "g", "call_id": "c", "tenant": "globex"}))[
                 "type"
@@ -104,8 +99,7 @@ async def test_a_connection_without_hello_is_closed_after_the_deadline(gateway: 
         await send(ws, {"type": "ping"})
         assert (await recv(ws))["type"] == "pong"
         result = await closed(ws, timeout=3)
-    assert result.code == 4002 and result.error is not None
-    assert result.error["code"] == "hello_timeout" and result.error["reconnect"] is True
+    result.expect(4002, "hello_timeout", reconnect=True)
     assert errors(gateway, "hello_timeout") == 1
     async with connect(url(gateway.port)) as ws:  # a prompt hello is unaffected
         await hello(ws, ADA)

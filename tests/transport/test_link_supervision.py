@@ -11,7 +11,7 @@ import pytest
 
 from gateway.metrics import Metrics
 from gateway.transport.downstream import AgentLink, Inbox
-from tests.agents import TestAgent
+from tests.support.agents import TestAgent
 
 
 def _no_delay() -> Iterator[float]:

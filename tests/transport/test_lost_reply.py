@@ -8,27 +8,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.config import Config
 from gateway.exceptions import StoreTimeout
-from gateway.metrics import Metrics
-from gateway.server import Gateway
 from gateway.store.base import StoreSettings, Written
-from tests.conftest import Clock, StoreFactory
-from tests.wsclient import connect, hello, turn, url
+from tests.support.clock import Clock
+from tests.support.gateways import GatewayFactory
+from tests.support.stores import StoreFactory
+from tests.support.storewrap import Wrapper
+from tests.support.wsclient import connect, hello, turn, url
 
 PHONE = {"phone": "+14155550100", "call_id": "call-lost"}
 
 
-class LoseFirstWriteReply:
+class LoseFirstWriteReply(Wrapper):
     """Delegates to a real store; the first write_turn is applied, then its reply is 'lost'."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.lost = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     async def write_turn(self, caller: Any, session_id: Any, write: Any) -> Written:
         result: Written = await self.inner.write_turn(caller, session_id, write)
@@ -39,13 +35,11 @@ class LoseFirstWriteReply:
 
 
 async def test_turn_after_lost_reply_is_not_a_conflict(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    make_gateway: GatewayFactory, settings: StoreSettings, make_store: StoreFactory, clock: Clock
 ) -> None:
     """The retried write is adopted; the next turn is applied at the next version."""
     store = LoseFirstWriteReply(make_store(settings))
-    async with Gateway(
-        config, store=store, metrics=Metrics(), clock=clock, delays=lambda: [0.01, 0.02]
-    ) as gw:
+    async with make_gateway(store=store, clock=clock, delays=lambda: [0.01, 0.02]) as gw:
         async with connect(url(gw.port)) as ws:
             await hello(ws, PHONE)
             assert await turn(ws, "t1", form={"a": 1}) == {

@@ -9,29 +9,26 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.config import Config
-from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
-from tests.conftest import StoreFactory
-from tests.storewrap import Outage
-from tests.wsclient import closed, connect, hello, recv, send, turn, url
+from tests.support.gateways import GatewayFactory
+from tests.support.stores import StoreFactory
+from tests.support.storewrap import Outage
+from tests.support.wsclient import closed, connect, hello, recv, send, turn, url
 
 ADA = {"phone": "+14155550100", "call_id": "out-1"}
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store_kind(request: pytest.FixtureRequest) -> str:
-    kind: str = request.param
-    return kind
+pytestmark = pytest.mark.stores("memory", "redis")
 
 
 @pytest.fixture
 async def gateway(
-    config: Config, settings: StoreSettings, make_store: StoreFactory
+    make_gateway: GatewayFactory, config: Config, settings: StoreSettings, make_store: StoreFactory
 ) -> AsyncIterator[Gateway]:
     cfg = config.replace("store", degrade_after=0.2, retry_budget=1.0)
     store = Outage(make_store(settings))
-    async with Gateway(cfg, store=store, metrics=Metrics(), delays=lambda: [0.05] * 3) as gw:
+    async with make_gateway(cfg, store=store, delays=lambda: [0.05] * 3) as gw:
         yield gw
 
 

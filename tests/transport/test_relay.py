@@ -4,57 +4,26 @@ stood on every resume, and the client gets every agent message exactly once, in 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import dataclasses
 from typing import Any
 
 from gateway.config import Config
-from gateway.metrics import Metrics
-from gateway.server import Gateway
 from gateway.store.base import StoreSettings
-from tests.agents import Reply, TestAgent, booking, silent
-from tests.conftest import Clock, StoreFactory
-from tests.relayclient import Caller
-from tests.wsclient import url
+from tests.support.agents import TestAgent, booking, silent
+from tests.support.gateways import RelayFactory
+from tests.support.gwmetrics import sample
+from tests.support.relayclient import Caller
+from tests.support.wsclient import url
 
 PHONE = {"phone": "+14155550100", "call_id": "call-relay"}
 ANSWERS = [("name", "Alice"), ("date", "Friday"), ("reason", "a checkup"), ("confirm", "yes")]
 
 
-@asynccontextmanager
-async def relay(
-    config: Config,
-    settings: StoreSettings,
-    make_store: StoreFactory,
-    clock: Clock,
-    reply: Reply,
-    **agent: Any,
-) -> AsyncIterator[tuple[Gateway, TestAgent]]:
-    async with TestAgent(reply) as voice:
-        cfg = config.replace("agent", downstream=voice.url, **agent)
-        cfg = cfg.replace("store", replay_window=settings.replay_window)
-        gw = Gateway(
-            cfg,
-            store=make_store(settings),
-            metrics=Metrics(),
-            clock=clock,
-            delays=lambda: [0.01, 0.02, 0.05],
-        )
-        async with gw:
-            yield gw, voice
-
-
-def sample(gw: Gateway, name: str, **labels: str) -> float:
-    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-async def test_drop_after_every_turn(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
-) -> None:
+async def test_drop_after_every_turn(relay: RelayFactory) -> None:
     """Dropped after each turn (before or after the agent's reply), the client resumes; each
     time the agent gets session.resume with the restored state and asks the next question,
     and every message arrives exactly once, in order."""
-    async with relay(config, settings, make_store, clock, booking) as (gw, voice):
+    async with relay(booking) as (gw, voice):
         caller = Caller(url(gw.port), PHONE)
         first = await caller.connect()
         assert first["resumed"] is False
@@ -85,12 +54,10 @@ async def test_drop_after_every_turn(
     )
 
 
-async def test_agent_output_while_client_away_is_replayed(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
-) -> None:
+async def test_agent_output_while_client_away_is_replayed(relay: RelayFactory) -> None:
     """What the agent says while the client is gone is stored and replayed after last_seq,
     before anything new; the agent's state patch is in the welcome."""
-    async with relay(config, settings, make_store, clock, silent) as (gw, voice):
+    async with relay(silent) as (gw, voice):
         caller = Caller(url(gw.port), PHONE)
         await caller.connect()
         await voice.wait_for(lambda r: len(r) == 1)
@@ -116,13 +83,13 @@ async def test_agent_output_while_client_away_is_replayed(
     assert sample(gw, "hangon_relay_messages_total", how="replayed") == 2
 
 
-async def test_window_overrun_is_partial(
-    config: Config, key_prefix: str, make_store: StoreFactory, clock: Clock
-) -> None:
+async def test_window_overrun_is_partial(relay: RelayFactory, settings: StoreSettings) -> None:
     """When the client missed more than the replay window holds, the welcome says partial
     and where the replay starts, and the replay begins there."""
-    settings = StoreSettings(key_prefix=key_prefix, ttl=60, end_ttl=30, max_age=20, replay_window=3)
-    async with relay(config, settings, make_store, clock, silent) as (gw, voice):
+    async with relay(silent, settings=dataclasses.replace(settings, replay_window=3)) as (
+        gw,
+        voice,
+    ):
         caller = Caller(url(gw.port), PHONE)
         await caller.connect()
         await voice.wait_for(lambda r: len(r) == 1)
@@ -140,12 +107,10 @@ async def test_window_overrun_is_partial(
     assert sample(gw, "hangon_relay_messages_total", how="dropped") == 7  # 1 to 7, missed
 
 
-async def test_acked_messages_leave_the_store(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
-) -> None:
+async def test_acked_messages_leave_the_store(relay: RelayFactory) -> None:
     """Messages the client acknowledged are dropped from the replay list on the next write,
     so a client resuming without last_seq is told the replay is partial."""
-    async with relay(config, settings, make_store, clock, silent) as (gw, voice):
+    async with relay(silent) as (gw, voice):
         caller = Caller(url(gw.port), PHONE)
         await caller.connect()
         await voice.wait_for(lambda r: len(r) == 1)
@@ -164,9 +129,7 @@ async def test_acked_messages_leave_the_store(
         await forgetful.aclose()
 
 
-async def test_bad_agent_frames_are_rejected(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
-) -> None:
+async def test_bad_agent_frames_are_rejected(relay: RelayFactory, config: Config) -> None:
     """Malformed frames and wrongly shaped patches are answered with an error frame, counted,
     and never reach the client or the stored state; the link stays up."""
     bad: list[str | bytes | dict[str, Any]] = [
@@ -182,8 +145,10 @@ async def test_bad_agent_frames_are_rejected(
         {"type": "state", "patch": {"context": {"blob": "x" * 20_000}}},
         {"type": "say", "blob": "x" * 70_000},
     ]
-    config = config.replace("limits", max_state_size=16_384)
-    async with relay(config, settings, make_store, clock, silent) as (gw, voice):
+    async with relay(silent, config=config.replace("limits", max_state_size=16_384)) as (
+        gw,
+        voice,
+    ):
         caller = Caller(url(gw.port), PHONE)
         await caller.connect()
         await voice.wait_for(lambda r: len(r) == 1)
@@ -223,12 +188,10 @@ def _nested(depth: int) -> Any:
     return value
 
 
-async def test_bye_ends_the_agent_session(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
-) -> None:
+async def test_bye_ends_the_agent_session(relay: RelayFactory) -> None:
     """A turn reaches the agent once durable, with its version; bye sends session.end and
     closes the link."""
-    async with relay(config, settings, make_store, clock, silent) as (gw, voice):
+    async with relay(silent) as (gw, voice):
         caller = Caller(url(gw.port), PHONE)
         await caller.connect()
         await voice.wait_for(lambda r: len(r) == 1)
@@ -244,11 +207,9 @@ async def test_bye_ends_the_agent_session(
     assert not gw.context.live
 
 
-async def test_linger_ends_the_agent_link(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
-) -> None:
+async def test_linger_ends_the_agent_link(relay: RelayFactory, config: Config) -> None:
     """A client that does not come back within the linger time releases the agent link."""
-    async with relay(config, settings, make_store, clock, silent, agent_linger=0.2) as (gw, voice):
+    async with relay(silent, config=config.replace("agent", agent_linger=0.2)) as (gw, voice):
         caller = Caller(url(gw.port), PHONE)
         await caller.connect()
         await voice.wait_for(lambda r: len(r) == 1)
@@ -259,14 +220,14 @@ async def test_linger_ends_the_agent_link(
 
 
 async def test_agent_unreachable_does_not_fail_the_session(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    relay: RelayFactory, config: Config
 ) -> None:
     """With the agent down the session still opens and turns are acked; once the agent is up
     the gateway's redial sends the state with the turns made meanwhile."""
     async with TestAgent(booking) as probe:
         port = probe.server.sockets[0].getsockname()[1] if probe.server else 0
     cfg = config.replace("agent", downstream=f"ws://127.0.0.1:{port}/", agent_retry_max_delay=0.2)
-    async with Gateway(cfg, store=make_store(settings), metrics=Metrics(), clock=clock) as gw:
+    async with relay.gateway(cfg) as gw:
         caller = Caller(url(gw.port), PHONE)
         await caller.connect()
         await caller.turn("t1", "Alice")

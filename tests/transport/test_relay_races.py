@@ -5,37 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from typing import Any
 
 from gateway.config import Config
 from gateway.exceptions import StoreTimeout
-from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
-from tests.agents import TestAgent, silent
-from tests.conftest import Clock, StoreFactory
-from tests.relayclient import Caller
-from tests.storewrap import Deaf
-from tests.transport.test_relay import PHONE, relay
-from tests.transport.test_takeover import SlowFirstRestore
-from tests.wsclient import url
+from tests.support.agents import TestAgent, silent
+from tests.support.gateways import GatewayFactory, RelayFactory
+from tests.support.relayclient import Caller
+from tests.support.stores import StoreFactory
+from tests.support.storewrap import Deaf, SlowFirstRestore, Wrapper
+from tests.support.wsclient import connect, hello, send, turn, url
+
+PHONE = {"phone": "+14155550100", "call_id": "call-relay"}
 
 
-class LostPushReply:
+class LostPushReply(Wrapper):
     """Delegates to a real store. While ``lose`` is set, the next push lands and then
     raises StoreTimeout (its reply was lost); while ``down`` is set, pushes raise
     StoreTimeout without landing (the store is unreachable)."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.lose = False
         self.down = False
         self.landed = asyncio.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     async def push(self, *args: Any, **kwargs: Any) -> None:
         if self.lose:
@@ -72,47 +67,46 @@ async def _frames_until(caller: Caller, n: int, timeout: float) -> list[dict[str
 
 
 async def test_takeover_racing_linger0_detach_keeps_relaying(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    relay: RelayFactory, config: Config, settings: StoreSettings, make_store: StoreFactory
 ) -> None:
     """With --agent-linger 0, an old connection that drops while a new hello for its session
     is restoring does not drop the session under it: the new client stays registered and
     hears the agent."""
-    async with TestAgent(silent) as voice:
-        cfg = config.replace("agent", downstream=voice.url, agent_linger=0)
-        store = SlowFirstRestore(make_store(settings), slow=2)
-        async with Gateway(cfg, store=store, metrics=Metrics(), clock=clock) as gw:
-            first = Caller(url(gw.port), PHONE)
-            await first.connect()
-            await voice.wait_for(lambda r: len(r) == 1)
-            second = Caller(url(gw.port), PHONE)
-            second.token, second.session_id = first.token, first.session_id
-            opening = asyncio.create_task(second.connect())
-            while store.first:
-                await asyncio.sleep(0.01)  # the second hello holds the lock, in restore
-            first.drop()
-            while gw.metrics.registry.get_sample_value("hangon_connection_active") != 1:
-                await asyncio.sleep(0.01)  # the old connection's handler has finished
-            store.release.set()
-            await opening
-            await voice.wait_for(lambda r: r[-1]["type"] == "session.resume")
-            registered = bool(gw.context.live)
-            await voice.send({"type": "say", "n": 1})
-            try:
-                frames = await _frames_until(second, 1, 3)
-            except TimeoutError:
-                frames = []
-            await second.aclose()
+    store = SlowFirstRestore(make_store(settings), slow=2)
+    linger0 = config.replace("agent", agent_linger=0)
+    async with relay(silent, config=linger0, store=store) as (gw, voice):
+        first = Caller(url(gw.port), PHONE)
+        await first.connect()
+        await voice.wait_for(lambda r: len(r) == 1)
+        second = Caller(url(gw.port), PHONE)
+        second.token, second.session_id = first.token, first.session_id
+        opening = asyncio.create_task(second.connect())
+        while store.first:
+            await asyncio.sleep(0.01)  # the second hello holds the lock, in restore
+        first.drop()
+        while gw.metrics.registry.get_sample_value("hangon_connection_active") != 1:
+            await asyncio.sleep(0.01)  # the old connection's handler has finished
+        store.release.set()
+        await opening
+        await voice.wait_for(lambda r: r[-1]["type"] == "session.resume")
+        registered = bool(gw.context.live)
+        await voice.send({"type": "say", "n": 1})
+        try:
+            frames = await _frames_until(second, 1, 3)
+        except TimeoutError:
+            frames = []
+        await second.aclose()
     msgs = [f["data"]["n"] for f in frames if f["type"] == "msg"]
     assert (registered, msgs) == (True, [1])
 
 
 async def test_lost_push_reply_then_more_frames_loses_nothing(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    relay: RelayFactory, settings: StoreSettings, make_store: StoreFactory
 ) -> None:
     """A push that landed but whose reply was lost is retried unchanged (and recognised by
     its push ID) while more agent frames queue behind it: nothing is lost or refused."""
     store = LostPushReply(make_store(settings))
-    async with relay(config, settings, lambda _: store, clock, silent) as (gw, voice):
+    async with relay(silent, store=store) as (gw, voice):
         caller = await _push_reply_lost(gw, voice, store)
         await voice.send({"type": "say", "n": 2})
         await asyncio.sleep(0.3)  # the pump retries, its batch now holds both frames
@@ -128,12 +122,12 @@ async def test_lost_push_reply_then_more_frames_loses_nothing(
 
 
 async def test_lost_push_reply_then_resume_does_not_duplicate(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    relay: RelayFactory, settings: StoreSettings, make_store: StoreFactory
 ) -> None:
     """A push that landed but whose reply was lost, followed by a resume that replays it, is
     not written a second time under a new seq."""
     store = LostPushReply(make_store(settings))
-    async with relay(config, settings, lambda _: store, clock, silent) as (gw, voice):
+    async with relay(silent, store=store) as (gw, voice):
         caller = await _push_reply_lost(gw, voice, store)
         caller.drop()
         welcome = await caller.connect()  # replays seq 1
@@ -146,11 +140,11 @@ async def test_lost_push_reply_then_resume_does_not_duplicate(
 
 
 async def test_hello_last_seq_beyond_seq_is_not_an_ack_of_future_messages(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    relay: RelayFactory,
 ) -> None:
     """A hello whose last_seq is beyond the stored seq gets a partial replay but does not
     count as an ack of messages not yet written: they stay for the next resume."""
-    async with relay(config, settings, make_store, clock, silent) as (gw, voice):
+    async with relay(silent) as (gw, voice):
         first = Caller(url(gw.port), PHONE, ack=False)
         await first.connect()
         await voice.wait_for(lambda r: len(r) == 1)
@@ -176,18 +170,16 @@ async def test_hello_last_seq_beyond_seq_is_not_an_ack_of_future_messages(
 
 
 async def test_abandoned_hello_does_not_unfence_a_superseded_connection(
-    config: Config, settings: StoreSettings, make_store: StoreFactory
+    make_gateway: GatewayFactory, settings: StoreSettings, make_store: StoreFactory
 ) -> None:
     """A connection superseded from another instance (whose notice was lost) stays fenced
     when a hello abandoned on its own instance starts yet another epoch: its turn is refused
     and never stored."""
-    from tests.wsclient import connect, hello, send, turn
-
     inner = make_store(settings)
     slow = SlowFirstRestore(Deaf(inner), slow=2)
     async with (
-        Gateway(config, store=slow, metrics=Metrics()) as a,
-        Gateway(config, store=inner, metrics=Metrics()) as b,
+        make_gateway(store=slow) as a,
+        make_gateway(store=inner) as b,
     ):
         async with connect(url(a.port)) as on_a, connect(url(b.port)) as on_b:
             welcome = await hello(on_a, PHONE)
@@ -208,18 +200,14 @@ async def test_abandoned_hello_does_not_unfence_a_superseded_connection(
     assert restored["state"]["form_answers"] == {}
 
 
-class LostTurnReply:
+class LostTurnReply(Wrapper):
     """Delegates to a real store; while ``lose`` is set, the next write_turn lands and then
     it and its retries raise StoreTimeout (the reply was lost, then the store hiccupped)."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.lose = False
         self.landed = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     async def write_turn(self, *args: Any, **kwargs: Any) -> Any:
         if self.lose:
@@ -230,29 +218,15 @@ class LostTurnReply:
         return await self.inner.write_turn(*args, **kwargs)
 
 
-def lossy(
-    make_store: StoreFactory,
-) -> tuple[Callable[[StoreSettings], Any], dict[str, LostTurnReply]]:
-    """A store factory whose store loses turn replies on demand, and where to find it."""
-    holder: dict[str, LostTurnReply] = {}
-
-    def flaky(s: StoreSettings) -> Any:
-        holder["s"] = LostTurnReply(make_store(s))
-        return holder["s"]
-
-    return flaky, holder
-
-
 async def test_patch_after_lost_turn_reply_keeps_the_acked_turn(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    relay: RelayFactory, settings: StoreSettings, make_store: StoreFactory
 ) -> None:
     """A turn that landed though its client was nacked (store_unavailable), whose client then
     dropped, leaves the lingering copy behind the store: the agent's next patch is refused as
     a conflict (its link closes) instead of overwriting the turn, and the client's resend is
     acked as already applied."""
-    flaky, holder = lossy(make_store)
-    async with relay(config, settings, flaky, clock, silent) as (gw, voice):
-        store = holder["s"]
+    store = LostTurnReply(make_store(settings))
+    async with relay(silent, store=store) as (gw, voice):
         caller = Caller(url(gw.port), PHONE)
         await caller.connect()
         await voice.wait_for(lambda r: len(r) == 1)
@@ -276,14 +250,13 @@ async def test_patch_after_lost_turn_reply_keeps_the_acked_turn(
 
 
 async def test_turn_resent_after_a_lost_reply_on_the_same_connection_is_applied_once(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    relay: RelayFactory, settings: StoreSettings, make_store: StoreFactory
 ) -> None:
     """A turn nacked because its write's reply was lost (it landed), sent again on the same
     connection, is recognised as that very write: acked as applied, not twice, and the
     session goes on (the agent's next patch lands on top of it)."""
-    flaky, holder = lossy(make_store)
-    async with relay(config, settings, flaky, clock, silent) as (gw, voice):
-        store = holder["s"]
+    store = LostTurnReply(make_store(settings))
+    async with relay(silent, store=store) as (gw, voice):
         caller = Caller(url(gw.port), PHONE)
         await caller.connect()
         await voice.wait_for(lambda r: len(r) == 1)

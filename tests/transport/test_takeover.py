@@ -5,16 +5,15 @@ its client abandoned takes nothing over."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from websockets.protocol import State
 
-from gateway.config import Config
-from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
-from tests.conftest import StoreFactory
-from tests.wsclient import connect, hello, recv, send, turn, url
+from tests.support.gateways import GatewayFactory
+from tests.support.stores import StoreFactory
+from tests.support.storewrap import SlowFirstRestore
+from tests.support.wsclient import connect, hello, recv, send, turn, url
 
 PHONE = {"phone": "+14155550100", "call_id": "call-takeover"}
 
@@ -54,39 +53,13 @@ async def test_racing_takeovers_leave_one_connection(gateway: Gateway) -> None:
     assert replaced["type"] == "error" and replaced["code"] == "session_replaced"
 
 
-class SlowFirstRestore:
-    """Delegates to a real store; restore number ``slow`` (the first by default) answers
-    only when released."""
-
-    def __init__(self, inner: Any, *, slow: int = 1) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.release = asyncio.Event()
-        self.calls = 0
-        self.slow = slow
-
-    @property
-    def first(self) -> bool:
-        """Whether the slow restore has not started yet."""
-        return self.calls < self.slow
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def restore(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
-        if self.calls == self.slow:
-            await self.release.wait()
-        return await self.inner.restore(*args, **kwargs)
-
-
 async def test_abandoned_hello_does_not_take_over(
-    config: Config, settings: StoreSettings, make_store: StoreFactory
+    make_gateway: GatewayFactory, settings: StoreSettings, make_store: StoreFactory
 ) -> None:
     """A hello whose client left while its restore was slow neither takes the session nor
     holds up the connection the client opened next, beyond that restore."""
     store = SlowFirstRestore(make_store(settings))
-    async with Gateway(config, store=store, metrics=Metrics()) as gw:
+    async with make_gateway(store=store) as gw:
         async with connect(url(gw.port)) as abandoned:
             await send(abandoned, {"type": "hello", "caller": PHONE})
             while store.first:
@@ -102,12 +75,12 @@ async def test_abandoned_hello_does_not_take_over(
 
 
 async def test_abandoned_hello_leaves_the_live_connection_writing(
-    config: Config, settings: StoreSettings, make_store: StoreFactory
+    make_gateway: GatewayFactory, settings: StoreSettings, make_store: StoreFactory
 ) -> None:
     """A hello abandoned during its restore started a new epoch; the connection that holds
     the session here adopts it and its turns are still written."""
     store = SlowFirstRestore(make_store(settings), slow=2)
-    async with Gateway(config, store=store, metrics=Metrics()) as gw:
+    async with make_gateway(store=store) as gw:
         async with connect(url(gw.port)) as live:
             welcome = await hello(live, PHONE)
             async with connect(url(gw.port)) as abandoned:

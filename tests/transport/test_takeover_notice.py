@@ -17,34 +17,38 @@ from gateway.core.callerkey import parse_caller
 from gateway.core.sealing import aad
 from gateway.core.session import Session, empty_state, new_resume_token, new_session_id
 from gateway.exceptions import StoreConflict
-from gateway.metrics import Metrics
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings, session_keys
 from gateway.store.redis_store import RedisStore
-from tests.agents import TestAgent
-from tests.conftest import TEST_KEYRING
-from tests.relayclient import Caller
-from tests.store.records import write
-from tests.wsclient import closed, connect, hello, recv, send, turn, url
+from tests.support.agents import TestAgent
+from tests.support.clock import Clock
+from tests.support.gateways import GatewayFactory
+from tests.support.records import write
+from tests.support.relayclient import Caller
+from tests.support.stores import TEST_KEYRING
+from tests.support.storewrap import Wrapper
+from tests.support.wsclient import closed, connect, hello, recv, send, turn, url
 
 CALLER = {"user_id": "u-notice", "call_id": "c-1"}
 
 
-@pytest.fixture
-def cfg(config: Config, redis_url: str) -> Config:
-    return config.replace("store", redis_url=redis_url)
+pytestmark = pytest.mark.stores("redis")
 
 
 @pytest.fixture
-async def pair(cfg: Config) -> AsyncIterator[tuple[Gateway, Gateway]]:
-    async with Gateway(cfg, metrics=Metrics()) as a, Gateway(cfg, metrics=Metrics()) as b:
+async def pair(
+    make_gateway: GatewayFactory, store_config: Config
+) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    """Instances A and B on one Redis."""
+    async with make_gateway(store_config) as a, make_gateway(store_config) as b:
         yield a, b
 
 
-async def stored(redis_url: str, cfg: Config, caller: dict[str, Any]) -> dict[bytes, bytes]:
-    """The session hash as Redis holds it, its sealed state opened."""
+async def stored(cfg: Config, caller: dict[str, Any]) -> dict[bytes, bytes]:
+    """The session hash as the Redis that ``cfg`` names holds it, its sealed state opened."""
+    assert cfg.store.redis_url is not None
     key = session_keys(cfg.store.key_prefix, parse_caller(caller), TEST_KEYRING)[0]
-    client = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(cfg.store.redis_url)
     try:
         held: dict[bytes, bytes] = await client.hgetall(key)
         if b"state" in held:
@@ -55,7 +59,7 @@ async def stored(redis_url: str, cfg: Config, caller: dict[str, Any]) -> dict[by
 
 
 async def test_takeover_closes_the_old_client_and_fences_its_writes(
-    pair: tuple[Gateway, Gateway], cfg: Config, redis_url: str
+    pair: tuple[Gateway, Gateway], store_config: Config
 ) -> None:
     """A hello through B while A's socket is still open: A's client gets session_replaced and
     4500 without writing anything, A forgets the session, and a late write with A's epoch is
@@ -67,7 +71,7 @@ async def test_takeover_closes_the_old_client_and_fences_its_writes(
         (live_a,) = a.context.live.values()
         assert live_a.session is not None
         old = live_a.session
-        held = await stored(redis_url, cfg, CALLER)
+        held = await stored(store_config, CALLER)
         assert held[b"owner"] == a.instance.encode()
         await hello(on_b, CALLER, resume_token=welcome["resume_token"])
         result = await closed(on_a)
@@ -76,10 +80,8 @@ async def test_takeover_closes_the_old_client_and_fences_its_writes(
         late = write(old, "t-late", old.updated_ms + 1, name="Late")
         with pytest.raises(StoreConflict, match="newer connection"):
             await a.store.write_turn(parse_caller(CALLER), old.session_id, late)
-        held = await stored(redis_url, cfg, CALLER)
-    assert result.code == 4500
-    assert result.error is not None and result.error["code"] == "session_replaced"
-    assert result.error["reconnect"] is False
+        held = await stored(store_config, CALLER)
+    result.expect(4500, "session_replaced", reconnect=False)
     assert held[b"owner"] == b.instance.encode()
     assert int(held[b"epoch"]) == old.epoch + 1
     assert held[b"ver"] == b"2"
@@ -88,12 +90,14 @@ async def test_takeover_closes_the_old_client_and_fences_its_writes(
     assert b.metrics.takeovers.labels("remote")._value.get() == 1
 
 
-async def test_takeover_closes_the_old_agent_link(cfg: Config) -> None:
+async def test_takeover_closes_the_old_agent_link(
+    make_gateway: GatewayFactory, store_config: Config
+) -> None:
     """The agent link of the instance that lost the session is closed by the notice; what
     the agent says on the new link reaches the client once."""
     async with TestAgent() as voice:
-        cfg = cfg.replace("agent", downstream=voice.url)
-        async with Gateway(cfg, metrics=Metrics()) as a, Gateway(cfg, metrics=Metrics()) as b:
+        cfg = store_config.replace("agent", downstream=voice.url)
+        async with make_gateway(cfg) as a, make_gateway(cfg) as b:
             first = Caller(url(a.port), CALLER)
             await first.connect()
             await voice.wait_for(lambda r: len(r) == 1)
@@ -111,13 +115,15 @@ async def test_takeover_closes_the_old_agent_link(cfg: Config) -> None:
     assert msg == {"type": "msg", "seq": 1, "data": {"type": "say", "from": "b"}}
 
 
-async def test_notice_before_the_restore_reply_loses_the_race(cfg: Config) -> None:
+async def test_notice_before_the_restore_reply_loses_the_race(
+    make_gateway: GatewayFactory, store_config: Config
+) -> None:
     """A's restore runs first in Redis but its reply is late; B's restore displaces A, and
     the notice reaches A before A's reply: A refuses its own hello with session_replaced
     rather than welcome a client onto a session B now holds."""
-    async with Gateway(cfg, metrics=Metrics()) as b:
+    async with make_gateway(store_config) as b:
         slow = _ReplyLate(b.store)
-        async with Gateway(cfg, store=slow, metrics=Metrics()) as a:
+        async with make_gateway(store_config, store=slow) as a:
             async with connect(url(a.port)) as on_a, connect(url(b.port)) as on_b:
                 await send(on_a, {"type": "hello", "caller": CALLER})
                 while not slow.landed:
@@ -129,23 +135,18 @@ async def test_notice_before_the_restore_reply_loses_the_race(cfg: Config) -> No
                 lost = await closed(on_a)
                 ack = await turn(on_b, "t1", form={"name": "Bea"})
     assert won["type"] == "welcome"
-    assert lost.code == 4500 and lost.error is not None
-    assert lost.error["code"] == "session_replaced"
+    lost.expect(4500, "session_replaced")
     assert ack["version"] == 1
 
 
-class _ReplyLate:
+class _ReplyLate(Wrapper):
     """Delegates to a real store; runs the first restore at once but returns its reply only
     on release."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.landed = False
         self.release = asyncio.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     async def restore(self, *args: Any, **kwargs: Any) -> Any:
         reply = await self.inner.restore(*args, **kwargs)
@@ -201,7 +202,7 @@ async def _settle(ws: Any) -> dict[str, Any]:
 
 
 async def test_drained_session_is_released(
-    pair: tuple[Gateway, Gateway], cfg: Config, redis_url: str
+    pair: tuple[Gateway, Gateway], store_config: Config
 ) -> None:
     """A session drained from A (1012) is released: resuming it on B displaces nobody, so
     no takeover notice is sent, and B owns it."""
@@ -210,29 +211,33 @@ async def test_drained_session_is_released(
         welcome = await hello(on_a, CALLER)
         await a.context.drain(0)
         result = await closed(on_a)
-    while (await stored(redis_url, cfg, CALLER))[b"owner"] != b"":
+    while (await stored(store_config, CALLER))[b"owner"] != b"":
         await asyncio.sleep(0.01)
     async with connect(url(b.port)) as on_b:
         again = await hello(on_b, CALLER, resume_token=welcome["resume_token"])
-        held = await stored(redis_url, cfg, CALLER)
+        held = await stored(store_config, CALLER)
     assert result.code == 1012
     assert again["resumed"] is True
     assert held[b"owner"] == b.instance.encode()
     assert b.metrics.takeovers.labels("remote")._value.get() == 0
 
 
-async def test_lost_notice_is_caught_by_the_renewal(cfg: Config, redis_url: str) -> None:
+async def test_lost_notice_is_caught_by_the_renewal(
+    make_gateway: GatewayFactory, store_config: Config
+) -> None:
     """Another instance restores the session and its notice never comes: the next renewal
     finds the epoch moved on, closes the client with session_conflict (4003, reconnect) and
     stops, renewal task included."""
-    cfg = cfg.replace("store", owner_lease=0.3)  # renewals every 0.1 s
-    async with Gateway(cfg, metrics=Metrics()) as a:
+    cfg = store_config.replace("store", owner_lease=0.3)  # renewals every 0.1 s
+    assert cfg.store.redis_url is not None
+    async with make_gateway(cfg) as a:
         async with connect(url(a.port)) as ws:
             welcome = await hello(ws, CALLER)
             (live,) = a.context.live.values()
             assert live.renewal is not None
             other = RedisStore(
-                redis_url, StoreSettings(key_prefix=cfg.store.key_prefix, keyring=TEST_KEYRING)
+                cfg.store.redis_url,
+                StoreSettings(key_prefix=cfg.store.key_prefix, keyring=TEST_KEYRING),
             )
             now = a.context.clock()
             cand = Session(new_session_id(), new_resume_token(), 0, empty_state(), now, now)
@@ -250,16 +255,17 @@ async def test_lost_notice_is_caught_by_the_renewal(cfg: Config, redis_url: str)
         await asyncio.sleep(0.5)
         assert live.renewal is None
         assert a.metrics.store_op_seconds["touch"]._sum.get() == touches
-    assert result.code == 4003
-    assert result.error is not None and result.error["code"] == "session_conflict"
+    result.expect(4003, "session_conflict")
 
 
-async def test_drain_after_a_stale_replacement_does_not_wait(cfg: Config, clock: Any) -> None:
+async def test_drain_after_a_stale_replacement_does_not_wait(
+    make_gateway: GatewayFactory, store_config: Config, clock: Clock
+) -> None:
     """A stale replacement cancels a pump holding an agent frame; the frame count it leaves
     must not make a later drain wait its whole flush timeout for frames nobody will save."""
     async with TestAgent() as voice:
-        c = cfg.replace("agent", downstream=voice.url)
-        async with Gateway(c, metrics=Metrics(), clock=clock, delays=lambda: [0.01]) as gw:
+        c = store_config.replace("agent", downstream=voice.url)
+        async with make_gateway(c, clock=clock, delays=lambda: [0.01]) as gw:
             async with connect(url(gw.port)) as c1:
                 w = await hello(c1, CALLER)
                 await voice.wait_for(lambda r: len(r) == 1)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -15,47 +13,20 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from gateway.config import Config
-from gateway.metrics import Metrics
 from gateway.server import Gateway
-from gateway.store.base import StoreSettings
 from gateway.transport.downstream import EARLY_MEDIA
 from loadtest.twilio import CHUNK, Stream, TwilioCall
-from tests.agents import Reply, TestAgent, phone
-from tests.conftest import Clock, StoreFactory
-from tests.redis_server import free_port
-from tests.relayclient import Caller
-from tests.wsclient import url
+from tests.support.agents import TestAgent, phone
+from tests.support.gateways import RelayFactory
+from tests.support.gwmetrics import sample
+from tests.support.redis_server import free_port
+from tests.support.relayclient import Caller
+from tests.support.wsclient import url
 
-pytestmark = pytest.mark.parametrize("store_kind", ["redis"])
+pytestmark = pytest.mark.stores("redis")
 
 TWILIO = "/v1/twilio"
 TOKEN = "0123456789abcdef0123456789abcdef"
-
-
-@asynccontextmanager
-async def phone_gateway(
-    config: Config,
-    settings: StoreSettings,
-    make_store: StoreFactory,
-    clock: Clock,
-    reply: Reply = phone,
-    **twilio: Any,
-) -> AsyncIterator[tuple[Gateway, TestAgent]]:
-    async with TestAgent(reply) as voice:
-        cfg = config.replace("agent", downstream=voice.url).replace("twilio", **twilio)
-        gw = Gateway(
-            cfg,
-            store=make_store(settings),
-            metrics=Metrics(),
-            clock=clock,
-            delays=lambda: [0.01, 0.02, 0.05],
-        )
-        async with gw:
-            yield gw, voice
-
-
-def sample(gw: Gateway, name: str, **labels: str) -> float:
-    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def audio_of(frames: list[dict[str, Any]]) -> bytes:
@@ -78,11 +49,7 @@ async def stored_digits(gw: Gateway, digits: str) -> None:
 
 
 async def test_a_call_dropped_mid_sentence_resumes_on_a_new_stream(
-    config: Config,
-    settings: StoreSettings,
-    make_store: StoreFactory,
-    clock: Clock,
-    speech: bytes,
+    relay: RelayFactory, speech: bytes
 ) -> None:
     """Speech reaches the agent byte for byte and in order, even while its link dials; the
     echo and marks come back with the stream's own streamSid; after a drop mid-call a new
@@ -90,7 +57,7 @@ async def test_a_call_dropped_mid_sentence_resumes_on_a_new_stream(
     # Within the link's early buffer, all of it played before the link is up.
     half = min(len(speech) // 2 // CHUNK, EARLY_MEDIA - 10) * CHUNK
     first_chunks = half // CHUNK
-    async with phone_gateway(config, settings, make_store, clock) as (gw, voice):
+    async with relay(phone) as (gw, voice):
         call = TwilioCall(url(gw.port, TWILIO), params={"tenant": "acme"})
         first = await call.stream()
         await first.play(speech[:half])  # at once: the agent link is still dialling
@@ -168,17 +135,22 @@ async def test_a_call_dropped_mid_sentence_resumes_on_a_new_stream(
     )
 
 
-async def test_a_second_stream_for_an_open_call_takes_it_over(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
-) -> None:
+async def pressed(gw: Gateway, voice: TestAgent, digit: str) -> tuple[TwilioCall, Stream]:
+    """Start a call, and on its first stream press ``digit`` once the agent link is up;
+    return the call and the stream once the agent has the turn."""
+    call = TwilioCall(url(gw.port, TWILIO))
+    first = await call.stream()
+    await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
+    await first.dtmf(digit)
+    await voice.wait_for(lambda r: len(voice.of_type("turn")) == 1)
+    return call, first
+
+
+async def test_a_second_stream_for_an_open_call_takes_it_over(relay: RelayFactory) -> None:
     """A second stream for a call whose first is still open gets the session; the first is
     closed with 4500 and the agent's audio goes to the second only."""
-    async with phone_gateway(config, settings, make_store, clock) as (gw, voice):
-        call = TwilioCall(url(gw.port, TWILIO))
-        first = await call.stream()
-        await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
-        await first.dtmf("1")
-        await voice.wait_for(lambda r: len(voice.of_type("turn")) == 1)
+    async with relay(phone) as (gw, voice):
+        call, first = await pressed(gw, voice, "1")
         second = await call.stream()
         assert await first.closed() == 4500
         await voice.wait_for(lambda r: len(voice.of_type("session.resume")) == 1)
@@ -190,16 +162,10 @@ async def test_a_second_stream_for_an_open_call_takes_it_over(
     assert sample(gw, "hangon_session_takeovers_total", kind="local") == 1
 
 
-async def test_stop_leaves_the_session_for_the_next_stream(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
-) -> None:
+async def test_stop_leaves_the_session_for_the_next_stream(relay: RelayFactory) -> None:
     """stop closes the stream with 1000; the next stream resumes the session (a re-attach)."""
-    async with phone_gateway(config, settings, make_store, clock) as (gw, voice):
-        call = TwilioCall(url(gw.port, TWILIO))
-        first = await call.stream()
-        await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
-        await first.dtmf("9")
-        await voice.wait_for(lambda r: len(voice.of_type("turn")) == 1)
+    async with relay(phone) as (gw, voice):
+        call, first = await pressed(gw, voice, "9")
         await first.stop()
         assert first.close_code == 1000
         await call.stream()
@@ -210,17 +176,12 @@ async def test_stop_leaves_the_session_for_the_next_stream(
 
 @pytest.mark.parametrize("public", [None, "wss://voice.example.com/v1/twilio"])
 async def test_signature_checked_when_a_token_is_set(
-    config: Config,
-    settings: StoreSettings,
-    make_store: StoreFactory,
-    clock: Clock,
-    public: str | None,
+    relay: RelayFactory, config: Config, public: str | None
 ) -> None:
     """With an auth token, a stream signed for the public URL opens and a missing or wrong
     X-Twilio-Signature is refused with 403 and counted."""
-    async with phone_gateway(
-        config, settings, make_store, clock, twilio_auth_token=("old", TOKEN), twilio_url=public
-    ) as (gw, voice):
+    twilio = config.replace("twilio", twilio_auth_token=("old", TOKEN), twilio_url=public)
+    async with relay(phone, config=twilio) as (gw, voice):
         address = url(gw.port, TWILIO)
         signed = public or f"wss://127.0.0.1:{gw.port}{TWILIO}"
         good = TwilioCall(address, auth_token=TOKEN, signed_url=signed)
@@ -251,16 +212,13 @@ async def test_signature_checked_when_a_token_is_set(
     ],
 )
 async def test_bad_streams_close_and_are_counted(
-    config: Config,
-    settings: StoreSettings,
-    make_store: StoreFactory,
-    clock: Clock,
+    relay: RelayFactory,
     frames: list[str | bytes],
     code: int,
     error: str,
 ) -> None:
     """A bad stream is closed with its code and counted; a good call beside it is unharmed."""
-    async with phone_gateway(config, settings, make_store, clock) as (gw, voice):
+    async with relay(phone) as (gw, voice):
         good = await TwilioCall(url(gw.port, TWILIO)).stream()
         await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
         async with connect(url(gw.port, TWILIO)) as ws:
@@ -273,13 +231,11 @@ async def test_bad_streams_close_and_are_counted(
     assert sample(gw, "hangon_protocol_errors_total", code=error) == 1
 
 
-async def test_agent_audio_is_never_stored_and_bad_audio_is_rejected(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
-) -> None:
+async def test_agent_audio_is_never_stored_and_bad_audio_is_rejected(relay: RelayFactory) -> None:
     """In a call's session the agent's audio and marks are relayed, neither stored nor
     numbered, and audio that is not base64 is rejected back to the agent; while no stream is
     attached they are dropped and counted."""
-    async with phone_gateway(config, settings, make_store, clock) as (gw, voice):
+    async with relay(phone) as (gw, voice):
         call = TwilioCall(url(gw.port, TWILIO))
         stream = await call.stream()
         await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
@@ -310,12 +266,10 @@ async def test_agent_audio_is_never_stored_and_bad_audio_is_rejected(
     assert sample(gw, "hangon_agent_frames_rejected_total", code="invalid_media") == 2
 
 
-async def test_media_types_stay_messages_outside_calls(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
-) -> None:
+async def test_media_types_stay_messages_outside_calls(relay: RelayFactory) -> None:
     """For a protocol v1 client, an agent's media, mark and clear are ordinary messages, as
     they were before phone streams existed."""
-    async with phone_gateway(config, settings, make_store, clock) as (gw, voice):
+    async with relay(phone) as (gw, voice):
         caller = Caller(url(gw.port), {"user_id": "u1", "call_id": "web-1"})
         await caller.connect()
         await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
@@ -336,14 +290,12 @@ async def test_media_types_stay_messages_outside_calls(
 
 
 async def test_a_bad_host_header_is_refused_not_an_error(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    relay: RelayFactory, config: Config
 ) -> None:
     """With a token set, an upgrade whose Host or signature header cannot be used gets 403,
     never a server error."""
-    async with phone_gateway(config, settings, make_store, clock, twilio_auth_token=(TOKEN,)) as (
-        gw,
-        _,
-    ):
+    twilio = config.replace("twilio", twilio_auth_token=(TOKEN,))
+    async with relay(phone, config=twilio) as (gw, _):
         for extra in (
             "Host: x:abc\r\n",
             "Host: [::1\r\n",
@@ -364,26 +316,22 @@ async def test_a_bad_host_header_is_refused_not_an_error(
     assert sample(gw, "hangon_auth_failures_total", reason="twilio_signature") == 4
 
 
-async def test_twilio_endpoint_can_be_turned_off(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
-) -> None:
+async def test_twilio_endpoint_can_be_turned_off(relay: RelayFactory, config: Config) -> None:
     """With --twilio-path none the path is 404 like any other."""
-    async with phone_gateway(config, settings, make_store, clock, twilio_path=None) as (gw, _):
+    async with relay(phone, config=config.replace("twilio", twilio_path=None)) as (gw, _):
         with pytest.raises(InvalidStatus) as info:
             await TwilioCall(url(gw.port, TWILIO)).stream()
         assert info.value.response.status_code == 404
 
 
 async def test_audio_waits_for_the_agent_link_but_only_the_newest(
-    config: Config, settings: StoreSettings, make_store: StoreFactory, clock: Clock
+    relay: RelayFactory, config: Config
 ) -> None:
     """Audio spoken while the agent link is down reaches the agent once it is up, after its
     opening frame: the newest two seconds of it, the older ones dropped and counted."""
     port = free_port()
     cfg = config.replace("agent", downstream=f"ws://127.0.0.1:{port}/", agent_retry_max_delay=0.2)
-    async with Gateway(
-        cfg, store=make_store(settings), metrics=Metrics(), clock=clock, delays=lambda: [0.01]
-    ) as gw:
+    async with relay.gateway(cfg) as gw:
         stream = await TwilioCall(url(gw.port, TWILIO)).stream()
         chunks = EARLY_MEDIA + 50
         for n in range(chunks):

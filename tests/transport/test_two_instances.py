@@ -10,24 +10,26 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.config import Config
-from gateway.metrics import Metrics
 from gateway.server import Gateway, open_store
-from tests.agents import TestAgent
-from tests.relayclient import Caller
-from tests.storewrap import Deaf
-from tests.wsclient import closed, connect, hello, send, turn, url
+from tests.support.agents import TestAgent
+from tests.support.gateways import GatewayFactory
+from tests.support.relayclient import Caller
+from tests.support.storewrap import Deaf
+from tests.support.wsclient import closed, connect, hello, send, turn, url
 
 CALLER = {"user_id": "u-two", "call_id": "c-1"}
 
 
+pytestmark = pytest.mark.stores("redis")
+
+
 @pytest.fixture
-async def pair(config: Config, redis_url: str) -> AsyncIterator[tuple[Gateway, Gateway]]:
-    cfg = config.replace("store", redis_url=redis_url)
-    deaf = Deaf(open_store(cfg))
-    async with (
-        Gateway(cfg, store=deaf, metrics=Metrics()) as a,
-        Gateway(cfg, metrics=Metrics()) as b,
-    ):
+async def pair(
+    make_gateway: GatewayFactory, store_config: Config
+) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    """Instances A (deaf) and B on one Redis."""
+    deaf = Deaf(open_store(store_config))
+    async with make_gateway(store_config, store=deaf) as a, make_gateway(store_config) as b:
         yield a, b
 
 
@@ -43,25 +45,22 @@ async def test_superseded_connection_cannot_write(pair: tuple[Gateway, Gateway])
         await send(on_a, {"type": "turn", "turn_id": "t2", "form": {"name": "Bob"}})
         result = await closed(on_a)
         assert (await turn(on_b, "t3", form={"date": "Friday"}))["version"] == 2
-    assert result.code == 4003
-    assert result.error is not None and result.error["code"] == "session_conflict"
-    assert result.error["reconnect"] is True
+    result.expect(4003, "session_conflict", reconnect=True)
     async with connect(url(a.port)) as on_a:
         back = await hello(on_a, CALLER, resume_token=welcome["resume_token"])
     assert back["version"] == 2
     assert back["state"]["form_answers"] == {"name": "Ada", "date": "Friday"}
 
 
-async def test_lingering_agent_link_elsewhere_cannot_write(config: Config, redis_url: str) -> None:
+async def test_lingering_agent_link_elsewhere_cannot_write(
+    make_gateway: GatewayFactory, store_config: Config
+) -> None:
     """A client that moved to instance B fences the agent link still lingering on A: what
     the agent says there is refused, not stored or relayed, and A closes that link."""
     async with TestAgent() as voice:
-        cfg = config.replace("store", redis_url=redis_url).replace("agent", downstream=voice.url)
+        cfg = store_config.replace("agent", downstream=voice.url)
         deaf = Deaf(open_store(cfg))
-        async with (
-            Gateway(cfg, store=deaf, metrics=Metrics()) as a,
-            Gateway(cfg, metrics=Metrics()) as b,
-        ):
+        async with make_gateway(cfg, store=deaf) as a, make_gateway(cfg) as b:
             caller = Caller(url(a.port), CALLER)
             await caller.connect()
             await voice.wait_for(lambda r: len(r) == 1)

@@ -6,12 +6,16 @@ import asyncio
 
 from gateway.server import Gateway
 
-__all__ = ["errors", "restores", "settled"]
+__all__ = ["errors", "restores", "sample", "settled"]
+
+
+def sample(gw: Gateway, name: str, **labels: str) -> float:
+    """The value of the sample ``name`` with ``labels`` in the gateway's registry; 0 if none."""
+    return gw.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def errors(gw: Gateway, code: str) -> float:
-    value = gw.metrics.registry.get_sample_value("hangon_protocol_errors_total", {"code": code})
-    return value or 0.0
+    return sample(gw, "hangon_protocol_errors_total", code=code)
 
 
 async def settled(gw: Gateway) -> None:
@@ -24,7 +28,4 @@ async def settled(gw: Gateway) -> None:
 
 
 def restores(gw: Gateway, outcome: str) -> float:
-    value = gw.metrics.registry.get_sample_value(
-        "hangon_session_restores_total", {"outcome": outcome}
-    )
-    return value or 0.0
+    return sample(gw, "hangon_session_restores_total", outcome=outcome)

@@ -18,13 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from tests.redis_server import free_port
-from tests.tools import ensure
+from tests.support.redis_server import free_port
+from tests.support.tools import Started, ensure
 
 __all__ = [
     "DEPLOY",
@@ -36,7 +35,7 @@ __all__ = [
     "render_backends",
 ]
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 """The directory of the shipped load balancer configs."""
 
 _BEGIN = "# @backends begin"
@@ -73,7 +72,7 @@ def render_backends(text: str, servers: Callable[[str], list[str]]) -> str:
     return "".join(lines[: begin + 1] + rendered + lines[end:])
 
 
-class _Balancer:
+class _Balancer(Started):
     """A load balancer process in the foreground, on a free port of 127.0.0.1."""
 
     name = ""
@@ -150,15 +149,6 @@ class _Balancer:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 class HAProxy(_Balancer):

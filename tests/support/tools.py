@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from types import TracebackType
+from typing import Self
 
-__all__ = ["ensure"]
+__all__ = ["Started", "ensure"]
 
 
 def ensure(binary: str, package: str) -> str | None:
@@ -25,3 +27,23 @@ def ensure(binary: str, package: str) -> str | None:
         ["apt-get", "install", "-y", "-q", package], check=False, env=env, capture_output=True
     )
     return find()
+
+
+class Started:
+    """A process the tests run, as a context manager: :meth:`start` on the way in,
+    :meth:`stop` on the way out."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -65,6 +65,17 @@ class Closed:
         self.code = code
         self.reason = reason
 
+    def expect(
+        self, close_code: int, code: str, *, reconnect: bool | None = None
+    ) -> dict[str, Any]:
+        """Check that the gateway closed with ``close_code`` after an error frame with
+        ``code`` (and ``reconnect``, when given); return that frame."""
+        assert self.code == close_code, (self.code, self.error)
+        assert self.error is not None and self.error["code"] == code, self.error
+        if reconnect is not None:
+            assert self.error["reconnect"] is reconnect, self.error
+        return self.error
+
 
 async def closed(ws: ClientConnection, timeout: float = 5) -> Closed:
     """Read until the gateway closes; return the last error frame and the close code."""

@@ -15,9 +15,10 @@ from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 
 from gateway.server import Gateway
-from tests.wsclient import ClientConnection, connect, hello, raw_client, recv, url
+from tests.support.gwmetrics import sample
+from tests.support.wsclient import ClientConnection, connect, hello, raw_client, recv, url
 
-__all__ = ["Bystander", "NonReader", "agent_cuts", "sample"]
+__all__ = ["Bystander", "NonReader", "agent_cuts", "waiting"]
 
 SECRET = "Bystander-Secret-4155550123"
 
@@ -183,11 +184,10 @@ class NonReader:
 
 
 def agent_cuts(gw: Gateway, reason: str) -> float:
-    value = gw.metrics.registry.get_sample_value("hangon_agent_links_cut_total", {"reason": reason})
-    return value or 0.0
+    return sample(gw, "hangon_agent_links_cut_total", reason=reason)
 
 
-def sample(gw: Gateway) -> int:
+def waiting(gw: Gateway) -> int:
     """The most bytes waiting for any one client connection now, in the gateway's queues."""
     return max(
         (

@@ -7,12 +7,12 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import NamedTuple
 
 import redis
 
-from tests.redis_server import free_port, wait_for_pong
+from tests.support.redis_server import free_port, spawn, wait_for_pong
+from tests.support.tools import Started
 
 __all__ = ["RedisCluster"]
 
@@ -30,47 +30,30 @@ class _Node:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, node_timeout: float) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                # Explicit, because the default (port + 10000) may be past 65535.
-                "--cluster-port",
-                str(self.bus_port),
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                str(self.dir / f"nodes-{self.port}.conf"),
-                "--cluster-node-timeout",
-                str(int(node_timeout * 1000)),
-                # A replica syncs at once (not after the default 5 s wait for others) and
-                # takes over whatever the age of its data, so a failover never stalls.
-                "--repl-diskless-sync-delay",
-                "0",
-                "--cluster-replica-validity-factor",
-                "0",
-                # A primary stopped with SIGTERM exits at once instead of waiting (10 s by
-                # default) for replicas that are being stopped too.
-                "--shutdown-timeout",
-                "0",
-                "--dir",
-                str(self.dir),
-                # Every write persisted: a node killed and restarted keeps what it acked.
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-                "--logfile",
-                str(self.log_path),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.proc = spawn(
+            self.port,
+            self.dir,
+            # Explicit, because the default (port + 10000) may be past 65535.
+            "--cluster-port",
+            str(self.bus_port),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(self.dir / f"nodes-{self.port}.conf"),
+            "--cluster-node-timeout",
+            str(int(node_timeout * 1000)),
+            # A replica takes over whatever the age of its data, so a failover never stalls.
+            "--cluster-replica-validity-factor",
+            "0",
+            # A primary stopped with SIGTERM exits at once instead of waiting (10 s by
+            # default) for replicas that are being stopped too.
+            "--shutdown-timeout",
+            "0",
+            # Every write persisted: a node killed and restarted keeps what it acked.
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
         )
 
     def wait_pong(self, deadline: float) -> None:
@@ -179,7 +162,7 @@ def _cluster_nodes(node: _Node) -> list[_Entry]:
     return entries
 
 
-class RedisCluster:
+class RedisCluster(Started):
     """A Redis Cluster of three primaries, each a redis-server process on 127.0.0.1.
 
     Each node has its own directory under ``workdir`` with its log, its append-only
@@ -423,12 +406,3 @@ class RedisCluster:
 
     def _logs(self) -> str:
         return "\n".join(n.log_tail() for n in self._nodes)
-
-    def __enter__(self) -> RedisCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +11,9 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["RedisServer", "ensure_redis_server", "free_port", "wait_for_pong"]
+from tests.support.tools import ensure
+
+__all__ = ["RedisServer", "ensure_redis_server", "free_port", "spawn", "wait_for_pong"]
 
 
 _GIVEN: set[int] = set()
@@ -37,18 +37,34 @@ def ensure_redis_server() -> str | None:
 
     Returns ``None`` when it is missing and cannot be installed.
     """
-    found = shutil.which("redis-server")
-    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=False, env=env, capture_output=True)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-q", "redis-server"],
-        check=False,
-        env=env,
-        capture_output=True,
+    return ensure("redis-server", "redis-server")
+
+
+def spawn(port: int, workdir: Path, *options: str) -> subprocess.Popen[bytes]:
+    """Start redis-server on 127.0.0.1:``port`` with ``options``; it keeps its files and its
+    log (``redis.log``) in ``workdir``, takes no snapshots, and a replica of it syncs at
+    once rather than after the default 5 s."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(workdir),
+            "--logfile",
+            str(workdir / "redis.log"),
+            "--repl-diskless-sync-delay",
+            "0",
+            *options,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    return shutil.which("redis-server")
 
 
 def wait_for_pong(
@@ -98,33 +114,16 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
         persistence = (
             ["--appendonly", "yes", "--appendfsync", "always"]
             if self.durable
             else ["--appendonly", "no"]
         )
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--dir",
-                str(self.workdir),
-                *persistence,
-                # A replica syncs at once rather than after the default 5 s.
-                "--repl-diskless-sync-delay",
-                "0",
-                *(["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []),
-                "--logfile",
-                str(self.workdir / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.proc = spawn(
+            self.port,
+            self.workdir,
+            *persistence,
+            *(["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else []),
         )
         log = self.workdir / "redis.log"
         wait_for_pong(self.proc, self.port, time.monotonic() + 10, lambda: f"see {log}")

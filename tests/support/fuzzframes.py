@@ -19,7 +19,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from tests.authkeys import token
+from tests.support.authkeys import token
 
 __all__ = [
     "AGENT_BURSTS",
@@ -207,6 +207,12 @@ SIZES = [200, 4096, 65_000, 65_537, 131_073, 200_000]
 DEPTHS = [31, 32, 33, 64, 254, 255, 256, 300, 1023, 1025, 5000]
 """Nesting depths, around the codec's bound (32), orjson's writer (255) and reader (1024)."""
 FRAME_SIZES = [65_535, 65_536, 65_537, 131_072, 131_073]
+"""Frame sizes around the default 64 KiB limit and its double."""
+
+
+def sized(*heads: dict[str, Any]) -> st.SearchStrategy[Sized]:
+    """One of ``heads`` padded to one of :data:`FRAME_SIZES`, with a field or whitespace."""
+    return st.builds(Sized, st.sampled_from(FRAME_SIZES), st.sampled_from(heads), st.booleans())
 
 
 # One branch of SCALARS, not three: a huge or deep value in every third leaf would make
@@ -296,12 +302,7 @@ V1_FRAMES = st.one_of(
         st.builds(Deep, st.sampled_from(DEPTHS), st.sampled_from(["[", "{"])),
         st.sampled_from(["form", "context"]),
     ),
-    st.builds(
-        Sized,
-        st.sampled_from(FRAME_SIZES),
-        st.sampled_from([{"type": "hello"}, {"type": "turn", "turn_id": "sized"}]),
-        st.booleans(),
-    ),
+    sized({"type": "hello"}, {"type": "turn", "turn_id": "sized"}),
     JUNK,
 )
 GOOD_TURN = st.builds(
@@ -400,12 +401,7 @@ TWILIO_FRAMES = st.one_of(
         optional={"media": JSON, "start": JSON},
     ),
     st.builds(Cut, st.one_of(MEDIA, DTMF, MARK), st.integers(0, 200)),
-    st.builds(
-        Sized,
-        st.sampled_from(FRAME_SIZES),
-        st.sampled_from([{"event": "media"}, {"event": "connected"}]),
-        st.booleans(),
-    ),
+    sized({"event": "media"}, {"event": "connected"}),
     JUNK,
 )
 
@@ -510,12 +506,7 @@ AGENT_FRAMES = st.one_of(
     st.builds(
         Cut, st.fixed_dictionaries({"type": AGENT_TYPES, "text": SCALARS}), st.integers(0, 400)
     ),
-    st.builds(
-        Sized,
-        st.sampled_from(FRAME_SIZES),
-        st.sampled_from([{"type": "say"}, {"type": "media", "payload": "AAAA"}]),
-        st.booleans(),
-    ),
+    sized({"type": "say"}, {"type": "media", "payload": "AAAA"}),
     JUNK,
 )
 AGENT_BURSTS = st.lists(

@@ -4,7 +4,7 @@ The fuzz tests drive the gateway with a synchronous client, one example after an
 agent runs a websockets server on its own event loop in a background thread. A test scripts
 a session before it opens it (:meth:`FuzzAgent.script`, keyed by the call ID, which is the
 example's marker), and on each ``session.start`` or ``session.resume`` of that session the
-agent sends the next burst of frames (see :mod:`tests.fuzzframes`).
+agent sends the next burst of frames (see :mod:`tests.support.fuzzframes`).
 
 Two things let the test know the gateway has dealt with a burst: the agent answers a turn
 whose ``turn_id`` starts with ``fzsync`` (or a ``session.resume`` whose last turn is one)
@@ -30,7 +30,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from tests.fuzzframes import MARKER, Close, Key, wire
+from tests.support.fuzzframes import MARKER, Close, Key, wire
 
 __all__ = ["FuzzAgent"]
 
