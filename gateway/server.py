@@ -142,7 +142,7 @@ class Gateway:
         self.store = store if store is not None else open_store(config, metrics=self.metrics)
         self.instance = config.server.instance_id or instance_id()
         s = config.store
-        self.context = Sessions(
+        self.sessions = Sessions(
             config,
             store=self.store,
             metrics=self.metrics,
@@ -166,12 +166,12 @@ class Gateway:
             if config.security.auth_keys
             else None,
         )
-        admission = self.context.admission
+        admission = self.sessions.admission
         self.metrics.admission_waiting.set_function(lambda: admission.waiting)
         self.metrics.admission_restoring.set_function(lambda: admission.restoring)
         down = config.agent.downstream
         if down.startswith(("ws://", "wss://")):
-            self.context.downstream = down
+            self.sessions.downstream = down
         self.demo_agent: Server | None = None
         self.server: Server | None = None
         self.closing = False
@@ -198,7 +198,7 @@ class Gateway:
         if self.config.agent.downstream == "demo":
             self.demo_agent = await serve_demo_agent("127.0.0.1", 0)
             port = self.demo_agent.sockets[0].getsockname()[1]
-            self.context.downstream = f"ws://127.0.0.1:{port}/"
+            self.sessions.downstream = f"ws://127.0.0.1:{port}/"
         max_size = self.config.limits.max_message_size
         self.server = await serve(
             self._client,
@@ -221,12 +221,12 @@ class Gateway:
             reuse_port=self.config.server.workers > 1,
         )
         self._listener = asyncio.create_task(
-            self.store.listen(self.instance, self.context.taken_over)
+            self.store.listen(self.instance, self.sessions.taken_over)
         )
         keepalive = self.config.keepalive
         if keepalive.ping_interval is not None:
             pings = Keepalive(
-                lambda: self.context.connections,
+                lambda: self.sessions.connections,
                 interval=keepalive.ping_interval,
                 timeout=keepalive.ping_timeout,
             )
@@ -236,7 +236,7 @@ class Gateway:
         """Fail readiness, refuse new clients, close the others with 1012 over the drain period."""
         self.closing = True
         self.metrics.draining.set(1)
-        await self.context.drain(self.config.server.drain_period)
+        await self.sessions.drain(self.config.server.drain_period)
 
     async def aclose(self) -> None:
         """Stop accepting, close every client with 1001, then agent links, then the store."""
@@ -249,7 +249,7 @@ class Gateway:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-        await self.context.aclose()
+        await self.sessions.aclose()
         if self.demo_agent is not None:
             self.demo_agent.close()
             await self.demo_agent.wait_closed()
@@ -267,7 +267,7 @@ class Gateway:
     async def _client(self, ws: ServerConnection) -> None:
         assert ws.request is not None
         path = ws.request.path.partition("?")[0]
-        await handle_client(self.context, ws, twilio=path == self.config.twilio.twilio_path)
+        await handle_client(self.sessions, ws, twilio=path == self.config.twilio.twilio_path)
 
     async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path, _, query = request.path.partition("?")
@@ -277,11 +277,11 @@ class Gateway:
                 response = connection.respond(503, "draining: connect to another instance\n")
                 response.headers["Retry-After"] = "1"
                 return response
-            if self.context.admission.full():
+            if self.sessions.admission.full():
                 # Refused before the WebSocket opens: the cheapest "later" there is.
                 self.metrics.shed.labels("upgrade").inc()
                 response = connection.respond(503, "overloaded: try again later\n")
-                wait = self.context.admission.retry_after()
+                wait = self.sessions.admission.retry_after()
                 response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
                 return response
             if not twilio and not self._origin_allowed(request):

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from gateway.core import codec
 from gateway.core.auth import AuthError, Verifier, parse_auth_keys
 from gateway.core.callerkey import CallerKey
-from tests.authkeys import ACME_SECRET, keys_document, private_keys, token
+from tests.support.authkeys import ACME_SECRET, keys_document, private_keys, token
 
 ADA = {"phone": "+14155550100", "call_id": "CA1"}
 

@@ -228,7 +228,7 @@ async def test_a_flooding_agent_is_held_back(gateway_beside: GatewayBeside) -> N
                     assert frame["type"] == "msg", frame
                     seqs.append(frame["seq"])
                     await send(ws, {"type": "ack", "seq": frame["seq"]})
-                    inboxes = [live.inbox for live in gw.context.live.values() if live.inbox]
+                    inboxes = [live.inbox for live in gw.sessions.live.values() if live.inbox]
                     most = max([most, *(inbox.size for inbox in inboxes)])
             assert seqs == list(range(1, 601))
             assert most <= QUEUE + 1_100

@@ -192,7 +192,7 @@ def waiting(gw: Gateway) -> int:
     return max(
         (
             c.protocol.buffered + c.ws.transport.get_write_buffer_size()
-            for c in gw.context.connections
+            for c in gw.sessions.connections
         ),
         default=0,
     )

@@ -71,9 +71,9 @@ async def test_restores_are_bounded_queued_in_order_and_the_rest_shed(
         for n, ws in enumerate(sockets):
             await send(ws, {"type": "hello", "caller": caller(n)})
             await until(
-                lambda n=n: gw.context.admission.restoring + gw.context.admission.waiting == n + 1
+                lambda n=n: gw.sessions.admission.restoring + gw.sessions.admission.waiting == n + 1
             )
-        assert (gw.context.admission.restoring, gw.context.admission.waiting) == (1, 2)
+        assert (gw.sessions.admission.restoring, gw.sessions.admission.waiting) == (1, 2)
         assert store.entered == 1
         assert sample(gw, "hangon_admission_waiting") == 2
 
@@ -109,15 +109,15 @@ async def test_a_hello_whose_client_left_is_not_restored(
     async with admitting(10) as (gw, store):
         first = await connect(url(gw.port))
         await send(first, {"type": "hello", "caller": caller(0)})
-        await until(lambda: gw.context.admission.restoring == 1)
+        await until(lambda: gw.sessions.admission.restoring == 1)
         gone = await connect(url(gw.port))
         await send(gone, {"type": "hello", "caller": caller(1)})
-        await until(lambda: gw.context.admission.waiting == 1)
+        await until(lambda: gw.sessions.admission.waiting == 1)
         gone.transport.abort()
-        await until(lambda: any(c.ws.state is State.CLOSED for c in gw.context.connections))
+        await until(lambda: any(c.ws.state is State.CLOSED for c in gw.sessions.connections))
         store.gate.set()
         assert (await recv(first))["type"] == "welcome"
-        await until(lambda: gw.context.admission.waiting + gw.context.admission.restoring == 0)
+        await until(lambda: gw.sessions.admission.waiting + gw.sessions.admission.restoring == 0)
         assert store.entered == 1
         await first.close()
 

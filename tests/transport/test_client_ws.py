@@ -295,7 +295,7 @@ async def test_idle_session_holds_no_task_of_its_own(gateway: Gateway) -> None:
             await turn(ws, "t1", form={"name": "Ada"})
         await asyncio.sleep(0.05)  # let every sender finish
         added = _connection_tasks() - before
-        held = [live.renewal for live in gateway.context.live.values()]
+        held = [live.renewal for live in gateway.sessions.live.values()]
     assert added == 10
     assert len(held) == 10
     assert all(isinstance(timer, asyncio.TimerHandle) for timer in held)

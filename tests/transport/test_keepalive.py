@@ -102,7 +102,7 @@ async def test_a_client_that_stopped_reading_holds_one_ping_at_most(
         protocol.send_text(json.dumps(frame).encode())
         writer.write(b"".join(protocol.data_to_send()))
         await asyncio.sleep(2)  # ten intervals
-        stuck = [c for c in gateway.context.connections if c.sending]
+        stuck = [c for c in gateway.sessions.connections if c.sending]
         in_flight = ping_tasks()
         writer.transport.abort()
     assert len(stuck) == 1

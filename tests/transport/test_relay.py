@@ -69,7 +69,7 @@ async def test_agent_output_while_client_away_is_replayed(relay: RelayFactory) -
             {"type": "state", "patch": {"form_answers": {"name": "Alice"}}},
             {"type": "say", "n": 3},
         )
-        live = next(iter(gw.context.live.values()))
+        live = next(iter(gw.sessions.live.values()))
         while live.session is None or live.session.seq < 3:
             await asyncio.sleep(0.01)
         welcome = await caller.connect()
@@ -95,7 +95,7 @@ async def test_window_overrun_is_partial(relay: RelayFactory, settings: StoreSet
         await voice.wait_for(lambda r: len(r) == 1)
         caller.drop()
         await voice.send(*({"type": "say", "n": n} for n in range(1, 11)))
-        live = next(iter(gw.context.live.values()))
+        live = next(iter(gw.sessions.live.values()))
         while live.session is None or live.session.seq < 10:
             await asyncio.sleep(0.01)
         welcome = await caller.connect()
@@ -116,7 +116,7 @@ async def test_acked_messages_leave_the_store(relay: RelayFactory) -> None:
         await voice.wait_for(lambda r: len(r) == 1)
         await voice.send({"type": "say", "n": 1}, {"type": "say", "n": 2})
         await caller.until(lambda f: f["type"] == "msg" and f["seq"] == 2)
-        live = next(iter(gw.context.live.values()))
+        live = next(iter(gw.sessions.live.values()))
         while live.acked_seq < 2:
             await asyncio.sleep(0.01)
         await voice.send({"type": "say", "n": 3})
@@ -204,7 +204,7 @@ async def test_bye_ends_the_agent_session(relay: RelayFactory) -> None:
     kinds = [f["type"] for f in voice.received]
     assert kinds == ["session.start", "turn", "session.end"]
     assert voice.received[1]["version"] == 1 and voice.received[1]["text"] == "hello there"
-    assert not gw.context.live
+    assert not gw.sessions.live
 
 
 async def test_linger_ends_the_agent_link(relay: RelayFactory, config: Config) -> None:
@@ -215,7 +215,7 @@ async def test_linger_ends_the_agent_link(relay: RelayFactory, config: Config) -
         await voice.wait_for(lambda r: len(r) == 1)
         caller.drop()
         await asyncio.wait_for(voice.connections[0].wait_closed(), 5)
-        assert not gw.context.live
+        assert not gw.sessions.live
         assert sample(gw, "hangon_agent_links_active") == 0
 
 

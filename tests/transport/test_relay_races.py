@@ -89,7 +89,7 @@ async def test_takeover_racing_linger0_detach_keeps_relaying(
         store.release.set()
         await opening
         await voice.wait_for(lambda r: r[-1]["type"] == "session.resume")
-        registered = bool(gw.context.live)
+        registered = bool(gw.sessions.live)
         await voice.send({"type": "say", "n": 1})
         try:
             frames = await _frames_until(second, 1, 3)
@@ -154,7 +154,7 @@ async def test_hello_last_seq_beyond_seq_is_not_an_ack_of_future_messages(
         welcome = await caller.connect()
         assert (welcome["replay"], welcome["replay_from"]) == ("partial", 1)
         await voice.wait_for(lambda r: r[-1]["type"] == "session.resume")
-        live = next(iter(gw.context.live.values()))
+        live = next(iter(gw.sessions.live.values()))
         await voice.send({"type": "say", "n": 1})
         await caller.until(lambda f: f["type"] == "msg" and f["seq"] == 1)
         await voice.send({"type": "say", "n": 2})
@@ -230,7 +230,7 @@ async def test_patch_after_lost_turn_reply_keeps_the_acked_turn(
         caller = Caller(url(gw.port), PHONE)
         await caller.connect()
         await voice.wait_for(lambda r: len(r) == 1)
-        live = next(iter(gw.context.live.values()))
+        live = next(iter(gw.sessions.live.values()))
         store.lose = True
         assert caller.ws is not None
         await caller.ws.send(json.dumps({"type": "turn", "turn_id": "t1", "form": {"name": "Ada"}}))

@@ -22,7 +22,7 @@ async def test_takeover_of_half_open_connection_does_not_wait(gateway: Gateway) 
     """The welcome is sent while the half-open old connection is still being closed."""
     async with connect(url(gateway.port)) as old:
         welcome = await hello(old, PHONE)
-        (live,) = gateway.context.live.values()
+        (live,) = gateway.sessions.live.values()
         assert live.client is not None
         server_side = live.client.ws
         old.transport.pause_reading()  # the old client is gone: it answers nothing any more
@@ -47,7 +47,7 @@ async def test_racing_takeovers_leave_one_connection(gateway: Gateway) -> None:
             await send(c, {"type": "hello", "caller": PHONE, "resume_token": token})
             assert (await recv(c))["type"] == "welcome"
             replaced = await recv(b)
-            live = [s.client for s in gateway.context.live.values()]
+            live = [s.client for s in gateway.sessions.live.values()]
             assert len(live) == 1 and live[0] is not None
         old.transport.resume_reading()
     assert replaced["type"] == "error" and replaced["code"] == "session_replaced"
@@ -69,7 +69,7 @@ async def test_abandoned_hello_does_not_take_over(
             store.release.set()
             assert (await recv(again))["type"] == "welcome"
             ack = await turn(again, "t1", form={"a": 1})
-            live = [s.client.ws.state if s.client else None for s in gw.context.live.values()]
+            live = [s.client.ws.state if s.client else None for s in gw.sessions.live.values()]
     assert ack == {"type": "ack", "turn_id": "t1", "version": 1}
     assert live == [State.OPEN]
 

@@ -68,7 +68,7 @@ async def test_takeover_closes_the_old_client_and_fences_its_writes(
     async with connect(url(a.port)) as on_a, connect(url(b.port)) as on_b:
         welcome = await hello(on_a, CALLER)
         assert (await turn(on_a, "t1", form={"name": "Ada"}))["version"] == 1
-        (live_a,) = a.context.live.values()
+        (live_a,) = a.sessions.live.values()
         assert live_a.session is not None
         old = live_a.session
         held = await stored(store_config, CALLER)
@@ -76,7 +76,7 @@ async def test_takeover_closes_the_old_client_and_fences_its_writes(
         await hello(on_b, CALLER, resume_token=welcome["resume_token"])
         result = await closed(on_a)
         assert (await turn(on_b, "t2", form={"date": "Friday"}))["version"] == 2
-        assert not a.context.live
+        assert not a.sessions.live
         late = write(old, "t-late", old.updated_ms + 1, name="Late")
         with pytest.raises(StoreConflict, match="newer connection"):
             await a.store.write_turn(parse_caller(CALLER), old.session_id, late)
@@ -111,7 +111,7 @@ async def test_takeover_closes_the_old_agent_link(
             msg = await second.until(lambda f: f["type"] == "msg")
             await second.aclose()
             first.drop()
-            assert not a.context.live
+            assert not a.sessions.live
     assert msg == {"type": "msg", "seq": 1, "data": {"type": "say", "from": "b"}}
 
 
@@ -129,7 +129,7 @@ async def test_notice_before_the_restore_reply_loses_the_race(
                 while not slow.landed:
                     await asyncio.sleep(0.01)
                 won = await hello(on_b, CALLER)
-                while not a.context.fenced:
+                while not a.sessions.fenced:
                     await asyncio.sleep(0.01)
                 slow.release.set()
                 lost = await closed(on_a)
@@ -209,7 +209,7 @@ async def test_drained_session_is_released(
     a, b = pair
     async with connect(url(a.port)) as on_a:
         welcome = await hello(on_a, CALLER)
-        await a.context.drain(0)
+        await a.sessions.drain(0)
         result = await closed(on_a)
     while (await stored(store_config, CALLER))[b"owner"] != b"":
         await asyncio.sleep(0.01)
@@ -233,13 +233,13 @@ async def test_lost_notice_is_caught_by_the_renewal(
     async with make_gateway(cfg) as a:
         async with connect(url(a.port)) as ws:
             welcome = await hello(ws, CALLER)
-            (live,) = a.context.live.values()
+            (live,) = a.sessions.live.values()
             assert live.renewal is not None
             other = RedisStore(
                 cfg.store.redis_url,
                 StoreSettings(key_prefix=cfg.store.key_prefix, keyring=TEST_KEYRING),
             )
-            now = a.context.clock()
+            now = a.sessions.clock()
             cand = Session(new_session_id(), new_resume_token(), 0, empty_state(), now, now)
             await other.restore(
                 parse_caller(CALLER),
@@ -250,7 +250,7 @@ async def test_lost_notice_is_caught_by_the_renewal(
             )
             await other.aclose()
             result = await closed(ws)
-        assert not a.context.live and not a.context.by_sid
+        assert not a.sessions.live and not a.sessions.by_sid
         touches = a.metrics.store_op_seconds["touch"]._sum.get()
         await asyncio.sleep(0.5)
         assert live.renewal is None
@@ -269,7 +269,7 @@ async def test_drain_after_a_stale_replacement_does_not_wait(
             async with connect(url(gw.port)) as c1:
                 w = await hello(c1, CALLER)
                 await voice.wait_for(lambda r: len(r) == 1)
-                (live,) = gw.context.live.values()
+                (live,) = gw.sessions.live.values()
                 await live.lock.acquire()
                 clock.advance(30)  # past max_age: the next hello replaces the session
                 async with connect(url(gw.port)) as c2:
@@ -284,7 +284,7 @@ async def test_drain_after_a_stale_replacement_does_not_wait(
                     assert (await recv(c2))["stale"] is True
                     await asyncio.sleep(0.3)
                     started = asyncio.get_running_loop().time()
-                    await gw.context.drain(0)
+                    await gw.sessions.drain(0)
                     took = asyncio.get_running_loop().time() - started
                     assert (await closed(c2)).code == 1012
     assert took < 2

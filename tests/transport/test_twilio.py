@@ -41,7 +41,7 @@ async def stored_digits(gw: Gateway, digits: str) -> None:
     """Wait until the agent's patch with ``digits`` is written (the pump is asynchronous)."""
     async with asyncio.timeout(5):
         while True:
-            lives = list(gw.context.live.values())
+            lives = list(gw.sessions.live.values())
             if lives and lives[0].session is not None:
                 if lives[0].session.state["form_answers"].get("digits") == digits:
                     return
@@ -253,13 +253,13 @@ async def test_agent_audio_is_never_stored_and_bad_audio_is_rejected(relay: Rela
         stream.abort()
         await voice.wait_for(lambda r: len(voice.of_type("mark")) == 1)  # Twilio's echo
         async with asyncio.timeout(5):
-            while gw.context.connections:
+            while gw.sessions.connections:
                 await asyncio.sleep(0.01)
         await voice.send({"type": "media", "payload": "AAECAw=="}, {"type": "say", "text": "2"})
         async with asyncio.timeout(5):
             while sample(gw, "hangon_relay_messages_total", how="stored") < 2:
                 await asyncio.sleep(0.01)
-        (live,) = gw.context.live.values()
+        (live,) = gw.sessions.live.values()
         assert live.session is not None and live.session.seq == 2  # the two says only
     dropped = {"direction": "to_caller", "outcome": "dropped"}
     assert sample(gw, "hangon_relay_media_frames_total", **dropped) == 1

@@ -74,7 +74,7 @@ async def test_lingering_agent_link_elsewhere_cannot_write(
             await on_b.send('{"type": "say", "from": "b"}')
             msg = await caller.until(lambda f: f["type"] == "msg")
             await caller.aclose()
-            assert not a.context.live
+            assert not a.sessions.live
     assert msg == {"type": "msg", "seq": 1, "data": {"type": "say", "from": "b"}}
     assert [f["type"] for f in voice.received] == ["session.start", "session.resume"]
 
