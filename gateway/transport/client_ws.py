@@ -22,6 +22,7 @@ import contextlib
 import logging
 import random
 import urllib.parse
+from collections.abc import Awaitable
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -31,7 +32,7 @@ from gateway.core import agent
 from gateway.core.auth import AuthError, Grant
 from gateway.core.closecodes import BYE, SERVICE_RESTART, ErrorCode
 from gateway.core.events import Ack, Bye, Forward, Hello, Turn
-from gateway.core.lifecycle import TOKEN_REQUIRED, Duplicate, Ignore, TooBig, Write
+from gateway.core.lifecycle import TOKEN_REQUIRED, Duplicate, TooBig, Write
 from gateway.core.protocol import Protocol
 from gateway.core.ratelimit import TokenBucket
 from gateway.core.twilio import TwilioStream
@@ -50,8 +51,12 @@ TOKEN_SUBPROTOCOL = "hangon.token."
 ["hangon.v1", "hangon.token." + token])``; the gateway answers ``hangon.v1``."""
 
 
-async def handle_client(sessions: Sessions, ws: ServerConnection, *, twilio: bool = False) -> None:
-    """Serve one client connection until it closes.
+def handle_client(
+    sessions: Sessions, ws: ServerConnection, *, twilio: bool = False
+) -> Awaitable[None]:
+    """Serve one client connection until it closes (what to await).
+
+    Not a coroutine itself: an idle connection waits in one frame, its handler's.
 
     Args:
         twilio: The client is a Twilio Media Stream (:mod:`gateway.core.twilio`),
@@ -68,11 +73,13 @@ async def handle_client(sessions: Sessions, ws: ServerConnection, *, twilio: boo
     else:
         protocol = Protocol(max_message_size=limits.max_message_size, default_region=default_region)
     conn = Connection(ws, protocol, sessions.metrics.protocol_errors, sessions.outbound)
-    await Handler(sessions, conn).run()
+    return Handler(sessions, conn).run()
 
 
 class Handler:
     """One client connection's frames, acted on in order."""
+
+    __slots__ = ("bucket", "conn", "live", "sessions")
 
     def __init__(self, sessions: Sessions, conn: Connection) -> None:
         self.sessions = sessions
@@ -119,7 +126,8 @@ class Handler:
                     self._forward(event)
                     continue  # nothing to write back
                 elif isinstance(event, Turn):
-                    await self._turn(event, loop.time())
+                    if self._may_turn(event, loop.time()):
+                        await self._turn(event)
                 elif isinstance(event, Ack):
                     assert self.live is not None
                     self.live.life.ack(conn, event.seq)
@@ -216,19 +224,20 @@ class Handler:
     def _allowed(self, now: float) -> bool:
         """Whether the connection may send this turn under ``--max-turns-per-second``."""
         limits = self.sessions.limits
-        if limits.max_turns_per_second is None:
-            return True
         bucket = self.bucket
         if bucket is None:
+            assert limits.max_turns_per_second is not None
             bucket = self.bucket = TokenBucket(
                 limits.max_turns_per_second, float(limits.turn_burst)
             )
         return bucket.take(now)
 
-    async def _turn(self, turn: Turn, now: float) -> None:
+    def _may_turn(self, turn: Turn, now: float) -> bool:
+        """Whether ``turn`` may go on to be written: not past the connection's turn rate
+        (else the connection fails), not after a turn still unstored (else it is nacked)."""
         live, conn = self.live, self.conn
         assert live is not None
-        if not self._allowed(now):
+        if self.sessions.limits.max_turns_per_second is not None and not self._allowed(now):
             assert self.bucket is not None
             conn.protocol.fail(
                 ErrorCode.RATE_LIMITED,
@@ -236,68 +245,68 @@ class Handler:
                 " resume after retry_after",
                 retry_after=round(max(1.0, self.bucket.wait()), 1),
             )
-            return
+            return False
         held = live.life.held_back(conn, turn)
         if held is not None:
             self._nack(turn, held.why)
-            return
-        if not await live.restored():
+            return False
+        return True
+
+    async def _turn(self, turn: Turn) -> None:
+        """Write ``turn`` as the session's lifecycle plans it, and answer it."""
+        live = self.live
+        assert live is not None
+        if live.recovered is not None and not await live.restored():
             self._nack(turn, "session store unreachable; send the turn again")
             return
         async with live.lock:
-            await self._write(live, turn)
-
-    async def _write(self, live: LiveSession, turn: Turn) -> None:
-        """Carry out the lifecycle's plan for ``turn``; under the session's lock."""
-        sessions, conn, protocol = self.sessions, self.conn, self.conn.protocol
-        limits = sessions.limits
-        plan = live.life.plan_turn(
-            conn, turn, now_ms=sessions.clock(), max_state_size=limits.max_state_size
-        )
-        if isinstance(plan, Ignore):
-            return  # replaced meanwhile: this connection was told and is closing
-        if isinstance(plan, Duplicate):
-            sessions.metrics.turns_duplicate.inc()
-            self._ack(turn, plan.version)
-            return
-        if isinstance(plan, TooBig):
-            # Not retryable: the same turn would be refused again; the session is intact.
-            protocol.fail(
-                ErrorCode.STATE_TOO_BIG,
-                f"the turn would grow the session state past {plan.limit} bytes",
+            sessions, conn, protocol = self.sessions, self.conn, self.conn.protocol
+            limits = sessions.limits
+            plan = live.life.plan_turn(
+                conn, turn, now_ms=sessions.clock(), max_state_size=limits.max_state_size
             )
-            return
-        assert isinstance(plan, Write)
-        write, session = plan.write, live.session
-        assert session is not None
-        try:
-            written = await sessions.call(
-                "write_turn",
-                lambda: sessions.store.write_turn(live.caller, session.session_id, write),
-            )
-        except StoreConflict as exc:
-            log.info("turn refused session=%s reason=%s", session.session_id, exc.detail)
-            protocol.fail(ErrorCode.SESSION_CONFLICT, f"{exc.detail}; reconnect to resume")
-            return
-        except StoreError as exc:
-            log.warning("turn not written session=%s error=%s", session.session_id, exc)
-            if exc.retryable:
-                live.life.turn_unsure(write)
-                self._nack(turn, "turn not saved: session store unavailable; send it again")
-            else:
-                protocol.fail(
-                    ErrorCode.STORE_UNAVAILABLE,
-                    "turn not saved: store unavailable; reconnect, resend",
+            if not isinstance(plan, Write):
+                if isinstance(plan, Duplicate):
+                    sessions.metrics.turns_duplicate.inc()
+                    self._ack(turn, plan.version)
+                elif isinstance(plan, TooBig):
+                    # Not retryable: the same turn would be refused again; the session is intact.
+                    protocol.fail(
+                        ErrorCode.STATE_TOO_BIG,
+                        f"the turn would grow the session state past {plan.limit} bytes",
+                    )
+                # Ignore: replaced meanwhile; this connection was told and is closing.
+                return
+            write, session = plan.write, live.session
+            assert session is not None
+            try:
+                written = await sessions.call(
+                    "write_turn",
+                    lambda: sessions.store.write_turn(live.caller, session.session_id, write),
                 )
-            return
-        if live.life.turn_written(write, applied=written.applied):
-            sessions.metrics.turns_applied.inc()
-            if live.link is not None:
-                live.link.send(agent.turn_frame(session, turn))
-        else:
-            # Another connection applied this turn ID first.
-            sessions.metrics.turns_duplicate.inc()
-        self._ack(turn, written.version)
+            except StoreConflict as exc:
+                log.info("turn refused session=%s reason=%s", session.session_id, exc.detail)
+                protocol.fail(ErrorCode.SESSION_CONFLICT, f"{exc.detail}; reconnect to resume")
+                return
+            except StoreError as exc:
+                log.warning("turn not written session=%s error=%s", session.session_id, exc)
+                if exc.retryable:
+                    live.life.turn_unsure(write)
+                    self._nack(turn, "turn not saved: session store unavailable; send it again")
+                else:
+                    protocol.fail(
+                        ErrorCode.STORE_UNAVAILABLE,
+                        "turn not saved: store unavailable; reconnect, resend",
+                    )
+                return
+            if live.life.turn_written(write, applied=written.applied):
+                sessions.metrics.turns_applied.inc()
+                if live.link is not None:
+                    live.link.send(agent.turn_frame(session, turn))
+            else:
+                # Another connection applied this turn ID first.
+                sessions.metrics.turns_duplicate.inc()
+            self._ack(turn, written.version)
 
     def _ack(self, turn: Turn, version: int) -> None:
         self.conn.protocol.send_ack(turn.turn_id, version)

@@ -47,6 +47,8 @@ class Opening:
             :data:`~gateway.core.lifecycle.TOKEN_REQUIRED`.
     """
 
+    __slots__ = ("candidate", "conn", "hello", "resume_token", "sessions")
+
     def __init__(
         self, sessions: Sessions, conn: Connection, hello: Hello, resume_token: str | None
     ) -> None:

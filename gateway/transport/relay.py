@@ -47,6 +47,8 @@ of those that did not parse (reported in order, with the rest)."""
 class Relay:
     """The agent link, inbox and pump of one live session (see the module docstring)."""
 
+    __slots__ = ("inbox", "link", "live", "pump", "sessions", "unsaved")
+
     def __init__(self, live: LiveSession) -> None:
         self.live = live
         self.sessions = live.sessions
