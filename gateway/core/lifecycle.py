@@ -67,7 +67,6 @@ __all__ = [
     "Phase",
     "Refusal",
     "Restore",
-    "TooBig",
     "TurnPlan",
     "Write",
 ]
@@ -122,7 +121,8 @@ class Restore(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """The restore refused the hello: fail the client with ``code``."""
+    """Refused for good (a hello the restore refused, a turn past the state limit): fail
+    the client with ``code``."""
 
     code: ErrorCode
     message: str
@@ -185,20 +185,13 @@ class Duplicate:
 
 
 @dataclass(frozen=True, slots=True)
-class TooBig:
-    """The turn would grow the state past the limit: refused for good, state intact."""
-
-    limit: int
-
-
-@dataclass(frozen=True, slots=True)
 class Write:
     """Write this to the store, then report with :meth:`Lifecycle.turn_written`."""
 
     write: TurnWrite
 
 
-TurnPlan = Ignore | Duplicate | TooBig | Write
+TurnPlan = Ignore | Duplicate | Refusal | Write
 
 
 @dataclass(slots=True)
@@ -381,7 +374,11 @@ class Lifecycle(Generic[C]):
         else:
             write = session.apply(turn, now_ms)
         if len(write.encoded) > max_state_size:
-            return TooBig(max_state_size)
+            # Not retryable: the same turn would be refused again; the session is intact.
+            return Refusal(
+                ErrorCode.STATE_TOO_BIG,
+                f"the turn would grow the session state past {max_state_size} bytes",
+            )
         return Write(write)
 
     def turn_written(self, write: TurnWrite, *, applied: bool) -> bool:

@@ -32,7 +32,7 @@ from gateway.core import agent
 from gateway.core.auth import AuthError, Grant
 from gateway.core.closecodes import BYE, SERVICE_RESTART, ErrorCode
 from gateway.core.events import Ack, Bye, Forward, Hello, Turn
-from gateway.core.lifecycle import TOKEN_REQUIRED, Duplicate, TooBig, Write
+from gateway.core.lifecycle import TOKEN_REQUIRED, Duplicate, Refusal, Write
 from gateway.core.protocol import Protocol
 from gateway.core.ratelimit import TokenBucket
 from gateway.core.twilio import TwilioStream
@@ -269,12 +269,8 @@ class Handler:
                 if isinstance(plan, Duplicate):
                     sessions.metrics.turns_duplicate.inc()
                     self._ack(turn, plan.version)
-                elif isinstance(plan, TooBig):
-                    # Not retryable: the same turn would be refused again; the session is intact.
-                    protocol.fail(
-                        ErrorCode.STATE_TOO_BIG,
-                        f"the turn would grow the session state past {plan.limit} bytes",
-                    )
+                elif isinstance(plan, Refusal):
+                    protocol.fail(plan.code, plan.message)
                 # Ignore: replaced meanwhile; this connection was told and is closing.
                 return
             write, session = plan.write, live.session

@@ -14,6 +14,7 @@ import pytest
 
 from gateway.core import codec
 from gateway.core.agent import AgentMessage, InvalidAgentFrame, StatePatch
+from gateway.core.closecodes import ErrorCode
 from gateway.core.events import Turn
 from gateway.core.lifecycle import (
     TOKEN_REQUIRED,
@@ -25,7 +26,6 @@ from gateway.core.lifecycle import (
     Nack,
     Phase,
     Refusal,
-    TooBig,
     Write,
 )
 from gateway.core.resume import Outcome, Replay
@@ -258,7 +258,9 @@ def test_a_turn_past_the_state_limit_is_refused_before_it_is_applied() -> None:
     """The size is checked on the write, before the store or the session sees it."""
     life = opened()
     plan = life.plan_turn("c1", turn(name="x" * 500), now_ms=5, max_state_size=200)
-    assert plan == TooBig(200)
+    assert plan == Refusal(
+        ErrorCode.STATE_TOO_BIG, "the turn would grow the session state past 200 bytes"
+    )
     assert life.session is not None and life.session.version == 0
 
 
