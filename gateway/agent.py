@@ -77,19 +77,6 @@ is not read, which holds hangon back (5 s of a phone caller's audio)."""
 
 
 @dataclass(frozen=True, slots=True)
-class Start:
-    """A new session: nobody has said anything yet."""
-
-
-@dataclass(frozen=True, slots=True)
-class Resume:
-    """The session goes on: ``reason`` is ``client_resumed`` (the caller came back) or
-    ``agent_reconnected`` (this link was redialled). :attr:`Call.state` says where it stands."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class Turn:
     """What the caller said (``text``), answered (``form``) or pressed (``dtmf``)."""
 
@@ -101,6 +88,30 @@ class Turn:
     dtmf: str | None = None
     missed: bool = False
     """It arrived while no link was up: it comes from the state of a resume."""
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """A new session: the agent has not heard of it before.
+
+    ``missed`` is a turn the caller made before the agent could be reached; it follows
+    this event, to be answered (a greeting may then be left out).
+    """
+
+    missed: Turn | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """The session goes on: ``reason`` is ``client_resumed`` (the caller came back) or
+    ``agent_reconnected`` (this link was redialled). :attr:`Call.state` says where it stands.
+
+    ``missed`` is the caller's last turn if no answer named it (it came while no link was
+    up); it follows this event, to be answered (a "welcome back" may then be left out).
+    """
+
+    reason: str
+    missed: Turn | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,11 +281,11 @@ class Call:
             self.state = dict(frame.get("state") or {})
             self.version = int(frame.get("version") or 0)
             self.stream = frame.get("stream")
-            if kind == "session.start":
-                events.append(Start())
-            else:
-                events.append(Resume(str(frame.get("reason", ""))))
             missed = _unanswered(self.state)
+            if kind == "session.start":
+                events.append(Start(missed))
+            else:
+                events.append(Resume(str(frame.get("reason", "")), missed))
             if missed is not None:
                 events.append(missed)
         elif kind == "turn":

@@ -24,9 +24,34 @@ def silent(frame: dict[str, Any], scratch: dict[str, Any]) -> list[str | bytes |
 
 
 def booking(frame: dict[str, Any], scratch: dict[str, Any]) -> list[str | bytes | dict[str, Any]]:
-    """Answer as the demo agent does (its form logic, one form per connection)."""
-    form: BookingForm = scratch.setdefault("form", BookingForm())
-    return list(form.reply(frame))
+    """Answer as the demo agent does (its form logic over raw frames, as gateway.agent
+    would drive it: a missed turn answered in place of a greeting, each answer's patch
+    naming its turn)."""
+    kind = frame["type"]
+    if kind in ("session.start", "session.resume"):
+        state = frame.get("state") or {}
+        scratch["answers"] = dict(state.get("form_answers") or {})
+        last = state.get("last_turn") or {}
+        if last.get("turn_id") and last["turn_id"] != (state.get("context") or {}).get(
+            "agent_turn"
+        ):
+            return _answer(scratch, last)
+        lead = "Hi! I can book you an appointment." if kind == "session.start" else "Welcome back."
+        return [BookingForm(scratch["answers"]).ask(lead)]
+    if kind == "turn":
+        return _answer(scratch, frame)
+    return []
+
+
+def _answer(scratch: dict[str, Any], turn: dict[str, Any]) -> list[str | bytes | dict[str, Any]]:
+    form = BookingForm(scratch["answers"])
+    changes, reply = form.turn(turn.get("text") or "")
+    scratch["answers"] = form.answers
+    patch: dict[str, Any] = {"context": {"agent_turn": turn["turn_id"]}}
+    if changes is not None:
+        patch["form_answers"] = changes
+        return [{"type": "state", "patch": patch}, reply]
+    return [reply, {"type": "state", "patch": patch}]
 
 
 def phone(frame: dict[str, Any], scratch: dict[str, Any]) -> list[str | bytes | dict[str, Any]]:
