@@ -277,10 +277,11 @@ class Call:
         kind = frame.get("type")
         if kind in ("session.start", "session.resume"):
             self.session_id = str(frame.get("session_id", ""))
-            self.caller = dict(frame.get("caller") or {})
-            self.state = dict(frame.get("state") or {})
-            self.version = int(frame.get("version") or 0)
-            self.stream = frame.get("stream")
+            self.caller = _object(frame.get("caller"))
+            self.state = _object(frame.get("state"))
+            self.version = _int(frame.get("version"), 0) or 0
+            stream = frame.get("stream")
+            self.stream = stream if isinstance(stream, dict) else None
             missed = _unanswered(self.state)
             if kind == "session.start":
                 events.append(Start(missed))
@@ -289,7 +290,7 @@ class Call:
             if missed is not None:
                 events.append(missed)
         elif kind == "turn":
-            self.version = int(frame.get("version") or self.version)
+            self.version = _int(frame.get("version"), None) or self.version
             turn = _turn(frame)
             self.state["last_turn"] = {
                 k: v for k, v in frame.items() if k in ("turn_id", "text", "form", "dtmf")
@@ -304,13 +305,13 @@ class Call:
                 audio = base64.b64decode(str(frame.get("payload", "")), validate=True)
             except ValueError:
                 return events
-            chunk, stamp = frame.get("chunk"), frame.get("timestamp")
+            track = frame.get("track")
             events.append(
                 Media(
                     audio,
-                    int(chunk) if isinstance(chunk, int | str) and str(chunk).isdigit() else None,
-                    int(stamp) if isinstance(stamp, int | str) and str(stamp).isdigit() else None,
-                    frame.get("track") if isinstance(frame.get("track"), str) else None,
+                    _int(frame.get("chunk"), None),
+                    _int(frame.get("timestamp"), None),
+                    track if isinstance(track, str) else None,
                 )
             )
         elif kind == "mark":
@@ -331,13 +332,26 @@ def _turn(frame: dict[str, Any], *, missed: bool = False) -> Turn:
 
     return Turn(
         turn_id=str(frame.get("turn_id", "")),
-        version=int(frame.get("version") or 0),
+        version=_int(frame.get("version"), 0) or 0,
         text=optional("text", str),
         form=optional("form", dict),
         context=optional("context", dict),
         dtmf=optional("dtmf", str),
         missed=missed,
     )
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _int(value: Any, default: int | None) -> int | None:
+    """An integer field, which Twilio's fields carry as digits: ``default`` if it is not one."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdigit() and len(value) < 20:
+        return int(value)
+    return default
 
 
 def _unanswered(state: dict[str, Any]) -> Turn | None:
@@ -366,13 +380,15 @@ async def _link(handler: Handler, ws: ServerConnection, send_timeout: float) -> 
     try:
         await asyncio.wait({serving, reading}, return_when=asyncio.FIRST_COMPLETED)
         if not serving.done():
-            await asyncio.wait({serving})  # it has its End: the call is over
+            # It has its End (or the reader failed): give it a moment to finish.
+            await asyncio.wait({serving}, timeout=send_timeout)
     finally:
         for task in (reading, serving):
             task.cancel()  # no-op once done
         await asyncio.wait({reading, serving})
-        if not serving.cancelled() and (exc := serving.exception()) is not None:
-            log.error("agent handler failed session=%s", call.session_id, exc_info=exc)
+        for task, what in ((serving, "handler"), (reading, "reader")):
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.error("agent %s failed session=%s", what, call.session_id, exc_info=exc)
         await ws.close(1000, "session ended")
 
 
@@ -383,7 +399,7 @@ async def _read(call: Call) -> None:
         async for raw in call.ws:
             try:
                 frame = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 log.warning("agent: ignoring a frame that is not JSON")
                 continue
             if not isinstance(frame, dict):

@@ -53,6 +53,10 @@ class Recorder:
                 self.changed.clear()
                 await self.changed.wait()
 
+    def ended(self, n: int) -> bool:
+        """Whether the ``n``-th call has had its End."""
+        return len(self.calls) > n and bool(self.calls[n]) and isinstance(self.calls[n][-1], End)
+
     def kinds(self, n: int = -1) -> list[str]:
         return [type(e).__name__ for e in self.calls[n]]
 
@@ -125,7 +129,7 @@ async def test_a_turn_made_while_the_agent_was_away_is_answered_once(
             await recv(ws)
             server.close()  # the agent goes away; the link redials in vain
             await server.wait_closed()
-            await bot.wait(lambda: isinstance(bot.calls[0][-1], End))
+            await bot.wait(lambda: bot.ended(0))
             assert (await turn(ws, "t1", text="Ada"))["type"] == "ack"
         server = await agent.serve(bot, port=port)  # back, on the same port
         try:
@@ -134,7 +138,7 @@ async def test_a_turn_made_while_the_agent_was_away_is_answered_once(
                 frames = [await recv(ws) for _ in range(2)]
                 assert frames[0]["state"]["form_answers"] == {"said": "Ada"}
                 assert frames[1]["data"] == {"type": "say", "text": "heard Ada"}
-            await bot.wait(lambda: len(bot.calls) == 2 and isinstance(bot.calls[1][-1], End))
+            await bot.wait(lambda: bot.ended(1))
             resumed = bot.calls[1]
             assert isinstance(resumed[0], Resume) and resumed[0].missed is not None
             assert isinstance(resumed[1], Turn) and resumed[1].missed
@@ -159,14 +163,14 @@ async def test_bye_ends_the_call_and_a_drop_only_sends_the_client_away(
         async with connect(url(gw.port)) as ws:
             await hello(ws, CALLER)
             await recv(ws)
-        await bot.wait(lambda: bot.calls and isinstance(bot.calls[0][-1], End))
+        await bot.wait(lambda: bot.ended(0))
         assert bot.calls[0][-1] == End(over=False)
         async with connect(url(gw.port)) as ws:
             await hello(ws, {"user_id": "u-bye", "call_id": "c-2"})
             await recv(ws)
             await send(ws, {"type": "bye"})
             await ws.wait_closed()
-        await bot.wait(lambda: len(bot.calls) == 2 and isinstance(bot.calls[1][-1], End))
+        await bot.wait(lambda: bot.ended(1))
         assert bot.calls[1][-1] == End(over=True)
 
 
@@ -197,3 +201,35 @@ async def test_a_refused_frame_is_an_event_and_a_failing_handler_is_logged(
         r.getMessage().startswith("agent handler failed session=s_") and r.exc_info
         for r in caplog.records
     )
+
+
+async def test_frames_of_the_wrong_shape_are_skipped_not_fatal() -> None:
+    """The link is a peer like any other: frames that are not JSON, nest too deep, carry
+    fields of the wrong type or bad audio are skipped or read with defaults, and the call
+    goes on to its End."""
+    bot = Recorder()
+    server = await agent.serve(bot, send_timeout=1)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with connect(f"ws://127.0.0.1:{port}/") as link:
+            await link.send("{not json")
+            await link.send("[" * 100_000)
+            await link.send('["a list"]')
+            await link.send(
+                '{"type":"session.start","session_id":"s_1","caller":["x"],'
+                '"state":"nope","version":"v","stream":7}'
+            )
+            await link.send('{"type":"media","payload":"***","chunk":"1"}')
+            await link.send('{"type":"media","payload":"AAAA","chunk":"9999999999999999999999"}')
+            await link.send('{"type":"turn","turn_id":"t1","version":true,"text":5}')
+            await link.send('{"type":"session.end","session_id":"s_1"}')
+            await bot.wait(lambda: bot.ended(0))
+            await link.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+    kinds = bot.kinds(0)
+    assert kinds == ["Start", "Media", "Turn", "End"]
+    media, said = bot.calls[0][1], bot.calls[0][2]
+    assert media == agent.Media(b"\x00\x00\x00", None, None, None)
+    assert isinstance(said, Turn) and (said.text, said.version) == (None, 0)
