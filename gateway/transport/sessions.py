@@ -227,14 +227,19 @@ class Sessions:
     async def drain(self, period: float) -> None:
         """Close every session and connection with 1012, spread over ``period`` seconds.
 
+        A lingering session (no client) is drained at once: there is no one to spread.
+
         Each session's agent output is persisted and relayed before its client is
         closed. Hellos that arrive meanwhile are refused with 1012 too.
         """
         self.draining = True
         rng = random.Random()
         lives = list(self.live.values())
+        # Spread only what would reconnect: a lingering session has no client to send back
+        # (and a hello now gets 1012), so its agent output is persisted at once.
         results = await asyncio.gather(
-            *(live.drain(rng.uniform(0, period)) for live in lives), return_exceptions=True
+            *(live.drain(rng.uniform(0, period) if live.client else 0.0) for live in lives),
+            return_exceptions=True,
         )
         for live, result in zip(lives, results, strict=True):
             if isinstance(result, Exception):

@@ -59,7 +59,9 @@ class GatewayProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
-    def terminate(self, timeout: float = 10) -> int:
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM and wait: a client still connected is closed within the drain period
+        (10 s unless the test set --drain-period), so wait longer than that."""
         assert self.proc is not None
         self.proc.terminate()
         return self.proc.wait(timeout)

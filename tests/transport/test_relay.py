@@ -219,6 +219,28 @@ async def test_linger_ends_the_agent_link(relay: RelayFactory, config: Config) -
         assert sample(gw, "hangon_agent_links_active") == 0
 
 
+async def test_drain_does_not_wait_on_lingering_sessions(relay: RelayFactory) -> None:
+    """A deploy with only lingering sessions stops at once: the drain period spreads the
+    clients' reconnects, and a lingering session has none; what its agent said while the
+    client was away is persisted before the link closes."""
+    async with relay(silent) as (gw, voice):
+        caller = Caller(url(gw.port), PHONE)
+        await caller.connect()
+        await voice.wait_for(lambda r: len(r) == 1)
+        caller.drop()
+        (live,) = gw.sessions.live.values()
+        while live.client is not None:
+            await asyncio.sleep(0.01)
+        await voice.send({"type": "say", "n": 1})
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(gw.sessions.drain(60), 10)
+        took = loop.time() - started
+        await asyncio.wait_for(voice.connections[0].wait_closed(), 5)
+    assert took < 5, took
+    assert live.session is not None and live.session.seq == 1
+
+
 async def test_agent_unreachable_does_not_fail_the_session(
     relay: RelayFactory, config: Config
 ) -> None:
