@@ -203,11 +203,15 @@ class Call:
         *,
         form_answers: dict[str, Any] | None = None,
         context: dict[str, Any] | None = None,
+        answered: str | None = None,
     ) -> None:
         """Change the session state (a ``None`` value deletes a key); while a turn is being
-        handled, the patch also records that turn as answered."""
+        handled, the patch also records that turn as answered (``answered`` names another:
+        see :meth:`receive`)."""
         context = dict(context or {})
-        if self.answering is not None:
+        if answered is not None:
+            context[_AGENT_TURN] = answered
+        elif self.answering is not None:
             context[_AGENT_TURN] = self.answering
             self._answered = True
         patch: dict[str, Any] = {}
@@ -247,6 +251,13 @@ class Call:
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
+
+    async def receive(self) -> Event:
+        """The next event, with no chore done for it: for a framework that answers turns
+        on its own schedule (a Pipecat pipeline), which names each turn it answered with
+        ``patch(answered=turn.turn_id)``. After :class:`End` there is none: do not call again.
+        """
+        return await self._events.get()
 
     async def _iterate(self) -> AsyncIterator[Event]:
         while True:

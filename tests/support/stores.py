@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from gateway.core.sealing import Keyring
-from gateway.store.base import SessionStore, StoreSettings
+import redis.asyncio as aioredis
+
+from gateway.core.callerkey import parse_caller
+from gateway.core.sealing import Keyring, aad
+from gateway.store.base import SessionStore, StoreSettings, session_keys
 from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
 
@@ -19,6 +22,7 @@ __all__ = [
     "StoreFactory",
     "StoreKind",
     "new_store",
+    "stored",
 ]
 
 TEST_STATE_KEYS = "t1:" + base64.b64encode(bytes(range(32))).decode()
@@ -39,3 +43,18 @@ def new_store(url: str | None, settings: StoreSettings) -> SessionStore:
     """A memory store without ``url``, else a Redis store on it (``redis+cluster://`` for a
     cluster)."""
     return MemoryStore(settings) if url is None else RedisStore(url, settings)
+
+
+async def stored(
+    redis_url: str, caller: dict[str, Any], key_prefix: str = "hangon:"
+) -> dict[bytes, bytes]:
+    """A session's hash as a Redis holds it, its sealed state opened."""
+    key = session_keys(key_prefix, parse_caller(caller), TEST_KEYRING)[0]
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        held: dict[bytes, bytes] = await client.hgetall(key)
+        if b"state" in held:
+            held[b"state"] = TEST_KEYRING.open(held[b"state"], aad(key, "state"))
+        return held
+    finally:
+        await client.aclose()

@@ -9,16 +9,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
 from gateway.config import Config
 from gateway.core.callerkey import parse_caller
-from gateway.core.sealing import aad
 from gateway.core.session import Session, empty_state, new_resume_token, new_session_id
 from gateway.exceptions import StoreConflict
 from gateway.server import Gateway
-from gateway.store.base import StoreSettings, session_keys
+from gateway.store.base import StoreSettings
 from gateway.store.redis_store import RedisStore
 from tests.support.agents import TestAgent
 from tests.support.clock import Clock
@@ -26,6 +24,7 @@ from tests.support.gateways import GatewayFactory
 from tests.support.records import write
 from tests.support.relayclient import Caller
 from tests.support.stores import TEST_KEYRING
+from tests.support.stores import stored as stored_session
 from tests.support.storewrap import Wrapper
 from tests.support.wsclient import closed, connect, hello, recv, send, turn, url
 
@@ -47,15 +46,7 @@ async def pair(
 async def stored(cfg: Config, caller: dict[str, Any]) -> dict[bytes, bytes]:
     """The session hash as the Redis that ``cfg`` names holds it, its sealed state opened."""
     assert cfg.store.redis_url is not None
-    key = session_keys(cfg.store.key_prefix, parse_caller(caller), TEST_KEYRING)[0]
-    client = aioredis.Redis.from_url(cfg.store.redis_url)
-    try:
-        held: dict[bytes, bytes] = await client.hgetall(key)
-        if b"state" in held:
-            held[b"state"] = TEST_KEYRING.open(held[b"state"], aad(key, "state"))
-        return held
-    finally:
-        await client.aclose()
+    return await stored_session(cfg.store.redis_url, caller, cfg.store.key_prefix)
 
 
 async def test_takeover_closes_the_old_client_and_fences_its_writes(
