@@ -11,7 +11,7 @@ Run it, then point hangon at it::
     python examples/pipecat_bot.py --port 8766
     hangon serve --downstream ws://127.0.0.1:8766/
 
-and call it with a Twilio-format stream: ``python -m loadtest.twilio --digits 23``.
+and call it as Twilio would, with a drop half way: ``python examples/pipecat_call.py``.
 
 What makes it survive a drop is the part marked "hangon": the transport, the saver, and
 asking again where the call stood. The rest is an ordinary Pipecat bot.
@@ -52,6 +52,8 @@ from pipecat.services.tts_service import TTSService
 
 from gateway.pipecat import HangonTransport, serve
 
+log = logging.getLogger("pipecat_bot")
+
 SYSTEM: LLMContextMessage = {
     "role": "system",
     "content": "You book tables at Chez Ada. Ask one thing at a time.",
@@ -87,8 +89,10 @@ class BookingLLM(FrameProcessor):
         if not isinstance(frame, LLMContextFrame):
             await self.push_frame(frame, direction)
             return
+        line = reply(frame.context.get_messages())
+        log.info("bot says: %s", line)
         await self.push_frame(LLMFullResponseStartFrame())
-        await self.push_frame(LLMTextFrame(reply(frame.context.get_messages())))
+        await self.push_frame(LLMTextFrame(line))
         await self.push_frame(LLMFullResponseEndFrame())
 
 

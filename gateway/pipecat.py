@@ -28,7 +28,7 @@ What goes where, as Pipecat's own telephony transports do it:
   pipeline's rate; a key press as :class:`InputDTMFFrame`; a text turn (a browser
   client's) as a final :class:`TranscriptionFrame`.
 * **Out:** the bot's audio as μ-law ``media`` to the call's stream, paced as a phone
-  plays it; an :class:`InterruptionFrame` as ``clear``; an
+  plays it, and a ``mark`` after each utterance; an :class:`InterruptionFrame` as ``clear``; an
   :class:`OutputTransportMessageFrame` as one frame to hangon (``{"type": "mark",
   "name": ...}`` is a mark; any other message is stored and relayed to the client).
 * **The conversation:** :attr:`HangonTransport.messages` holds the LLM messages as the
@@ -234,6 +234,8 @@ class HangonInput(BaseInputTransport):
             for frame in _turn_frames(event, transport.call.caller):
                 await self.push_frame(frame)
         elif isinstance(event, (Start, Resume)):
+            how = f"resumed ({event.reason})" if isinstance(event, Resume) else "started"
+            log.info("session=%s %s", transport.call.session_id, how)
             await transport._call_event_handler("on_session_ready", event.missed)
         elif isinstance(event, Mark):
             await transport._call_event_handler("on_mark", event.name)
