@@ -236,10 +236,12 @@ async def replay(
             await stream.dtmf(digit)
         # Let the echo of the last chunk come back before the stream ends.
         chunks = -(-len(piece) // CHUNK)
+
+        def echoed(received: list[dict[str, Any]], n: int = chunks) -> bool:
+            return sum(1 for f in received if f["event"] == "media") >= n
+
         with contextlib.suppress(TimeoutError):
-            await stream.wait_for(
-                lambda r, n=chunks: sum(f["event"] == "media" for f in r) >= n, echo_wait
-            )
+            await stream.wait_for(echoed, echo_wait)
         if part == 0:
             stream.abort()
             code: int | None = None
