@@ -74,7 +74,11 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         voice = speech("Hello, I would like to book a table.", Path(tmp))
-        streams, audio = asyncio.run(call(args.url, args.reattach_url or args.url, voice))
+        try:
+            streams, audio = asyncio.run(call(args.url, args.reattach_url or args.url, voice))
+        except TimeoutError:
+            print("the bot played nothing for 30 s: is the gateway's --downstream the bot?")
+            return 1
         if args.save is not None:
             raw = Path(tmp) / "call.ulaw"
             raw.write_bytes(audio)
