@@ -114,6 +114,37 @@ async def test_a_turn_answered_without_a_patch_is_marked_for_it(
         assert state["state"]["form_answers"] == {}
 
 
+async def test_receive_does_no_chore_and_answered_names_the_turn(
+    make_gateway: GatewayFactory, config: Config
+) -> None:
+    """A handler on receive() (a framework answering later) leaves its turns unanswered
+    until a patch names one with answered=; moving on to the next event marks nothing."""
+    turns: list[Turn] = []
+
+    async def later(call: Call) -> None:
+        while not isinstance(event := await call.receive(), End):
+            if isinstance(event, Turn):
+                turns.append(event)
+                if len(turns) == 2:  # answers both at once, naming the last
+                    await call.patch(context={"n": 2}, answered=event.turn_id)
+
+    server = await agent.serve(later)
+    port = server.sockets[0].getsockname()[1]
+    cfg = config.replace("agent", downstream=f"ws://127.0.0.1:{port}/")
+    try:
+        async with make_gateway(cfg) as gw, connect(url(gw.port)) as ws:
+            await hello(ws, CALLER)
+            assert (await turn(ws, "t1", text="one"))["type"] == "ack"
+            assert (await turn(ws, "t2", text="two"))["type"] == "ack"
+            state = await recv(ws)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert [t.turn_id for t in turns] == ["t1", "t2"]
+    assert state["type"] == "state"
+    assert state["state"]["context"] == {"n": 2, "agent_turn": "t2"}  # never t1 alone
+
+
 async def test_a_turn_made_while_the_agent_was_away_is_answered_once(
     make_gateway: GatewayFactory, config: Config
 ) -> None:
