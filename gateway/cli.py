@@ -28,6 +28,9 @@ __all__ = ["JsonFormatter", "build_parser", "config_from_args", "main", "tune_gc
 
 log = logging.getLogger("gateway")
 
+_METAVARS = {"max_turns_per_second": "RATE", "degrade_after": "SECONDS"}
+"""Metavars that the last word of the option's name would not give."""
+
 _WORKER_ENV = "HANGON_WORKER"
 """Set by ``--workers`` in each worker process: its index."""
 
@@ -102,7 +105,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         serve.add_argument(
             option.flag,
             dest=option.name,
-            metavar=option.name.split("_")[-1].upper(),
+            metavar=_METAVARS.get(option.name, option.name.split("_")[-1].upper()),
             help=f"{option.help} (default: {option.default_text()}; env {option.env}){note}",
         )
     demo = sub.add_parser(
@@ -120,8 +123,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="print new keys for sealing stored state, as environment variables",
         description="Print a new state key and caller hash key, as HANGON_STATE_KEYS and "
         "HANGON_CALLER_HASH_KEY lines for an environment file. Every instance sharing a "
-        "Redis needs the same ones. To rotate the state key, put a new one first in "
-        "HANGON_STATE_KEYS and keep the old ones after it; never change the caller hash key.",
+        "Redis needs the same ones. To rotate the state key: add the new one second in "
+        "HANGON_STATE_KEYS on every instance, then move it first, then drop the old one once "
+        "--ttl has passed; never change the caller hash key (docs/configuration.md).",
     )
     keygen.add_argument(
         "--key-id",

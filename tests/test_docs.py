@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import json
 import keyword
 import re
+import sys
 from pathlib import Path
 
-from gateway.config import OPTIONS
+from gateway.config import OPTIONS, Config
 from gateway.core.lifecycle import Lifecycle, Phase
 from gateway.core.protocol import ERRORS
 from gateway.metrics import Metrics
+from tests.support.gateways import GatewayFactory
 
 DOCS = Path(__file__).parent.parent / "docs"
 
@@ -116,3 +120,24 @@ def test_architecture_diagram_has_every_phase() -> None:
     methods = {method for _, _, method in arrows if method}
     assert [m for m in sorted(methods) if not callable(getattr(Lifecycle, m, None))] == []
     assert methods >= {"attach", "open_degraded", "detach", "linger_over", "drain", "drop", "end"}
+
+
+async def test_readme_example_runs_as_printed_twice(
+    make_gateway: GatewayFactory, config: Config
+) -> None:
+    """The README's client example, against the demo agent: it prints what its comments say,
+    and a second run is a new call, not a hang on a resumed one."""
+    text = (DOCS.parent / "README.md").read_text()
+    code = re.search(r"```python\n(import asyncio, json.*?)```", text, re.S)
+    assert code is not None
+    async with make_gateway(config.replace("agent", downstream="demo")) as gw:
+        example = code.group(1).replace("127.0.0.1:8765", f"127.0.0.1:{gw.port}")
+        for _ in range(2):
+            run = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", example, stdout=asyncio.subprocess.PIPE
+            )
+            out, _ = await asyncio.wait_for(run.communicate(), 30)
+            assert run.returncode == 0
+            lines = out.decode().splitlines()
+            assert "What name" in lines[0] and lines[-1] == "{'name': 'Ada'}"
+            assert [json.loads(line)["type"] for line in lines[1:4]] == ["ack", "state", "msg"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from types import TracebackType
 from typing import Self
 
@@ -21,6 +22,8 @@ def ensure(binary: str, package: str) -> str | None:
     found = find()
     if found or os.geteuid() != 0 or not shutil.which("apt-get"):
         return found
+    # Said on the real stderr, past pytest's capture: a minute of apt is no silent pause.
+    print(f"tests: {binary} not found, installing {package} with apt-get", file=sys.__stderr__)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-q"], check=False, env=env, capture_output=True)
     subprocess.run(
