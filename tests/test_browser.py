@@ -5,9 +5,6 @@ the restored answers; a reload resumes again. The screenshot is kept in test-art
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +13,7 @@ import pytest
 
 from tests.support.gateway_process import GatewayProcess
 from tests.support.redis_server import RedisServer
+from tests.support.tools import ensure
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +21,10 @@ ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 TIMEOUT = 15_000  # ms, for each wait on the page
 
 
-def find_chromium() -> str | None:
-    """Debian's chromium (installed with apt when root and missing)."""
-    found = shutil.which("chromium")
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], env=env, capture_output=True)
-        found = shutil.which("chromium")
-    return found
-
-
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     playwright = pytest.importorskip("playwright.async_api")
-    executable = find_chromium()
+    executable = ensure("chromium", "chromium")  # Debian's; no browser download
     if executable is None:
         pytest.skip("chromium not found: apt-get install chromium")
     async with playwright.async_playwright() as pw:
@@ -90,12 +78,17 @@ async def test_demo_page_survives_a_gateway_restart_and_a_reload(
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(ARTIFACTS / "demo-page-after-restart.png"))
 
+        before = await page.locator("#log p").all_inner_texts()
         await page.reload()
         await expect(status).to_have_text("open", timeout=TIMEOUT)
         await expect(page.locator("#restored")).to_have_text(
             "Reconnected: restored 2 answers.", timeout=TIMEOUT
         )
         await expect(page.locator("#answers dt")).to_have_count(2)
+        # The transcript is kept, and nothing the gateway replays is shown twice.
+        after = await page.locator("#log p").all_inner_texts()
+        assert after[: len(before)] == before and "Ada Lovelace" in before
+        assert sum("What name" in line for line in after) == 1
         await answer(page, "a check-up", 3)
         await page.screenshot(path=str(ARTIFACTS / "demo-page-after-reload.png"))
     finally:
@@ -104,6 +97,67 @@ async def test_demo_page_survives_a_gateway_restart_and_a_reload(
             second.terminate()
         elif first.proc is not None and first.proc.poll() is None:
             first.kill()
+
+
+async def test_demo_page_says_when_the_call_was_lost(browser: Any, tmp_path: Path) -> None:
+    """On the memory store a restart loses the call: the page says so and starts the new one
+    on a clean page, so that an answer cannot land on the old call's question."""
+    from playwright.async_api import expect
+
+    first = GatewayProcess(tmp_path / "first.log", "--downstream", "demo")
+    first.start()
+    second = GatewayProcess(tmp_path / "second.log", "--downstream", "demo", port=first.port)
+    page = await browser.new_page()
+    try:
+        await page.goto(f"http://127.0.0.1:{first.port}/")
+        await answer(page, "Ada Lovelace", 1)
+        await asyncio.to_thread(first.kill)
+        await asyncio.to_thread(second.start)
+        await expect(page.locator("#restored")).to_contain_text("was lost", timeout=TIMEOUT)
+        await expect(page.locator("#log .agent")).to_have_count(1, timeout=TIMEOUT)
+        await expect(page.locator("#log p")).to_have_count(1)  # the new greeting, alone
+        await expect(page.locator("#log .agent")).to_contain_text("What name")
+        await expect(page.locator("#answers dt")).to_have_count(0)
+    finally:
+        await page.close()
+        if second.proc is not None:
+            second.terminate()
+        elif first.proc is not None and first.proc.poll() is None:
+            first.kill()
+
+
+@pytest.mark.parametrize("width", [1280, 390], ids=["desktop", "phone"])
+async def test_demo_page_ends_the_call_and_starts_another(
+    browser: Any, tmp_path: Path, width: int
+) -> None:
+    """Booked and confirmed, the page hangs up: status closed, "The call is over.", and a
+    button that starts a new call. No console error on the way (a favicon 404 was one)."""
+    from playwright.async_api import expect
+
+    gw = GatewayProcess(tmp_path / "gw.log", "--downstream", "demo")
+    gw.start()
+    page = await browser.new_page(viewport={"width": width, "height": 844})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    try:
+        await page.goto(f"http://127.0.0.1:{gw.port}/")
+        for n, text in enumerate(["Ada Lovelace", "Friday", "a check-up", "yes"], start=1):
+            await answer(page, text, n)
+        await expect(page.locator("#status")).to_have_text("closed", timeout=TIMEOUT)
+        await expect(page.locator("#log p").last).to_have_text("The call is over.")
+        await expect(page.locator("#log")).to_contain_text("Booked: Ada Lovelace on Friday")
+        await expect(page.locator("#text")).to_be_disabled()
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / f"demo-page-call-over-{width}.png"))
+        await page.click("#again")
+        await expect(page.locator("#status")).to_have_text("open", timeout=TIMEOUT)
+        await expect(page.locator("#log p")).to_have_count(1, timeout=TIMEOUT)
+        await expect(page.locator("#answers dt")).to_have_count(0)
+        await expect(page.locator("#again")).to_be_hidden()
+    finally:
+        await page.close()
+        gw.terminate()
+    assert errors == []
 
 
 async def test_browser_passes_its_token_as_a_subprotocol_or_in_the_query(
