@@ -5,7 +5,8 @@ the restored answers; a reload resumes again. The screenshot is kept in test-art
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,21 @@ async def browser() -> AsyncIterator[Any]:
             await chromium.close()
 
 
+@contextmanager
+def restartable(tmp_path: Path, *args: str) -> Iterator[tuple[GatewayProcess, GatewayProcess]]:
+    """A gateway, started, and the one that takes its port when the test restarts it."""
+    first = GatewayProcess(tmp_path / "first.log", *args)
+    first.start()
+    second = GatewayProcess(tmp_path / "second.log", *args, port=first.port)
+    try:
+        yield first, second
+    finally:
+        if second.proc is not None:
+            second.terminate()
+        elif first.proc is not None and first.proc.poll() is None:
+            first.kill()
+
+
 async def answer(page: Any, text: str, count: int) -> None:
     """Type an answer and wait until the page lists ``count`` answers."""
     from playwright.async_api import expect
@@ -55,48 +71,42 @@ async def test_demo_page_survives_a_gateway_restart_and_a_reload(
     from playwright.async_api import expect
 
     args = ["--redis-url", own_redis.url, "--downstream", "demo"]
-    first = GatewayProcess(tmp_path / "first.log", *args)
-    first.start()
-    second = GatewayProcess(tmp_path / "second.log", *args, port=first.port)
-    page = await browser.new_page()
-    status = page.locator("#status")
-    try:
-        await page.goto(f"http://127.0.0.1:{first.port}/")
-        await expect(status).to_have_text("open", timeout=TIMEOUT)
-        await expect(page.locator("#log .agent").first).to_contain_text("name", timeout=TIMEOUT)
-        await answer(page, "Ada Lovelace", 1)
-        await answer(page, "Friday", 2)
+    with restartable(tmp_path, *args) as (first, second):
+        page = await browser.new_page()
+        status = page.locator("#status")
+        try:
+            await page.goto(f"http://127.0.0.1:{first.port}/")
+            await expect(status).to_have_text("open", timeout=TIMEOUT)
+            await expect(page.locator("#log .agent").first).to_contain_text("name", timeout=TIMEOUT)
+            await answer(page, "Ada Lovelace", 1)
+            await answer(page, "Friday", 2)
 
-        await asyncio.to_thread(first.kill)
-        await expect(status).to_have_text("reconnecting", timeout=TIMEOUT)
-        await asyncio.to_thread(second.start)
-        await expect(status).to_have_text("open", timeout=TIMEOUT)
-        await expect(page.locator("#restored")).to_have_text(
-            "Reconnected: restored 2 answers.", timeout=TIMEOUT
-        )
-        await expect(page.locator("#answers")).to_contain_text("Ada Lovelace")
-        ARTIFACTS.mkdir(exist_ok=True)
-        await page.screenshot(path=str(ARTIFACTS / "demo-page-after-restart.png"))
+            await asyncio.to_thread(first.kill)
+            await expect(status).to_have_text("reconnecting", timeout=TIMEOUT)
+            await asyncio.to_thread(second.start)
+            await expect(status).to_have_text("open", timeout=TIMEOUT)
+            await expect(page.locator("#restored")).to_have_text(
+                "Reconnected: restored 2 answers.", timeout=TIMEOUT
+            )
+            await expect(page.locator("#answers")).to_contain_text("Ada Lovelace")
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "demo-page-after-restart.png"))
 
-        before = await page.locator("#log p").all_inner_texts()
-        await page.reload()
-        await expect(status).to_have_text("open", timeout=TIMEOUT)
-        await expect(page.locator("#restored")).to_have_text(
-            "Reconnected: restored 2 answers.", timeout=TIMEOUT
-        )
-        await expect(page.locator("#answers dt")).to_have_count(2)
-        # The transcript is kept, and nothing the gateway replays is shown twice.
-        after = await page.locator("#log p").all_inner_texts()
-        assert after[: len(before)] == before and "Ada Lovelace" in before
-        assert sum("What name" in line for line in after) == 1
-        await answer(page, "a check-up", 3)
-        await page.screenshot(path=str(ARTIFACTS / "demo-page-after-reload.png"))
-    finally:
-        await page.close()
-        if second.proc is not None:
-            second.terminate()
-        elif first.proc is not None and first.proc.poll() is None:
-            first.kill()
+            before = await page.locator("#log p").all_inner_texts()
+            await page.reload()
+            await expect(status).to_have_text("open", timeout=TIMEOUT)
+            await expect(page.locator("#restored")).to_have_text(
+                "Reconnected: restored 2 answers.", timeout=TIMEOUT
+            )
+            await expect(page.locator("#answers dt")).to_have_count(2)
+            # The transcript is kept, and nothing the gateway replays is shown twice.
+            after = await page.locator("#log p").all_inner_texts()
+            assert after[: len(before)] == before and "Ada Lovelace" in before
+            assert sum("What name" in line for line in after) == 1
+            await answer(page, "a check-up", 3)
+            await page.screenshot(path=str(ARTIFACTS / "demo-page-after-reload.png"))
+        finally:
+            await page.close()
 
 
 async def test_demo_page_says_when_the_call_was_lost(browser: Any, tmp_path: Path) -> None:
@@ -104,26 +114,20 @@ async def test_demo_page_says_when_the_call_was_lost(browser: Any, tmp_path: Pat
     on a clean page, so that an answer cannot land on the old call's question."""
     from playwright.async_api import expect
 
-    first = GatewayProcess(tmp_path / "first.log", "--downstream", "demo")
-    first.start()
-    second = GatewayProcess(tmp_path / "second.log", "--downstream", "demo", port=first.port)
-    page = await browser.new_page()
-    try:
-        await page.goto(f"http://127.0.0.1:{first.port}/")
-        await answer(page, "Ada Lovelace", 1)
-        await asyncio.to_thread(first.kill)
-        await asyncio.to_thread(second.start)
-        await expect(page.locator("#restored")).to_contain_text("was lost", timeout=TIMEOUT)
-        await expect(page.locator("#log .agent")).to_have_count(1, timeout=TIMEOUT)
-        await expect(page.locator("#log p")).to_have_count(1)  # the new greeting, alone
-        await expect(page.locator("#log .agent")).to_contain_text("What name")
-        await expect(page.locator("#answers dt")).to_have_count(0)
-    finally:
-        await page.close()
-        if second.proc is not None:
-            second.terminate()
-        elif first.proc is not None and first.proc.poll() is None:
-            first.kill()
+    with restartable(tmp_path, "--downstream", "demo") as (first, second):
+        page = await browser.new_page()
+        try:
+            await page.goto(f"http://127.0.0.1:{first.port}/")
+            await answer(page, "Ada Lovelace", 1)
+            await asyncio.to_thread(first.kill)
+            await asyncio.to_thread(second.start)
+            await expect(page.locator("#restored")).to_contain_text("was lost", timeout=TIMEOUT)
+            await expect(page.locator("#log .agent")).to_have_count(1, timeout=TIMEOUT)
+            await expect(page.locator("#log p")).to_have_count(1)  # the new greeting, alone
+            await expect(page.locator("#log .agent")).to_contain_text("What name")
+            await expect(page.locator("#answers dt")).to_have_count(0)
+        finally:
+            await page.close()
 
 
 @pytest.mark.parametrize("width", [1280, 390], ids=["desktop", "phone"])
