@@ -9,12 +9,16 @@ import gc
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from gateway import __version__
 from gateway.config import OPTIONS, Config, from_values
@@ -22,6 +26,7 @@ from gateway.core import codec
 from gateway.core.sealing import new_key, parse_state_keys
 from gateway.demo_agent import serve_demo_agent
 from gateway.exceptions import ConfigError
+from gateway.metrics import SHARED_DIR_ENV
 from gateway.server import Gateway
 
 __all__ = ["JsonFormatter", "build_parser", "config_from_args", "main", "tune_gc"]
@@ -296,6 +301,10 @@ async def _supervise(argv: Sequence[str], workers: int) -> int:
     signals = _signals()
     stopping = False
     procs: dict[int, asyncio.subprocess.Process] = {}
+    # One scrape of the shared port answers for every worker (gateway.metrics): each keeps
+    # its values in files here, and the worker that takes the scrape reads them all.
+    shared = tempfile.mkdtemp(prefix="hangon-metrics-")
+    env = {**os.environ, SHARED_DIR_ENV: shared}
 
     async def run(index: int) -> int:
         while True:
@@ -304,7 +313,7 @@ async def _supervise(argv: Sequence[str], workers: int) -> int:
                 "-m",
                 "gateway",
                 *argv,
-                env={**os.environ, _WORKER_ENV: str(index)},
+                env={**env, _WORKER_ENV: str(index)},
                 # Out of the terminal's process group: a Ctrl-C reaches the workers once,
                 # forwarded from here, and starts their drain rather than skipping it.
                 start_new_session=True,
@@ -314,6 +323,8 @@ async def _supervise(argv: Sequence[str], workers: int) -> int:
             if stopping:
                 proc.send_signal(signal.SIGTERM)  # the signal came while it was starting
             code = await proc.wait()
+            # Its gauges go (its sessions are gone); its counters stay in the totals.
+            mark_process_dead(proc.pid, shared)  # type: ignore[no-untyped-call]
             if stopping:
                 return code
             log.error("worker exited index=%d code=%d: starting it again in 1 s", index, code)
@@ -335,6 +346,7 @@ async def _supervise(argv: Sequence[str], workers: int) -> int:
         else:
             got.cancel()
     codes = waiting.result()
+    shutil.rmtree(shared, ignore_errors=True)
     log.info("workers stopped codes=%s", codes)
     return 0 if all(code == 0 for code in codes) else 1
 

@@ -7,7 +7,10 @@ kinds and protocol error codes. Never a session ID, caller or tenant.
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.core.agent import AGENT_ERRORS
 from gateway.core.auth import REASONS
@@ -15,7 +18,11 @@ from gateway.core.protocol import ERRORS
 from gateway.core.resume import Outcome
 from gateway.exceptions import StoreConflict, StoreError, StoreTimeout, StoreUnavailable
 
-__all__ = ["Metrics"]
+__all__ = ["SHARED_DIR_ENV", "Metrics"]
+
+SHARED_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Set by ``--workers`` for each worker: the directory where prometheus-client's
+multiprocess mode keeps every worker's values, so that one scrape sums them."""
 
 _STORE_OPS = ("restore", "write_turn", "push", "end", "touch", "notify", "ping")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -66,6 +73,7 @@ class Metrics:
             "Sessions with a connected client on this instance.",
             namespace="hangon",
             subsystem="session",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.connections_active = Gauge(
@@ -73,6 +81,7 @@ class Metrics:
             "Open WebSocket connections, before and after hello.",
             namespace="hangon",
             subsystem="connection",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.protocol_errors = Counter(
@@ -129,6 +138,7 @@ class Metrics:
             "Open connections to the voice agent.",
             namespace="hangon",
             subsystem="agent",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.agent_cuts = Counter(
@@ -207,6 +217,7 @@ class Metrics:
             "Hellos waiting for a restore slot.",
             namespace="hangon",
             subsystem="admission",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.admission_restoring = Gauge(
@@ -214,6 +225,7 @@ class Metrics:
             "Hellos restoring now (at most --max-restores).",
             namespace="hangon",
             subsystem="admission",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.tenant_connections = Gauge(
@@ -224,6 +236,7 @@ class Metrics:
             ["tenant"],
             namespace="hangon",
             subsystem="tenant",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.draining = Gauge(
@@ -231,6 +244,7 @@ class Metrics:
             "1 while this instance drains for a shutdown: /readyz fails, clients get 1012.",
             namespace="hangon",
             subsystem="server",
+            multiprocess_mode="livemax",
             registry=r,
         )
         # Pre-create children so that dashboards see zeros, not gaps.
@@ -288,5 +302,13 @@ class Metrics:
         self.store_errors.labels(exc.op, error_kind(exc)).inc()
 
     def render(self) -> bytes:
-        """Return the registry in the Prometheus text format."""
-        return bytes(generate_latest(self.registry))
+        """Return the metrics in the Prometheus text format: under ``--workers``, every
+        worker's (counters and histograms summed over live and dead workers, so a restart
+        neither resets nor doubles them; gauges summed over the live ones, ``draining`` their
+        maximum)."""
+        shared = os.environ.get(SHARED_DIR_ENV)
+        if not shared:
+            return bytes(generate_latest(self.registry))
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=shared)  # type: ignore[no-untyped-call]
+        return bytes(generate_latest(registry))

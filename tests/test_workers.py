@@ -9,13 +9,17 @@ import re
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.support.gateway_process import GatewayProcess
+from tests.support.httpget import get
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.wsclient import connect, hello, recv, turn, url
 
@@ -29,16 +33,16 @@ def worker_pids(log: Path) -> dict[int, int]:
     return {int(i): int(pid) for i, pid in _STARTED.findall(log.read_text())}
 
 
-@pytest.fixture
-def workers(tmp_path: Path, own_redis: RedisServer) -> Iterator[GatewayProcess]:
-    """``hangon serve --workers 2`` on a free port, both workers listening; killed after."""
+@contextmanager
+def serving(tmp_path: Path, redis: RedisServer, count: int) -> Iterator[GatewayProcess]:
+    """``hangon serve --workers count`` on a free port, every worker listening; killed after."""
     log = tmp_path / "workers.log"
     gw = GatewayProcess(
         log,
         "--workers",
-        "2",
+        str(count),
         "--redis-url",
-        own_redis.url,
+        redis.url,
         "--downstream",
         "off",
         "--drain-period",
@@ -49,18 +53,27 @@ def workers(tmp_path: Path, own_redis: RedisServer) -> Iterator[GatewayProcess]:
     )
     gw.start()
     deadline = time.monotonic() + 15
-    while log.read_text().count("listening host=") < 2:  # both workers, not just one
+    while log.read_text().count("listening host=") < count:  # every worker, not just one
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)
-    yield gw
-    assert gw.proc is not None
-    if gw.proc.poll() is None:
-        gw.kill()
-    for pid in worker_pids(log).values():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    try:
+        yield gw
+    finally:
+        assert gw.proc is not None
+        if gw.proc.poll() is None:
+            gw.kill()
+        for pid in worker_pids(log).values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def workers(tmp_path: Path, own_redis: RedisServer) -> Iterator[GatewayProcess]:
+    """Two workers."""
+    with serving(tmp_path, own_redis, 2) as gw:
+        yield gw
 
 
 async def owners(redis_url: str) -> set[bytes]:
@@ -129,3 +142,67 @@ async def test_sigterm_while_a_crashed_worker_waits_to_restart(workers: GatewayP
     workers.proc.terminate()
     # 1: a worker died (the one killed); what matters is that the supervisor exits.
     assert await asyncio.to_thread(workers.proc.wait, 10) in (0, 1)
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """One scrape of /metrics on the shared port: each sample by name and labels."""
+    status, body, _ = await get(port, "/metrics")
+    assert status == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+async def test_one_scrape_of_the_shared_port_counts_every_worker(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """Sessions on three workers: any scrape of the port gives the totals of all three (not
+    the sample of one); a SIGKILLed worker's counters stay in the totals, not reset and not
+    doubled by its successor, and its sessions leave the gauges."""
+    applied = ("hangon_session_turns_total", (("outcome", "applied"),))
+    active = ("hangon_session_active", ())
+    with serving(tmp_path, own_redis, 3) as gw:
+        callers = [{"user_id": f"u{i}", "call_id": "scrape"} for i in range(36)]
+        sockets = [await connect(url(gw.port)).__aenter__() for _ in callers]
+        for ws, caller in zip(sockets, callers, strict=True):
+            await hello(ws, caller)
+            assert (await turn(ws, "t1", form={"n": 1}))["version"] == 1
+        assert await owners(own_redis.url) == {b"w-0", b"w-1", b"w-2"}
+        scrapes = [await scrape(gw.port) for _ in range(6)]  # the kernel picks the worker
+        for seen in scrapes:
+            assert seen[applied] == 36 and seen[active] == 36, seen
+            assert seen[("hangon_connection_active", ())] == 36
+            assert seen[("hangon_server_draining", ())] == 0
+        assert {(await get(gw.port, "/readyz"))[0] for _ in range(6)} == {200}
+
+        killed = worker_pids(gw.log_path)[0]
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while gw.log_path.read_text().count("listening host=") < 4:
+            assert time.monotonic() < deadline, gw.log_path.read_text()
+            await asyncio.sleep(0.05)
+        lost = [
+            i for i, ws in enumerate(sockets) if ws.close_code is not None or not await alive(ws)
+        ]
+        assert 0 < len(lost) < 36
+        for i in lost:
+            sockets[i] = await connect(url(gw.port)).__aenter__()
+            await hello(sockets[i], callers[i])
+            assert (await turn(sockets[i], "t2", form={"n": 2}))["version"] == 2
+        for seen in [await scrape(gw.port) for _ in range(6)]:
+            assert seen[applied] == 36 + len(lost), seen
+            assert seen[active] == 36
+        for ws in sockets:
+            await ws.close()
+
+
+async def alive(ws: ClientConnection) -> bool:
+    """Whether a connection still answers a ping (a killed worker's do not)."""
+    try:
+        pong = await ws.ping()
+        await asyncio.wait_for(pong, 2)
+    except (ConnectionClosed, TimeoutError):
+        return False
+    return True
