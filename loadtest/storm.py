@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import jwt
@@ -180,22 +180,58 @@ class Monitor:
 
 
 class Progress:
-    """One status line on stderr, rewritten in place."""
+    """Progress on stderr: a bar rewritten in place on a terminal, else a line per phase.
 
-    def __init__(self, enabled: bool) -> None:
+    A ``\\r`` bar written to a file or a pipe runs every update into one line, so when the
+    stream is not a TTY each phase gets one line when it ends (or when the run stops).
+    """
+
+    def __init__(
+        self,
+        enabled: bool,
+        *,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.enabled = enabled
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = self.stream.isatty()
+        self.clock = clock
+        self.phase: str | None = None
+        """The phase being shown, until the next one starts or :meth:`end`."""
+        self.started = 0.0
+        self.done = self.total = 0
 
     def show(self, phase: str, done: int, total: int) -> None:
+        """Record how far ``phase`` is; a new phase ends the one before it."""
         if not self.enabled:
             return
-        width = 30
-        filled = width * done // max(1, total)
-        sys.stderr.write(f"\r{phase:<8} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-        sys.stderr.flush()
+        if phase != self.phase:
+            self._finish()
+            self.phase, self.started = phase, self.clock()
+        self.done, self.total = done, total
+        if self.tty:
+            width = 30
+            filled = width * done // max(1, total)
+            bar = f"[{'#' * filled}{'.' * (width - filled)}]"
+            self.stream.write(f"\r{phase:<8} {bar} {done}/{total}")
+            self.stream.flush()
 
     def end(self) -> None:
+        """End the last phase's line."""
         if self.enabled:
-            sys.stderr.write("\n")
+            self._finish()
+            self.phase = None
+
+    def _finish(self) -> None:
+        if self.phase is None:
+            return
+        if self.tty:
+            self.stream.write("\n")
+        else:
+            took = self.clock() - self.started
+            self.stream.write(f"{self.phase}: {self.done}/{self.total} in {took:.1f} s\n")
+        self.stream.flush()
 
 
 async def _scrape(url: str) -> dict[str, float]:
@@ -278,7 +314,9 @@ async def run_storm(args: argparse.Namespace) -> dict[str, Any]:
         if args.baseline:
             from loadtest.baseline import measure_bare
 
+            progress.show("baseline", 0, 1)
             result["baseline"] = await measure_bare(args.sessions, args.baseline_messages)
+            progress.show("baseline", 1, 1)
         pid = monitor.current_pid()
         rss_before = sample_process(pid).rss_bytes if pid and sample_process(pid) else 0
         for i in range(args.sessions):
@@ -492,6 +530,7 @@ async def _storm(
         if not s.client.connected.is_set():
             s.problems.append("not connected when the storm began")
     before = await _scrape(args.url) if args.mode == "drop" else {}
+    progress.show("storm", 0, len(alive))
     started = time.monotonic()
     storm_started[0] = started
     cpu_before = gateway.cpu_seconds() if gateway else None

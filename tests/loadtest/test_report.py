@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import random
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.report import render_html, write_report
+from loadtest.storm import Progress
 
 ROOT = Path(__file__).resolve().parents[2]
 VOID = {"meta", "br", "hr", "img", "input", "link", "col", "wbr"}
@@ -165,3 +168,51 @@ def test_write_report(tmp_path: Path) -> None:
     result = full_result()
     write_report(result, tmp_path / "r.html")
     assert (tmp_path / "r.html").read_text(encoding="utf-8") == render_html(result)
+
+
+class Terminal(io.StringIO):
+    """A text stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        """Claim to be a TTY."""
+        return True
+
+
+def run_phases(progress: Progress) -> None:
+    """Show three phases as the storm tool does, several updates each, then end."""
+    for phase, total in (("connect", 200), ("turns", 1000), ("storm", 200)):
+        for done in range(0, total + 1, total // 4):
+            progress.show(phase, done, total)
+    progress.end()
+
+
+def test_progress_without_a_tty_is_one_line_per_phase() -> None:
+    """Written to a file, progress is one line per phase with its final count and time,
+    and no carriage return."""
+    stream = io.StringIO()
+    run_phases(Progress(True, stream=stream, clock=itertools.count(0.0, 0.5).__next__))
+    text = stream.getvalue()
+    assert "\r" not in text
+    assert text.splitlines() == [
+        "connect: 200/200 in 0.5 s",
+        "turns: 1000/1000 in 0.5 s",
+        "storm: 200/200 in 0.5 s",
+    ]
+
+
+def test_progress_on_a_tty_is_a_bar_per_phase() -> None:
+    """On a terminal, each phase is a bar rewritten in place, ended by a newline."""
+    stream = Terminal()
+    run_phases(Progress(True, stream=stream))
+    lines = stream.getvalue().split("\n")
+    assert lines[-1] == ""
+    assert len(lines) == 4
+    assert all(line.startswith("\r") for line in lines[:3])
+    assert lines[2].rsplit("\r", 1)[-1] == f"storm    [{'#' * 30}] 200/200"
+
+
+def test_quiet_progress_writes_nothing() -> None:
+    """--quiet writes no progress at all, terminal or not."""
+    for stream in (io.StringIO(), Terminal()):
+        run_phases(Progress(False, stream=stream))
+        assert stream.getvalue() == ""
