@@ -164,6 +164,12 @@ class Monitor:
         self.started = time.monotonic()
         self.rss: list[list[float]] = []
         self.peak_rss = 0
+        self.events: dict[str, float] = {}
+        """Seconds since the run began (the clock of ``rss``) at which each event happened."""
+
+    def note(self, event: str) -> None:
+        """Note that ``event`` happens now, on the clock of the RSS samples."""
+        self.events[event] = round(time.monotonic() - self.started, 2)
 
     def current_pid(self) -> int | None:
         return self.gateway.pid if self.gateway is not None else self.pid
@@ -318,11 +324,13 @@ async def run_storm(args: argparse.Namespace) -> dict[str, Any]:
             result["baseline"] = await measure_bare(args.sessions, args.baseline_messages)
             progress.show("baseline", 1, 1)
         pid = monitor.current_pid()
-        rss_before = sample_process(pid).rss_bytes if pid and sample_process(pid) else 0
+        first = sample_process(pid) if pid else None
+        rss_before = first.rss_bytes if first else 0
         for i in range(args.sessions):
             sessions.append(_session(args, i, run_id, host, storm_started))
         gate = asyncio.Semaphore(args.connect_concurrency)
         runners = [asyncio.create_task(_run_client(s, gate)) for s in sessions]
+        monitor.note("connect")
         await _connect(args, sessions, result, progress)
         await asyncio.sleep(1.0)  # let RSS settle
         pid = monitor.current_pid()
@@ -334,7 +342,7 @@ async def run_storm(args: argparse.Namespace) -> dict[str, Any]:
                 )
             }
         await _turns(args, sessions, result, progress, gateway, monitor)
-        await _storm(args, sessions, result, progress, gateway, storm_started)
+        await _storm(args, sessions, result, progress, gateway, monitor, storm_started)
         await _verify(args, sessions, result, progress)
         for session in sessions:
             _settle(session.in_flight)
@@ -349,6 +357,7 @@ async def run_storm(args: argparse.Namespace) -> dict[str, Any]:
     gw = result.setdefault("gateway", {})
     gw["peak_rss_mb"] = round(monitor.peak_rss / 2**20, 1)
     gw["rss_over_time"] = monitor.rss
+    gw["events_s"] = monitor.events
     _ratios(result)
     violations = [{"session": s.name, "problem": p} for s in sessions for p in s.problems]
     result["violations"] = violations
@@ -473,7 +482,8 @@ async def _turns(
     done = [0]
     before = await _scrape(args.url)
     pid = monitor.current_pid()
-    cpu_before = sample_process(pid).cpu_seconds if pid and sample_process(pid) else None
+    sample = sample_process(pid) if pid else None
+    cpu_before = sample.cpu_seconds if sample else None
 
     async def talk(s: Session) -> None:
         for k in range(args.turns):
@@ -497,7 +507,8 @@ async def _turns(
         await asyncio.wait({task}, timeout=0.2)
     took = time.monotonic() - started
     after = await _scrape(args.url)
-    cpu_after = sample_process(pid).cpu_seconds if pid and sample_process(pid) else None
+    sample = sample_process(pid) if pid else None
+    cpu_after = sample.cpu_seconds if sample else None
     turns: dict[str, Any] = {
         "acked": done[0],
         "seconds": round(took, 3),
@@ -523,6 +534,7 @@ async def _storm(
     result: dict[str, Any],
     progress: Progress,
     gateway: Gateway | None,
+    monitor: Monitor,
     storm_started: list[float],
 ) -> None:
     alive = [s for s in sessions if s.client.connected.is_set()]
@@ -533,7 +545,9 @@ async def _storm(
     progress.show("storm", 0, len(alive))
     started = time.monotonic()
     storm_started[0] = started
+    monitor.note("storm")
     cpu_before = gateway.cpu_seconds() if gateway else None
+    restarted: float | None = None
     for s in alive:
         s.in_flight = asyncio.ensure_future(s.client.turn(_IN_FLIGHT, form={_IN_FLIGHT: 1}))
     await asyncio.sleep(0)  # the turns are on the wire, or about to be, when the storm strikes
@@ -548,6 +562,8 @@ async def _storm(
             gateway.stop, signal.SIGKILL if args.mode == "kill" else signal.SIGTERM
         )
         await asyncio.to_thread(gateway.start)
+        restarted = time.monotonic() - started
+        monitor.note("restarted")
         if cpu_before is not None:
             # The new process's start-up (imports, mostly) is not the restores' cost.
             cpu_before += gateway.cpu_seconds() - gateway.cpu_before_restarts
@@ -578,6 +594,9 @@ async def _storm(
         "retried": sum(max(0, s.reconnects - 1) for s in alive),
         "reconnects": sum(s.reconnects for s in alive),
     }
+    if restarted is not None:
+        # From the signal until the new process listens: all_restored_s includes it.
+        storm["gateway_restart_s"] = round(restarted, 3)
     if gateway is not None and cpu_before is not None:
         cpu = gateway.cpu_seconds() - cpu_before
         storm["gateway_cpu_s"] = round(cpu, 3)
@@ -585,6 +604,8 @@ async def _storm(
             cpu / max(1, len(alive)) * 1000, 3
         )
     result["storm"] = storm
+    if ok:
+        monitor.events["all_restored"] = round(started + took - monitor.started, 2)
     result["restore_latency_ms"] = {**_percentiles(latencies), "samples": latencies}
     result["restored_over_time"] = [
         [round(t, 3), n + 1]

@@ -53,7 +53,7 @@ async def test_every_session_comes_back_whole(
     tmp_path: Path, own_redis: RedisServer, mode: str
 ) -> None:
     """On Redis, every session is restored whole after a drop, a kill and a drain, and the
-    result carries the figures the report plots."""
+    result carries the figures the report plots and the times of the storm and the restart."""
     result = await storm(tmp_path, mode, ["--redis-url", own_redis.url])
     assert result["ok"], result["violations"][:5]
     assert result["verified"] == 40 and result["storm"]["restored"] == 40
@@ -62,6 +62,13 @@ async def test_every_session_comes_back_whole(
     assert result["restored_over_time"][-1][1] == 40
     assert result["gateway"]["peak_rss_mb"] > 0 and result["gateway"]["rss_over_time"]
     assert result["redis"]["round_trips_per_turn"] > 0
+    events = result["gateway"]["events_s"]
+    assert events["connect"] < events["storm"] < events["all_restored"]
+    if mode == "drop":
+        assert "restarted" not in events and "gateway_restart_s" not in result["storm"]
+    else:
+        assert events["storm"] < events["restarted"] < events["all_restored"]
+        assert 0 < result["storm"]["gateway_restart_s"] <= result["storm"]["all_restored_s"]
 
 
 async def test_a_storm_with_signed_tokens(tmp_path: Path, own_redis: RedisServer) -> None:
