@@ -505,6 +505,7 @@ async def _turns(
     while not task.done():
         progress.show("turns", done[0], total)
         await asyncio.wait({task}, timeout=0.2)
+    progress.show("turns", done[0], total)
     took = time.monotonic() - started
     after = await _scrape(args.url)
     sample = sample_process(pid) if pid else None
@@ -674,6 +675,7 @@ async def _verify(
     while not task.done():
         progress.show("verify", checked[0], len(sessions))
         await asyncio.wait({task}, timeout=0.2)
+    progress.show("verify", checked[0], len(sessions))
     result["verified"] = checked[0]
 
 
