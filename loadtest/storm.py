@@ -562,6 +562,7 @@ async def _storm(
         await asyncio.to_thread(
             gateway.stop, signal.SIGKILL if args.mode == "kill" else signal.SIGTERM
         )
+        monitor.note("stopped")
         await asyncio.to_thread(gateway.start)
         restarted = time.monotonic() - started
         monitor.note("restarted")
