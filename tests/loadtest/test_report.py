@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import random
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -58,36 +59,102 @@ def check(page: str) -> TagChecker:
 
 
 def full_result() -> dict[str, Any]:
-    """Return a realistic storm result: 1000 sessions, 2000 latency samples, two series."""
+    """Return a realistic drop storm result: 1000 sessions, 2000 latency samples, two series,
+    and every figure the storm tool and its baseline write."""
     rng = random.Random(7)
     samples = [rng.lognormvariate(3.8, 0.7) for _ in range(2000)]
     restored = [[i / 10, min(1000, int(1000 * (1 - 0.75**i)) + 2 * i)] for i in range(21)]
+    machine = {"cpus": 2, "platform": "Linux-6.1-x86_64", "python": "3.11.7"}
     return {
         "tool": "hangon-storm",
         "version": 1,
         "date": "2026-11-26T03:30:00Z",
-        "params": {"url": "ws://127.0.0.1:8799/ws", "sessions": 1000, "turns": 5, "mode": "drop"},
-        "machine": {"cpus": 2, "platform": "Linux-6.1-x86_64", "python": "3.11.7"},
-        "ok": True,
-        "violations": [],
+        "params": {
+            "url": "ws://127.0.0.1:8799/ws",
+            "sessions": 1000,
+            "turns": 5,
+            "mode": "drop",
+            "gateways": 1,
+            "gateway_cmd": "hangon serve --port 8799",
+            "connect_concurrency": 500,
+        },
+        "machine": machine,
+        "baseline": {
+            "tool": "hangon-baseline",
+            "sessions": 1000,
+            "messages": 50000,
+            "connect": {
+                "seconds": 1.7,
+                "rate_per_s": 588.2,
+                "latency_ms": {"p50": 101.57, "p95": 135.93, "p99": 139.74, "max": 141.01},
+                "server_cpu_ms_per_connection": 0.4,
+                "server_rss_kib_per_connection": 16.0,
+                "drop_storm": {"seconds": 1.1, "server_cpu_ms_per_reconnect": 0.5},
+            },
+            "echo": {"server_cpu_us_per_message": 31.0, "messages_per_cpu_second": 32258},
+            "machine": {**machine, "loadavg_1m": 0.9, "websockets": "17.4"},
+            "date": "2026-11-26",
+        },
         "connect": {"seconds": 2.1, "rate_per_s": 476.0},
-        "turns": {"acked": 5000, "seconds": 3.2, "per_s": 1560.0},
-        "storm": {"all_restored_s": 1.3, "restored": 1000, "shed": 120, "retried": 130},
-        "restore_latency_ms": {"p50": 44.7, "p95": 141.0, "p99": 226.0, "samples": samples},
-        "restored_over_time": restored,
-        "gateway": {
-            "cpu_s": 4.2,
-            "peak_rss_mb": 180.5,
-            "cpu_ms_per_restore": 1.2,
-            "rss_over_time": [[i * 0.5, 120 + 60 * min(1, i / 8)] for i in range(20)],
+        "gateway_idle": {"rss_kib_per_session": 20.0},
+        "turns": {
+            "acked": 5000,
+            "seconds": 3.2,
+            "per_s": 1560.0,
+            "gateway_cpu_s": 0.45,
+            "gateway_cpu_us_per_turn": 90.0,
+            "acked_per_gateway_cpu_s": 11111.1,
         },
         "redis": {"round_trips_per_turn": 0.05},
-        "baseline": {
-            "connect": {"seconds": 1.7, "server_rss_kib_per_connection": 16.0},
-            "echo": {"server_cpu_us_per_message": 31.0},
+        "gateway": {
+            "cpu_ms_per_restore": 1.2,
+            "cpu_s": 4.2,
+            "peak_rss_mb": 180.5,
+            "rss_over_time": [[i * 0.5, 120 + 60 * min(1, i / 8)] for i in range(20)],
+            "events_s": {"connect": 1.0, "storm": 5.0, "all_restored": 6.3},
         },
-        "ratios": {"cpu_per_restore_vs_bare": 1.2, "restore_time_vs_bare_connect": 1.1},
+        "storm": {
+            "all_restored_s": 1.3,
+            "restored": 1000,
+            "shed": 120,
+            "retried": 130,
+            "reconnects": 1130,
+            "gateway_cpu_s": 1.2,
+        },
+        "restore_latency_ms": {
+            "p50": 44.7,
+            "p95": 141.0,
+            "p99": 226.0,
+            "max": round(max(samples), 2),
+            "samples": samples,
+        },
+        "restored_over_time": restored,
+        "verified": 1000,
+        "ratios": {
+            "cpu_per_restore_vs_bare": 3.0,
+            "restore_time_vs_bare_connect": 0.76,
+            "cpu_per_restore_vs_bare_storm": 2.4,
+            "restore_time_vs_bare_storm": 1.18,
+            "rss_per_session_vs_bare": 1.25,
+            "cpu_per_turn_vs_bare_echo": 2.9,
+        },
+        "violations": [],
+        "ok": True,
     }
+
+
+def kill_result() -> dict[str, Any]:
+    """Return the same result as a kill storm would give it: the restart is in the restore
+    times (0.72 s of 2.93 s), and the restore-time ratios are large for it."""
+    result = full_result()
+    result["params"]["mode"] = "kill"
+    result["storm"].update(all_restored_s=2.93, gateway_restart_s=0.72)
+    result["ratios"].update(restore_time_vs_bare_connect=9.29, restore_time_vs_bare_storm=8.65)
+    events = {"connect": 1.0, "storm": 5.0, "stopped": 5.02, "restarted": 5.72, "all_restored": 7.9}
+    result["gateway"]["events_s"] = events
+    result["restore_latency_ms"].update(p50=1066.1, p95=1811.3, p99=2065.4)
+    result["restore_latency_ms"]["samples"] += [2400.0, 2881.2]
+    return result
 
 
 def test_full_report_has_three_titled_plots_and_every_figure() -> None:
@@ -96,14 +163,53 @@ def test_full_report_has_three_titled_plots_and_every_figure() -> None:
     checker = check(page)
     assert page.count("<svg") == 3
     assert checker.tags.count("title") == 4  # the page's and one per plot
-    for label in ("restore latency (ms)", "time since the storm began (s)", "gateway RSS (MB)"):
+    for label in ("restore latency (ms)", "time since the storm began (s)", "gateway RSS (MiB)"):
         assert label in page
     assert "p50 44.7 ms" in page and "p99 226 ms" in page
-    assert "total sessions (1,000)" in page
+    assert "all 1,000 sessions" in page
     assert "PASSED" in page and "banner fail" not in page
     for figure in ("rate_per_s", "round_trips_per_turn", "echo.server_cpu_us_per_message"):
         assert figure in page
     assert "Linux-6.1-x86_64" in page
+
+
+def test_histogram_legend_is_above_the_axes_and_ticks_read_alike() -> None:
+    """The histogram's legend is in a row above the axes, where it covers no percentile
+    line, and the overflow tick is written as the other ticks are (2,065, not 2.06e+03)."""
+    page = render_html(kill_result())
+    svg = page[page.index("<svg") : page.index("</svg>")]
+    top = float(re.search(r'<path d="M[\d.]+ ([\d.]+)V', svg).group(1))
+    legend = re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="18" height="10"', svg)
+    assert legend and all(float(y) + 10 < top for y in legend)
+    red = [float(y) for y in re.findall(r'<line [^>]*y1="([\d.]+)"[^>]*stroke="#b3261e"', svg)]
+    assert len([y for y in red if y >= top]) == 3  # p50, p95, p99
+    assert len([y for y in red if y < top]) == 1  # the legend's sample of them
+    assert ">&gt; 2,065<" in svg
+    assert "e+" not in page
+
+
+def test_rss_plot_marks_the_kill_and_the_restart() -> None:
+    """The RSS plot marks the SIGKILL and the restart, and its line breaks between the two
+    processes; a drop storm's plot marks the drop."""
+    page = render_html(kill_result())
+    svg = page[page.index("Gateway resident memory") :]
+    svg = svg[: svg.index("</svg>")]
+    for label in ("sessions connect", "SIGKILL", "listening again", "all restored"):
+        assert f">{label}</text>" in svg
+    assert len(re.findall(r'<path d="M[^"]*" fill="none" stroke="#1f5fa8"', svg)) == 2
+    drop = render_html(full_result())
+    assert ">connections dropped</text>" in drop[drop.index("Gateway resident memory") :]
+
+
+def test_all_restored_marker_is_labelled() -> None:
+    """The restored plot labels the moment all were restored on the plot itself, with a
+    dot where the line reaches every session, and marks when the gateway listened again."""
+    page = render_html(kill_result())
+    svg = page[page.index("Sessions restored during the storm") :]
+    svg = svg[: svg.index("</svg>")]
+    assert ">all restored, 2.93 s</text>" in svg
+    assert "<circle" in svg
+    assert ">listening again, 0.72 s</text>" in svg
 
 
 def test_minimal_report_shows_placeholders() -> None:
