@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loadtest.label import GROUPS, SKIPPED, label, title
 from loadtest.plot import latency_plot, restored_plot, rss_plot
 
 __all__ = ["MAX_VIOLATIONS", "main", "render_html", "write_report"]
@@ -26,7 +27,9 @@ MAX_VIOLATIONS = 50
 """Violations listed in the table; the banner gives the full count."""
 
 _MACHINE = (("cpus", "CPUs:"), ("platform", "platform:"), ("python", "Python"))
-_PLOTTED = {"samples", "restored_over_time", "rss_over_time", "events_s", "violations"}
+_JOINED = {"gateway_idle": "gateway", "redis": "turns"}
+"""Small groups shown in the table of another: RSS at rest with the gateway's figures,
+Redis round trips per turn with the turns."""
 
 _CSS = """
 body{font:15px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;padding:0 16px}
@@ -34,11 +37,12 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px}.meta{color
 .banner{padding:12px 16px;border-radius:6px;font-weight:600;font-size:17px;margin:12px 0}
 .fail{background:#fde7e6;color:#8c1d18;border:2px solid #b3261e}
 .pass{background:#e6f4ea;color:#1e5e2e;border:1px solid #2e7d32}
-table{border-collapse:collapse;margin:0 0 8px}td.n{text-align:right}
+table{border-collapse:collapse;margin:0 0 8px}td.n{text-align:right;white-space:nowrap}
+td.t{max-width:440px;overflow-wrap:anywhere}td:first-child{white-space:nowrap}
 td,th{padding:3px 10px;text-align:left;border-bottom:1px solid #ddd;vertical-align:top}
 .violations th{background:#fde7e6}.scroll{max-height:320px;overflow:auto;display:inline-block}
 .groups{display:flex;flex-wrap:wrap;gap:8px 32px;align-items:flex-start}
-caption{text-align:left;font-weight:600}
+caption{text-align:left;font-weight:600}.groups p{font-size:13px;color:#444;max-width:420px}
 figure{margin:16px 0}figcaption{color:#444;font-size:13px;max-width:760px}
 .missing{color:#7a4a00;font-style:italic}svg text{font-family:system-ui,sans-serif}
 """
@@ -73,26 +77,11 @@ def _group(result: dict[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _unit(group: str, key: str) -> str:
-    """Return the unit a figure's group and name imply, or "" when they imply none."""
-    if group == "ratios":
-        return "× bare"
-    if group == "restore_latency_ms":
-        return "ms"
-    words = key.rsplit(".", 1)[-1].split("_")
-    for word, unit in (("ms", "ms"), ("us", "µs"), ("kib", "KiB"), ("mb", "MB")):
-        if word in words:
-            return unit
-    if words[-2:] == ["per", "s"]:
-        return "per s"
-    return "s" if words[-1] in ("s", "seconds") else ""
-
-
-def _flatten(value: dict[str, Any], prefix: str = "") -> list[tuple[str, object]]:
+def _flatten(value: dict[str, Any], prefix: str) -> list[tuple[str, object]]:
     """Return (dotted key, scalar) pairs of a nested dict, skipping the plotted series."""
     rows: list[tuple[str, object]] = []
     for key, item in value.items():
-        if key in _PLOTTED:
+        if key in SKIPPED:
             continue
         if isinstance(item, dict):
             rows += _flatten(item, f"{prefix}{key}.")
@@ -103,21 +92,29 @@ def _flatten(value: dict[str, Any], prefix: str = "") -> list[tuple[str, object]
     return rows
 
 
-def _table(group: str, rows: list[tuple[str, object]]) -> str:
-    """Return one group of figures as a small table of name, value and unit."""
-    cells = "".join(
-        f'<tr><td>{_esc(k)}</td><td class="n">{_esc(_fmt(v))}</td><td>{_unit(group, k)}</td></tr>'
-        for k, v in rows
-    )
-    return f"<table><caption>{_esc(group)}</caption>{cells}</table>"
+def _table(group: str, rows: list[tuple[str, object]], note: str = "") -> str:
+    """Return one group of figures as a small table of label, value and unit."""
+    cells = []
+    for key, value in rows:
+        name, unit = label(key)
+        kind = "n" if _num(value) is not None else "t"
+        cell = f'<td class="{kind}">{_esc(_fmt(value))}</td>'
+        cells.append(f"<tr><td>{_esc(name)}</td>{cell}<td>{_esc(unit)}</td></tr>")
+    table = f"<table><caption>{_esc(title(group))}</caption>{''.join(cells)}</table>"
+    return f"<div>{table}<p>{_esc(note)}</p></div>" if note else table
 
 
-def _summary(result: dict[str, Any]) -> str:
-    """Return every scalar figure of the result, one table per group, in the result's order."""
-    run = [(k, v) for k, v in result.items() if not isinstance(v, dict | list)]
+def _details(result: dict[str, Any]) -> str:
+    """Return every scalar figure of the result, one table per group, known groups first."""
     groups = [k for k, v in result.items() if isinstance(v, dict)]
-    tables = [_table("run", run)] + [_table(g, _flatten(result[g])) for g in groups]
-    return '<h2>Figures</h2><div class="groups">' + "".join(tables) + "</div>"
+    rows: dict[str, list[tuple[str, object]]] = {}
+    for group in sorted(groups, key=lambda g: list(GROUPS).index(g) if g in GROUPS else 99):
+        host = _JOINED[group] if _JOINED.get(group) in groups else group
+        rows.setdefault(host, []).extend(_flatten(result[group], f"{group}."))
+    run = [(k, v) for k, v in result.items() if k not in SKIPPED and not isinstance(v, dict | list)]
+    tables = [_table(group, figures) for group, figures in rows.items() if figures]
+    tables.append(_table("run", run))
+    return '<h2>Every figure</h2><div class="groups">' + "".join(tables) + "</div>"
 
 
 def _verdict(result: dict[str, Any]) -> str:
@@ -167,7 +164,7 @@ def render_html(result: dict[str, Any]) -> str:
         "content=\"default-src 'none'; style-src 'unsafe-inline'\">"
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
         f'<h1>{_esc(title)}</h1><p class="meta">{_esc(_meta(result))}</p>{_verdict(result)}'
-        f"{_summary(result)}<h2>Plots</h2>{''.join(plots)}</body></html>\n"
+        f"<h2>Plots</h2>{''.join(plots)}{_details(result)}</body></html>\n"
     )
 
 

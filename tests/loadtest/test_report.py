@@ -48,6 +48,48 @@ class TagChecker(HTMLParser):
             self.errors.append(f"unexpected </{tag}>")
 
 
+class Cells(HTMLParser):
+    """Collects the text of each table row's cells, each row led by its table's caption."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.caption = ""
+        self.cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        """Start a row at <tr>, a cell at <td> or <caption>."""
+        if tag == "tr":
+            self.rows.append([self.caption])
+        elif tag in ("td", "caption"):
+            self.cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        """End the cell at </td>, the caption at </caption>."""
+        if tag == "td" and self.cell is not None:
+            self.rows[-1].append("".join(self.cell))
+        elif tag == "caption" and self.cell is not None:
+            self.caption = "".join(self.cell)
+        self.cell = None
+
+    def handle_data(self, data: str) -> None:
+        """Keep the text inside a cell."""
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def figure_rows(page: str) -> list[list[str]]:
+    """Return the table, label, value and unit of every row of the figure tables."""
+    cells = Cells()
+    cells.feed(page[page.index("<h2>Every figure</h2>") :])
+    return [row for row in cells.rows if len(row) == 4]
+
+
+def figures(page: str) -> dict[tuple[str, str], list[str]]:
+    """Return the value and unit of every figure, by its table's title and its label."""
+    return {(table, name): rest for table, name, *rest in figure_rows(page)}
+
+
 def check(page: str) -> TagChecker:
     """Parse a page, assert every element is closed in order, and return the checker."""
     checker = TagChecker()
@@ -168,9 +210,56 @@ def test_full_report_has_three_titled_plots_and_every_figure() -> None:
     assert "p50 44.7 ms" in page and "p99 226 ms" in page
     assert "all 1,000 sessions" in page
     assert "PASSED" in page and "banner fail" not in page
-    for figure in ("rate_per_s", "round_trips_per_turn", "echo.server_cpu_us_per_message"):
-        assert figure in page
+    rows = figures(page)
+    assert rows["Connect phase", "Connect rate"] == ["476.0", "sessions/s"]
+    assert rows["Bare websockets server (baseline)", "Connect rate"] == ["588.2", "connections/s"]
+    assert rows["Turns phase", "Redis round trips per turn"] == ["0.05", "round trips"]
+    assert rows["Bare websockets server (baseline)", "Echo: server CPU per message"] == [
+        "31",
+        "µs",
+    ]
     assert "Linux-6.1-x86_64" in page
+
+
+def test_every_row_has_a_plain_label_and_a_unit() -> None:
+    """No row of the figure tables is named by a raw key, and every number has a unit, the
+    right one: rates are per second or per CPU second, the baseline's latencies are in ms,
+    memory in binary units."""
+    rows = figure_rows(render_html(kill_result()))
+    assert len(rows) > 60
+    unitless = {"Result format version", "Load average before the run (1 min)"}
+    for _, name, value, unit in rows:
+        assert "_" not in name and not re.search(r"\w\.\w", name), name
+        numeric = re.fullmatch(r"-?[\d,]+(\.\d+)?", value)
+        if numeric and name not in unitless and not name.endswith("version"):
+            assert unit, name
+    units = {name: unit for _, name, _, unit in rows}
+    assert units["Acknowledged turns per gateway CPU second"] == "turns/CPU s"
+    assert units["Acknowledged turns per second"] == "turns/s"
+    for p in ("p50 (median)", "p95", "p99", "maximum"):
+        assert units[f"Connect latency {p}"] == "ms"
+        assert units[f"Restore latency {p}"] == "ms"
+    assert units["Gateway peak RSS"] == "MiB"
+    assert units["Drop storm: server CPU per reconnect"] == "ms"
+    assert units["Gateway restart, from the signal to listening"] == "s"
+
+
+def test_an_unknown_figure_still_gets_words_and_a_unit() -> None:
+    """A figure a newer tool adds is shown in words with a unit guessed from its name."""
+    result = full_result()
+    result["storm"]["first_restore_ms"] = 12.5
+    result["extra"] = {"queue": {"peak_kib": 3.0}}
+    rows = figures(render_html(result))
+    assert rows["Storm", "First restore ms"] == ["12.5", "ms"]
+    assert rows["Extra", "Queue · peak kib"] == ["3", "KiB"]
+
+
+def test_drop_mode_keeps_its_restore_time_ratios() -> None:
+    """In drop mode both restore-time ratios stay in the ratio table, with plain labels."""
+    rows = figures(render_html(full_result()))
+    ratios = "hangon ÷ bare server"
+    assert rows[ratios, "Time until all restored ÷ bare drop storm time"] == ["1.18", "×"]
+    assert rows[ratios, "Time until all restored ÷ bare connect time"] == ["0.76", "×"]
 
 
 def test_histogram_legend_is_above_the_axes_and_ticks_read_alike() -> None:
