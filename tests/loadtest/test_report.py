@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import io
 import itertools
 import json
@@ -88,6 +89,12 @@ def figure_rows(page: str) -> list[list[str]]:
 def figures(page: str) -> dict[tuple[str, str], list[str]]:
     """Return the value and unit of every figure, by its table's title and its label."""
     return {(table, name): rest for table, name, *rest in figure_rows(page)}
+
+
+def summary_of(page: str) -> str:
+    """Return the summary section's text, tags removed."""
+    section = page[page.index('<section class="summary">') : page.index("</section>")]
+    return re.sub(r"<[^>]+>", " ", html.unescape(section))
 
 
 def check(page: str) -> TagChecker:
@@ -209,7 +216,8 @@ def test_full_report_has_three_titled_plots_and_every_figure() -> None:
         assert label in page
     assert "p50 44.7 ms" in page and "p99 226 ms" in page
     assert "all 1,000 sessions" in page
-    assert "PASSED" in page and "banner fail" not in page
+    assert "PASSED: 1,000 of 1,000 sessions restored whole and verified" in page
+    assert "banner fail" not in page
     rows = figures(page)
     assert rows["Connect phase", "Connect rate"] == ["476.0", "sessions/s"]
     assert rows["Bare websockets server (baseline)", "Connect rate"] == ["588.2", "connections/s"]
@@ -219,6 +227,40 @@ def test_full_report_has_three_titled_plots_and_every_figure() -> None:
         "µs",
     ]
     assert "Linux-6.1-x86_64" in page
+
+
+def test_summary_comes_first_with_the_figures_a_reader_looks_for() -> None:
+    """The summary is the first thing under the title, before any table or plot, and holds
+    the verdict, N and mode, time until all restored, p50/p99, and CPU per restore, CPU per
+    turn and RSS per session, each against the bare server."""
+    page = render_html(full_result())
+    body = page[page.index("<body>") :]
+    assert re.match(r"<body><h1>[^<]*</h1><section class=\"summary\">", body)
+    summary_end = page.index("</section>")
+    assert summary_end < page.index("<table") and summary_end < page.index("<svg")
+    text = " ".join(summary_of(page).split())
+    for expected in (
+        "PASSED",
+        "1,000 · drop",
+        "every client connection aborted at once",
+        "Time until all were restored 1.3 s 1.18× a bare server's same drop storm (1.1 s)",
+        "Restore latency p50 / p99 44.7 / 226 ms",
+        "Gateway CPU per restore 1.2 ms 2.40× a bare server's reconnect in a drop storm",
+        "Gateway CPU per turn 90 µs 2.90× a bare server's echoed message (31 µs)",
+        "Gateway RSS per idle session 20 KiB 1.25× a bare server's idle connection (16 KiB)",
+    ):
+        assert expected in text
+
+
+def test_a_failed_run_says_so_first() -> None:
+    """A failed run's summary starts with the red banner; the violations follow it, before
+    any plot."""
+    result = full_result()
+    result["ok"] = False
+    result["violations"] = [{"session": "storm-7", "problem": "restored version 3, acked 4"}]
+    page = render_html(result)
+    assert summary_of(page).split()[:3] == ["FAILED:", "1", "violation"]
+    assert page.index("</section>") < page.index("storm-7") < page.index("<svg")
 
 
 def test_every_row_has_a_plain_label_and_a_unit() -> None:
@@ -252,6 +294,25 @@ def test_an_unknown_figure_still_gets_words_and_a_unit() -> None:
     rows = figures(render_html(result))
     assert rows["Storm", "First restore ms"] == ["12.5", "ms"]
     assert rows["Extra", "Queue · peak kib"] == ["3", "KiB"]
+
+
+def test_kill_mode_compares_no_restore_time_with_bare() -> None:
+    """In kill mode the time until all were restored includes the gateway's restart: the
+    summary says so and gives no ratio for it, and the ratio table leaves those ratios out;
+    CPU per restore is set against a bare server's new connection."""
+    page = html.unescape(render_html(kill_result()))
+    text = " ".join(summary_of(page).split())
+    restored = text[text.index("Time until all were restored") : text.index("Restore latency")]
+    assert restored.strip() == (
+        "Time until all were restored 2.93 s includes the gateway's restart (0.72 s), "
+        "so not compared with a bare server"
+    )
+    assert "×" not in restored
+    assert "9.29" not in page and "8.65" not in page
+    assert "÷ bare connect time" not in page and "÷ bare drop storm time" not in page
+    assert "in kill mode it includes the gateway's restart" in page
+    assert "Gateway CPU per restore 1.2 ms 3.00× a bare server's new connection (0.4 ms)" in text
+    assert "The latencies include the gateway's restart." in page
 
 
 def test_drop_mode_keeps_its_restore_time_ratios() -> None:
