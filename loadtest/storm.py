@@ -29,8 +29,9 @@ time until all sessions were restored, connections shed and retried, Redis round
 trips per turn (from the gateway's ``/metrics``) and the gateway's peak RSS and CPU
 seconds; ``--baseline`` measures a bare websockets server in the same run (see
 :mod:`loadtest.baseline`) and reports hangon's figures as ratios of it. The result
-is JSON (``--json``) and a self-contained HTML report (``--html``). Only loopback
-targets; every wait is bounded.
+is JSON (``--json``) and a self-contained HTML report (``--html``, see
+:mod:`loadtest.report`). Progress goes to stderr: a bar on a terminal, else one line
+per phase. Only loopback targets; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -738,7 +739,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-messages", type=int, default=50_000)
     p.add_argument("--json", help="write the result here")
     p.add_argument("--html", help="write the HTML report here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress (on a terminal a bar, else one line per phase)",
+    )
     p.add_argument("--tenant", default=None, help="the sessions' tenant (default: none)")
     p.add_argument(
         "--token-key",
