@@ -328,7 +328,9 @@ def test_histogram_legend_is_above_the_axes_and_ticks_read_alike() -> None:
     line, and the overflow tick is written as the other ticks are (2,065, not 2.06e+03)."""
     page = render_html(kill_result())
     svg = page[page.index("<svg") : page.index("</svg>")]
-    top = float(re.search(r'<path d="M[\d.]+ ([\d.]+)V', svg).group(1))
+    axes = re.search(r'<path d="M[\d.]+ ([\d.]+)V', svg)
+    assert axes is not None
+    top = float(axes.group(1))
     legend = re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="18" height="10"', svg)
     assert legend and all(float(y) + 10 < top for y in legend)
     red = [float(y) for y in re.findall(r'<line [^>]*y1="([\d.]+)"[^>]*stroke="#b3261e"', svg)]
