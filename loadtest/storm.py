@@ -29,8 +29,9 @@ time until all sessions were restored, connections shed and retried, Redis round
 trips per turn (from the gateway's ``/metrics``) and the gateway's peak RSS and CPU
 seconds; ``--baseline`` measures a bare websockets server in the same run (see
 :mod:`loadtest.baseline`) and reports hangon's figures as ratios of it. The result
-is JSON (``--json``) and a self-contained HTML report (``--html``). Only loopback
-targets; every wait is bounded.
+is JSON (``--json``) and a self-contained HTML report (``--html``, see
+:mod:`loadtest.report`). Progress goes to stderr: a bar on a terminal, else one line
+per phase. Only loopback targets; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import jwt
@@ -164,6 +165,12 @@ class Monitor:
         self.started = time.monotonic()
         self.rss: list[list[float]] = []
         self.peak_rss = 0
+        self.events: dict[str, float] = {}
+        """Seconds since the run began (the clock of ``rss``) at which each event happened."""
+
+    def note(self, event: str) -> None:
+        """Note that ``event`` happens now, on the clock of the RSS samples."""
+        self.events[event] = round(time.monotonic() - self.started, 2)
 
     def current_pid(self) -> int | None:
         return self.gateway.pid if self.gateway is not None else self.pid
@@ -180,22 +187,58 @@ class Monitor:
 
 
 class Progress:
-    """One status line on stderr, rewritten in place."""
+    """Progress on stderr: a bar rewritten in place on a terminal, else a line per phase.
 
-    def __init__(self, enabled: bool) -> None:
+    A ``\\r`` bar written to a file or a pipe runs every update into one line, so when the
+    stream is not a TTY each phase gets one line when it ends (or when the run stops).
+    """
+
+    def __init__(
+        self,
+        enabled: bool,
+        *,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.enabled = enabled
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = self.stream.isatty()
+        self.clock = clock
+        self.phase: str | None = None
+        """The phase being shown, until the next one starts or :meth:`end`."""
+        self.started = 0.0
+        self.done = self.total = 0
 
     def show(self, phase: str, done: int, total: int) -> None:
+        """Record how far ``phase`` is; a new phase ends the one before it."""
         if not self.enabled:
             return
-        width = 30
-        filled = width * done // max(1, total)
-        sys.stderr.write(f"\r{phase:<8} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-        sys.stderr.flush()
+        if phase != self.phase:
+            self._finish()
+            self.phase, self.started = phase, self.clock()
+        self.done, self.total = done, total
+        if self.tty:
+            width = 30
+            filled = width * done // max(1, total)
+            bar = f"[{'#' * filled}{'.' * (width - filled)}]"
+            self.stream.write(f"\r{phase:<8} {bar} {done}/{total}")
+            self.stream.flush()
 
     def end(self) -> None:
+        """End the last phase's line."""
         if self.enabled:
-            sys.stderr.write("\n")
+            self._finish()
+            self.phase = None
+
+    def _finish(self) -> None:
+        if self.phase is None:
+            return
+        if self.tty:
+            self.stream.write("\n")
+        else:
+            took = self.clock() - self.started
+            self.stream.write(f"{self.phase}: {self.done}/{self.total} in {took:.1f} s\n")
+        self.stream.flush()
 
 
 async def _scrape(url: str) -> dict[str, float]:
@@ -278,13 +321,17 @@ async def run_storm(args: argparse.Namespace) -> dict[str, Any]:
         if args.baseline:
             from loadtest.baseline import measure_bare
 
+            progress.show("baseline", 0, 1)
             result["baseline"] = await measure_bare(args.sessions, args.baseline_messages)
+            progress.show("baseline", 1, 1)
         pid = monitor.current_pid()
-        rss_before = sample_process(pid).rss_bytes if pid and sample_process(pid) else 0
+        first = sample_process(pid) if pid else None
+        rss_before = first.rss_bytes if first else 0
         for i in range(args.sessions):
             sessions.append(_session(args, i, run_id, host, storm_started))
         gate = asyncio.Semaphore(args.connect_concurrency)
         runners = [asyncio.create_task(_run_client(s, gate)) for s in sessions]
+        monitor.note("connect")
         await _connect(args, sessions, result, progress)
         await asyncio.sleep(1.0)  # let RSS settle
         pid = monitor.current_pid()
@@ -296,7 +343,7 @@ async def run_storm(args: argparse.Namespace) -> dict[str, Any]:
                 )
             }
         await _turns(args, sessions, result, progress, gateway, monitor)
-        await _storm(args, sessions, result, progress, gateway, storm_started)
+        await _storm(args, sessions, result, progress, gateway, monitor, storm_started)
         await _verify(args, sessions, result, progress)
         for session in sessions:
             _settle(session.in_flight)
@@ -311,6 +358,7 @@ async def run_storm(args: argparse.Namespace) -> dict[str, Any]:
     gw = result.setdefault("gateway", {})
     gw["peak_rss_mb"] = round(monitor.peak_rss / 2**20, 1)
     gw["rss_over_time"] = monitor.rss
+    gw["events_s"] = monitor.events
     _ratios(result)
     violations = [{"session": s.name, "problem": p} for s in sessions for p in s.problems]
     result["violations"] = violations
@@ -435,7 +483,8 @@ async def _turns(
     done = [0]
     before = await _scrape(args.url)
     pid = monitor.current_pid()
-    cpu_before = sample_process(pid).cpu_seconds if pid and sample_process(pid) else None
+    sample = sample_process(pid) if pid else None
+    cpu_before = sample.cpu_seconds if sample else None
 
     async def talk(s: Session) -> None:
         for k in range(args.turns):
@@ -457,9 +506,11 @@ async def _turns(
     while not task.done():
         progress.show("turns", done[0], total)
         await asyncio.wait({task}, timeout=0.2)
+    progress.show("turns", done[0], total)
     took = time.monotonic() - started
     after = await _scrape(args.url)
-    cpu_after = sample_process(pid).cpu_seconds if pid and sample_process(pid) else None
+    sample = sample_process(pid) if pid else None
+    cpu_after = sample.cpu_seconds if sample else None
     turns: dict[str, Any] = {
         "acked": done[0],
         "seconds": round(took, 3),
@@ -485,6 +536,7 @@ async def _storm(
     result: dict[str, Any],
     progress: Progress,
     gateway: Gateway | None,
+    monitor: Monitor,
     storm_started: list[float],
 ) -> None:
     alive = [s for s in sessions if s.client.connected.is_set()]
@@ -492,9 +544,12 @@ async def _storm(
         if not s.client.connected.is_set():
             s.problems.append("not connected when the storm began")
     before = await _scrape(args.url) if args.mode == "drop" else {}
+    progress.show("storm", 0, len(alive))
     started = time.monotonic()
     storm_started[0] = started
+    monitor.note("storm")
     cpu_before = gateway.cpu_seconds() if gateway else None
+    restarted: float | None = None
     for s in alive:
         s.in_flight = asyncio.ensure_future(s.client.turn(_IN_FLIGHT, form={_IN_FLIGHT: 1}))
     await asyncio.sleep(0)  # the turns are on the wire, or about to be, when the storm strikes
@@ -508,7 +563,10 @@ async def _storm(
         await asyncio.to_thread(
             gateway.stop, signal.SIGKILL if args.mode == "kill" else signal.SIGTERM
         )
+        monitor.note("stopped")
         await asyncio.to_thread(gateway.start)
+        restarted = time.monotonic() - started
+        monitor.note("restarted")
         if cpu_before is not None:
             # The new process's start-up (imports, mostly) is not the restores' cost.
             cpu_before += gateway.cpu_seconds() - gateway.cpu_before_restarts
@@ -539,6 +597,9 @@ async def _storm(
         "retried": sum(max(0, s.reconnects - 1) for s in alive),
         "reconnects": sum(s.reconnects for s in alive),
     }
+    if restarted is not None:
+        # From the signal until the new process listens: all_restored_s includes it.
+        storm["gateway_restart_s"] = round(restarted, 3)
     if gateway is not None and cpu_before is not None:
         cpu = gateway.cpu_seconds() - cpu_before
         storm["gateway_cpu_s"] = round(cpu, 3)
@@ -546,6 +607,8 @@ async def _storm(
             cpu / max(1, len(alive)) * 1000, 3
         )
     result["storm"] = storm
+    if ok:
+        monitor.events["all_restored"] = round(started + took - monitor.started, 2)
     result["restore_latency_ms"] = {**_percentiles(latencies), "samples": latencies}
     result["restored_over_time"] = [
         [round(t, 3), n + 1]
@@ -614,6 +677,7 @@ async def _verify(
     while not task.done():
         progress.show("verify", checked[0], len(sessions))
         await asyncio.wait({task}, timeout=0.2)
+    progress.show("verify", checked[0], len(sessions))
     result["verified"] = checked[0]
 
 
@@ -675,7 +739,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-messages", type=int, default=50_000)
     p.add_argument("--json", help="write the result here")
     p.add_argument("--html", help="write the HTML report here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress (on a terminal a bar, else one line per phase)",
+    )
     p.add_argument("--tenant", default=None, help="the sessions' tenant (default: none)")
     p.add_argument(
         "--token-key",

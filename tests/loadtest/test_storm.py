@@ -17,7 +17,9 @@ from tests.support.redis_server import RedisServer, free_port
 pytestmark = pytest.mark.slow
 
 
-async def storm(tmp_path: Path, mode: str, store: list[str], *extra: str) -> dict[str, Any]:
+async def storm(
+    tmp_path: Path, mode: str, store: list[str], *extra: str, quiet: bool = True
+) -> dict[str, Any]:
     port = free_port()
     command = (
         f"{sys.executable} -m gateway serve --port {port} --downstream off --drain-period 0.5 "
@@ -41,7 +43,7 @@ async def storm(tmp_path: Path, mode: str, store: list[str], *extra: str) -> dic
             "0.1",
             "--timeout",
             "30",
-            "--quiet",
+            *(["--quiet"] if quiet else []),
             *extra,
         ]
     )
@@ -50,11 +52,14 @@ async def storm(tmp_path: Path, mode: str, store: list[str], *extra: str) -> dic
 
 @pytest.mark.parametrize("mode", ["drop", "kill", "drain"])
 async def test_every_session_comes_back_whole(
-    tmp_path: Path, own_redis: RedisServer, mode: str
+    tmp_path: Path, own_redis: RedisServer, mode: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """On Redis, every session is restored whole after a drop, a kill and a drain, and the
-    result carries the figures the report plots."""
-    result = await storm(tmp_path, mode, ["--redis-url", own_redis.url])
+    """On Redis, every session is restored whole after a drop, a kill and a drain, the
+    result carries the figures the report plots and the times of the storm and the restart,
+    and the progress (stderr is no TTY here) is one line per phase with its final count."""
+    result = await storm(tmp_path, mode, ["--redis-url", own_redis.url], quiet=False)
+    progress = [line.split(" in ")[0] for line in capsys.readouterr().err.splitlines()]
+    assert progress == ["connect: 40/40", "turns: 120/120", "storm: 40/40", "verify: 40/40"]
     assert result["ok"], result["violations"][:5]
     assert result["verified"] == 40 and result["storm"]["restored"] == 40
     assert result["turns"]["acked"] == 120
@@ -62,6 +67,15 @@ async def test_every_session_comes_back_whole(
     assert result["restored_over_time"][-1][1] == 40
     assert result["gateway"]["peak_rss_mb"] > 0 and result["gateway"]["rss_over_time"]
     assert result["redis"]["round_trips_per_turn"] > 0
+    events = result["gateway"]["events_s"]
+    assert events["connect"] < events["storm"] < events["all_restored"]
+    if mode == "drop":
+        assert "restarted" not in events and "stopped" not in events
+        assert "gateway_restart_s" not in result["storm"]
+    else:
+        assert events["storm"] <= events["stopped"] <= events["restarted"]
+        assert events["restarted"] < events["all_restored"]
+        assert 0 < result["storm"]["gateway_restart_s"] <= result["storm"]["all_restored_s"]
 
 
 async def test_a_storm_with_signed_tokens(tmp_path: Path, own_redis: RedisServer) -> None:
