@@ -80,7 +80,7 @@ from websockets.asyncio.server import Server
 from websockets.exceptions import ConnectionClosed
 
 from gateway import agent
-from gateway.agent import Call, End, Event, Mark, Media, Rejected, Resume, Start, Turn
+from gateway.agent import Call, End, Event, Mark, Media, Resume, Start, Turn
 
 __all__ = ["HangonParams", "HangonTransport", "serve"]
 
@@ -239,8 +239,6 @@ class HangonInput(BaseInputTransport):
             await transport._call_event_handler("on_session_ready", event.missed)
         elif isinstance(event, Mark):
             await transport._call_event_handler("on_mark", event.name)
-        elif isinstance(event, Rejected):
-            log.warning("hangon rejected a frame: %s %s", event.code, event.message)
 
 
 def _turn_frames(turn: Turn, caller: dict[str, str]) -> list[Frame]:
