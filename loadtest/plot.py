@@ -221,14 +221,21 @@ def _bins(samples: list[float], edge: float) -> tuple[list[int], list[float]]:
     return counts, [v for v in samples if v > edge]
 
 
-def latency_plot(latency: dict[str, Any], *, note: str = "") -> str:
-    """Return the restore latency histogram: linear bins up to the p99, one overflow bar.
+def latency_plot(
+    latency: dict[str, Any],
+    *,
+    note: str = "",
+    title: str = "Restore latency",
+    axis: str = "restore latency (ms)",
+) -> str:
+    """Return a latency histogram: linear bins up to the p99, one overflow bar.
 
     Args:
-        latency: the result's ``restore_latency_ms`` group.
+        latency: ``samples`` in ms, and the percentiles if already known (the storm's
+            ``restore_latency_ms`` group).
         note: a sentence added to the caption (what the latencies include).
+        title: the plot's title; axis: its x axis label.
     """
-    title = "Restore latency"
     raw = latency.get("samples")
     samples = [v for v in map(_num, raw if isinstance(raw, list) else []) if v is not None]
     if not samples:
@@ -240,7 +247,7 @@ def latency_plot(latency: dict[str, Any], *, note: str = "") -> str:
     x0, x1 = frame.x(edge + 2.5 * width), frame.x(edge + 4.5 * width)
     parts = _axes(
         frame,
-        "restore latency (ms)",
+        axis,
         "samples (count)",
         x_hi=edge,
         keep_clear=(x0 + x1) / 2 if over else None,
@@ -262,7 +269,7 @@ def latency_plot(latency: dict[str, Any], *, note: str = "") -> str:
     caption = (
         f"{len(samples):,} samples in {_BINS} bins from 0 to the p99 ({number(edge)} ms); "
         f"{len(over):,} above it, in the orange bar (off the x scale). Percentiles as the "
-        f"storm tool reported them, or else computed from the samples (nearest rank). {note}"
+        f"tool reported them, or else computed from the samples (nearest rank). {note}"
     )
     return _svg(title, parts + _legend(legend), caption.strip())
 
