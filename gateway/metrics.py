@@ -285,6 +285,12 @@ class Metrics:
         self.turns_duplicate = self.turns.labels("duplicate")
         self.messages_stored = self.messages.labels("stored")
         self.messages_relayed = self.messages.labels("relayed")
+        self.media_frames = {
+            (direction, fate): self.media.labels(direction, fate)
+            for direction in ("to_agent", "to_caller")
+            for fate in ("relayed", "dropped")
+        }
+        """Each audio frame counts once: the children, by (direction, relayed or dropped)."""
 
     def tenant(self, tenant: str) -> str:
         """The label of ``tenant`` in per-tenant metrics: its name, or ``other`` once the

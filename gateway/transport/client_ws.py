@@ -181,7 +181,7 @@ class Handler:
         if link is not None:
             link.send(event.frame, droppable=True)
         else:
-            self.sessions.metrics.media.labels("to_agent", "dropped").inc()
+            self.sessions.metrics.media_frames["to_agent", "dropped"].inc()
 
     async def _hello(self, hello: Hello) -> LiveSession | None:
         sessions, conn = self.sessions, self.conn

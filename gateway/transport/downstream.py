@@ -197,9 +197,9 @@ class AgentLink(Generic[T]):
                     return
                 self._queue(frame)
             return
-        media = self._metrics.media
+        media = self._metrics.media_frames
         if self._closing:
-            media.labels("to_agent", "dropped").inc()
+            media["to_agent", "dropped"].inc()
         elif ws is None:
             # The newest EARLY_MEDIA frames, and no more than half the queue in bytes.
             while self._early and (
@@ -207,7 +207,7 @@ class AgentLink(Generic[T]):
                 or self._early_size + len(frame) > self._max_queue // 2
             ):
                 self._early_size -= len(self._early.popleft())
-                media.labels("to_agent", "dropped").inc()
+                media["to_agent", "dropped"].inc()
             self._early.append(frame)
             self._early_size += len(frame)
         elif (
@@ -215,10 +215,10 @@ class AgentLink(Generic[T]):
             or self._queued + len(frame) > self._max_queue // 2
         ):
             # Audio may take half the queue: the rest stays for turns, which matter more.
-            media.labels("to_agent", "dropped").inc()
+            media["to_agent", "dropped"].inc()
         else:
             self._queue(frame)
-            media.labels("to_agent", "relayed").inc()
+            media["to_agent", "relayed"].inc()
 
     def _queue(self, frame: bytes) -> None:
         self._outbox.append(frame)
@@ -250,7 +250,7 @@ class AgentLink(Generic[T]):
         self._final = final
         self._wake.set()
         if self._early:
-            self._metrics.media.labels("to_agent", "dropped").inc(len(self._early))
+            self._metrics.media_frames["to_agent", "dropped"].inc(len(self._early))
             self._early.clear()
             self._early_size = 0
         if self._ws is None:
@@ -317,11 +317,14 @@ class AgentLink(Generic[T]):
                 self._queue(self._opening(self._reason))
                 for frame in self._early:
                     self._queue(frame)
-                self._metrics.media.labels("to_agent", "relayed").inc(len(self._early))
+                self._metrics.media_frames["to_agent", "relayed"].inc(len(self._early))
             self._early.clear()
             self._early_size = 0
             self._ws = ws
             reader = asyncio.create_task(self._read(ws))
+            # The reader's end wakes the loop too: one Event to wait on, rather than a
+            # task and a wait() per frame relayed (the audio path's hottest line).
+            reader.add_done_callback(lambda _: self._wake.set())
             while not reader.done():
                 while self._outbox:
                     frame = self._outbox.popleft()
@@ -339,11 +342,7 @@ class AgentLink(Generic[T]):
                         await ws.close(1000, "session closed")
                     break
                 self._wake.clear()
-                waiter = asyncio.create_task(self._wake.wait())
-                try:
-                    await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
+                await self._wake.wait()
         except ConnectionClosed:
             pass
         except TimeoutError:

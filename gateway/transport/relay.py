@@ -111,17 +111,17 @@ class Relay:
             return exc
         if not isinstance(parsed, agent.Media):
             return parsed
-        media = sessions.metrics.media
+        media = sessions.metrics.media_frames
         if self.link is not link or live.relay is not self:
             # A link being closed (its session replaced here): not for the current stream.
-            media.labels("to_caller", "dropped").inc()
+            media["to_caller", "dropped"].inc()
             return None
         conn = live.client
         sent = conn is not None and conn.protocol.send_media(parsed)
         if sent:
             assert conn is not None
             conn.flush()
-        media.labels("to_caller", "relayed" if sent else "dropped").inc()
+        media["to_caller", "relayed" if sent else "dropped"].inc()
         return None
 
     def _refuse(self, link: AgentLink[Output] | None, exc: agent.InvalidAgentFrame) -> None:
