@@ -1,4 +1,4 @@
-"""``python -m loadtest <tool> ...``: storm, baseline, bare, twilio, report."""
+"""``python -m loadtest <tool> ...``: storm, baseline, bare, twilio, report, capacity."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 __all__ = ["main"]
 
-TOOLS = ("storm", "baseline", "bare", "twilio", "report")
+TOOLS = ("storm", "baseline", "bare", "twilio", "report", "capacity")
 
 
 def main() -> int:
