@@ -1,4 +1,4 @@
-"""``python -m loadtest <tool> ...``: storm, baseline, bare, twilio, report, audio."""
+"""``python -m loadtest <tool> ...``: storm, baseline, bare, twilio, report, audio, capacity."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 __all__ = ["main"]
 
-TOOLS = ("storm", "baseline", "bare", "twilio", "report", "audio")
+TOOLS = ("storm", "baseline", "bare", "twilio", "report", "audio", "capacity")
 
 
 def main() -> int:
