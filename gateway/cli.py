@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -222,8 +223,19 @@ def tune_gc() -> None:
     gc.set_threshold(_GC_THRESHOLD, 20, 100)
 
 
+def _raise_open_files() -> None:
+    """Raise the soft open-file limit to the hard one: a process that holds a descriptor
+    per client must not stop at a runtime's soft default of 1024 (docs/capacity.md)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and hard != resource.RLIM_INFINITY:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    log.info("open files: soft limit %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 async def _serve(config: Config) -> None:
     signals = _signals()
+    _raise_open_files()
     gateway = Gateway(config)
     if config.store.redis_url is None:
         log.warning(
