@@ -249,6 +249,19 @@ def _port_of(log: Path) -> int:
     return int(found[-1])
 
 
+async def _measure(
+    command: list[str], path: str, log: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Start one relay, stream the calls through it, stop it."""
+    relay = _process(command, log)
+    try:
+        assert relay.pid is not None
+        url = f"ws://127.0.0.1:{_port_of(log)}{path}"
+        return await drive(url, args.calls, args.seconds, relay.pid)
+    finally:
+        _stop(relay)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="hangon-audio-"))
     me = [sys.executable, "-m", "loadtest.audio"]
@@ -257,25 +270,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"tool": "hangon-audio", "calls": args.calls, "logs": str(work)}
     try:
         command = args.gateway_cmd or f"{sys.executable} -m gateway serve --port 0"
-        hangon = _process(
-            [*shlex.split(command), "--downstream", agent_url],
-            work / "hangon.log",
-        )
-        try:
-            url = f"ws://127.0.0.1:{_port_of(work / 'hangon.log')}/v1/twilio"
-            assert hangon.pid is not None
-            result["hangon"] = await drive(url, args.calls, args.seconds, hangon.pid)
-        finally:
-            _stop(hangon)
-        bare = _process(
-            [*me, "--serve", "relay", "--port", "0", "--agent", agent_url], work / "bare.log"
-        )
-        try:
-            url = f"ws://127.0.0.1:{_port_of(work / 'bare.log')}/"
-            assert bare.pid is not None
-            result["bare"] = await drive(url, args.calls, args.seconds, bare.pid)
-        finally:
-            _stop(bare)
+        hangon = [*shlex.split(command), "--downstream", agent_url]
+        bare = [*me, "--serve", "relay", "--port", "0", "--agent", agent_url]
+        for name, relay, path in (("hangon", hangon, "/v1/twilio"), ("bare", bare, "/")):
+            result[name] = await _measure(relay, path, work / f"{name}.log", args)
     finally:
         _stop(agent)
     h, b = result["hangon"], result["bare"]

@@ -11,7 +11,7 @@ import html
 import math
 from typing import Any
 
-__all__ = ["latency_plot", "number", "restored_plot", "rss_plot"]
+__all__ = ["esc", "latency_plot", "num", "number", "restored_plot", "rss_plot"]
 
 _BINS = 30
 """Linear histogram bins between 0 and the p99; samples above it go in one overflow bar."""
@@ -28,12 +28,12 @@ _STORM = {"drop": "connections dropped", "kill": "SIGKILL", "drain": "SIGTERM (d
 """How the RSS plot labels the moment the storm struck, per mode."""
 
 
-def _esc(value: object) -> str:
+def esc(value: object) -> str:
     """Return a value as text that is safe inside HTML content and attribute values."""
     return html.escape(str(value), quote=True)
 
 
-def _num(value: object) -> float | None:
+def num(value: object) -> float | None:
     """Return a finite number as a float, or None for anything else (booleans included)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -51,7 +51,7 @@ def _pairs(series: object) -> list[tuple[float, float]]:
     points = []
     for item in series if isinstance(series, list) else []:
         if isinstance(item, list | tuple) and len(item) == 2:
-            x, y = _num(item[0]), _num(item[1])
+            x, y = num(item[0]), num(item[1])
             if x is not None and y is not None:
                 points.append((x, y))
     return sorted(points)
@@ -86,7 +86,7 @@ class _Frame:
 
 def _text(x: float, y: float, text: str, extra: str = "") -> str:
     """Return an SVG text element with escaped content."""
-    return f'<text x="{x:.1f}" y="{y:.1f}" font-size="12" {extra}>{_esc(text)}</text>'
+    return f'<text x="{x:.1f}" y="{y:.1f}" font-size="12" {extra}>{esc(text)}</text>'
 
 
 def _halo(x: float, y: float, text: str, extra: str = "") -> str:
@@ -161,15 +161,15 @@ def _legend(entries: list[tuple[str, str, str]]) -> list[str]:
 def _svg(title: str, parts: list[str], caption: str) -> str:
     """Wrap plot parts in a titled SVG inside a figure with a caption."""
     head = f'<svg width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}" role="img">'
-    head += f"<title>{_esc(title)}</title>"
+    head += f"<title>{esc(title)}</title>"
     head += _text(_W / 2, 20, title, 'text-anchor="middle" font-size="15" font-weight="600"')
     body = head + "".join(parts) + "</svg>"
-    return f"<figure>{body}<figcaption>{_esc(caption)}</figcaption></figure>"
+    return f"<figure>{body}<figcaption>{esc(caption)}</figcaption></figure>"
 
 
 def _missing(title: str, what: str) -> str:
     """Return the placeholder shown instead of a plot whose data the result lacks."""
-    return f'<h3>{_esc(title)}</h3><p class="missing">No {_esc(what)} in this result.</p>'
+    return f'<h3>{esc(title)}</h3><p class="missing">No {esc(what)} in this result.</p>'
 
 
 def _marks(frame: _Frame, marks: list[tuple[float, str]], colour: str, dash: str) -> list[str]:
@@ -209,7 +209,7 @@ def _percentiles(latency: dict[str, Any], samples: list[float]) -> dict[str, flo
     """Return p50, p95 and p99 as reported, each missing one computed from the samples."""
     ordered, quantiles = sorted(samples), {"p50": 0.50, "p95": 0.95, "p99": 0.99}
     ranks = {k: min(len(ordered), math.ceil(q * len(ordered))) - 1 for k, q in quantiles.items()}
-    return {k: _num(latency.get(k)) or ordered[rank] for k, rank in ranks.items()}
+    return {k: num(latency.get(k)) or ordered[rank] for k, rank in ranks.items()}
 
 
 def _bins(samples: list[float], edge: float) -> tuple[list[int], list[float]]:
@@ -237,7 +237,7 @@ def latency_plot(
         title: the plot's title; axis: its x axis label.
     """
     raw = latency.get("samples")
-    samples = [v for v in map(_num, raw if isinstance(raw, list) else []) if v is not None]
+    samples = [v for v in map(num, raw if isinstance(raw, list) else []) if v is not None]
     if not samples:
         return _missing(title, "restore latency samples")
     marks = _percentiles(latency, samples)
@@ -283,8 +283,8 @@ def restored_plot(result: dict[str, Any]) -> str:
         return _missing(title, "restored-over-time series")
     params, storm = result.get("params", {}), result.get("storm")
     storm = storm if isinstance(storm, dict) else {}
-    total = _num(params.get("sessions")) if isinstance(params, dict) else None
-    done, restart = _num(storm.get("all_restored_s")), _num(storm.get("gateway_restart_s"))
+    total = num(params.get("sessions")) if isinstance(params, dict) else None
+    done, restart = num(storm.get("all_restored_s")), num(storm.get("gateway_restart_s"))
     last = max([p[0] for p in points] + [done or 0.0])
     y_hi = max([p[1] for p in points] + [total or 0.0]) * 1.1
     frame = _Frame(min(0.0, points[0][0]), last * 1.08, y_hi)
@@ -325,9 +325,7 @@ def rss_plot(result: dict[str, Any]) -> str:
     if not points:
         return _missing(title, "gateway RSS series")
     raw = gateway.get("events_s")
-    events = {
-        k: v for k, v in (raw.items() if isinstance(raw, dict) else []) if _num(v) is not None
-    }
+    events = {k: v for k, v in (raw.items() if isinstance(raw, dict) else []) if num(v) is not None}
     names = {
         "connect": "sessions connect",
         "storm": _STORM.get(str(mode), "storm"),

@@ -17,7 +17,6 @@ out or replaced by a note.
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import math
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.label import GROUPS, SKIPPED, label, title
-from loadtest.plot import latency_plot, number, restored_plot, rss_plot
+from loadtest.plot import esc, latency_plot, num, number, restored_plot, rss_plot
 
 __all__ = ["MAX_VIOLATIONS", "main", "render_html", "write_report"]
 
@@ -70,18 +69,6 @@ figure{margin:16px 0}figcaption{color:#444;font-size:13px;max-width:760px}
 """
 
 
-def _esc(value: object) -> str:
-    """Return a value as text that is safe inside HTML content and attribute values."""
-    return html.escape(str(value), quote=True)
-
-
-def _num(value: object) -> float | None:
-    """Return a finite number as a float, or None for anything else (booleans included)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def _fmt(value: object) -> str:
     """Format a scalar for a table cell: integers with separators, floats to a few digits."""
     if isinstance(value, bool) or value is None:
@@ -104,7 +91,7 @@ def _at(result: dict[str, Any], *keys: str) -> float | None:
     value: object = result
     for key in keys:
         value = value.get(key) if isinstance(value, dict) else None
-    return _num(value)
+    return num(value)
 
 
 def _against(hangon: float | None, bare: float | None, unit: str, what: str) -> str:
@@ -118,18 +105,18 @@ def _against(hangon: float | None, bare: float | None, unit: str, what: str) -> 
 
 def _figure(name: str, value: str, note: str = "") -> str:
     """Return one figure of the summary: its name, its value with unit, and a note."""
-    extra = f'<dd class="note">{_esc(note)}</dd>' if note else ""
-    return f'<div><dt>{_esc(name)}</dt><dd class="v">{_esc(value)}</dd>{extra}</div>'
+    extra = f'<dd class="note">{esc(note)}</dd>' if note else ""
+    return f'<div><dt>{esc(name)}</dt><dd class="v">{esc(value)}</dd>{extra}</div>'
 
 
 def _summary(result: dict[str, Any]) -> str:
     """Return the summary at the top: the verdict, then the figures a reader looks for."""
     params = _group(result, "params")
-    mode, sessions = str(params.get("mode", "?")), _num(params.get("sessions"))
+    mode, sessions = str(params.get("mode", "?")), num(params.get("sessions"))
     base = _group(result, "baseline")
     latency = _group(result, "restore_latency_ms")
     restart = _at(result, "storm", "gateway_restart_s")
-    turns = _num(params.get("turns"))
+    turns = num(params.get("turns"))
     count = f"{sessions:,.0f}" if sessions is not None else "?"
     each = f"; {turns:,.0f} turns each before it" if turns is not None else ""
     figures = [_figure("Sessions and mode", f"{count} · {mode}", _MODES.get(mode, "") + each)]
@@ -144,7 +131,7 @@ def _summary(result: dict[str, Any]) -> str:
         note = _against(restored, _at(base, "connect", "seconds"), "s", "a bare server's connect")
     shown = f"{number(restored)} s" if restored is not None else "not measured"
     figures.append(_figure("Time until all were restored", shown, note))
-    p50, p99 = _num(latency.get("p50")), _num(latency.get("p99"))
+    p50, p99 = num(latency.get("p50")), num(latency.get("p99"))
     if p50 is not None and p99 is not None:
         note = "from each client's loss of its connection to its welcome"
         note += "; includes the restart" if mode in _RESTARTS else ""
@@ -201,13 +188,13 @@ def _verdict(result: dict[str, Any]) -> str:
     violations = raw if isinstance(raw, list) else []
     ok, count = result.get("ok"), len(violations)
     if not count and ok is True:
-        verified, sessions = _num(result.get("verified")), _group(result, "params").get("sessions")
+        verified, sessions = num(result.get("verified")), _group(result, "params").get("sessions")
         text = "ok = true"
         if verified is not None and isinstance(sessions, int):
             text = f"{verified:,.0f} of {sessions:,} sessions restored whole and verified"
-        return f'<div class="banner pass">PASSED: {_esc(text)}, no violations</div>'
+        return f'<div class="banner pass">PASSED: {esc(text)}, no violations</div>'
     if not count:
-        text = _esc(f"FAILED: ok = {json.dumps(ok)}, no violation listed")
+        text = esc(f"FAILED: ok = {json.dumps(ok)}, no violation listed")
         return f'<div class="banner fail">{text}</div>'
     note = " (yet the result says ok = true)" if ok is True else ""
     return f'<div class="banner fail">FAILED: {count:,} violation{"s" * (count != 1)}{note}</div>'
@@ -221,9 +208,9 @@ def _violations(result: dict[str, Any]) -> str:
         return ""
     count = len(violations)
     rows = "".join(
-        f"<tr><td>{_esc(v.get('session', ''))}</td><td>{_esc(v.get('problem', ''))}</td></tr>"
+        f"<tr><td>{esc(v.get('session', ''))}</td><td>{esc(v.get('problem', ''))}</td></tr>"
         if isinstance(v, dict)
-        else f"<tr><td></td><td>{_esc(v)}</td></tr>"
+        else f"<tr><td></td><td>{esc(v)}</td></tr>"
         for v in violations[:MAX_VIOLATIONS]
     )
     shown = f"First {MAX_VIOLATIONS} of {count:,}." if count > MAX_VIOLATIONS else "All shown."
@@ -251,11 +238,11 @@ def _table(group: str, rows: list[tuple[str, object]], note: str = "") -> str:
     cells = []
     for key, value in rows:
         name, unit = label(key)
-        kind = "n" if _num(value) is not None else "t"
-        cell = f'<td class="{kind}">{_esc(_fmt(value))}</td>'
-        cells.append(f"<tr><td>{_esc(name)}</td>{cell}<td>{_esc(unit)}</td></tr>")
-    table = f"<table><caption>{_esc(title(group))}</caption>{''.join(cells)}</table>"
-    return f"<div>{table}<p>{_esc(note)}</p></div>" if note else table
+        kind = "n" if num(value) is not None else "t"
+        cell = f'<td class="{kind}">{esc(_fmt(value))}</td>'
+        cells.append(f"<tr><td>{esc(name)}</td>{cell}<td>{esc(unit)}</td></tr>")
+    table = f"<table><caption>{esc(title(group))}</caption>{''.join(cells)}</table>"
+    return f"<div>{table}<p>{esc(note)}</p></div>" if note else table
 
 
 def _details(result: dict[str, Any]) -> str:
@@ -304,9 +291,9 @@ def render_html(result: dict[str, Any]) -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta http-equiv="Content-Security-Policy" '
         "content=\"default-src 'none'; style-src 'unsafe-inline'\">"
-        f"<title>{_esc(heading)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_esc(heading)}</h1>{_summary(result)}"
-        f'<p class="meta">{_esc(_meta(result))}</p>{_violations(result)}'
+        f"<title>{esc(heading)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{esc(heading)}</h1>{_summary(result)}"
+        f'<p class="meta">{esc(_meta(result))}</p>{_violations(result)}'
         f"<h2>Plots</h2>{''.join(plots)}{_details(result)}</body></html>\n"
     )
 
