@@ -235,7 +235,13 @@ async def drive(url: str, calls: int, seconds: float, relay_pid: int) -> dict[st
 
 def _process(args: list[str], log: Path) -> Gateway:
     proc = Gateway(shlex.join(args), log)
-    proc.start()
+    try:
+        proc.start()
+    except BaseException:
+        if proc.proc is not None:  # it did not say it listens: do not leave it running
+            proc.proc.kill()
+            proc.proc.wait()
+        raise
     return proc
 
 
