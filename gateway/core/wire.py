@@ -205,6 +205,11 @@ class ClientProtocol(abc.ABC):
             self.close_reason = reason
             self.phase = Phase.CLOSED
 
+    @property
+    def queued(self) -> int:
+        """Frames queued and not yet taken by :meth:`data_to_send`."""
+        return len(self._outbox)
+
     def data_to_send(self) -> list[bytes]:
         """Return and forget the frames queued since the last call."""
         out, self._outbox, self.buffered = self._outbox, [], 0

@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass
 
 from prometheus_client import Counter
+from websockets.asyncio.connection import Connection as WebSocket
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -32,7 +33,7 @@ from websockets.protocol import State
 from gateway.core.closecodes import ErrorCode
 from gateway.core.wire import ClientProtocol
 
-__all__ = ["Connection", "Outbound", "fits", "hang_up"]
+__all__ = ["HEADER", "Connection", "Outbound", "can_send_now", "fits", "hang_up", "send_now"]
 
 log = logging.getLogger("gateway.client")
 
@@ -61,7 +62,7 @@ async def hang_up(ws: ServerConnection, code: int, reason: str, *, deadline: flo
         ws.transport.abort()
 
 
-_HEADER = 14
+HEADER = 14
 """The most bytes a WebSocket frame's header takes (RFC 6455 section 5.2)."""
 
 
@@ -69,7 +70,27 @@ def fits(transport: asyncio.WriteTransport, size: int) -> bool:
     """Whether a frame of ``size`` bytes stays under ``transport``'s write limit: then
     websockets' send does not wait for the buffer to drain, and needs no deadline."""
     _, high = transport.get_write_buffer_limits()
-    return transport.get_write_buffer_size() + size + _HEADER <= high
+    return transport.get_write_buffer_size() + size + HEADER <= high
+
+
+def can_send_now(ws: WebSocket, size: int) -> bool:
+    """Whether websockets' ``send`` would write ``size`` bytes of frames without waiting:
+    the connection open, no fragmented message being sent, and room under the transport's
+    write limit. Then :func:`send_now` writes them with no coroutine, task or wake-up (the
+    audio path's usual case)."""
+    return (
+        ws.protocol.state is State.OPEN and ws.send_in_progress is None and fits(ws.transport, size)
+    )
+
+
+def send_now(ws: WebSocket, frames: list[bytes]) -> None:
+    """Write ``frames`` as text frames at once (check :func:`can_send_now` first)."""
+    for frame in frames:
+        ws.protocol.send_text(frame)
+    try:
+        ws.send_data()
+    except (OSError, RuntimeError):
+        ws.transport.abort()  # as websockets does; its reader sees the connection lost
 
 
 @dataclass(slots=True, eq=False)
@@ -116,9 +137,25 @@ class Connection:
         waiting = self.protocol.buffered + self.ws.transport.get_write_buffer_size()
         if waiting > self.outbound.max_send_queue:
             self.cut(f"more than {self.outbound.max_send_queue} bytes waited to be read")
-        if not self.sending:
+        if not self.sending and not self._write_now():
             self.sending = True  # before the task runs: the handler must not send meanwhile
             self.writer = asyncio.create_task(self._write())
+
+    def _write_now(self) -> bool:
+        """Write what is queued without a task, when nothing has to wait (see
+        :func:`send_now`) and no close or error is pending; False: leave it to a sender."""
+        protocol = self.protocol
+        if self.cut_by is not None or protocol.close_reason is not None:
+            return False
+        if protocol.error_code is not None and not self.counted:
+            return False
+        size = protocol.buffered + HEADER * protocol.queued
+        if not protocol.queued or not can_send_now(self.ws, size):
+            return False
+        send_now(self.ws, protocol.data_to_send())
+        if self.drained is not None:
+            self.drained.set()
+        return True
 
     def waiting(self) -> int:
         """Bytes queued for the client and not yet taken by its TCP connection."""

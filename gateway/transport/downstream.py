@@ -39,7 +39,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State
 
 from gateway.metrics import Metrics
-from gateway.transport.connection import fits
+from gateway.transport.connection import HEADER, can_send_now, fits, send_now
 
 __all__ = ["EARLY_MEDIA", "MAX_QUEUED_MEDIA", "AgentLink", "Inbox", "Opening", "Take"]
 
@@ -221,6 +221,15 @@ class AgentLink(Generic[T]):
             media["to_agent", "relayed"].inc()
 
     def _queue(self, frame: bytes) -> None:
+        ws = self._ws
+        if (
+            ws is not None
+            and not self._outbox
+            and not self._closing
+            and can_send_now(ws, len(frame) + HEADER)
+        ):
+            send_now(ws, [frame])  # nothing ahead of it and room: no wake-up of the loop
+            return
         self._outbox.append(frame)
         self._queued += len(frame)
         self._wake.set()

@@ -424,10 +424,11 @@ def test_overloaded_error_says_when_to_come_back() -> None:
 
 
 def test_buffered_counts_the_bytes_queued() -> None:
-    """The bytes of every frame queued are counted until the driver takes them."""
+    """The bytes and frames queued are counted until the driver takes them."""
     protocol = Protocol(max_message_size=1024)
     protocol.receive_text(frame({"type": "ping"}))
     protocol.fail("rate_limited", "slow down", retry_after=1.0)
-    counted = protocol.buffered
-    assert counted == sum(len(f) for f in protocol.data_to_send())
-    assert protocol.buffered == 0
+    counted, queued = protocol.buffered, protocol.queued
+    taken = protocol.data_to_send()
+    assert counted == sum(len(f) for f in taken) and queued == len(taken) == 2
+    assert protocol.buffered == 0 and protocol.queued == 0
