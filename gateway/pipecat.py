@@ -46,6 +46,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -312,7 +313,7 @@ class HangonOutput(BaseOutputTransport):
         self._next_send = (now if wait == 0 else self._next_send) + self._interval
         return True
 
-    async def _send(self, sending: Any) -> bool:
+    async def _send(self, sending: Awaitable[None]) -> bool:
         try:
             await sending
         except (ConnectionClosed, TimeoutError):
@@ -364,7 +365,7 @@ def _plain(message: Any) -> bool:
 
 
 async def serve(
-    bot: Any,
+    bot: Callable[[HangonTransport], Awaitable[None]],
     host: str = "127.0.0.1",
     port: int = 0,
     *,

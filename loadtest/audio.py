@@ -42,7 +42,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from loadtest.net import check_loopback
+from loadtest.net import check_loopback, sample_process
 from loadtest.storm import _LISTENING, Gateway, _percentiles
 
 __all__ = ["main", "serve_agent", "serve_relay"]
@@ -185,8 +185,6 @@ async def _stream(call: Call, frames: int, started: float) -> None:
 
 async def drive(url: str, calls: int, seconds: float, relay_pid: int) -> dict[str, Any]:
     """Stream ``calls`` calls for ``seconds`` after a 1 s warm-up; report the relay's cost."""
-    from loadtest.net import sample_process
-
     opened = [Call(i, await connect(url, compression=None, max_size=None)) for i in range(calls)]
     for call in opened:
         await call.start()

@@ -33,7 +33,7 @@ from websockets.protocol import State
 from gateway.core.closecodes import ErrorCode
 from gateway.core.wire import ClientProtocol
 
-__all__ = ["HEADER", "Connection", "Outbound", "can_send_now", "fits", "hang_up", "send_now"]
+__all__ = ["Connection", "Outbound", "can_send_now", "fits", "hang_up", "send_now"]
 
 log = logging.getLogger("gateway.client")
 
@@ -62,7 +62,7 @@ async def hang_up(ws: ServerConnection, code: int, reason: str, *, deadline: flo
         ws.transport.abort()
 
 
-HEADER = 14
+_HEADER = 14
 """The most bytes a WebSocket frame's header takes (RFC 6455 section 5.2)."""
 
 
@@ -70,11 +70,12 @@ def fits(transport: asyncio.WriteTransport, size: int) -> bool:
     """Whether a frame of ``size`` bytes stays under ``transport``'s write limit: then
     websockets' send does not wait for the buffer to drain, and needs no deadline."""
     _, high = transport.get_write_buffer_limits()
-    return transport.get_write_buffer_size() + size + HEADER <= high
+    return transport.get_write_buffer_size() + size + _HEADER <= high
 
 
 def can_send_now(ws: WebSocket, size: int) -> bool:
-    """Whether websockets' ``send`` would write ``size`` bytes of frames without waiting:
+    """Whether websockets' ``send`` would write frames of ``size`` bytes (one header
+    counted, as :func:`fits` does) without waiting:
     the connection open, no fragmented message being sent, and room under the transport's
     write limit. Then :func:`send_now` writes them with no coroutine, task or wake-up (the
     audio path's usual case)."""
@@ -149,7 +150,8 @@ class Connection:
             return False
         if protocol.error_code is not None and not self.counted:
             return False
-        size = protocol.buffered + HEADER * protocol.queued
+        # fits() counts one frame's header; the others are counted here.
+        size = protocol.buffered + _HEADER * (protocol.queued - 1)
         if not protocol.queued or not can_send_now(self.ws, size):
             return False
         send_now(self.ws, protocol.data_to_send())

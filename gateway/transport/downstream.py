@@ -39,7 +39,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.protocol import State
 
 from gateway.metrics import Metrics
-from gateway.transport.connection import HEADER, can_send_now, fits, send_now
+from gateway.transport.connection import can_send_now, fits, send_now
 
 __all__ = ["EARLY_MEDIA", "MAX_QUEUED_MEDIA", "AgentLink", "Inbox", "Opening", "Take"]
 
@@ -226,7 +226,7 @@ class AgentLink(Generic[T]):
             ws is not None
             and not self._outbox
             and not self._closing
-            and can_send_now(ws, len(frame) + HEADER)
+            and can_send_now(ws, len(frame))
         ):
             send_now(ws, [frame])  # nothing ahead of it and room: no wake-up of the loop
             return
