@@ -135,7 +135,7 @@ class Handler:
                     await self._bye()
                 # An idle connection must not hold its last frame (a hello, a turn).
                 del message, event
-                if not conn.sending:
+                if not conn.sending and not conn.write_now():
                     await conn.send()
         except ConnectionClosed as exc:
             if exc.sent is not None and exc.sent.code == 1009:

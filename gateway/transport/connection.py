@@ -138,21 +138,24 @@ class Connection:
         waiting = self.protocol.buffered + self.ws.transport.get_write_buffer_size()
         if waiting > self.outbound.max_send_queue:
             self.cut(f"more than {self.outbound.max_send_queue} bytes waited to be read")
-        if not self.sending and not self._write_now():
+        if not self.sending and not self.write_now():
             self.sending = True  # before the task runs: the handler must not send meanwhile
             self.writer = asyncio.create_task(self._write())
 
-    def _write_now(self) -> bool:
-        """Write what is queued without a task, when nothing has to wait (see
-        :func:`send_now`) and no close or error is pending; False: leave it to a sender."""
+    def write_now(self) -> bool:
+        """Write what is queued without a coroutine, task or wake-up, when nothing has to
+        wait (see :func:`send_now`) and no close or error is pending. Returns whether
+        that left nothing for a sender (:meth:`send`), as when nothing was queued."""
         protocol = self.protocol
         if self.cut_by is not None or protocol.close_reason is not None:
             return False
         if protocol.error_code is not None and not self.counted:
             return False
+        if not protocol.queued:
+            return True
         # fits() counts one frame's header; the others are counted here.
         size = protocol.buffered + _HEADER * (protocol.queued - 1)
-        if not protocol.queued or not can_send_now(self.ws, size):
+        if not can_send_now(self.ws, size):
             return False
         send_now(self.ws, protocol.data_to_send())
         if self.drained is not None:
