@@ -26,7 +26,7 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from importlib import resources
 from types import TracebackType
 
@@ -34,7 +34,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
-from websockets.typing import Subprotocol
 
 from gateway.config import Config
 from gateway.core.auth import Verifier
@@ -50,14 +49,13 @@ from gateway.store.redis_store import RedisStore
 from gateway.transport.client_ws import handle_client
 from gateway.transport.keepalive import Keepalive
 from gateway.transport.sessions import Sessions, now_ms
+from gateway.transport.websocket import SUBPROTOCOL, ClientSocket
 
 __all__ = ["SUBPROTOCOL", "Gateway", "instance_id", "open_store"]
 
 log = logging.getLogger("gateway.server")
 
 _READY_TIMEOUT = 1.0
-SUBPROTOCOL = Subprotocol("hangon.v1")
-"""The subprotocol the gateway answers when offered; offering it is optional."""
 _STATIC = {
     "/client.js": ("client.js", "text/javascript; charset=utf-8"),
     "/client.d.ts": ("client.d.ts", "application/typescript; charset=utf-8"),
@@ -213,9 +211,8 @@ class Gateway:
             ping_interval=None,
             ping_timeout=None,
             compression=None,
-            # A browser that sends its token as a subprotocol offers "hangon.v1" beside it,
-            # and fails the connection unless the answer names one of its offers.
-            select_subprotocol=_subprotocol,
+            # Freed by reference counting once closed; answers "hangon.v1" when offered.
+            create_connection=ClientSocket,
             close_timeout=5,
             backlog=self.config.server.backlog,
             reuse_port=self.config.server.workers > 1,
@@ -342,13 +339,6 @@ class Gateway:
             self.metrics.store_error(exc)
             return connection.respond(503, f"store unavailable: {exc}\n")
         return connection.respond(200, "ready\n")
-
-
-def _subprotocol(
-    connection: ServerConnection, offered: Sequence[Subprotocol]
-) -> Subprotocol | None:
-    """``hangon.v1`` when the client offers it (a browser passing its token beside it)."""
-    return SUBPROTOCOL if SUBPROTOCOL in offered else None
 
 
 def _response(body: bytes, content_type: str) -> Response:

@@ -1,0 +1,79 @@
+"""A closed client connection is freed by reference counting, not left to the collector.
+
+The gateway runs the cyclic garbage collector rarely (gateway.cli.tune_gc): a closed
+connection held by a reference cycle stays in memory, buffers and all, until a full
+collection. These tests turn the collector off and wait for the server's side of the
+connection to go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import ServerConnection
+
+from gateway.server import Gateway
+from tests.support.wsclient import connect, hello, turn, url
+
+PHONE = {"phone": "+14155550100", "call_id": "call-1"}
+
+
+@pytest.fixture
+def no_collector() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def server_side(gateway: Gateway) -> weakref.ref[ServerConnection]:
+    (conn,) = gateway.sessions.connections
+    return weakref.ref(conn.ws)
+
+
+async def freed(ref: weakref.ref[ServerConnection]) -> bool:
+    for _ in range(200):
+        if ref() is None:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+@pytest.mark.usefixtures("no_collector")
+async def test_closed_connection_freed(gateway: Gateway) -> None:
+    """A session's connection, closed by the client, goes as soon as it is closed."""
+    async with connect(url(gateway.port), subprotocols=["hangon.v1"]) as ws:
+        assert ws.subprotocol == "hangon.v1"
+        await hello(ws, PHONE)
+        await turn(ws, "t1", form={"name": "Ada"})
+        ref = server_side(gateway)
+    assert await freed(ref), "the closed connection waits for the cyclic collector"
+
+
+@pytest.mark.usefixtures("no_collector")
+async def test_dropped_mid_frame_connection_freed(gateway: Gateway) -> None:
+    """A connection dropped in the middle of a frame (the parser keeps the error it hit,
+    traceback and all) goes too."""
+    ws: ClientConnection
+    async with connect(url(gateway.port)) as ws:
+        await hello(ws, PHONE)
+        ref = server_side(gateway)
+        ws.transport.write(b"\x81\xfe\x01")  # a text frame's header, cut short
+        await asyncio.sleep(0.05)
+        ws.transport.abort()
+    assert await freed(ref), "the dropped connection waits for the cyclic collector"
+
+
+async def test_unknown_subprotocols_accepted_without_one(gateway: Gateway) -> None:
+    """Offers the gateway does not speak are not refused: it answers none of them."""
+    async with connect(url(gateway.port), subprotocols=["chat", "hangon.v2"]) as ws:
+        assert ws.subprotocol is None
+        welcome = await hello(ws, PHONE)
+    assert welcome["type"] == "welcome"
