@@ -15,7 +15,12 @@ then took 1.4 s of CPU. Two cycles held each one; :class:`ClientSocket` leaves n
   closed and the traceback let go (the error itself stays, for ``ConnectionClosed``).
 
 With both gone, a connection is freed by reference counting the moment its handler and
-the server let go of it (``tests/test_server.py`` checks that none is left to collect).
+the server let go of it (``tests/transport/test_websocket.py`` checks that none is left
+to collect).
+
+An open connection also keeps its upgrade request and response, headers and all, for its
+whole life: 2 KiB of the 16 KiB an idle session costs. Nothing reads them past the hello
+(its token may come in the upgrade), so :meth:`ClientSocket.forget_upgrade` lets them go.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
@@ -56,3 +63,11 @@ class ClientSocket(ServerConnection):
         protocol.parser.close()
         if protocol.parser_exc is not None:
             protocol.parser_exc.__traceback__ = None
+
+    def forget_upgrade(self) -> None:
+        """Let go of the upgrade's headers, once the hello has read what it needs; the
+        request's path stays (websockets needs a request to be there)."""
+        request = self.request
+        if request is not None and request.headers:
+            self.request = Request(request.path, Headers())
+        self.response = None

@@ -77,3 +77,24 @@ async def test_unknown_subprotocols_accepted_without_one(gateway: Gateway) -> No
         assert ws.subprotocol is None
         welcome = await hello(ws, PHONE)
     assert welcome["type"] == "welcome"
+
+
+async def test_upgrade_let_go_after_hello(gateway: Gateway) -> None:
+    """An open connection keeps its upgrade's headers only until its hello is answered."""
+    async with connect(url(gateway.port), additional_headers={"X-Padding": "x" * 500}) as ws:
+        for _ in range(100):
+            if gateway.sessions.connections:
+                break
+            await asyncio.sleep(0.01)
+        (conn,) = gateway.sessions.connections
+        assert conn.ws.request is not None
+        assert conn.ws.request.headers["X-Padding"] == "x" * 500
+        await hello(ws, PHONE)
+        assert conn.ws.request.path == "/ws"
+        assert not conn.ws.request.headers
+        assert conn.ws.response is None
+        assert await turn(ws, "t1", form={"name": "Ada"}) == {
+            "type": "ack",
+            "turn_id": "t1",
+            "version": 1,
+        }
