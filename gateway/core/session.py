@@ -22,13 +22,11 @@ lingering agent link) that another hello superseded cannot write.
 
 from __future__ import annotations
 
-import itertools
-import os
-import secrets
 from dataclasses import dataclass, field
 from typing import Any, NewType
 
 from gateway.core import codec
+from gateway.core.entropy import random_token, unique_id
 from gateway.core.events import Turn
 
 __all__ = [
@@ -56,33 +54,18 @@ PATCHABLE = ("form_answers", "context")
 
 def new_session_id() -> SessionId:
     """Return a fresh random session ID (128 bits)."""
-    return SessionId("s_" + secrets.token_urlsafe(16))
-
-
-_write_prefix = secrets.token_urlsafe(9)
-_write_count = itertools.count()
-
-
-def _reseed() -> None:
-    """A forked worker must not repeat its parent's write IDs."""
-    global _write_prefix, _write_count
-    _write_prefix = secrets.token_urlsafe(9)
-    _write_count = itertools.count()
-
-
-os.register_at_fork(after_in_child=_reseed)
+    return SessionId("s_" + random_token(16))
 
 
 def new_write_id() -> str:
-    """A write or push ID no other write has: a random prefix per process (72 bits) and a
-    counter. Only uniqueness matters (the store compares them), and a random ID per turn
-    cost a system call: 3 % of a turn's CPU."""
-    return f"{_write_prefix}{next(_write_count):x}"
+    """A write or push ID no other write has. Only uniqueness matters (the store compares
+    them): a random ID per turn cost a system call, 3 % of a turn's CPU."""
+    return unique_id()
 
 
 def new_resume_token() -> ResumeToken:
     """Return a fresh random resume token (192 bits)."""
-    return ResumeToken(secrets.token_urlsafe(24))
+    return ResumeToken(random_token(24))
 
 
 def empty_state() -> dict[str, Any]:
