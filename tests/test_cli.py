@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -256,3 +258,17 @@ def test_redis_needs_keys_and_secrets_are_never_echoed() -> None:
     with pytest.raises(ConfigError) as bad:
         parse([], {"HANGON_STATE_KEYS": "k1:c2VjcmV0LXZhbHVl", "HANGON_CALLER_HASH_KEY": "x"})
     assert "c2VjcmV0" not in str(bad.value) and "(hidden)" in str(bad.value)
+
+
+def test_log_times_as_the_standard_formatter() -> None:
+    """Times formatted once per second read as logging's own, to the millisecond, in both
+    formats, across second boundaries."""
+    text, json_format = cli._Formatter(), cli.JsonFormatter()
+    standard = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    for created in (1_796_000_000.001, 1_796_000_000.999, 1_796_000_001.0, 1_796_000_001.5):
+        record = logging.LogRecord("gateway.client", logging.INFO, "", 0, "event k=v", (), None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert text.format(record) == standard.format(record)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        entry = json.loads(json_format.format(record))
+        assert entry["time"] == f"{stamp}.{int(record.msecs):03d}Z"
