@@ -33,7 +33,6 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.core.callerkey import CallerKey
-from gateway.core.entropy import random_bytes
 from gateway.exceptions import GatewayError
 
 __all__ = ["Keyring", "Unsealable", "aad", "new_key", "parse_key", "parse_state_keys"]
@@ -151,7 +150,7 @@ class Keyring:
     def seal(self, data: bytes, aad: bytes) -> bytes:
         """Encrypt ``data`` under the newest key, bound to ``aad``."""
         header = self._newest
-        nonce = random_bytes(_NONCE)
+        nonce = os.urandom(_NONCE)
         return header + nonce + self._ciphers[header[2:]].encrypt(nonce, data, header + aad)
 
     def open(self, blob: bytes, aad: bytes) -> bytes:
