@@ -402,6 +402,9 @@ class LiveSession:
             sessions.metrics.sessions_active.dec()
         if self.relay is not None:
             self.relay.close_link(final)
+            # The relay points back here: kept, the pair (and the session's state) would
+            # wait for a full collection, which tune_gc makes rare.
+            self.relay = None
 
     def release(self) -> None:
         """Give up ownership of a session no longer served here, so that the instance that
