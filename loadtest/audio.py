@@ -9,8 +9,9 @@ would carry at that cost. Two relays, one after the other, with the same agent a
 
 - **hangon**: ``hangon serve`` (``--gateway-cmd``, Redis or the memory store), its
   ``/v1/twilio`` endpoint, and the agent as its ``--downstream``;
-- **bare**: :func:`serve_relay`, the floor a Python relay on websockets costs: one agent
-  connection per call, each frame parsed and re-encoded for the other side, nothing else.
+- **bare**: :func:`loadtest.bare.serve_relay`, the floor a Python relay on websockets
+  costs: one agent connection per call, each frame parsed and re-encoded for the other
+  side, nothing else.
 
 The echo agent (``--serve agent``) and the bare relay (``--serve relay``) run as processes
 of their own, so that only the relay under test is on the clock. Loopback targets only.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import shlex
@@ -39,87 +39,18 @@ from typing import Any
 import orjson
 import uvloop
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from loadtest.bare import serve_agent, serve_relay
 from loadtest.net import check_loopback, sample_process
 from loadtest.storm import _LISTENING, Gateway, _percentiles
 
-__all__ = ["main", "serve_agent", "serve_relay"]
+__all__ = ["main"]
 
 FRAME_S = 0.02
 """20 ms of 8 kHz μ-law per media frame: 160 bytes, as Twilio sends them."""
 _TAG = struct.Struct("!II")
 """A frame's call index and number, at the start of its payload."""
-
-
-# The echo agent and the bare relay
-
-
-async def serve_agent(port: int) -> None:
-    """Answer every ``media`` frame of every link with the same payload, until cancelled."""
-
-    async def link(ws: ServerConnection) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            async for raw in ws:
-                frame = orjson.loads(raw)
-                if frame.get("type") == "media":
-                    echo = {"type": "media", "payload": frame["payload"]}
-                    await ws.send(orjson.dumps(echo).decode())
-
-    async with serve(link, "127.0.0.1", port, compression=None, backlog=2048) as server:
-        print(f"listening host=127.0.0.1 port={_port(server)}", file=sys.stderr, flush=True)
-        await asyncio.Future()
-
-
-async def serve_relay(port: int, agent_url: str) -> None:
-    """A bare relay: Twilio frames in, one agent connection per call, media both ways."""
-
-    async def call(ws: ServerConnection) -> None:
-        stream_sid = ""
-        agent: ClientConnection | None = None
-        back: asyncio.Task[None] | None = None
-
-        async def from_agent(link: ClientConnection) -> None:
-            async for raw in link:
-                frame = orjson.loads(raw)
-                if frame.get("type") == "media":
-                    media = {"payload": frame["payload"]}
-                    out = {"event": "media", "streamSid": stream_sid, "media": media}
-                    await ws.send(orjson.dumps(out).decode())
-
-        try:
-            async for raw in ws:
-                event = orjson.loads(raw)
-                kind = event.get("event")
-                if kind == "media" and agent is not None:
-                    media = event["media"]
-                    frame = {"type": "media", "track": media.get("track")}
-                    frame["payload"] = media["payload"]
-                    await agent.send(orjson.dumps(frame).decode())
-                elif kind == "start" and agent is None:
-                    stream_sid = event["start"]["streamSid"]
-                    agent = await connect(agent_url, compression=None)
-                    await agent.send(orjson.dumps({"type": "session.start"}).decode())
-                    back = asyncio.create_task(from_agent(agent))
-        except ConnectionClosed:
-            pass
-        finally:
-            if back is not None:
-                back.cancel()
-            if agent is not None:
-                await agent.close()
-
-    async with serve(call, "127.0.0.1", port, compression=None, backlog=2048) as server:
-        print(f"listening host=127.0.0.1 port={_port(server)}", file=sys.stderr, flush=True)
-        await asyncio.Future()
-
-
-def _port(server: Any) -> int:
-    return int(next(iter(server.sockets)).getsockname()[1])
-
-
-# The driver
 
 
 class Call:

@@ -8,21 +8,28 @@ and measures it. It logs ``listening host=... port=...`` on stderr when ready an
 cleanly on SIGTERM or SIGINT. :class:`BareServer` runs it as a subprocess.
 
     python -m loadtest.bare --port 8790 --mode echo
+
+The phone-audio baseline lives here too: :func:`serve_relay`, a bare relay of Twilio-format
+frames to an agent, and :func:`serve_agent`, the echo agent behind it and behind hangon
+(``loadtest audio`` runs both as processes of their own).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import signal
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 import uvloop
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -37,6 +44,8 @@ __all__ = [
     "main",
     "parse",
     "run",
+    "serve_agent",
+    "serve_relay",
 ]
 
 BACKLOG = 2048
@@ -195,3 +204,72 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# The echo agent and the bare relay
+
+
+async def serve_agent(port: int) -> None:
+    """Answer every ``media`` frame of every link with the same payload, until cancelled."""
+
+    async def link(ws: ServerConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in ws:
+                frame = orjson.loads(raw)
+                if frame.get("type") == "media":
+                    echo = {"type": "media", "payload": frame["payload"]}
+                    await ws.send(orjson.dumps(echo).decode())
+
+    async with serve(link, "127.0.0.1", port, compression=None, backlog=2048) as server:
+        print(f"listening host=127.0.0.1 port={_port(server)}", file=sys.stderr, flush=True)
+        await asyncio.Future()
+
+
+async def serve_relay(port: int, agent_url: str) -> None:
+    """A bare relay: Twilio frames in, one agent connection per call, media both ways."""
+
+    async def call(ws: ServerConnection) -> None:
+        stream_sid = ""
+        agent: ClientConnection | None = None
+        back: asyncio.Task[None] | None = None
+
+        async def from_agent(link: ClientConnection) -> None:
+            async for raw in link:
+                frame = orjson.loads(raw)
+                if frame.get("type") == "media":
+                    media = {"payload": frame["payload"]}
+                    out = {"event": "media", "streamSid": stream_sid, "media": media}
+                    await ws.send(orjson.dumps(out).decode())
+
+        try:
+            async for raw in ws:
+                event = orjson.loads(raw)
+                kind = event.get("event")
+                if kind == "media" and agent is not None:
+                    media = event["media"]
+                    frame = {"type": "media", "track": media.get("track")}
+                    frame["payload"] = media["payload"]
+                    await agent.send(orjson.dumps(frame).decode())
+                elif kind == "start" and agent is None:
+                    stream_sid = event["start"]["streamSid"]
+                    agent = await connect(agent_url, compression=None)
+                    await agent.send(orjson.dumps({"type": "session.start"}).decode())
+                    back = asyncio.create_task(from_agent(agent))
+        except ConnectionClosed:
+            pass
+        finally:
+            if back is not None:
+                back.cancel()
+            if agent is not None:
+                await agent.close()
+
+    async with serve(call, "127.0.0.1", port, compression=None, backlog=2048) as server:
+        print(f"listening host=127.0.0.1 port={_port(server)}", file=sys.stderr, flush=True)
+        await asyncio.Future()
+
+
+def _port(server: Any) -> int:
+    return int(next(iter(server.sockets)).getsockname()[1])
+
+
+# The driver
