@@ -41,7 +41,7 @@ from gateway.exceptions import StoreConflict, StoreError
 from gateway.transport.connection import Connection
 from gateway.transport.opening import Opening
 from gateway.transport.sessions import LiveSession, Sessions, now_ms
-from gateway.transport.websocket import ClientSocket
+from gateway.transport.websocket import forget_upgrade
 
 __all__ = ["TOKEN_SUBPROTOCOL", "Handler", "handle_client", "now_ms", "upgrade_token"]
 
@@ -123,8 +123,7 @@ class Handler:
                         protocol.close(SERVICE_RESTART)
                     else:
                         self.live = await self._hello(event)
-                    if isinstance(ws, ClientSocket):
-                        ws.forget_upgrade()
+                    forget_upgrade(ws)
                 elif isinstance(event, Forward):
                     self._forward(event)
                     continue  # nothing to write back

@@ -20,7 +20,7 @@ to collect).
 
 An open connection also keeps its upgrade request and response, headers and all, for its
 whole life: 2 KiB of the 16 KiB an idle session costs. Nothing reads them past the hello
-(its token may come in the upgrade), so :meth:`ClientSocket.forget_upgrade` lets them go.
+(its token may come in the upgrade), so :func:`forget_upgrade` lets them go.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from websockets.http11 import Request
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-__all__ = ["SUBPROTOCOL", "ClientSocket", "pick_subprotocol"]
+__all__ = ["SUBPROTOCOL", "ClientSocket", "forget_upgrade", "pick_subprotocol"]
 
 SUBPROTOCOL = Subprotocol("hangon.v1")
 """The subprotocol the gateway answers when offered; offering it is optional."""
@@ -64,10 +64,11 @@ class ClientSocket(ServerConnection):
         if protocol.parser_exc is not None:
             protocol.parser_exc.__traceback__ = None
 
-    def forget_upgrade(self) -> None:
-        """Let go of the upgrade's headers, once the hello has read what it needs; the
-        request's path stays (websockets needs a request to be there)."""
-        request = self.request
-        if request is not None and request.headers:
-            self.request = Request(request.path, Headers())
-        self.response = None
+
+def forget_upgrade(ws: ServerConnection) -> None:
+    """Let go of ``ws``'s upgrade headers and response, once the hello has read what it
+    needs; the request's path stays (websockets needs a request to be there)."""
+    request = ws.request
+    if request is not None and request.headers:
+        ws.request = Request(request.path, Headers())
+    ws.response = None
