@@ -58,11 +58,6 @@ def new_session_id() -> SessionId:
     return SessionId("s_" + secrets.token_urlsafe(16))
 
 
-def new_write_id() -> str:
-    """A write or push ID no other write has (only uniqueness matters)."""
-    return unique_id()
-
-
 def new_resume_token() -> ResumeToken:
     """Return a fresh random resume token (192 bits)."""
     return ResumeToken(secrets.token_urlsafe(24))
@@ -87,7 +82,7 @@ class TurnWrite:
     epoch: int
     """The epoch the session was restored at; the store refuses the write under another."""
     write_id: str
-    """Unique (:func:`new_write_id`); stored with the write, so that a retry whose first
+    """Unique (:func:`unique_id`); stored with the write, so that a retry whose first
     try landed is recognised (the stored state cannot tell: it is sealed afresh, with a
     new nonce, on every try)."""
 
@@ -113,7 +108,7 @@ class Push:
     """The highest sequence number the client acknowledged: older messages may go."""
     at_ms: int
     push_id: str
-    """Unique (:func:`new_write_id`); stored with the push, so a retry whose first try
+    """Unique (:func:`unique_id`); stored with the push, so a retry whose first try
     landed is recognised."""
 
     @property
@@ -171,7 +166,7 @@ class Session:
             now_ms,
             codec.dumps(state),
             self.epoch,
-            new_write_id(),
+            unique_id(),
         )
 
     def push(
@@ -201,7 +196,7 @@ class Session:
             messages=tuple(messages),
             acked_seq=min(acked_seq, self.seq),
             at_ms=now_ms,
-            push_id=new_write_id(),
+            push_id=unique_id(),
         )
 
     def commit_push(self, push: Push) -> None:
