@@ -8,6 +8,8 @@ import dataclasses
 import gc
 from typing import Any
 
+import pytest
+
 from gateway.config import Config
 from gateway.store.base import StoreSettings
 from gateway.transport.sessions import LiveSession
@@ -226,30 +228,26 @@ def held(kind: type) -> int:
     return sum(type(o) is kind for o in gc.get_objects())
 
 
+@pytest.mark.usefixtures("no_collector")
 async def test_ended_session_freed_without_the_collector(
     relay: RelayFactory, config: Config
 ) -> None:
     """A session that lingered out, with its relay, is freed by reference counting: the
     cyclic collector, which the gateway runs rarely, is not needed (here, it is off)."""
-    gc.collect()
-    gc.disable()
-    try:
-        async with relay(silent, config=config.replace("agent", agent_linger=0.2)) as (gw, voice):
-            caller = Caller(url(gw.port), PHONE)
-            await caller.connect()
-            await voice.wait_for(lambda r: len(r) == 1)
-            (live,) = gw.sessions.live.values()
-            assert live.relay is not None
-            del live
-            caller.drop()
-            await asyncio.wait_for(voice.connections[0].wait_closed(), 5)
-            for _ in range(100):
-                if not held(LiveSession):
-                    break
-                await asyncio.sleep(0.02)
-            assert not held(LiveSession), "the dropped session waits for the cyclic collector"
-    finally:
-        gc.enable()
+    async with relay(silent, config=config.replace("agent", agent_linger=0.2)) as (gw, voice):
+        caller = Caller(url(gw.port), PHONE)
+        await caller.connect()
+        await voice.wait_for(lambda r: len(r) == 1)
+        (live,) = gw.sessions.live.values()
+        assert live.relay is not None
+        del live
+        caller.drop()
+        await asyncio.wait_for(voice.connections[0].wait_closed(), 5)
+        for _ in range(100):
+            if not held(LiveSession):
+                break
+            await asyncio.sleep(0.02)
+        assert not held(LiveSession), "the dropped session waits for the cyclic collector"
 
 
 async def test_drain_does_not_wait_on_lingering_sessions(relay: RelayFactory) -> None:

@@ -9,9 +9,7 @@ connection to go.
 from __future__ import annotations
 
 import asyncio
-import gc
 import weakref
-from collections.abc import Iterator
 
 import pytest
 from websockets.asyncio.client import ClientConnection
@@ -21,16 +19,6 @@ from gateway.server import Gateway
 from tests.support.wsclient import connect, hello, turn, url
 
 PHONE = {"phone": "+14155550100", "call_id": "call-1"}
-
-
-@pytest.fixture
-def no_collector() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def server_side(gateway: Gateway) -> weakref.ref[ServerConnection]:
