@@ -306,6 +306,11 @@ class LimitsConfig:
         "connections one tenant may hold on this instance; more get close 1013 ('none': any)",
         parse=_or_none(_positive(int)),
     )
+    handshake_timeout: float = setting(
+        10.0,
+        "seconds a new connection has to finish its WebSocket upgrade; then it is reset",
+        parse=_positive(float),
+    )
     hello_timeout: float | None = setting(
         10.0,
         "seconds a new connection has to send hello; then close 4002 ('none': forever)",

@@ -29,6 +29,7 @@ import socket
 from collections.abc import Callable, Iterable
 from importlib import resources
 from types import TracebackType
+from typing import cast
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -47,6 +48,7 @@ from gateway.store.base import SessionStore, StoreSettings
 from gateway.store.memory_store import MemoryStore
 from gateway.store.redis_store import RedisStore
 from gateway.transport.client_ws import handle_client
+from gateway.transport.deadline import Deadlines
 from gateway.transport.keepalive import Keepalive
 from gateway.transport.sessions import Sessions, now_ms
 from gateway.transport.websocket import SUBPROTOCOL, ClientSocket
@@ -175,6 +177,7 @@ class Gateway:
         self.closing = False
         self._listener: asyncio.Task[None] | None = None
         self._keepalive: asyncio.Task[None] | None = None
+        self._handshakes: Deadlines[ClientSocket] | None = None
         # Static files, read once; the demo page pointed at this gateway's WebSocket path.
         self._files = {path: (_static(name), kind) for path, (name, kind) in _STATIC.items()}
         self._files["/"] = (
@@ -198,6 +201,9 @@ class Gateway:
             port = self.demo_agent.sockets[0].getsockname()[1]
             self.sessions.downstream = f"ws://127.0.0.1:{port}/"
         max_size = self.config.limits.max_message_size
+        self._handshakes = Deadlines(
+            self.config.limits.handshake_timeout, ClientSocket.handshake_overdue
+        )
         self.server = await serve(
             self._client,
             self.config.server.host,
@@ -211,8 +217,13 @@ class Gateway:
             ping_interval=None,
             ping_timeout=None,
             compression=None,
-            # Freed by reference counting once closed; answers "hangon.v1" when offered.
-            create_connection=ClientSocket,
+            # Freed by reference counting once closed; answers "hangon.v1" when offered;
+            # the handshake's deadline kept with every other connection's, not a timer
+            # of its own (open_timeout).
+            create_connection=cast(
+                type[ClientSocket], functools.partial(ClientSocket, handshakes=self._handshakes)
+            ),
+            open_timeout=None,
             close_timeout=5,
             backlog=self.config.server.backlog,
             reuse_port=self.config.server.workers > 1,
@@ -246,6 +257,8 @@ class Gateway:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        if self._handshakes is not None:
+            self._handshakes.close()
         await self.sessions.aclose()
         if self.demo_agent is not None:
             self.demo_agent.close()

@@ -96,29 +96,20 @@ class Handler:
         sessions.connections.add(conn)
         loop = asyncio.get_running_loop()
         # Until its hello, a connection holds a socket and memory for nothing: bounded.
-        hello_timeout = sessions.limits.hello_timeout
-        hello_by = None if hello_timeout is None else loop.time() + hello_timeout
+        hellos = sessions.hellos
+        hello_by = None if hellos is None else hellos.add(self._hello_overdue)
         try:
             while protocol.close_reason is None:
-                if hello_by is None:
-                    message = await ws.recv()
-                else:
-                    try:
-                        async with asyncio.timeout_at(hello_by):
-                            message = await ws.recv()
-                    except TimeoutError:
-                        protocol.fail(
-                            ErrorCode.HELLO_TIMEOUT,
-                            f"no hello within {hello_timeout} s of connecting",
-                        )
-                        break
+                message = await ws.recv()
                 if isinstance(message, bytes):
                     protocol.receive_binary(message)
                     event = None
                 else:
                     event = protocol.receive_text(message)
                 if isinstance(event, Hello):
-                    hello_by = None
+                    if hello_by is not None:
+                        hello_by.cancel()
+                        hello_by = None
                     if sessions.draining:
                         protocol.close(SERVICE_RESTART)
                     else:
@@ -147,7 +138,20 @@ class Handler:
             log.exception("unexpected error on a client connection")
             protocol.fail(ErrorCode.INTERNAL_ERROR, "unexpected error; reconnect to resume")
         finally:
+            if hello_by is not None:
+                hello_by.cancel()  # let go of this handler now, not at the deadline
             await self._closed()
+
+    def _hello_overdue(self) -> None:
+        """No hello in time: fail the connection (from :attr:`Sessions.hellos`)."""
+        conn = self.conn
+        if conn.finished:
+            return
+        conn.protocol.fail(
+            ErrorCode.HELLO_TIMEOUT,
+            f"no hello within {self.sessions.limits.hello_timeout} s of connecting",
+        )
+        conn.flush()
 
     async def _closed(self) -> None:
         sessions, conn, protocol = self.sessions, self.conn, self.conn.protocol

@@ -49,6 +49,7 @@ from gateway.store.base import SessionStore
 from gateway.store.retry import retry
 from gateway.transport.admission import Admission
 from gateway.transport.connection import Connection, Outbound
+from gateway.transport.deadline import Deadlines
 
 if TYPE_CHECKING:
     from gateway.transport.downstream import AgentLink, Inbox
@@ -67,6 +68,10 @@ _FLUSH_TIMEOUT = 5.0
 """Seconds a drain waits for a session's agent output to be persisted."""
 _DEGRADED_WAIT = 10.0
 """Seconds a turn or bye waits for a degraded session's store when retries are unbounded."""
+
+
+def _call(due: Callable[[], None]) -> None:
+    due()
 
 
 def now_ms() -> int:
@@ -123,6 +128,11 @@ class Sessions:
             ),
         )
         self.admission = Admission.from_limits(self.limits)
+        timeout = self.limits.hello_timeout
+        self.hellos: Deadlines[Callable[[], None]] | None = (
+            None if timeout is None else Deadlines(timeout, _call)
+        )
+        """Each new connection's time to say hello: what to call when it is up."""
         """How many hellos restore at once, and how many may wait."""
         self.downstream: str | None = None
         """The voice agent's URL; ``None``: no agent, sessions only store state."""
@@ -190,6 +200,8 @@ class Sessions:
 
     async def aclose(self) -> None:
         """Drop every session (agent links close; stored state stays) and wait for closes."""
+        if self.hellos is not None:
+            self.hellos.close()
         for live in list(self.live.values()):
             live.drop()
         loop = asyncio.get_running_loop()

@@ -18,6 +18,14 @@ With both gone, a connection is freed by reference counting the moment its handl
 the server let go of it (``tests/transport/test_websocket.py`` checks that none is left
 to collect).
 
+The opening handshake is websockets' own, made lean (:meth:`ClientSocket.handshake`):
+an upgrade is answered as soon as its request is in, without ``asyncio.wait`` on two
+futures, a ``send_context`` around the write of the ``101`` and, when the server is
+given :class:`~gateway.transport.deadline.Deadlines` for handshakes, without an
+``asyncio.timeout`` per connection (serve it with ``open_timeout=None``). In a
+reconnect storm those were an eighth of the gateway's CPU per restore. Every other
+answer (an HTTP response, a refusal) goes through websockets' path unchanged.
+
 An open connection also keeps its upgrade request and response, headers and all, for its
 whole life: 2 KiB of the 16 KiB an idle session costs. Nothing reads them past the hello
 (its token may come in the upgrade), so :func:`forget_upgrade` lets them go.
@@ -25,16 +33,35 @@ whole life: 2 KiB of the 16 KiB an idle session costs. Nothing reads them past t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import http
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.datastructures import Headers
-from websockets.http11 import Request
+from websockets.http11 import SERVER, Request, Response
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-__all__ = ["SUBPROTOCOL", "ClientSocket", "forget_upgrade", "pick_subprotocol"]
+from gateway.transport.deadline import Deadline, Deadlines
+
+__all__ = [
+    "SUBPROTOCOL",
+    "ClientSocket",
+    "ProcessRequest",
+    "ProcessResponse",
+    "forget_upgrade",
+    "pick_subprotocol",
+]
+
+log = logging.getLogger("gateway")
+
+ProcessResponse = Callable[
+    [ServerConnection, Request, Response], Awaitable[Response | None] | Response | None
+]
+ProcessRequest = Callable[[ServerConnection, Request], Awaitable[Response | None] | Response | None]
 
 SUBPROTOCOL = Subprotocol("hangon.v1")
 """The subprotocol the gateway answers when offered; offering it is optional."""
@@ -48,15 +75,110 @@ def pick_subprotocol(offered: Sequence[Subprotocol]) -> Subprotocol | None:
 
 
 class ClientSocket(ServerConnection):
-    """A ``ServerConnection`` that no reference cycle outlives (see the module docstring);
-    pass it as ``serve(create_connection=ClientSocket)``, without ``select_subprotocol``."""
+    """A ``ServerConnection`` that no reference cycle outlives, with a lean opening
+    handshake (see the module docstring); pass it as ``serve(create_connection=...)``,
+    without ``select_subprotocol`` or ``process_response``.
 
-    def __init__(self, protocol: ServerProtocol, server: Server, **kwargs: Any) -> None:
+    Args:
+        handshakes: The server's handshake deadlines: a connection whose upgrade is not
+            answered by then is reset. Without them, ``serve``'s ``open_timeout`` is
+            the bound.
+    """
+
+    def __init__(
+        self,
+        protocol: ServerProtocol,
+        server: Server,
+        *,
+        handshakes: Deadlines[ClientSocket] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(protocol, server, **kwargs)
         # An instance attribute is called unbound: protocol.select_subprotocol(offered).
         protocol.select_subprotocol = pick_subprotocol  # type: ignore[method-assign,assignment]
+        self._handshakes = handshakes
+        self._handshake_by: Deadline[ClientSocket] | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if self._handshakes is not None:
+            self._handshake_by = self._handshakes.add(self)
+
+    @staticmethod
+    def handshake_overdue(ws: ClientSocket) -> None:
+        """What :class:`Deadlines` for handshakes call: reset a connection still not
+        upgraded (its handler then ends, as after ``open_timeout``)."""
+        if ws.protocol.state is State.CONNECTING:
+            log.info("upgrade not finished in time: connection reset")
+            ws.transport.abort()
+
+    async def handshake(
+        self,
+        process_request: ProcessRequest | None = None,
+        process_response: ProcessResponse | None = None,
+        server_header: str | None = SERVER,
+    ) -> None:
+        """websockets' opening handshake, with the upgrade answered straight away.
+
+        Waits for the request alone (:meth:`connection_lost` settles that wait too);
+        the ``101`` is written without a ``send_context``: it is the first write on an
+        empty buffer, and a failure to write it shows as the connection lost.
+        """
+        assert process_response is None, "ClientSocket takes no process_response"
+        await self.request_rcvd
+        request = self.request
+        if request is None:
+            return  # the connection was lost first
+        response = None
+        if process_request is not None:
+            try:
+                answer = process_request(self, request)
+                response = await answer if isinstance(answer, Awaitable) else answer
+            except Exception as exc:
+                self.protocol.handshake_exc = exc
+                self.logger.error("process_request failed", exc_info=True)
+                response = self.protocol.reject(
+                    http.HTTPStatus.INTERNAL_SERVER_ERROR,
+                    "Failed to open a WebSocket connection.\n"
+                    "See server log for more information.\n",
+                )
+        if response is None and self.server.is_serving():
+            response = self.response = self.protocol.accept(request)
+        else:
+            if response is None:
+                # The server began closing during the handshake.
+                response = self.protocol.reject(
+                    http.HTTPStatus.SERVICE_UNAVAILABLE, "Server is shutting down.\n"
+                )
+            self.response = response
+        if server_header is not None:
+            response.headers["Server"] = server_header
+        if self.state is not State.CONNECTING:
+            return  # lost during process_request: nothing to answer
+        if response.status_code == http.HTTPStatus.SWITCHING_PROTOCOLS:
+            self.protocol.send_response(response)  # the connection is open from here
+            try:
+                self.send_data()
+            except Exception as exc:
+                # As send_context does: the handler then finds the connection closed.
+                self.set_connection_exc(exc)
+                self.transport.abort()
+        else:
+            # A refusal or an HTTP answer: websockets' path, which then closes the
+            # connection.
+            async with self.send_context(expected_state=State.CONNECTING):
+                self.protocol.send_response(response)
+        self._upgraded()
+
+    def _upgraded(self) -> None:
+        if self._handshake_by is not None:
+            self._handshake_by.cancel()
+            self._handshake_by = None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.request_rcvd.done():
+            self.request_rcvd.set_result(None)  # the handshake waits for nothing more
+        self._upgraded()
         super().connection_lost(exc)
         protocol = self.protocol
         # The stream is at its end (super() fed it), so the parser is never stepped again.

@@ -1,6 +1,6 @@
 """Limits on a live gateway: turns per second per connection, connections per tenant and the
-hello deadline. Each breach gets its error frame, close code and metric, and nobody else
-notices."""
+upgrade and hello deadlines. Each breach gets its error frame (or reset), close code and metric,
+and nobody else notices."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ async def gateway(
         turn_burst=3,
         max_tenant_connections=2,
         hello_timeout=0.3,
+        handshake_timeout=0.3,
         metrics_tenants=2,
     )
     async with make_gateway(cfg, store=make_store(settings), metrics=Metrics(tenants=2)) as gw:
@@ -105,3 +106,23 @@ async def test_a_connection_without_hello_is_closed_after_the_deadline(gateway: 
         await hello(ws, ADA)
         await asyncio.sleep(0.5)
         assert (await turn(ws, "late", form={"ok": True}))["type"] == "ack"
+
+
+async def test_an_upgrade_left_unfinished_is_reset_after_the_deadline(gateway: Gateway) -> None:
+    """A TCP connection that never finishes its upgrade request is reset once
+    --handshake-timeout passes; one that finished it is not (the test above keeps one
+    open past it, before and after its hello)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n")
+        await writer.drain()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with asyncio.timeout(3):
+                assert await reader.read() == b""  # no answer, then the end of the stream
+        except ConnectionResetError:
+            pass
+        assert 0.25 <= loop.time() - started < 3
+    finally:
+        writer.close()
