@@ -26,7 +26,7 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 from types import TracebackType
 from typing import cast
@@ -279,7 +279,11 @@ class Gateway:
         path = ws.request.path.partition("?")[0]
         await handle_client(self.sessions, ws, twilio=path == self.config.twilio.twilio_path)
 
-    async def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _http(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | Awaitable[Response] | None:
+        """Answer an HTTP request, or let an upgrade through (``None``); only ``/readyz``
+        needs to await (the store), so an upgrade is checked without a coroutine."""
         path, _, query = request.path.partition("?")
         twilio = path == self.config.twilio.twilio_path
         if path == self.config.server.path or twilio:
@@ -306,7 +310,7 @@ class Gateway:
         if path == "/healthz":
             return connection.respond(200, "ok\n")
         if path == "/readyz":
-            return await self._ready(connection)
+            return self._ready(connection)
         if path == "/metrics":
             return _response(self.metrics.render(), CONTENT_TYPE_LATEST)
         if path in self._files:

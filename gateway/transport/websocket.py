@@ -133,7 +133,10 @@ class ClientSocket(ServerConnection):
         if process_request is not None:
             try:
                 answer = process_request(self, request)
-                response = await answer if isinstance(answer, Awaitable) else answer
+                # An upgrade's check answers at once; only a probe may need to await.
+                response = (
+                    answer if answer is None or isinstance(answer, Response) else await answer
+                )
             except Exception as exc:
                 self.protocol.handshake_exc = exc
                 self.logger.error("process_request failed", exc_info=True)
@@ -169,6 +172,15 @@ class ClientSocket(ServerConnection):
             async with self.send_context(expected_state=State.CONNECTING):
                 self.protocol.send_response(response)
         self._upgraded()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """websockets' ``close``, returning at once when the connection is already gone
+        (a dropped client, when its handler returns): websockets' own finds that out
+        through a ``send_context``, a ``Timeout`` and a ``ConnectionClosed`` raised and
+        swallowed."""
+        if self.connection_lost_waiter.done():
+            return
+        await super().close(code, reason)
 
     def _upgraded(self) -> None:
         if self._handshake_by is not None:
