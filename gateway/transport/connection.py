@@ -144,8 +144,9 @@ class Connection:
 
     def write_now(self) -> bool:
         """Write what is queued without a coroutine, task or wake-up, when nothing has to
-        wait (see :func:`send_now`) and no close or error is pending. Returns whether
-        that left nothing for a sender (:meth:`send`), as when nothing was queued."""
+        wait (see :func:`send_now`) and no close or error is pending; drop it when the
+        client is gone. Returns whether that left nothing for a sender (:meth:`send`), as
+        when nothing was queued."""
         protocol = self.protocol
         if self.cut_by is not None or protocol.close_reason is not None:
             return False
@@ -156,8 +157,14 @@ class Connection:
         # fits() counts one frame's header; the others are counted here.
         size = protocol.buffered + _HEADER * (protocol.queued - 1)
         if not can_send_now(self.ws, size):
-            return False
-        send_now(self.ws, protocol.data_to_send())
+            if self.ws.protocol.state is not State.CLOSED:
+                return False
+            # The client is gone (a drop mid-turn): nothing queued can reach it, and a
+            # sender would only find that out through websockets' ConnectionClosed. What
+            # matters is replayed, or acked again, when it resumes.
+            protocol.data_to_send()
+        else:
+            send_now(self.ws, protocol.data_to_send())
         if self.drained is not None:
             self.drained.set()
         return True

@@ -14,6 +14,7 @@ import weakref
 import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection
+from websockets.protocol import State
 
 from gateway.server import Gateway
 from tests.support.wsclient import connect, hello, turn, url
@@ -86,3 +87,19 @@ async def test_upgrade_let_go_after_hello(gateway: Gateway) -> None:
             "turn_id": "t1",
             "version": 1,
         }
+
+
+async def test_frames_for_a_client_gone_are_dropped_without_a_sender(gateway: Gateway) -> None:
+    """A client dropped while its turn was being written: the ack queued for it is let go
+    at once, not handed to a sender that would only find the connection closed."""
+    async with connect(url(gateway.port)) as ws:
+        await hello(ws, PHONE)
+        (conn,) = gateway.sessions.connections
+        ws.transport.abort()
+        for _ in range(200):
+            if conn.ws.protocol.state is State.CLOSED:
+                break
+            await asyncio.sleep(0.01)
+    conn.protocol.send_ack("t1", 1)
+    assert conn.write_now()
+    assert conn.protocol.queued == 0
