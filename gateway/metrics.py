@@ -212,6 +212,13 @@ class Metrics:
             subsystem="admission",
             registry=r,
         )
+        self.upgrade_timeouts = Counter(
+            "upgrade_timeouts",
+            "TCP connections reset for not finishing their upgrade (or HTTP request) within"
+            " --handshake-timeout.",
+            namespace="hangon",
+            registry=r,
+        )
         self.admission_waiting = Gauge(
             "waiting",
             "Hellos waiting for a restore slot.",

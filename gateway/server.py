@@ -201,9 +201,7 @@ class Gateway:
             port = self.demo_agent.sockets[0].getsockname()[1]
             self.sessions.downstream = f"ws://127.0.0.1:{port}/"
         max_size = self.config.limits.max_message_size
-        self._handshakes = Deadlines(
-            self.config.limits.handshake_timeout, ClientSocket.handshake_overdue
-        )
+        self._handshakes = Deadlines(self.config.limits.handshake_timeout, self._upgrade_overdue)
         self.server = await serve(
             self._client,
             self.config.server.host,
@@ -273,6 +271,10 @@ class Gateway:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
+
+    def _upgrade_overdue(self, ws: ClientSocket) -> None:
+        if ws.handshake_overdue():
+            self.metrics.upgrade_timeouts.inc()
 
     async def _client(self, ws: ServerConnection) -> None:
         assert ws.request is not None

@@ -104,13 +104,15 @@ class ClientSocket(ServerConnection):
         if self._handshakes is not None:
             self._handshake_by = self._handshakes.add(self)
 
-    @staticmethod
-    def handshake_overdue(ws: ClientSocket) -> None:
-        """What :class:`Deadlines` for handshakes call: reset a connection still not
-        upgraded (its handler then ends, as after ``open_timeout``)."""
-        if ws.protocol.state is State.CONNECTING:
-            log.info("upgrade not finished in time: connection reset")
-            ws.transport.abort()
+    def handshake_overdue(self) -> bool:
+        """For the server's handshake :class:`Deadlines`: reset the connection if it is
+        still not upgraded (its handler then ends, as after ``open_timeout``); return
+        whether it was."""
+        if self.protocol.state is not State.CONNECTING:
+            return False
+        log.debug("upgrade not finished in time: connection reset")
+        self.transport.abort()
+        return True
 
     async def handshake(
         self,

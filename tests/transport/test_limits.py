@@ -126,3 +126,4 @@ async def test_an_upgrade_left_unfinished_is_reset_after_the_deadline(gateway: G
         assert 0.25 <= loop.time() - started < 3
     finally:
         writer.close()
+    assert gateway.metrics.registry.get_sample_value("hangon_upgrade_timeouts_total") == 1
