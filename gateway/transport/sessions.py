@@ -128,12 +128,12 @@ class Sessions:
             ),
         )
         self.admission = Admission.from_limits(self.limits)
+        """How many hellos restore at once, and how many may wait."""
         timeout = self.limits.hello_timeout
         self.hellos: Deadlines[Callable[[], None]] | None = (
             None if timeout is None else Deadlines(timeout, _call)
         )
         """Each new connection's time to say hello: what to call when it is up."""
-        """How many hellos restore at once, and how many may wait."""
         self.downstream: str | None = None
         """The voice agent's URL; ``None``: no agent, sessions only store state."""
         self.tenant_connections: dict[str, int] = {}
@@ -201,6 +201,8 @@ class Sessions:
     async def aclose(self) -> None:
         """Drop every session (agent links close; stored state stays) and wait for closes."""
         if self.hellos is not None:
+            # The server stopped accepting and closed its connections first
+            # (Gateway.aclose): no connection is left waiting to say hello.
             self.hellos.close()
         for live in list(self.live.values()):
             live.drop()

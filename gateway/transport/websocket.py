@@ -33,6 +33,7 @@ whole life: 2 KiB of the 16 KiB an idle session costs. Nothing reads them past t
 
 from __future__ import annotations
 
+import asyncio
 import http
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -135,10 +136,13 @@ class ClientSocket(ServerConnection):
         if process_request is not None:
             try:
                 answer = process_request(self, request)
-                # An upgrade's check answers at once; only a probe may need to await.
-                response = (
-                    answer if answer is None or isinstance(answer, Response) else await answer
-                )
+                if answer is None or isinstance(answer, Response):
+                    response = answer  # an upgrade's check answers at once
+                else:
+                    # A probe that awaits (the store) gets what is left of the deadline.
+                    by = self._handshake_by
+                    async with asyncio.timeout_at(None if by is None else by.when):
+                        response = await answer
             except Exception as exc:
                 self.protocol.handshake_exc = exc
                 self.logger.error("process_request failed", exc_info=True)
@@ -165,9 +169,10 @@ class ClientSocket(ServerConnection):
             try:
                 self.send_data()
             except Exception as exc:
-                # As send_context does: the handler then finds the connection closed.
+                # As send_context would: no handler for a connection that never opened.
                 self.set_connection_exc(exc)
                 self.transport.abort()
+                raise
         else:
             # A refusal or an HTTP answer: websockets' path, which then closes the
             # connection.

@@ -78,3 +78,12 @@ async def test_close_stops_every_deadline() -> None:
     deadlines.close()
     await asyncio.sleep(0.05 + GRAIN + 0.1)
     assert expired == [] and len(deadlines) == 0
+
+
+async def test_met_deadlines_do_not_pile_up() -> None:
+    """Connections that upgrade at once leave nothing queued behind them for the timeout."""
+    deadlines = Deadlines(10.0, lambda item: None)
+    for n in range(1000):
+        deadlines.add(Item(str(n))).cancel()
+    assert len(deadlines) <= 1
+    deadlines.close()
