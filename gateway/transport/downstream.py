@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -36,12 +37,22 @@ from typing import Generic, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-from websockets.protocol import State
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event, State
 
 from gateway.metrics import Metrics
 from gateway.transport.connection import can_send_now, fits, send_now
 
-__all__ = ["EARLY_MEDIA", "MAX_QUEUED_MEDIA", "AgentLink", "Inbox", "Opening", "Take"]
+__all__ = [
+    "EARLY_MEDIA",
+    "MAX_QUEUED_MEDIA",
+    "AgentLink",
+    "AgentSocket",
+    "Inbox",
+    "Opening",
+    "Take",
+    "TakeNow",
+]
 
 log = logging.getLogger("gateway.downstream")
 
@@ -112,6 +123,47 @@ Take = Callable[["AgentLink[T]", str | bytes], "T | None"]
 """Parses an agent frame from a link: what is to wait in the inbox, or ``None`` if the
 frame was dealt with (refused, or a phone caller's audio sent on)."""
 
+TakeNow = Callable[["AgentLink[T]", str], bool]
+"""Deals with an agent's text frame as it is read, if it can be at once (a phone caller's
+audio); ``False`` leaves it, untouched, to :data:`Take`."""
+
+
+class AgentSocket(ClientConnection):
+    """The agent link's WebSocket: a frame that :attr:`take_now` deals with at once (a
+    phone caller's audio) is taken as it is parsed, in ``data_received``, rather than
+    queued for the reader task, whose wake-up, queue and ``recv`` per frame were the
+    largest step of the audio path that the bare relay also has.
+
+    Only when nothing waits ahead of it: the reader must be idle in ``recv`` with no frame
+    queued, so frames are dealt with in the order they came.
+    """
+
+    take_now: Callable[[str], bool] | None = None
+
+    def process_event(self, event: Event) -> None:
+        take_now = self.take_now
+        if (
+            take_now is not None
+            and type(event) is Frame
+            and event.opcode is Opcode.TEXT
+            and event.fin
+            and self.recv_messages.get_in_progress
+            and not len(self.recv_messages.frames)
+        ):
+            try:
+                text = str(event.data, "utf-8")
+            except UnicodeDecodeError:
+                pass  # websockets' own path refuses it
+            else:
+                try:
+                    if take_now(text):
+                        return
+                except Exception:
+                    # As the reader does: the link outlives a bug in one frame's handling.
+                    log.exception("agent frame not taken")
+                    return
+        super().process_event(event)
+
 
 class AgentLink(Generic[T]):
     """The connection of one session to the voice agent.
@@ -130,6 +182,7 @@ class AgentLink(Generic[T]):
         max_queue: Bytes that may wait to be sent to the agent.
         session_id: For log lines.
         take: Parses every agent frame, once.
+        take_now: Deals with a frame as it is read, when it can be (:class:`AgentSocket`).
     """
 
     def __init__(
@@ -147,6 +200,7 @@ class AgentLink(Generic[T]):
         session_id: str,
         send_timeout: float = 20.0,
         max_queue: int = 1 << 20,
+        take_now: TakeNow[T] | None = None,
     ) -> None:
         self.url = url
         self._opening = opening
@@ -162,6 +216,7 @@ class AgentLink(Generic[T]):
         """Bytes in :attr:`_outbox`."""
         self._session_id = session_id
         self._take = take
+        self._take_now = take_now
         self._ws: ClientConnection | None = None
         self._outbox: deque[bytes] = deque()
         self._early: deque[bytes] = deque()
@@ -293,6 +348,7 @@ class AgentLink(Generic[T]):
                     open_timeout=self._open_timeout,
                     max_size=2 * self._max_size,
                     compression=None,
+                    create_connection=AgentSocket,
                 )
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
                 self._metrics.agent_connects.labels("error").inc()
@@ -330,6 +386,8 @@ class AgentLink(Generic[T]):
             self._early.clear()
             self._early_size = 0
             self._ws = ws
+            if self._take_now is not None and isinstance(ws, AgentSocket):
+                ws.take_now = functools.partial(self._take_now, self)
             reader = asyncio.create_task(self._read(ws))
             # The reader's end wakes the loop too: one Event to wait on, rather than a
             # task and a wait() per frame relayed (the audio path's hottest line).
@@ -360,6 +418,8 @@ class AgentLink(Generic[T]):
                 log.warning("agent not reading, link dropped session=%s", self._session_id)
             ws.transport.abort()
         finally:
+            if isinstance(ws, AgentSocket):
+                ws.take_now = None  # it holds this link: no cycle left behind
             self._ws = None
             self._clear()
             self._metrics.agent_links_active.dec()

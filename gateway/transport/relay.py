@@ -84,6 +84,7 @@ class Relay:
             max_queue=sessions.outbound.max_send_queue,
             session_id=live.session.session_id,
             take=self.take,
+            take_now=self.take_now,
         )
 
     def _opening(self, why: str) -> bytes:
@@ -111,6 +112,28 @@ class Relay:
             return exc
         if not isinstance(parsed, agent.Media):
             return parsed
+        self._relay_media(link, parsed)
+        return None
+
+    def take_now(self, link: AgentLink[Output], frame: str) -> bool:
+        """Relay ``frame`` as it is read if it is a phone caller's audio; otherwise leave
+        it to :meth:`take` (which parses it again: audio is what comes often)."""
+        live = self.live
+        if not live.phone:
+            return False
+        try:
+            parsed = agent.parse_frame(
+                frame, max_size=self.sessions.limits.max_message_size, phone=True
+            )
+        except agent.InvalidAgentFrame:
+            return False
+        if not isinstance(parsed, agent.Media):
+            return False
+        self._relay_media(link, parsed)
+        return True
+
+    def _relay_media(self, link: AgentLink[Output], parsed: agent.Media) -> None:
+        sessions, live = self.sessions, self.live
         media = sessions.metrics.media_frames
         if self.link is not link or live.relay is not self:
             # A link being closed (its session replaced here): not for the current stream.
@@ -122,7 +145,6 @@ class Relay:
             assert conn is not None
             conn.flush()
         media["to_caller", "relayed" if sent else "dropped"].inc()
-        return None
 
     def _refuse(self, link: AgentLink[Output] | None, exc: agent.InvalidAgentFrame) -> None:
         """Count and log a refused frame, and tell the agent why, if it is still there."""

@@ -349,3 +349,34 @@ async def test_audio_waits_for_the_agent_link_but_only_the_newest(
     )
     relayed = sample(gw, "hangon_relay_media_frames_total", direction="to_agent", outcome="relayed")
     assert relayed == EARLY_MEDIA
+
+
+async def test_agent_audio_is_relayed_as_it_is_read(relay: RelayFactory) -> None:
+    """The agent's audio for a call goes to the caller from the link's data_received, not
+    through its reader task: only the frames that are stored (a say) reach the reader."""
+    async with relay(phone) as (gw, voice):
+        call = TwilioCall(url(gw.port, TWILIO))
+        stream = await call.stream()
+        await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
+        (live,) = gw.sessions.live.values()
+        assert live.relay is not None and live.relay.link is not None
+        link = live.relay.link
+        read: list[str | bytes] = []
+        take = link._take
+
+        def reader_takes(on: Any, frame: str | bytes) -> Any:
+            read.append(frame)
+            return take(on, frame)
+
+        link._take = reader_takes
+        for n in range(5):
+            payload = base64.b64encode(bytes([n]) * 4).decode()
+            await voice.send({"type": "media", "payload": payload})
+            await stream.wait_for(lambda r, n=n: count(stream, "media") == n + 1)
+        await voice.send({"type": "say", "text": "stored"})
+        async with asyncio.timeout(5):
+            while not read:
+                await asyncio.sleep(0.01)
+        audio = [f["media"] for f in stream.received if f["event"] == "media"]
+        assert audio_of(audio) == b"".join(bytes([n]) * 4 for n in range(5))
+        assert [b'"say"' in (f if isinstance(f, bytes) else f.encode()) for f in read] == [True]
