@@ -109,18 +109,7 @@ class TwilioStream(ClientProtocol):
             # reads what was already buffered: nothing to act on.
             return None
         if event == "media":
-            media = _object(msg, "media")
-            return Forward(
-                codec.dumps(
-                    {
-                        "type": "media",
-                        "track": _string(media, "track", 32),
-                        "chunk": _number(media, "chunk"),
-                        "timestamp": _number(media, "timestamp"),
-                        "payload": _string(media, "payload", self.max_message_size),
-                    }
-                )
-            )
+            return Forward(self._media(msg))
         if event == "mark":
             name = _string(_object(msg, "mark"), "name", 256)
             return Forward(codec.dumps({"type": "mark", "name": name}))
@@ -130,6 +119,30 @@ class TwilioStream(ClientProtocol):
             return Turn(f"dtmf-{self.stream_sid}-{number}", None, None, None, dtmf=digit)
         self.close(STREAM_STOPPED)
         return None
+
+    def media_now(self, data: str) -> bytes | None:
+        """The agent's frame for ``data`` if it is a caller's audio on an open stream, for
+        a driver that relays audio as it is read; ``None`` for anything else (and for bad
+        audio), which :meth:`receive_text` is then given, as if this had not been called."""
+        if self.phase is not Phase.OPEN:
+            return None
+        try:
+            msg, event = self._decode(data)
+            return self._media(msg) if event == "media" else None
+        except _Invalid:
+            return None
+
+    def _media(self, msg: dict[str, Any]) -> bytes:
+        media = _object(msg, "media")
+        return codec.dumps(
+            {
+                "type": "media",
+                "track": _string(media, "track", 32),
+                "chunk": _number(media, "chunk"),
+                "timestamp": _number(media, "timestamp"),
+                "payload": _string(media, "payload", self.max_message_size),
+            }
+        )
 
     def _start(self, msg: dict[str, Any]) -> Hello:
         start = _object(msg, "start")

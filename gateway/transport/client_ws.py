@@ -41,7 +41,7 @@ from gateway.exceptions import StoreConflict, StoreError
 from gateway.transport.connection import Connection
 from gateway.transport.opening import Opening
 from gateway.transport.sessions import LiveSession, Sessions, now_ms
-from gateway.transport.websocket import forget_upgrade
+from gateway.transport.websocket import ClientSocket, forget_upgrade
 
 __all__ = ["TOKEN_SUBPROTOCOL", "Handler", "handle_client", "now_ms", "upgrade_token"]
 
@@ -115,6 +115,10 @@ class Handler:
                     else:
                         self.live = await self._hello(event)
                     forget_upgrade(ws)
+                    if self.live is not None and isinstance(ws, ClientSocket):
+                        if isinstance(protocol, TwilioStream):
+                            # A call's audio from here on is relayed as it is read.
+                            ws.take_now = self._media_now
                 elif isinstance(event, Forward):
                     self._forward(event)
                     continue  # nothing to write back
@@ -140,6 +144,8 @@ class Handler:
         finally:
             if hello_by is not None:
                 hello_by.cancel()  # let go of this handler now, not at the deadline
+            if isinstance(ws, ClientSocket):
+                ws.take_now = None  # it holds this handler: no cycle left behind
             await self._closed()
 
     def _hello_overdue(self) -> None:
@@ -177,6 +183,17 @@ class Handler:
         conn.finished = True
         if conn.drained is not None:
             conn.drained.set()
+
+    def _media_now(self, text: str) -> bool:
+        """Relay ``text`` to the agent as it is read if it is a caller's audio (see
+        :func:`~gateway.transport.websocket.taken_now`); else leave it to :meth:`run`."""
+        protocol = self.conn.protocol
+        assert isinstance(protocol, TwilioStream)
+        frame = protocol.media_now(text)
+        if frame is None:
+            return False
+        self._forward(Forward(frame))
+        return True
 
     def _forward(self, event: Forward) -> None:
         """A phone caller's audio: to the agent now, or never (it is not stored)."""

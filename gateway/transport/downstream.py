@@ -37,11 +37,11 @@ from typing import Generic, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-from websockets.frames import Frame, Opcode
 from websockets.protocol import Event, State
 
 from gateway.metrics import Metrics
 from gateway.transport.connection import can_send_now, fits, send_now
+from gateway.transport.websocket import taken_now
 
 __all__ = [
     "EARLY_MEDIA",
@@ -130,39 +130,14 @@ audio); ``False`` leaves it, untouched, to :data:`Take`."""
 
 class AgentSocket(ClientConnection):
     """The agent link's WebSocket: a frame that :attr:`take_now` deals with at once (a
-    phone caller's audio) is taken as it is parsed, in ``data_received``, rather than
-    queued for the reader task, whose wake-up, queue and ``recv`` per frame were the
-    largest step of the audio path that the bare relay also has.
-
-    Only when nothing waits ahead of it: the reader must be idle in ``recv`` with no frame
-    queued, so frames are dealt with in the order they came.
-    """
+    phone caller's audio) is taken as it is parsed (:func:`taken_now`), rather than queued
+    for the link's reader task."""
 
     take_now: Callable[[str], bool] | None = None
 
     def process_event(self, event: Event) -> None:
-        take_now = self.take_now
-        if (
-            take_now is not None
-            and type(event) is Frame
-            and event.opcode is Opcode.TEXT
-            and event.fin
-            and self.recv_messages.get_in_progress
-            and not len(self.recv_messages.frames)
-        ):
-            try:
-                text = str(event.data, "utf-8")
-            except UnicodeDecodeError:
-                pass  # websockets' own path refuses it
-            else:
-                try:
-                    if take_now(text):
-                        return
-                except Exception:
-                    # As the reader does: the link outlives a bug in one frame's handling.
-                    log.exception("agent frame not taken")
-                    return
-        super().process_event(event)
+        if not taken_now(self, event, self.take_now):
+            super().process_event(event)
 
 
 class AgentLink(Generic[T]):

@@ -40,10 +40,12 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
 from websockets.http11 import SERVER, Request, Response
-from websockets.protocol import State
+from websockets.protocol import Event, State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
@@ -69,6 +71,31 @@ SUBPROTOCOL = Subprotocol("hangon.v1")
 """The subprotocol the gateway answers when offered; offering it is optional."""
 
 
+def taken_now(ws: Connection, event: Event, take_now: Callable[[str], bool] | None) -> bool:
+    """Whether ``take_now`` dealt with ``event`` as it was parsed, in ``data_received``,
+    sparing it websockets' queue, a future and the reader's wake-up and ``recv``.
+
+    Only a whole text frame is offered, and only while the reader waits in ``recv`` with
+    nothing queued ahead of it, so that frames are dealt with in the order they came.
+    ``take_now`` returns ``False`` to leave the frame, untouched, to the reader; if it
+    raises, the frame is logged and dropped, as a reader would.
+    """
+    if take_now is None or type(event) is not Frame or event.opcode is not Opcode.TEXT:
+        return False
+    messages = ws.recv_messages
+    if not event.fin or not messages.get_in_progress or len(messages.frames):
+        return False
+    try:
+        text = str(event.data, "utf-8")
+    except UnicodeDecodeError:
+        return False  # websockets' own path refuses it
+    try:
+        return take_now(text)
+    except Exception:
+        log.exception("frame not taken")
+        return True
+
+
 def pick_subprotocol(offered: Sequence[Subprotocol]) -> Subprotocol | None:
     """``hangon.v1`` when the client offers it (a browser passing its token beside it
     offers both, and fails the connection unless the answer names one of its offers);
@@ -86,6 +113,10 @@ class ClientSocket(ServerConnection):
             answered by then is reset. Without them, ``serve``'s ``open_timeout`` is
             the bound.
     """
+
+    take_now: Callable[[str], bool] | None = None
+    """Set by the handler: deals with a frame as it is read, when it can (a caller's
+    audio), see :func:`taken_now`."""
 
     def __init__(
         self,
@@ -181,6 +212,10 @@ class ClientSocket(ServerConnection):
             async with self.send_context(expected_state=State.CONNECTING):
                 self.protocol.send_response(response)
         self._upgraded()
+
+    def process_event(self, event: Event) -> None:
+        if not taken_now(self, event, self.take_now):
+            super().process_event(event)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """websockets' ``close``, returning at once when the connection is already gone

@@ -202,6 +202,25 @@ def test_media_goes_to_the_agent_with_numbers_as_numbers() -> None:
     }
 
 
+def test_media_now_is_the_same_frame_and_leaves_the_rest_untouched() -> None:
+    """media_now gives the frame receive_text would forward, only for audio on an open
+    stream; for anything else it returns None and changes nothing, so that receive_text,
+    given the same text next, acts as it always does."""
+    stream = opened()
+    event = stream.receive_text(media("AAECAw=="))
+    assert isinstance(event, Forward) and stream.media_now(media("AAECAw==")) == event.frame
+    for text in (
+        json.dumps({"event": "mark", "mark": {"name": "m1"}}),
+        media("AAECAw==", chunk=3),  # not a decimal string: bad audio
+        "not json",
+    ):
+        assert stream.media_now(text) is None
+        assert stream.phase is Phase.OPEN and stream.error_code is None
+    fresh = TwilioStream(max_message_size=1024, default_region=None)
+    assert fresh.media_now(media()) is None  # before start
+    assert stream.receive_text("not json") is None and stream.error_code is not None
+
+
 def test_mark_goes_to_the_agent() -> None:
     """A mark Twilio played back goes to the agent by name."""
     event = opened().receive_text(json.dumps({"event": "mark", "mark": {"name": "m1"}}))

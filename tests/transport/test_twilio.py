@@ -380,3 +380,30 @@ async def test_agent_audio_is_relayed_as_it_is_read(relay: RelayFactory) -> None
         audio = [f["media"] for f in stream.received if f["event"] == "media"]
         assert audio_of(audio) == b"".join(bytes([n]) * 4 for n in range(5))
         assert [b'"say"' in (f if isinstance(f, bytes) else f.encode()) for f in read] == [True]
+
+
+async def test_caller_audio_is_relayed_as_it_is_read(relay: RelayFactory) -> None:
+    """A call's audio goes to the agent from the stream's data_received, not through its
+    handler's recv: only the frames the handler must act on (a key press) reach it."""
+    async with relay(phone) as (gw, voice):
+        call = TwilioCall(url(gw.port, TWILIO))
+        stream = await call.stream()
+        await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
+        (conn,) = gw.sessions.connections
+        read: list[str] = []
+        receive = conn.protocol.receive_text
+
+        def handler_reads(text: str) -> Any:
+            read.append(text)
+            return receive(text)
+
+        conn.protocol.receive_text = handler_reads  # type: ignore[method-assign]
+        for n in range(5):
+            await stream.media(bytes([n]) * CHUNK)
+            await voice.wait_for(lambda r, n=n: len(voice.of_type("media")) == n + 1)
+        await stream.dtmf("7")
+        async with asyncio.timeout(5):
+            while not read:
+                await asyncio.sleep(0.01)
+        assert audio_of(voice.of_type("media")) == b"".join(bytes([n]) * CHUNK for n in range(5))
+        assert read and not any('"media"' in text for text in read), read
