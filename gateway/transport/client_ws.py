@@ -115,10 +115,9 @@ class Handler:
                     else:
                         self.live = await self._hello(event)
                     forget_upgrade(ws)
-                    if self.live is not None and isinstance(ws, ClientSocket):
-                        if isinstance(protocol, TwilioStream):
-                            # A call's audio from here on is relayed as it is read.
-                            ws.take_now = self._media_now
+                    live_call = self.live is not None and isinstance(protocol, TwilioStream)
+                    if live_call and isinstance(ws, ClientSocket):
+                        ws.take_now = self._media_now  # a call's audio, relayed as it is read
                 elif isinstance(event, Forward):
                     self._forward(event)
                     continue  # nothing to write back
@@ -149,10 +148,9 @@ class Handler:
             await self._closed()
 
     def _hello_overdue(self) -> None:
-        """No hello in time: fail the connection (from :attr:`Sessions.hellos`)."""
+        """No hello in time: fail the connection (from :attr:`Sessions.hellos`; :meth:`run`
+        cancels the deadline at the hello and when it ends, so the handler is still on)."""
         conn = self.conn
-        if conn.finished:
-            return
         conn.protocol.fail(
             ErrorCode.HELLO_TIMEOUT,
             f"no hello within {self.sessions.limits.hello_timeout} s of connecting",

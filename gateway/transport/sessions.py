@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import random
 import time
 from collections import OrderedDict
@@ -68,10 +69,6 @@ _FLUSH_TIMEOUT = 5.0
 """Seconds a drain waits for a session's agent output to be persisted."""
 _DEGRADED_WAIT = 10.0
 """Seconds a turn or bye waits for a degraded session's store when retries are unbounded."""
-
-
-def _call(due: Callable[[], None]) -> None:
-    due()
 
 
 def now_ms() -> int:
@@ -131,7 +128,7 @@ class Sessions:
         """How many hellos restore at once, and how many may wait."""
         timeout = self.limits.hello_timeout
         self.hellos: Deadlines[Callable[[], None]] | None = (
-            None if timeout is None else Deadlines(timeout, _call)
+            None if timeout is None else Deadlines(timeout, operator.call)
         )
         """Each new connection's time to say hello: what to call when it is up."""
         self.downstream: str | None = None
