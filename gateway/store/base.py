@@ -43,7 +43,7 @@ because Redis keeps the writes of a script that fails half way.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -290,10 +290,14 @@ class SessionStore(Protocol):
         """
         ...
 
-    async def write_turn(
+    def write_turn(
         self, caller: CallerKey, session_id: SessionId, write: TurnWrite
-    ) -> Written:
+    ) -> Awaitable[Written]:
         """Write the snapshot after a turn and record its turn ID, in one step.
+
+        An awaitable, not necessarily a coroutine: the Redis store returns a future, which
+        the handler waits for with a callback (:func:`asyncio.ensure_future` makes one of
+        either).
 
         Returns:
             ``write.version`` and ``applied=True`` if the stored state is now this

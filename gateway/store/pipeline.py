@@ -49,7 +49,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import hiredis
 import redis.asyncio as aioredis
@@ -68,6 +68,8 @@ _BATCH = 256
 _PASSES = 4
 """Sends of one call at most, counting resends after ``NOSCRIPT`` or ``MOVED``."""
 
+T = TypeVar("T")
+
 RoundTrip = Callable[[int], None]
 """Called once per pipeline or single command sent to Redis, with the number of script
 calls it carries (0 for ``SCRIPT LOAD``, ``PUBLISH``, ``PING``)."""
@@ -83,6 +85,9 @@ class _Call:
     future: asyncio.Future[Any]
     queued: float
     """Event loop time when it was queued."""
+    then: Callable[[Any], Any] | None = None
+    """Makes the caller's result of its reply, or of the exception in the reply's place
+    (see :meth:`AutoPipeline.submit`)."""
 
     def evalsha(self) -> tuple[Any, ...]:
         return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
@@ -98,12 +103,19 @@ def _own(exc: BaseException) -> BaseException:
 
 
 def _settle(call: _Call, reply: Any) -> None:
-    if call.future.done():
+    future = call.future
+    if future.done():
         return  # its caller was cancelled
+    then = call.then
+    if then is not None:
+        try:
+            reply = then(reply)
+        except Exception as exc:
+            reply = exc
     if isinstance(reply, BaseException):
-        call.future.set_exception(reply)
+        future.set_exception(reply)
     else:
-        call.future.set_result(reply)
+        future.set_result(reply)
 
 
 def _fail(calls: Iterable[_Call], exc: BaseException) -> None:
@@ -186,6 +198,45 @@ class AutoPipeline:
         self._wake()
         # Cancelling this await cancels the future: a sender then skips or ignores it.
         return await call.future
+
+    def submit(
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        durable: bool,
+        then: Callable[[Any], T],
+    ) -> asyncio.Future[T]:
+        """Start ``script`` without a coroutine; the future of ``then`` of its reply.
+
+        ``then`` gets the reply, or the exception :meth:`run` would raise in its place,
+        and runs as the call is settled: its result is the future's, and its exception
+        fails the future. A caller with a callback on the future is answered with no task
+        woken (a turn's write, :class:`~gateway.transport.client_ws.Handler`).
+        """
+        loop = asyncio.get_running_loop()
+        if self._closing or not self.batching:
+            return loop.create_task(self._then(script, keys, args, durable, then))
+        durable = durable and self.ack_replicas > 0
+        call = _Call(script, keys, args, durable, loop.create_future(), loop.time(), then)
+        self._queue.append(call)
+        self._wake()
+        return call.future
+
+    async def _then(
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        durable: bool,
+        then: Callable[[Any], T],
+    ) -> T:
+        try:
+            reply = await self.run(script, keys, args, durable=durable)
+        except Exception as exc:
+            reply = exc
+        return then(reply)
 
     def _wake(self) -> None:
         """Start a sender for the queued calls, unless one is about to look or none is free."""

@@ -160,6 +160,17 @@ def _conflict(op: str, reply: list[Any]) -> StoreConflict:
     return conflict(op, status, _text(reply[1]) if status == "conflict" else None)
 
 
+def _written(reply: Any) -> Written:
+    """A turn script's reply (or the exception in its place) as a turn's write ends."""
+    if isinstance(reply, BaseException):
+        with _mapped("write_turn"):
+            raise reply
+    status = _text(reply[0])
+    if status in ("ok", "dup"):
+        return Written(int(reply[1]), applied=status == "ok")
+    raise _conflict("write_turn", reply)
+
+
 class _Connection(aioredis.Connection):
     """redis-py's asyncio connection, packing commands with hiredis, in C, as redis-py's
     sync client does; its asyncio client packs in Python, which cost a tenth of a turn's
@@ -351,12 +362,20 @@ class RedisStore:
         )
         return Restored(outcome, session, replay, tuple(msgs), _text(away) or None)
 
-    async def write_turn(
+    def write_turn(
         self, caller: CallerKey, session_id: SessionId, write: TurnWrite
-    ) -> Written:
-        check_turn(session_id, write)
+    ) -> asyncio.Future[Written]:
+        """See :meth:`SessionStore.write_turn`: a future, not a coroutine, so that the
+        handler may start a turn's write and be answered with no task woken; every
+        failure, a bad argument too, comes through the future."""
+        try:
+            check_turn(session_id, write)
+        except StoreError as exc:
+            failed: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
         keys = self._keys(caller)
-        reply: list[Any] = await self._run(
+        return self._scripts.submit(
             self._turn,
             keys,
             [
@@ -371,11 +390,9 @@ class RedisStore:
                 write.epoch,
                 write.write_id,
             ],
+            durable=True,
+            then=_written,
         )
-        status = _text(reply[0])
-        if status in ("ok", "dup"):
-            return Written(int(reply[1]), applied=status == "ok")
-        raise _conflict("write_turn", reply)
 
     async def push(self, caller: CallerKey, session_id: SessionId, push: Push) -> None:
         check_push(session_id, push)

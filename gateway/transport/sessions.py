@@ -47,7 +47,7 @@ from gateway.core.session import Session, SessionId
 from gateway.exceptions import StoreConflict, StoreError
 from gateway.metrics import Metrics
 from gateway.store.base import SessionStore
-from gateway.store.retry import retry
+from gateway.store.retry import Tries
 from gateway.transport.admission import Admission
 from gateway.transport.connection import Connection, Outbound
 from gateway.transport.deadline import Deadlines
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from gateway.transport.downstream import AgentLink, Inbox
     from gateway.transport.relay import Output, Relay
 
-__all__ = ["LiveSession", "Sessions", "now_ms"]
+__all__ = ["LiveSession", "SessionLock", "Sessions", "now_ms"]
 
 log = logging.getLogger("gateway.client")
 T = TypeVar("T")
@@ -147,21 +147,26 @@ class Sessions:
         self.closing: set[asyncio.Future[None]] = set()
         """Background work (closes, notices), kept from garbage collection."""
 
-    async def call(
-        self, op: str, fn: Callable[[], Awaitable[T]], *, budget: float | None = None
-    ) -> T:
-        """Run a store operation with retries, timing it.
+    def tries(self, *, budget: float | None = None, spent: float = 0.0) -> Tries:
+        """A store operation's retries: the configured delays, counted in the metrics.
 
         Args:
             budget: Seconds past which no retry starts, if shorter than the
                 configured ``retry_budget``.
+            spent: Seconds since the operation's first try began.
         """
-        started = time.perf_counter()
         limit = self.config.store.retry_budget
         if budget is None or (limit is not None and limit < budget):
             budget = limit
+        return Tries(self.delays(), budget=budget, on_error=self.metrics.store_error, spent=spent)
+
+    async def call(
+        self, op: str, fn: Callable[[], Awaitable[T]], *, budget: float | None = None
+    ) -> T:
+        """Run a store operation with retries (see :meth:`tries`), timing it."""
+        started = time.perf_counter()
         try:
-            return await retry(fn, self.delays(), budget=budget, on_error=self.metrics.store_error)
+            return await self.tries(budget=budget).run(fn)
         finally:
             self.metrics.store_op_seconds[op].observe(time.perf_counter() - started)
 
@@ -266,13 +271,27 @@ def log_failure(task: asyncio.Future[None]) -> None:
         log.error("background task failed", exc_info=exc)
 
 
+class SessionLock(asyncio.Lock):
+    """A live session's lock: asyncio's, which a caller may also take without awaiting."""
+
+    def try_acquire(self) -> bool:
+        """Take the lock now if it is free and no task waits for it, as ``acquire`` would
+        without suspending; else leave it (``False``)."""
+        # asyncio.Lock keeps its state in _locked and _waiters (CPython 3.11 to 3.13);
+        # tests/transport/test_sessions_lock.py checks that this still holds.
+        if self.locked() or self._waiters:
+            return False
+        self._locked = True
+        return True
+
+
 @dataclass(slots=True, eq=False)
 class LiveSession:
     """A caller's session as this instance serves it."""
 
     caller: CallerKey
     sessions: Sessions
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    lock: SessionLock = field(default_factory=SessionLock)
     life: Lifecycle[Connection] = field(default_factory=Lifecycle)
     relay: Relay | None = None
     """The agent side: link, inbox and pump; made with the first agent link, so that

@@ -401,8 +401,7 @@ async def test_cancelled_callers_leave_the_batch_alone(
             for c, s in zip(keys, sessions, strict=True)
         ]
 
-    queued = start()
-    await asyncio.sleep(0)  # each call queued; the sender starts after this
+    queued = start()  # each call queued as write_turn returns; the sender starts later
     for task in queued[::10]:
         task.cancel()  # before any sender took them
     results = await asyncio.gather(*queued, return_exceptions=True)
@@ -526,3 +525,37 @@ async def test_gateway_counts_round_trips(redis_url: str, config: Config) -> Non
     assert registry.get_sample_value("hangon_store_round_trips_total") == before + 1
     assert registry.get_sample_value("hangon_store_pipeline_ops_count") == carried
     assert registry.get_sample_value("hangon_store_pipeline_ops_bucket", {"le": "1.0"}) == carried
+
+
+@pytest.mark.parametrize("batching", [True, False])
+async def test_a_turns_write_answers_a_callback_with_its_result(
+    redis_url: str, settings: StoreSettings, batching: bool
+) -> None:
+    """write_turn returns a future, which holds the turn's Written once settled, or its
+    own store error (a conflict, a bad argument): no coroutine to drive, none to await."""
+    store = RedisStore(redis_url, settings, batching=batching)
+    try:
+        keys = callers(3, f"soon{batching}")
+        s1, s2, s3 = await restored(store, keys)
+        ok = store.write_turn(keys[0], s1.session_id, write(s1, "t1", T0 + 1, name="Ada"))
+        behind = store.write_turn(keys[1], s2.session_id, write(s2, "t1", T0 + 1))
+        bad = store.write_turn(keys[2], s3.session_id, write(s3, "", T0 + 1))  # no turn ID
+        futures = [ok, behind, bad]
+        assert all(isinstance(f, asyncio.Future) for f in futures)
+        if batching:
+            assert not any(isinstance(f, asyncio.Task) for f in futures)
+        settled: list[asyncio.Future[object]] = []
+        for f in futures:
+            f.add_done_callback(settled.append)
+        async with asyncio.timeout(5):
+            while len(settled) < 3:
+                await asyncio.sleep(0.01)
+        assert ok.result().version == 1 and ok.result().applied
+        assert behind.result().applied  # the control: its own write lands too
+        assert isinstance(bad.exception(), StoreError)
+        assert not bad.exception().retryable  # type: ignore[union-attr]
+        again = store.write_turn(keys[1], s2.session_id, write(s2, "t2", T0 + 2))
+        with pytest.raises(StoreConflict):  # s2 is still at version 0: behind the store
+            await again
+    finally:
+        await store.aclose()

@@ -184,16 +184,22 @@ async def captured(
     """The source, keys and arguments with which ``call`` would run its script."""
     got: list[tuple[str, list[str], list[Any]]] = []
 
-    async def run(script: Any, keys: list[str], args: list[Any]) -> Any:
+    def submit(script: Any, keys: list[str], args: list[Any], **_: Any) -> Any:
         got.append((script.script, list(keys), list(args)))
         raise _Captured
 
+    async def run(script: Any, keys: list[str], args: list[Any]) -> Any:
+        return submit(script, keys, args)
+
+    # A turn's write goes to the pipeline without a coroutine (submit); the rest via _run.
     store._run = run  # type: ignore[method-assign]
+    store._scripts.submit = submit  # type: ignore[method-assign]
     try:
         with pytest.raises(_Captured):
             await call()
     finally:
         del store._run
+        del store._scripts.submit
     return got[0]
 
 
