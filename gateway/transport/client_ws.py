@@ -1,8 +1,11 @@
 """Serve one client WebSocket: hello, turns, acks and bye, in order.
 
 A client connection's :class:`Handler` reads and acts on frames strictly in order
-(a turn is written and acknowledged before the next frame is read) and then sends
-what the protocol queued. What other tasks queue (the agent's messages, a
+(a turn is written and answered before the next frame is acted on) and then sends
+what the protocol queued. A turn's write usually goes out with no await: the handler
+reads on, and the store's reply is answered from a callback
+(:meth:`Handler._turn_soon`), so that a turn wakes one task, the reader, as a message
+to a bare echo server does. What other tasks queue (the agent's messages, a
 takeover's error) is sent by a writer task that lives only until the queue is
 empty (:class:`~gateway.transport.connection.Connection`). Nothing ever waits on a
 client's socket while holding the session lock, so a half-open connection cannot
@@ -19,10 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
+import time
 import urllib.parse
 from collections.abc import Awaitable
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -35,9 +41,12 @@ from gateway.core.events import Ack, Bye, Forward, Hello, Turn
 from gateway.core.lifecycle import TOKEN_REQUIRED, Duplicate, Refusal, Write
 from gateway.core.protocol import Protocol
 from gateway.core.ratelimit import TokenBucket
+from gateway.core.session import Session, TurnWrite
 from gateway.core.twilio import TwilioStream
 from gateway.core.wire import ClientProtocol
 from gateway.exceptions import StoreConflict, StoreError
+from gateway.store.base import Written
+from gateway.store.retry import Tries
 from gateway.transport.connection import Connection
 from gateway.transport.opening import Opening
 from gateway.transport.sessions import LiveSession, Sessions, now_ms
@@ -80,7 +89,7 @@ def handle_client(
 class Handler:
     """One client connection's frames, acted on in order."""
 
-    __slots__ = ("bucket", "conn", "live", "sessions")
+    __slots__ = ("bucket", "conn", "live", "sessions", "writing")
 
     def __init__(self, sessions: Sessions, conn: Connection) -> None:
         self.sessions = sessions
@@ -88,6 +97,9 @@ class Handler:
         self.live: LiveSession | None = None
         self.bucket: TokenBucket | None = None
         """The connection's turn allowance, from its first turn on."""
+        self.writing: asyncio.Future[Any] | None = None
+        """The turn being written while the handler reads on (:meth:`_turn_soon`): its
+        first try, or the task retrying it."""
 
     async def run(self) -> None:
         sessions, conn = self.sessions, self.conn
@@ -101,6 +113,10 @@ class Handler:
         try:
             while protocol.close_reason is None:
                 message = await ws.recv()
+                if self.writing is not None:
+                    await self._turned()  # the turn before this frame is answered first
+                    if protocol.close_reason is not None:
+                        break  # as if the frame had not been read: the turn failed
                 if isinstance(message, bytes):
                     protocol.receive_binary(message)
                     event = None
@@ -122,7 +138,7 @@ class Handler:
                     self._forward(event)
                     continue  # nothing to write back
                 elif isinstance(event, Turn):
-                    if self._may_turn(event, loop.time()):
+                    if self._may_turn(event, loop.time()) and not self._turn_soon(event):
                         await self._turn(event)
                 elif isinstance(event, Ack):
                     assert self.live is not None
@@ -138,14 +154,26 @@ class Handler:
                 # websockets refused a frame above the hard limit before we saw it.
                 sessions.metrics.protocol_errors.labels("message_too_big").inc()
         except Exception:
-            log.exception("unexpected error on a client connection")
-            protocol.fail(ErrorCode.INTERNAL_ERROR, "unexpected error; reconnect to resume")
+            self._unexpected()
         finally:
             if hello_by is not None:
                 hello_by.cancel()  # let go of this handler now, not at the deadline
             if isinstance(ws, ClientSocket):
                 ws.take_now = None  # it holds this handler: no cycle left behind
+            if self.writing is not None and self._cancelled():
+                self.writing.cancel()  # the write stops with the handler, as in _turn
+            await self._turned()
             await self._closed()
+
+    def _unexpected(self) -> None:
+        """A bug: log it and close the connection; the client resumes."""
+        log.exception("unexpected error on a client connection")
+        self.conn.protocol.fail(ErrorCode.INTERNAL_ERROR, "unexpected error; reconnect to resume")
+
+    @staticmethod
+    def _cancelled() -> bool:
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
 
     def _hello_overdue(self) -> None:
         """No hello in time: fail the connection (from :attr:`Sessions.hellos`; :meth:`run`
@@ -187,6 +215,8 @@ class Handler:
         :func:`~gateway.transport.websocket.taken_now`); else leave it to :meth:`run`."""
         protocol = self.conn.protocol
         assert isinstance(protocol, TwilioStream)
+        if self.writing is not None:
+            return False  # a key press is being written: what follows it waits
         frame = protocol.media_now(text)
         if frame is None:
             return False
@@ -273,57 +303,174 @@ class Handler:
             return False
         return True
 
+    def _turn_soon(self, turn: Turn) -> bool:
+        """Start writing ``turn`` and go back to reading, if nothing makes it wait: the
+        session neither degraded nor locked. Its reply is handled by :meth:`_turn_done`,
+        a callback, so that a turn wakes no task but the reader's; :meth:`run` acts on
+        no frame before the turn is answered. ``False``: await :meth:`_turn` instead."""
+        live = self.live
+        assert live is not None
+        if live.recovered is not None or not live.lock.try_acquire():
+            return False
+        try:
+            write = self._planned(turn)
+            if write is None:
+                live.lock.release()
+                return True
+            session, sessions = live.session, self.sessions
+            assert session is not None
+            started = time.perf_counter()
+            pending = asyncio.ensure_future(
+                sessions.store.write_turn(live.caller, session.session_id, write)
+            )
+        except BaseException:
+            live.lock.release()
+            raise
+        self.writing = pending
+        pending.add_done_callback(functools.partial(self._turn_done, turn, session, write, started))
+        return True
+
+    def _turn_done(
+        self,
+        turn: Turn,
+        session: Session,
+        write: TurnWrite,
+        started: float,
+        pending: asyncio.Future[Written],
+    ) -> None:
+        """The first try of ``turn``'s write is over: answer the turn, or leave its
+        retries to a task (:meth:`_turn_again`)."""
+        if pending.cancelled():  # with the handler (run): the turn goes unanswered
+            self._turn_over(started)
+            return
+        try:
+            try:
+                written = pending.result()
+            except StoreError as exc:
+                spent = time.perf_counter() - started
+                tries = self.sessions.tries(spent=spent)
+                delay = tries.after(exc)
+                if delay is not None:
+                    self.writing = asyncio.create_task(
+                        self._turn_again(turn, session, write, started, tries, delay)
+                    )
+                    return
+                self._not_written(turn, session, write, exc)
+            else:
+                self._written(turn, session, write, written)
+        except BaseException:  # a callback's failure would only be logged, the lock kept
+            self._unexpected()
+        self._turn_over(started)
+
+    async def _turn_again(
+        self,
+        turn: Turn,
+        session: Session,
+        write: TurnWrite,
+        started: float,
+        tries: Tries,
+        delay: float,
+    ) -> None:
+        """Retry ``turn``'s write after its first try failed, as :meth:`_turn` would."""
+        sessions, live = self.sessions, self.live
+        assert live is not None
+        try:
+            await asyncio.sleep(delay)
+            written = await tries.run(
+                lambda: sessions.store.write_turn(live.caller, session.session_id, write)
+            )
+        except StoreError as exc:
+            self._not_written(turn, session, write, exc)
+        except Exception:
+            self._unexpected()
+        else:
+            self._written(turn, session, write, written)
+        finally:
+            self._turn_over(started)
+
+    def _turn_over(self, started: float) -> None:
+        """A turn's write is done: time it, let go of the session, send the answer."""
+        assert self.live is not None
+        self.sessions.metrics.store_op_seconds["write_turn"].observe(time.perf_counter() - started)
+        self.live.lock.release()
+        self.writing = None
+        self.conn.flush()
+
+    async def _turned(self) -> None:
+        """Wait until the turn being written is answered (or failed)."""
+        while (writing := self.writing) is not None:
+            # Not awaited itself: a cancelled reader must not cancel a write's answer.
+            await asyncio.wait({writing})
+
     async def _turn(self, turn: Turn) -> None:
-        """Write ``turn`` as the session's lifecycle plans it, and answer it."""
+        """Write ``turn`` as the session's lifecycle plans it, and answer it (when
+        :meth:`_turn_soon` cannot)."""
         live = self.live
         assert live is not None
         if live.recovered is not None and not await live.restored():
             self._nack(turn, "session store unreachable; send the turn again")
             return
         async with live.lock:
-            sessions, conn, protocol = self.sessions, self.conn, self.conn.protocol
-            limits = sessions.limits
-            plan = live.life.plan_turn(
-                conn, turn, now_ms=sessions.clock(), max_state_size=limits.max_state_size
-            )
-            if not isinstance(plan, Write):
-                if isinstance(plan, Duplicate):
-                    sessions.metrics.turns_duplicate.inc()
-                    self._ack(turn, plan.version)
-                elif isinstance(plan, Refusal):
-                    protocol.fail(plan.code, plan.message)
-                # Ignore: replaced meanwhile; this connection was told and is closing.
+            write = self._planned(turn)
+            if write is None:
                 return
-            write, session = plan.write, live.session
+            sessions, session = self.sessions, live.session
             assert session is not None
             try:
                 written = await sessions.call(
                     "write_turn",
                     lambda: sessions.store.write_turn(live.caller, session.session_id, write),
                 )
-            except StoreConflict as exc:
-                log.info("turn refused session=%s reason=%s", session.session_id, exc.detail)
-                protocol.fail(ErrorCode.SESSION_CONFLICT, f"{exc.detail}; reconnect to resume")
-                return
             except StoreError as exc:
-                log.warning("turn not written session=%s error=%s", session.session_id, exc)
-                if exc.retryable:
-                    live.life.turn_unsure(write)
-                    self._nack(turn, "turn not saved: session store unavailable; send it again")
-                else:
-                    protocol.fail(
-                        ErrorCode.STORE_UNAVAILABLE,
-                        "turn not saved: store unavailable; reconnect, resend",
-                    )
+                self._not_written(turn, session, write, exc)
                 return
-            if live.life.turn_written(write, applied=written.applied):
-                sessions.metrics.turns_applied.inc()
-                if live.link is not None:
-                    live.link.send(agent.turn_frame(session, turn))
-            else:
-                # Another connection applied this turn ID first.
-                sessions.metrics.turns_duplicate.inc()
-            self._ack(turn, written.version)
+            self._written(turn, session, write, written)
+
+    def _planned(self, turn: Turn) -> TurnWrite | None:
+        """Plan ``turn`` (the session locked): the write the store must take, or ``None``
+        when it was answered already."""
+        live, sessions, conn = self.live, self.sessions, self.conn
+        assert live is not None
+        plan = live.life.plan_turn(
+            conn, turn, now_ms=sessions.clock(), max_state_size=sessions.limits.max_state_size
+        )
+        if isinstance(plan, Write):
+            return plan.write
+        if isinstance(plan, Duplicate):
+            sessions.metrics.turns_duplicate.inc()
+            self._ack(turn, plan.version)
+        elif isinstance(plan, Refusal):
+            conn.protocol.fail(plan.code, plan.message)
+        # Ignore: replaced meanwhile; this connection was told and is closing.
+        return None
+
+    def _written(self, turn: Turn, session: Session, write: TurnWrite, written: Written) -> None:
+        live, sessions = self.live, self.sessions
+        assert live is not None
+        if live.life.turn_written(write, applied=written.applied):
+            sessions.metrics.turns_applied.inc()
+            if live.link is not None:
+                live.link.send(agent.turn_frame(session, turn))
+        else:
+            # Another connection applied this turn ID first.
+            sessions.metrics.turns_duplicate.inc()
+        self._ack(turn, written.version)
+
+    def _not_written(self, turn: Turn, session: Session, write: TurnWrite, exc: StoreError) -> None:
+        protocol = self.conn.protocol
+        assert self.live is not None
+        if isinstance(exc, StoreConflict):
+            log.info("turn refused session=%s reason=%s", session.session_id, exc.detail)
+            protocol.fail(ErrorCode.SESSION_CONFLICT, f"{exc.detail}; reconnect to resume")
+        elif exc.retryable:
+            log.warning("turn not written session=%s error=%s", session.session_id, exc)
+            self.live.life.turn_unsure(write)
+            self._nack(turn, "turn not saved: session store unavailable; send it again")
+        else:
+            log.warning("turn not written session=%s error=%s", session.session_id, exc)
+            protocol.fail(
+                ErrorCode.STORE_UNAVAILABLE, "turn not saved: store unavailable; reconnect, resend"
+            )
 
     def _ack(self, turn: Turn, version: int) -> None:
         self.conn.protocol.send_ack(turn.turn_id, version)

@@ -14,6 +14,7 @@ from websockets.exceptions import InvalidStatus
 
 from gateway.config import Config
 from gateway.server import Gateway
+from gateway.store.base import StoreSettings
 from gateway.transport.downstream import EARLY_MEDIA
 from loadtest.twilio import CHUNK, Stream, TwilioCall
 from tests.support.agents import TestAgent, phone
@@ -21,6 +22,8 @@ from tests.support.gateways import RelayFactory
 from tests.support.gwmetrics import sample
 from tests.support.redis_server import free_port
 from tests.support.relayclient import Caller
+from tests.support.stores import StoreFactory
+from tests.support.storewrap import Wrapper
 from tests.support.wsclient import url
 
 pytestmark = pytest.mark.stores("redis")
@@ -407,3 +410,45 @@ async def test_caller_audio_is_relayed_as_it_is_read(relay: RelayFactory) -> Non
                 await asyncio.sleep(0.01)
         assert audio_of(voice.of_type("media")) == b"".join(bytes([n]) * CHUNK for n in range(5))
         assert read and not any('"media"' in text for text in read), read
+
+
+class HeldTurns(Wrapper):
+    """Delegates to a real store; each turn's write waits until the test releases it."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def write_turn(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        await self.release.wait()
+        return await self.inner.write_turn(*args, **kwargs)
+
+
+async def test_audio_after_a_key_press_waits_for_it(
+    relay: RelayFactory, settings: StoreSettings, make_store: StoreFactory
+) -> None:
+    """The audio a caller sends while its key press is written reaches the agent after the
+    key press's turn, though the handler reads on meanwhile: nothing overtakes the turn."""
+    store = HeldTurns(make_store(settings))
+    async with relay(phone, store=store) as (gw, voice):
+        call = TwilioCall(url(gw.port, TWILIO))
+        stream = await call.stream()
+        await voice.wait_for(lambda r: len(voice.of_type("session.start")) == 1)
+        await stream.media(b"\x01" * CHUNK)
+        await voice.wait_for(lambda r: len(voice.of_type("media")) == 1)
+        await stream.dtmf("5")
+        async with asyncio.timeout(5):
+            await store.entered.wait()
+        try:
+            for n in range(5):
+                await stream.media(bytes([n]) * CHUNK)
+            await asyncio.sleep(0.2)
+            assert len(voice.of_type("media")) == 1  # held behind the key press
+        finally:
+            store.release.set()
+        await voice.wait_for(lambda r: len(voice.of_type("media")) == 6)
+        kinds = [f["type"] for f in voice.received if f["type"] in ("turn", "media")]
+        assert kinds == ["media", "turn"] + ["media"] * 5, kinds
+        assert voice.of_type("turn")[0]["dtmf"] == "5"
