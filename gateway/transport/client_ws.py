@@ -89,7 +89,7 @@ def handle_client(
 class Handler:
     """One client connection's frames, acted on in order."""
 
-    __slots__ = ("bucket", "conn", "live", "sessions", "writing")
+    __slots__ = ("answered", "bucket", "conn", "live", "sessions", "writing")
 
     def __init__(self, sessions: Sessions, conn: Connection) -> None:
         self.sessions = sessions
@@ -100,6 +100,8 @@ class Handler:
         self.writing: asyncio.Future[Any] | None = None
         """The turn being written while the handler reads on (:meth:`_turn_soon`): its
         first try, or the task retrying it."""
+        self.answered: asyncio.Future[None] | None = None
+        """Set once :attr:`writing` is over, for the handler waiting on it (:meth:`_turned`)."""
 
     async def run(self) -> None:
         sessions, conn = self.sessions, self.conn
@@ -394,13 +396,18 @@ class Handler:
         self.sessions.metrics.store_op_seconds["write_turn"].observe(time.perf_counter() - started)
         self.live.lock.release()
         self.writing = None
+        answered, self.answered = self.answered, None
+        if answered is not None and not answered.done():
+            answered.set_result(None)
         self.conn.flush()
 
     async def _turned(self) -> None:
         """Wait until the turn being written is answered (or failed)."""
-        while (writing := self.writing) is not None:
-            # Not awaited itself: a cancelled reader must not cancel a write's answer.
-            await asyncio.wait({writing})
+        while self.writing is not None:
+            # A future of its own, not the write: a cancelled reader must not cancel the
+            # write's answer (and asyncio.wait costs more, on every drop mid-turn).
+            answered = self.answered = asyncio.get_running_loop().create_future()
+            await answered
 
     async def _turn(self, turn: Turn) -> None:
         """Write ``turn`` as the session's lifecycle plans it, and answer it (when
