@@ -89,7 +89,7 @@ def handle_client(
 class Handler:
     """One client connection's frames, acted on in order."""
 
-    __slots__ = ("answered", "bucket", "conn", "live", "sessions", "writing")
+    __slots__ = ("answered", "bucket", "conn", "live", "sender", "sessions", "writing")
 
     def __init__(self, sessions: Sessions, conn: Connection) -> None:
         self.sessions = sessions
@@ -102,6 +102,8 @@ class Handler:
         first try, or the task retrying it."""
         self.answered: asyncio.Future[None] | None = None
         """Set once :attr:`writing` is over, for the handler waiting on it (:meth:`_turned`)."""
+        self.sender: asyncio.Task[None] | None = None
+        """The writer that the last turn's answer had to start: the next frame waits for it."""
 
     async def run(self) -> None:
         sessions, conn = self.sessions, self.conn
@@ -115,7 +117,7 @@ class Handler:
         try:
             while protocol.close_reason is None:
                 message = await ws.recv()
-                if self.writing is not None:
+                if self.writing is not None or self.sender is not None:
                     await self._turned()  # the turn before this frame is answered first
                     if protocol.close_reason is not None:
                         break  # as if the frame had not been read: the turn failed
@@ -396,18 +398,24 @@ class Handler:
         self.sessions.metrics.store_op_seconds["write_turn"].observe(time.perf_counter() - started)
         self.live.lock.release()
         self.writing = None
+        # As when the handler sent its answers itself, the next frame waits until a client
+        # slow to read has taken this one (see _turned).
+        self.sender = self.conn.send_soon()
         answered, self.answered = self.answered, None
         if answered is not None and not answered.done():
             answered.set_result(None)
-        self.conn.flush()
 
     async def _turned(self) -> None:
-        """Wait until the turn being written is answered (or failed)."""
+        """Wait until the turn being written is answered (or failed), and the answer sent
+        if it had to wait for the client."""
         while self.writing is not None:
             # A future of its own, not the write: a cancelled reader must not cancel the
             # write's answer (and asyncio.wait costs more, on every drop mid-turn).
             answered = self.answered = asyncio.get_running_loop().create_future()
             await answered
+        sender, self.sender = self.sender, None
+        if sender is not None:
+            await sender
 
     async def _turn(self, turn: Turn) -> None:
         """Write ``turn`` as the session's lifecycle plans it, and answer it (when

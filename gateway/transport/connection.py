@@ -138,9 +138,20 @@ class Connection:
         waiting = self.protocol.buffered + self.ws.transport.get_write_buffer_size()
         if waiting > self.outbound.max_send_queue:
             self.cut(f"more than {self.outbound.max_send_queue} bytes waited to be read")
-        if not self.sending and not self.write_now():
-            self.sending = True  # before the task runs: the handler must not send meanwhile
-            self.writer = asyncio.create_task(self._write())
+        self.send_soon()
+
+    def send_soon(self) -> asyncio.Task[None] | None:
+        """Send what is queued: at once if nothing has to wait (:meth:`write_now`), else from
+        a writer task, unless a sender is on it already. Returns the writer it started.
+
+        Unlike :meth:`flush`, no bound on the queue: for the handler's own frames, which
+        the state and replay limits bound instead.
+        """
+        if self.sending or self.write_now():
+            return None
+        self.sending = True  # before the task runs: the handler must not send meanwhile
+        writer = self.writer = asyncio.create_task(self._write())
+        return writer
 
     def write_now(self) -> bool:
         """Write what is queued without a coroutine, task or wake-up, when nothing has to

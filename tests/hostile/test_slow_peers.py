@@ -124,6 +124,35 @@ async def test_a_client_that_reads_slowly_is_cut(gateway_beside: GatewayBeside) 
             await bystander.check()
 
 
+async def test_a_client_that_sends_turns_and_never_reads_stops_being_read(
+    make_gateway: GatewayFactory, config: Config
+) -> None:
+    """A client that floods turns and reads none of their acks is read no further once an
+    ack has to wait: its acks never pile up in the gateway past what the transport holds,
+    and it is cut after the send timeout."""
+    async with make_gateway(config.replace("limits", **LIMITS)) as gw:
+        peer = NonReader(gw.port)
+        await peer.open()
+        peer.send({"type": "hello", "caller": CALLER})
+        await peer.read_welcome()
+        peer.stop_reading()
+        pad = "x" * 120  # big acks: the kernel's buffers fill sooner
+        most = 0
+        async with asyncio.timeout(10):
+            for i in range(1_000_000):
+                if peer.closed.is_set():
+                    break
+                if not peer.closing():
+                    peer.send({"type": "turn", "turn_id": f"{pad}{i}"})
+                if i % 20 == 0:
+                    most = max(most, waiting(gw))
+                    await asyncio.sleep(0.001)
+        await peer.aclose()
+        assert errors(gw, "slow_consumer") == 1
+        # One ack over the transport's high-water mark, not a queue of them.
+        assert most <= WRITE_LIMIT + 2 * 200, most
+
+
 def loud_phone(frame: dict[str, Any], scratch: dict[str, Any]) -> list[Any]:
     """Answer each chunk of the caller's audio with four 8 KB chunks of its own."""
     if frame["type"] != "media":
