@@ -9,8 +9,11 @@ and once they are all open and idle. Then it drops them all at once, as the stor
 the server's CPU once they are all answered: the cost of a reconnect storm to a server that
 restores nothing. Then it sends ``--messages`` messages to the server in
 echo mode over at most 1000 connections, each sending its next message when the previous
-one is acknowledged, and samples the server's CPU again. Only the server process is
-measured, never this load generator. It prints one JSON report.
+one is acknowledged, and samples the server's CPU again. The drop storm and the echo run
+``--rounds`` times each (3 by default) and report the median round, with the lowest and
+highest beside it: the bare server's own figure moves by a third between runs minutes
+apart on a shared machine, and one slow round must not make a ratio. Only the server
+process is measured, never this load generator. It prints one JSON report.
 
     python -m loadtest.baseline --sessions 10000 --messages 100000 --json baseline.json
 
@@ -28,6 +31,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,6 +58,7 @@ __all__ = [
     "ECHO_CONNECTIONS",
     "HELLO",
     "IN_FLIGHT",
+    "ROUNDS",
     "ConnectResult",
     "main",
     "measure_bare",
@@ -71,6 +76,8 @@ kernel's SYN and accept queues (``tcp_max_syn_backlog``, the server's backlog of
 overflow, which would add one-second SYN retransmits to the latencies."""
 ECHO_CONNECTIONS = 1000
 """Most connections the echo measurement spreads its messages over."""
+ROUNDS = 3
+"""Drop storms and echo runs measured by default; each figure is their median."""
 HELLO = b'{"type":"hello"}'
 """The message each connection sends (as a text frame) unless told otherwise."""
 
@@ -274,33 +281,42 @@ def _require_all(result: ConnectResult, n: int) -> None:
         )
 
 
-async def measure_connect(sessions: int, *, in_flight: int = IN_FLIGHT) -> dict[str, Any]:
+async def measure_connect(
+    sessions: int, *, in_flight: int = IN_FLIGHT, rounds: int = ROUNDS
+) -> dict[str, Any]:
     """Open ``sessions`` connections to a bare server in connect mode; report the wall time,
-    latencies, and the server's CPU per connection and RSS per idle connection. Then drop
-    them all at once and open as many again; report that storm's wall time and the server's
-    CPU per reconnect (the drop included)."""
+    latencies, and the server's CPU per connection and RSS per idle connection. Then, in
+    each of ``rounds`` drop storms, drop them all at once and open as many again; report
+    the median storm's wall time and the server's CPU per reconnect (the drop included),
+    with the lowest and highest round's CPU beside it."""
     server = await BareServer.start("connect")
     opened = ConnectResult()
+    storms: list[tuple[float, float]] = []
     try:
         before = await settled_sample(server, minimum=0.5)
         opened = await open_connections(server.url, sessions, in_flight=in_flight)
         _require_all(opened, sessions)
         idle = await settled_sample(server)
-        first, opened = opened, ConnectResult()
-        storm_before = server.sample()
-        for ws in first.connections:
-            ws.transport.abort()  # no closing handshake, as when a network drops
-        opened = await open_connections(server.url, sessions, in_flight=in_flight)
-        _require_all(opened, sessions)
-        storm_after = server.sample()
+        first = opened
+        for _ in range(rounds):
+            dropped, opened = opened, ConnectResult()
+            storm_before = server.sample()
+            for ws in dropped.connections:
+                ws.transport.abort()  # no closing handshake, as when a network drops
+            opened = await open_connections(server.url, sessions, in_flight=in_flight)
+            _require_all(opened, sessions)
+            storm_after = server.sample()
+            cpu_ms = (storm_after.cpu_seconds - storm_before.cpu_seconds) * 1000 / sessions
+            storms.append((opened.seconds, cpu_ms))
     finally:
         await opened.aclose()
         await server.aclose()
+    cpus = [cpu for _, cpu in storms]
     storm = {
-        "seconds": round(opened.seconds, 3),
-        "server_cpu_ms_per_reconnect": round(
-            (storm_after.cpu_seconds - storm_before.cpu_seconds) * 1000 / sessions, 4
-        ),
+        "seconds": round(statistics.median(seconds for seconds, _ in storms), 3),
+        "server_cpu_ms_per_reconnect": round(statistics.median(cpus), 4),
+        "server_cpu_ms_per_reconnect_lowest": round(min(cpus), 4),
+        "server_cpu_ms_per_reconnect_highest": round(max(cpus), 4),
     }
     return {
         "seconds": round(first.seconds, 3),
@@ -317,25 +333,31 @@ async def measure_connect(sessions: int, *, in_flight: int = IN_FLIGHT) -> dict[
 
 
 async def measure_echo(
-    sessions: int, messages: int, *, in_flight: int = IN_FLIGHT
+    sessions: int, messages: int, *, in_flight: int = IN_FLIGHT, rounds: int = ROUNDS
 ) -> dict[str, Any]:
     """Send ``messages`` messages to a bare server in echo mode over at most
-    :data:`ECHO_CONNECTIONS` connections; report the server's CPU per message."""
+    :data:`ECHO_CONNECTIONS` connections, ``rounds`` times; report the median round's
+    server CPU per message, with the lowest and highest beside it."""
     server = await BareServer.start("echo")
     opened = ConnectResult()
+    cpus: list[float] = []
     try:
         n = min(sessions, ECHO_CONNECTIONS)
         opened = await open_connections(server.url, n, in_flight=in_flight)
         _require_all(opened, n)
-        before = server.sample()
-        await send_messages(opened.connections, messages)
-        after = server.sample()
+        for _ in range(rounds):
+            before = server.sample()
+            await send_messages(opened.connections, messages)
+            after = server.sample()
+            cpus.append(after.cpu_seconds - before.cpu_seconds)
     finally:
         await opened.aclose()
         await server.aclose()
-    cpu = after.cpu_seconds - before.cpu_seconds
+    cpu = statistics.median(cpus)
     return {
         "server_cpu_us_per_message": round(cpu * 1e6 / messages, 2),
+        "server_cpu_us_per_message_lowest": round(min(cpus) * 1e6 / messages, 2),
+        "server_cpu_us_per_message_highest": round(max(cpus) * 1e6 / messages, 2),
         # None when the work took less than one clock tick of CPU: too little to measure.
         "messages_per_cpu_second": round(messages / cpu) if cpu > 0 else None,
     }
@@ -353,7 +375,12 @@ def _machine() -> dict[str, Any]:
 
 
 async def measure_bare(
-    sessions: int, messages: int, *, in_flight: int = IN_FLIGHT, timeout: float = 900.0
+    sessions: int,
+    messages: int,
+    *,
+    in_flight: int = IN_FLIGHT,
+    rounds: int = ROUNDS,
+    timeout: float = 900.0,
 ) -> dict[str, Any]:
     """Measure a bare websockets server on this machine, now; return the JSON report.
 
@@ -361,26 +388,30 @@ async def measure_bare(
         sessions: connections opened and held idle at once.
         messages: messages sent in echo mode, over ``min(sessions, 1000)`` connections.
         in_flight: connections being opened at once.
+        rounds: drop storms and echo runs measured; each figure is their median.
         timeout: seconds for the whole measurement.
 
     Raises:
-        ValueError: ``sessions`` or ``messages`` is below 1.
+        ValueError: ``sessions``, ``messages`` or ``rounds`` is below 1.
         RuntimeError: a connection failed, or the server could not start or died.
         TimeoutError: ``timeout`` expired.
     """
-    if sessions < 1 or messages < 1:
-        raise ValueError(f"sessions ({sessions}) and messages ({messages}) must be at least 1")
+    if sessions < 1 or messages < 1 or rounds < 1:
+        raise ValueError(
+            f"sessions ({sessions}), messages ({messages}) and rounds ({rounds}) must be at least 1"
+        )
     limit = raise_nofile_limit(2 * sessions + 1000)
     if limit < sessions + 100:
         raise RuntimeError(f"open-file limit {limit} is too low for {sessions} connections")
     machine = _machine()  # the load average before this run adds to it
     async with asyncio.timeout(timeout):
-        connect_report = await measure_connect(sessions, in_flight=in_flight)
-        echo_report = await measure_echo(sessions, messages, in_flight=in_flight)
+        connect_report = await measure_connect(sessions, in_flight=in_flight, rounds=rounds)
+        echo_report = await measure_echo(sessions, messages, in_flight=in_flight, rounds=rounds)
     return {
         "tool": "hangon-baseline",
         "sessions": sessions,
         "messages": messages,
+        "rounds": rounds,
         "connect": connect_report,
         "echo": echo_report,
         "machine": machine,
@@ -396,16 +427,21 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, required=True, help="connections held at once")
     parser.add_argument("--messages", type=int, default=100_000, help="echo messages in all")
     parser.add_argument("--in-flight", type=int, default=IN_FLIGHT, help="connects at once")
+    parser.add_argument(
+        "--rounds", type=int, default=ROUNDS, help="drop storms and echo runs (median shown)"
+    )
     parser.add_argument("--json", type=Path, help="also write the report to this file")
     return parser.parse_args(argv)
 
 
-async def _cancelled_by_sigterm(sessions: int, messages: int, in_flight: int) -> dict[str, Any]:
+async def _cancelled_by_sigterm(
+    sessions: int, messages: int, in_flight: int, rounds: int
+) -> dict[str, Any]:
     """Run :func:`measure_bare`; SIGTERM cancels it, as Ctrl-C does, so the server is stopped."""
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await measure_bare(sessions, messages, in_flight=in_flight)
+    return await measure_bare(sessions, messages, in_flight=in_flight, rounds=rounds)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -413,7 +449,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
     tune_gc()
     try:
-        report = uvloop.run(_cancelled_by_sigterm(args.sessions, args.messages, args.in_flight))
+        report = uvloop.run(
+            _cancelled_by_sigterm(args.sessions, args.messages, args.in_flight, args.rounds)
+        )
     except asyncio.CancelledError:
         raise SystemExit(128 + signal.SIGTERM) from None
     text = json.dumps(report, indent=2)

@@ -76,10 +76,21 @@ _LABELS: dict[str, tuple[str, str]] = {
     "baseline.connect.server_rss_kib_per_connection": ("Server RSS per idle connection", "KiB"),
     "baseline.connect.drop_storm.seconds": ("Drop storm: time to reconnect every one", "s"),
     "baseline.connect.drop_storm.server_cpu_ms_per_reconnect": (
-        "Drop storm: server CPU per reconnect",
+        "Drop storm: server CPU per reconnect (median)",
         "ms",
     ),
-    "baseline.echo.server_cpu_us_per_message": ("Echo: server CPU per message", "µs"),
+    "baseline.connect.drop_storm.server_cpu_ms_per_reconnect_lowest": (
+        "Drop storm: lowest round",
+        "ms",
+    ),
+    "baseline.connect.drop_storm.server_cpu_ms_per_reconnect_highest": (
+        "Drop storm: highest round",
+        "ms",
+    ),
+    "baseline.echo.server_cpu_us_per_message": ("Echo: server CPU per message (median)", "µs"),
+    "baseline.echo.server_cpu_us_per_message_lowest": ("Echo: lowest round", "µs"),
+    "baseline.echo.server_cpu_us_per_message_highest": ("Echo: highest round", "µs"),
+    "baseline.rounds": ("Rounds of the drop storm and the echo", ""),
     "baseline.echo.messages_per_cpu_second": (
         "Echo: messages per server CPU second",
         "messages/CPU s",

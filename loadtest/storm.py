@@ -322,7 +322,9 @@ async def run_storm(args: argparse.Namespace) -> dict[str, Any]:
             from loadtest.baseline import measure_bare
 
             progress.show("baseline", 0, 1)
-            result["baseline"] = await measure_bare(args.sessions, args.baseline_messages)
+            result["baseline"] = await measure_bare(
+                args.sessions, args.baseline_messages, rounds=args.baseline_rounds
+            )
             progress.show("baseline", 1, 1)
         pid = monitor.current_pid()
         first = sample_process(pid) if pid else None
@@ -737,6 +739,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="bound on every phase, seconds")
     p.add_argument("--baseline", action="store_true", help="measure a bare websockets server too")
     p.add_argument("--baseline-messages", type=int, default=50_000)
+    p.add_argument(
+        "--baseline-rounds",
+        type=int,
+        default=3,
+        help="bare drop storms and echo runs; the ratios use their median",
+    )
     p.add_argument("--json", help="write the result here")
     p.add_argument("--html", help="write the HTML report here")
     p.add_argument(

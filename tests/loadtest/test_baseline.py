@@ -11,9 +11,9 @@ async def test_measure_bare_reports_every_field_with_positive_values() -> None:
     """A small run reports connect, drop-storm and echo costs of the server, all positive and
     ordered."""
     # Enough work for several clock ticks of server CPU (10 ms each), so no delta is zero.
-    report = await measure_bare(sessions=200, messages=3000, timeout=50)
+    report = await measure_bare(sessions=200, messages=3000, rounds=2, timeout=50)
     assert report["tool"] == "hangon-baseline"
-    assert (report["sessions"], report["messages"]) == (200, 3000)
+    assert (report["sessions"], report["messages"], report["rounds"]) == (200, 3000, 2)
     connect = report["connect"]
     assert connect["seconds"] > 0
     assert connect["rate_per_s"] > 0
@@ -24,8 +24,13 @@ async def test_measure_bare_reports_every_field_with_positive_values() -> None:
     storm = connect["drop_storm"]
     assert storm["seconds"] > 0
     assert storm["server_cpu_ms_per_reconnect"] > 0
+    # The median of the rounds lies between the lowest and the highest of them.
+    low, high = (storm[f"server_cpu_ms_per_reconnect_{end}"] for end in ("lowest", "highest"))
+    assert 0 < low <= storm["server_cpu_ms_per_reconnect"] <= high
     echo = report["echo"]
     assert echo["server_cpu_us_per_message"] > 0
+    low, high = (echo[f"server_cpu_us_per_message_{end}"] for end in ("lowest", "highest"))
+    assert 0 < low <= echo["server_cpu_us_per_message"] <= high
     assert echo["messages_per_cpu_second"] > 0
     machine = report["machine"]
     assert machine["cpus"] >= 1
@@ -43,3 +48,5 @@ async def test_empty_measurement_is_refused() -> None:
     """measure_bare needs at least one session and one message."""
     with pytest.raises(ValueError, match="at least 1"):
         await measure_bare(sessions=0, messages=10)
+    with pytest.raises(ValueError, match="at least 1"):
+        await measure_bare(sessions=10, messages=10, rounds=0)
