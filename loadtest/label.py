@@ -76,7 +76,7 @@ _LABELS: dict[str, tuple[str, str]] = {
     "baseline.connect.server_rss_kib_per_connection": ("Server RSS per idle connection", "KiB"),
     "baseline.connect.drop_storm.seconds": ("Drop storm: time to reconnect every one", "s"),
     "baseline.connect.drop_storm.server_cpu_ms_per_reconnect": (
-        "Drop storm: server CPU per reconnect (median)",
+        "Drop storm: server CPU per reconnect",
         "ms",
     ),
     "baseline.connect.drop_storm.server_cpu_ms_per_reconnect_lowest": (
@@ -87,7 +87,7 @@ _LABELS: dict[str, tuple[str, str]] = {
         "Drop storm: highest round",
         "ms",
     ),
-    "baseline.echo.server_cpu_us_per_message": ("Echo: server CPU per message (median)", "µs"),
+    "baseline.echo.server_cpu_us_per_message": ("Echo: server CPU per message", "µs"),
     "baseline.echo.server_cpu_us_per_message_lowest": ("Echo: lowest round", "µs"),
     "baseline.echo.server_cpu_us_per_message_highest": ("Echo: highest round", "µs"),
     "baseline.rounds": ("Rounds of the drop storm and the echo", ""),
