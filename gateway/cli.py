@@ -166,8 +166,14 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
     return from_values(values)
 
 
-_GC_THRESHOLD = 20_000
-"""Container allocations between gen-0 collections (Python's default is 700)."""
+_GC_THRESHOLD = 200_000
+"""Container allocations between gen-0 collections (Python's default is 700). A turn's
+objects (the new state, its write, the recent turns) live about as long as the gap between
+two turns of a session, so collections that come less often find fewer of them alive: at
+20,000, 15 collections examined them during a 50,000-turn phase of a 10,000-session storm
+and took 15 % of its CPU, and they found 414 objects to free in the whole run. Cycles are
+rare here (closed connections are freed by reference counting), so what waits longer for
+a collection is little."""
 
 
 class _Stamps:
