@@ -192,12 +192,8 @@ class AutoPipeline:
             raise rex.ConnectionError("store closing")
         if not self.batching:
             return await self.one(script, keys, args, durable=durable)
-        loop = asyncio.get_running_loop()
-        call = _Call(script, keys, args, durable, loop.create_future(), loop.time())
-        self._queue.append(call)
-        self._wake()
         # Cancelling this await cancels the future: a sender then skips or ignores it.
-        return await call.future
+        return await self._queued(script, keys, args, durable, None)
 
     def submit(
         self,
@@ -215,10 +211,20 @@ class AutoPipeline:
         fails the future. A caller with a callback on the future is answered with no task
         woken (a turn's write, :class:`~gateway.transport.client_ws.Handler`).
         """
-        loop = asyncio.get_running_loop()
         if self._closing or not self.batching:
-            return loop.create_task(self._then(script, keys, args, durable, then))
-        durable = durable and self.ack_replicas > 0
+            return asyncio.ensure_future(self._then(script, keys, args, durable, then))
+        return self._queued(script, keys, args, durable and self.ack_replicas > 0, then)
+
+    def _queued(
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        durable: bool,
+        then: Callable[[Any], Any] | None,
+    ) -> asyncio.Future[Any]:
+        """Queue a call for the next pipeline; its future."""
+        loop = asyncio.get_running_loop()
         call = _Call(script, keys, args, durable, loop.create_future(), loop.time(), then)
         self._queue.append(call)
         self._wake()
