@@ -4,8 +4,8 @@ A client connection's :class:`Handler` reads and acts on frames strictly in orde
 (a turn is written and answered before the next frame is acted on) and then sends
 what the protocol queued. A turn's write usually goes out with no await: the handler
 reads on, and the store's reply is answered from a callback
-(:meth:`Handler._turn_soon`), so that a turn wakes one task, the reader, as a message
-to a bare echo server does. What other tasks queue (the agent's messages, a
+(:class:`~gateway.transport.turns.Turns`), so that a turn wakes one task, the reader,
+as a message to a bare echo server does. What other tasks queue (the agent's messages, a
 takeover's error) is sent by a writer task that lives only until the queue is
 empty (:class:`~gateway.transport.connection.Connection`). Nothing ever waits on a
 client's socket while holding the session lock, so a half-open connection cannot
@@ -14,21 +14,18 @@ as in a bare websockets server.
 
 The protocol (v1 JSON or a Twilio Media Stream) turns frames into events; the
 hello goes through :class:`~gateway.transport.opening.Opening`; every turn is
-planned by the session's :class:`~gateway.core.lifecycle.Lifecycle` and written
-here; the live sessions themselves are :mod:`gateway.transport.sessions`'.
+planned by the session's :class:`~gateway.core.lifecycle.Lifecycle` and written by
+:class:`~gateway.transport.turns.Turns`; the live sessions themselves are
+:mod:`gateway.transport.sessions`'.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import random
-import time
 import urllib.parse
 from collections.abc import Awaitable
-from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -38,18 +35,15 @@ from gateway.core import agent
 from gateway.core.auth import AuthError, Grant
 from gateway.core.closecodes import BYE, SERVICE_RESTART, ErrorCode
 from gateway.core.events import Ack, Bye, Forward, Hello, Turn
-from gateway.core.lifecycle import TOKEN_REQUIRED, Duplicate, Refusal, Write
+from gateway.core.lifecycle import TOKEN_REQUIRED
 from gateway.core.protocol import Protocol
-from gateway.core.ratelimit import TokenBucket
-from gateway.core.session import Session, TurnWrite
 from gateway.core.twilio import TwilioStream
 from gateway.core.wire import ClientProtocol
 from gateway.exceptions import StoreConflict, StoreError
-from gateway.store.base import Written
-from gateway.store.retry import Tries
 from gateway.transport.connection import Connection
 from gateway.transport.opening import Opening
 from gateway.transport.sessions import LiveSession, Sessions, now_ms
+from gateway.transport.turns import Turns
 from gateway.transport.websocket import ClientSocket, forget_upgrade
 
 __all__ = ["TOKEN_SUBPROTOCOL", "Handler", "handle_client", "now_ms", "upgrade_token"]
@@ -89,21 +83,14 @@ def handle_client(
 class Handler:
     """One client connection's frames, acted on in order."""
 
-    __slots__ = ("answered", "bucket", "conn", "live", "sender", "sessions", "writing")
+    __slots__ = ("conn", "live", "sessions", "turns")
 
     def __init__(self, sessions: Sessions, conn: Connection) -> None:
         self.sessions = sessions
         self.conn = conn
         self.live: LiveSession | None = None
-        self.bucket: TokenBucket | None = None
-        """The connection's turn allowance, from its first turn on."""
-        self.writing: asyncio.Future[Any] | None = None
-        """The turn being written while the handler reads on (:meth:`_turn_soon`): its
-        first try, or the task retrying it."""
-        self.answered: asyncio.Future[None] | None = None
-        """Set once :attr:`writing` is over, for the handler waiting on it (:meth:`_turned`)."""
-        self.sender: asyncio.Task[None] | None = None
-        """The writer that the last turn's answer had to start: the next frame waits for it."""
+        self.turns: Turns | None = None
+        """The session's turns on this connection, from the hello on."""
 
     async def run(self) -> None:
         sessions, conn = self.sessions, self.conn
@@ -117,8 +104,9 @@ class Handler:
         try:
             while protocol.close_reason is None:
                 message = await ws.recv()
-                if self.writing is not None or self.sender is not None:
-                    await self._turned()  # the turn before this frame is answered first
+                turns = self.turns
+                if turns is not None and turns.busy:
+                    await turns.settled()  # the turn before this frame is answered first
                     if protocol.close_reason is not None:
                         break  # as if the frame had not been read: the turn failed
                 if isinstance(message, bytes):
@@ -134,6 +122,8 @@ class Handler:
                         protocol.close(SERVICE_RESTART)
                     else:
                         self.live = await self._hello(event)
+                        if self.live is not None:
+                            self.turns = Turns(sessions, conn, self.live)
                     forget_upgrade(ws)
                     live_call = self.live is not None and isinstance(protocol, TwilioStream)
                     if live_call and isinstance(ws, ClientSocket):
@@ -142,8 +132,10 @@ class Handler:
                     self._forward(event)
                     continue  # nothing to write back
                 elif isinstance(event, Turn):
-                    if self._may_turn(event, loop.time()) and not self._turn_soon(event):
-                        await self._turn(event)
+                    turns = self.turns
+                    assert turns is not None
+                    if turns.may(event, loop.time()) and not turns.soon(event):
+                        await turns.write(event)
                 elif isinstance(event, Ack):
                     assert self.live is not None
                     self.live.life.ack(conn, event.seq)
@@ -158,21 +150,17 @@ class Handler:
                 # websockets refused a frame above the hard limit before we saw it.
                 sessions.metrics.protocol_errors.labels("message_too_big").inc()
         except Exception:
-            self._unexpected()
+            conn.unexpected()
         finally:
             if hello_by is not None:
                 hello_by.cancel()  # let go of this handler now, not at the deadline
             if isinstance(ws, ClientSocket):
                 ws.take_now = None  # it holds this handler: no cycle left behind
-            if self.writing is not None and self._cancelled():
-                self.writing.cancel()  # the write stops with the handler, as in _turn
-            await self._turned()
+            if self.turns is not None:
+                if self._cancelled():
+                    self.turns.stop()
+                await self.turns.settled()
             await self._closed()
-
-    def _unexpected(self) -> None:
-        """A bug: log it and close the connection; the client resumes."""
-        log.exception("unexpected error on a client connection")
-        self.conn.protocol.fail(ErrorCode.INTERNAL_ERROR, "unexpected error; reconnect to resume")
 
     @staticmethod
     def _cancelled() -> bool:
@@ -219,7 +207,7 @@ class Handler:
         :func:`~gateway.transport.websocket.taken_now`); else leave it to :meth:`run`."""
         protocol = self.conn.protocol
         assert isinstance(protocol, TwilioStream)
-        if self.writing is not None:
+        if self.turns is not None and self.turns.writing is not None:
             return False  # a key press is being written: what follows it waits
         frame = protocol.media_now(text)
         if frame is None:
@@ -275,237 +263,6 @@ class Handler:
             self.conn.protocol.fail(code, exc.message)
             return None
         return grant
-
-    def _allowed(self, now: float) -> bool:
-        """Whether the connection may send this turn under ``--max-turns-per-second``."""
-        limits = self.sessions.limits
-        bucket = self.bucket
-        if bucket is None:
-            assert limits.max_turns_per_second is not None
-            bucket = self.bucket = TokenBucket(
-                limits.max_turns_per_second, float(limits.turn_burst)
-            )
-        return bucket.take(now)
-
-    def _may_turn(self, turn: Turn, now: float) -> bool:
-        """Whether ``turn`` may go on to be written: not past the connection's turn rate
-        (else the connection fails), not after a turn still unstored (else it is nacked)."""
-        live, conn = self.live, self.conn
-        assert live is not None
-        if self.sessions.limits.max_turns_per_second is not None and not self._allowed(now):
-            assert self.bucket is not None
-            conn.protocol.fail(
-                ErrorCode.RATE_LIMITED,
-                f"more than {self.sessions.limits.max_turns_per_second:g} turns per second;"
-                " resume after retry_after",
-                retry_after=round(max(1.0, self.bucket.wait()), 1),
-            )
-            return False
-        held = live.life.held_back(conn, turn)
-        if held is not None:
-            self._nack(turn, held.why)
-            return False
-        return True
-
-    def _turn_soon(self, turn: Turn) -> bool:
-        """Start writing ``turn`` and go back to reading, if nothing makes it wait: the
-        session neither degraded nor locked. Its reply is handled by :meth:`_turn_done`,
-        a callback, so that a turn wakes no task but the reader's; :meth:`run` acts on
-        no frame before the turn is answered. ``False``: await :meth:`_turn` instead."""
-        live = self.live
-        assert live is not None
-        if live.recovered is not None or not live.lock.try_acquire():
-            return False
-        try:
-            write = self._planned(turn)
-            if write is None:
-                live.lock.release()
-                return True
-            session, sessions = live.session, self.sessions
-            assert session is not None
-            started = time.perf_counter()
-            pending = asyncio.ensure_future(
-                sessions.store.write_turn(live.caller, session.session_id, write)
-            )
-        except BaseException:
-            live.lock.release()
-            raise
-        self.writing = pending
-        pending.add_done_callback(functools.partial(self._turn_done, turn, session, write, started))
-        return True
-
-    def _turn_done(
-        self,
-        turn: Turn,
-        session: Session,
-        write: TurnWrite,
-        started: float,
-        pending: asyncio.Future[Written],
-    ) -> None:
-        """The first try of ``turn``'s write is over: answer the turn, or leave its
-        retries to a task (:meth:`_turn_again`)."""
-        if pending.cancelled():  # with the handler (run): the turn goes unanswered
-            self._turn_over(started)
-            return
-        try:
-            try:
-                written = pending.result()
-            except StoreError as exc:
-                spent = time.perf_counter() - started
-                tries = self.sessions.tries(spent=spent)
-                delay = tries.after(exc)
-                if delay is not None:
-                    self.writing = asyncio.create_task(
-                        self._turn_again(turn, session, write, started, tries, delay)
-                    )
-                    return
-                self._not_written(turn, session, write, exc)
-            else:
-                self._written(turn, session, write, written)
-        except BaseException:  # a callback's failure would only be logged, the lock kept
-            self._unexpected()
-        self._turn_over(started)
-
-    async def _turn_again(
-        self,
-        turn: Turn,
-        session: Session,
-        write: TurnWrite,
-        started: float,
-        tries: Tries,
-        delay: float,
-    ) -> None:
-        """Retry ``turn``'s write after its first try failed, as :meth:`_turn` would."""
-        sessions, live = self.sessions, self.live
-        assert live is not None
-        try:
-            await asyncio.sleep(delay)
-            written = await tries.run(
-                lambda: sessions.store.write_turn(live.caller, session.session_id, write)
-            )
-        except StoreError as exc:
-            self._not_written(turn, session, write, exc)
-        except Exception:
-            self._unexpected()
-        else:
-            self._written(turn, session, write, written)
-        finally:
-            self._turn_over(started)
-
-    def _turn_over(self, started: float) -> None:
-        """A turn's write is done: time it, let go of the session, send the answer."""
-        assert self.live is not None
-        self.sessions.metrics.store_op_seconds["write_turn"].observe(time.perf_counter() - started)
-        self.live.lock.release()
-        self.writing = None
-        # As when the handler sent its answers itself, the next frame waits until a client
-        # slow to read has taken this one (see _turned).
-        self.sender = self.conn.send_soon()
-        answered, self.answered = self.answered, None
-        if answered is not None and not answered.done():
-            answered.set_result(None)
-
-    async def _turned(self) -> None:
-        """Wait until the turn being written is answered (or failed), and the answer sent
-        if it had to wait for the client."""
-        while self.writing is not None:
-            # A future of its own, not the write: a cancelled reader must not cancel the
-            # write's answer (and asyncio.wait costs more, on every drop mid-turn).
-            answered = self.answered = asyncio.get_running_loop().create_future()
-            await answered
-        sender, self.sender = self.sender, None
-        if sender is not None:
-            await sender
-
-    async def _turn(self, turn: Turn) -> None:
-        """Write ``turn`` as the session's lifecycle plans it, and answer it (when
-        :meth:`_turn_soon` cannot)."""
-        live = self.live
-        assert live is not None
-        if live.recovered is not None and not await live.restored():
-            self._nack(turn, "session store unreachable; send the turn again")
-            return
-        async with live.lock:
-            write = self._planned(turn)
-            if write is None:
-                return
-            sessions, session = self.sessions, live.session
-            assert session is not None
-            try:
-                written = await sessions.call(
-                    "write_turn",
-                    lambda: sessions.store.write_turn(live.caller, session.session_id, write),
-                )
-            except StoreError as exc:
-                self._not_written(turn, session, write, exc)
-                return
-            self._written(turn, session, write, written)
-
-    def _planned(self, turn: Turn) -> TurnWrite | None:
-        """Plan ``turn`` (the session locked): the write the store must take, or ``None``
-        when it was answered already."""
-        live, sessions, conn = self.live, self.sessions, self.conn
-        assert live is not None
-        plan = live.life.plan_turn(
-            conn, turn, now_ms=sessions.clock(), max_state_size=sessions.limits.max_state_size
-        )
-        if isinstance(plan, Write):
-            return plan.write
-        if isinstance(plan, Duplicate):
-            sessions.metrics.turns_duplicate.inc()
-            self._ack(turn, plan.version)
-        elif isinstance(plan, Refusal):
-            conn.protocol.fail(plan.code, plan.message)
-        # Ignore: replaced meanwhile; this connection was told and is closing.
-        return None
-
-    def _written(self, turn: Turn, session: Session, write: TurnWrite, written: Written) -> None:
-        live, sessions = self.live, self.sessions
-        assert live is not None
-        if live.life.turn_written(write, applied=written.applied):
-            sessions.metrics.turns_applied.inc()
-            if live.link is not None:
-                live.link.send(agent.turn_frame(session, turn))
-        else:
-            # Another connection applied this turn ID first.
-            sessions.metrics.turns_duplicate.inc()
-        self._ack(turn, written.version)
-
-    def _not_written(self, turn: Turn, session: Session, write: TurnWrite, exc: StoreError) -> None:
-        protocol = self.conn.protocol
-        assert self.live is not None
-        if isinstance(exc, StoreConflict):
-            log.info("turn refused session=%s reason=%s", session.session_id, exc.detail)
-            protocol.fail(ErrorCode.SESSION_CONFLICT, f"{exc.detail}; reconnect to resume")
-        elif exc.retryable:
-            log.warning("turn not written session=%s error=%s", session.session_id, exc)
-            self.live.life.turn_unsure(write)
-            self._nack(turn, "turn not saved: session store unavailable; send it again")
-        else:
-            log.warning("turn not written session=%s error=%s", session.session_id, exc)
-            protocol.fail(
-                ErrorCode.STORE_UNAVAILABLE, "turn not saved: store unavailable; reconnect, resend"
-            )
-
-    def _ack(self, turn: Turn, version: int) -> None:
-        self.conn.protocol.send_ack(turn.turn_id, version)
-        assert self.live is not None
-        self.live.life.acked(turn)
-
-    def _nack(self, turn: Turn, why: str) -> None:
-        """Tell the client its turn was not stored and to send it again, staying connected.
-
-        Until that turn is acked, the connection's later turns are nacked too: each must
-        land after the ones sent before it.
-        """
-        assert self.live is not None
-        self.live.life.nacked(self.conn, turn)
-        self.sessions.metrics.turns.labels("nacked").inc()
-        # Spread: every session of an outage must not come back at the same instant.
-        wait = round(random.uniform(1.0, 3.0), 1)
-        self.conn.protocol.send_nack(
-            turn.turn_id, ErrorCode.STORE_UNAVAILABLE, why, retry_after=wait
-        )
 
     async def _bye(self) -> None:
         sessions, conn, live = self.sessions, self.conn, self.live

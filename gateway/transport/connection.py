@@ -128,6 +128,12 @@ class Connection:
     """Set once the client was found not reading: the event loop time by which the error
     frame and close must have been taken, or the connection is reset."""
 
+    def unexpected(self) -> None:
+        """A bug met while serving this connection: log it and close the connection with
+        ``internal_error``; the client resumes (call from an ``except`` block)."""
+        log.exception("unexpected error on a client connection")
+        self.protocol.fail(ErrorCode.INTERNAL_ERROR, "unexpected error; reconnect to resume")
+
     def flush(self) -> None:
         """Send what is queued, from a task of its own; for callers other than the handler.
 
