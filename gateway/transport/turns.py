@@ -100,7 +100,7 @@ class Turns:
     def soon(self, turn: Turn) -> bool:
         """Start writing ``turn`` and go back to reading, if nothing makes it wait: the
         session neither degraded nor locked. Its reply is handled by :meth:`_turn_done`,
-        a callback, so that a turn wakes no task but the reader's; :meth:`run` acts on
+        a callback, so that a turn wakes no task but the reader's; the handler acts on
         no frame before the turn is answered. ``False``: await :meth:`write` instead."""
         live = self.live
         if live.recovered is not None or not live.lock.try_acquire():
