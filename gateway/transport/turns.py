@@ -18,6 +18,7 @@ import functools
 import logging
 import random
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from gateway.core import agent
@@ -110,12 +111,10 @@ class Turns:
             if write is None:
                 live.lock.release()
                 return True
-            session, sessions = live.session, self.sessions
+            session = live.session
             assert session is not None
             started = time.perf_counter()
-            pending = asyncio.ensure_future(
-                sessions.store.write_turn(live.caller, session.session_id, write)
-            )
+            pending = asyncio.ensure_future(self._store(session, write))
         except BaseException:
             live.lock.release()
             raise
@@ -165,12 +164,9 @@ class Turns:
         delay: float,
     ) -> None:
         """Retry ``turn``'s write after its first try failed, as :meth:`write` would."""
-        sessions, live = self.sessions, self.live
         try:
             await asyncio.sleep(delay)
-            written = await tries.run(
-                lambda: sessions.store.write_turn(live.caller, session.session_id, write)
-            )
+            written = await tries.run(lambda: self._store(session, write))
         except StoreError as exc:
             self._not_written(turn, session, write, exc)
         except Exception:
@@ -180,13 +176,18 @@ class Turns:
         finally:
             self._turn_over(started)
 
+    def _store(self, session: Session, write: TurnWrite) -> Awaitable[Written]:
+        """One try of ``write`` in the store (each road to it: :meth:`soon`, its retries,
+        :meth:`write`)."""
+        return self.sessions.store.write_turn(self.live.caller, session.session_id, write)
+
     def _turn_over(self, started: float) -> None:
         """A turn's write is done: time it, let go of the session, send the answer."""
         self.sessions.metrics.store_op_seconds["write_turn"].observe(time.perf_counter() - started)
         self.live.lock.release()
         self.writing = None
         # As when the handler sent its answers itself, the next frame waits until a client
-        # slow to read has taken this one (see _turned).
+        # slow to read has taken this one (see settled).
         self.sender = self.conn.send_soon()
         answered, self.answered = self.answered, None
         if answered is not None and not answered.done():
@@ -220,7 +221,7 @@ class Turns:
             try:
                 written = await sessions.call(
                     "write_turn",
-                    lambda: sessions.store.write_turn(live.caller, session.session_id, write),
+                    lambda: self._store(session, write),
                 )
             except StoreError as exc:
                 self._not_written(turn, session, write, exc)
