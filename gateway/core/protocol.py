@@ -115,15 +115,34 @@ class Protocol(ClientProtocol):
         elif kind == "turn":
             event = self._turn(msg)
         elif kind == "ack":
-            seq = msg.get("seq")
-            if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_INT:
-                raise _Invalid(
-                    ErrorCode.INVALID_MESSAGE, f"field 'seq' must be an integer from 0 to {MAX_INT}"
-                )
-            event = Ack(seq)
+            event = self._ack(msg)
         else:
             event = Bye()
         return event
+
+    def now(self, data: str) -> Turn | Ack | None:
+        """The turn or ack in ``data`` if it is a valid one on an open connection, for a
+        driver that acts on frames as they are read; ``None`` for anything else (and for
+        a bad turn or ack), which :meth:`receive_text` is then given, as if this had not
+        been called."""
+        if self.phase is not Phase.OPEN:
+            return None
+        try:
+            msg, kind = self._decode(data)
+            if kind == "turn":
+                return self._turn(msg)
+            return self._ack(msg) if kind == "ack" else None
+        except _Invalid:
+            return None
+
+    @staticmethod
+    def _ack(msg: dict[str, Any]) -> Ack:
+        seq = msg.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_INT:
+            raise _Invalid(
+                ErrorCode.INVALID_MESSAGE, f"field 'seq' must be an integer from 0 to {MAX_INT}"
+            )
+        return Ack(seq)
 
     def _hello(self, msg: dict[str, Any]) -> Hello:
         token = _optional(msg, "resume_token", str)

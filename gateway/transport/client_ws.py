@@ -4,12 +4,13 @@ A client connection's :class:`Handler` reads and acts on frames strictly in orde
 (a turn is written and answered before the next frame is acted on) and then sends
 what the protocol queued. A turn's write usually goes out with no await: the handler
 reads on, and the store's reply is answered from a callback
-(:class:`~gateway.transport.turns.Turns`), so that a turn wakes one task, the reader,
-as a message to a bare echo server does. What other tasks queue (the agent's messages, a
-takeover's error) is sent by a writer task that lives only until the queue is
-empty (:class:`~gateway.transport.connection.Connection`). Nothing ever waits on a
-client's socket while holding the session lock, so a half-open connection cannot
-hold up the client that replaces it. An idle connection has one task, its handler,
+(:class:`~gateway.transport.turns.Turns`). A turn or ack that arrives while the handler
+waits with nothing queued does not even wake it: the socket hands it over as it is read
+(:meth:`Handler._frame_now`), so that a turn wakes no task at all. What other tasks
+queue (the agent's messages, a takeover's error) is sent by a writer task that lives
+only until the queue is empty (:class:`~gateway.transport.connection.Connection`).
+Nothing ever waits on a client's socket while holding the session lock, so a half-open
+connection cannot hold up the client that replaces it. An idle connection has one task, its handler,
 as in a bare websockets server.
 
 The protocol (v1 JSON or a Twilio Media Stream) turns frames into events; the
@@ -125,9 +126,11 @@ class Handler:
                         if self.live is not None:
                             self.turns = Turns(sessions, conn, self.live)
                     forget_upgrade(ws)
-                    live_call = self.live is not None and isinstance(protocol, TwilioStream)
-                    if live_call and isinstance(ws, ClientSocket):
-                        ws.take_now = self._media_now  # a call's audio, relayed as it is read
+                    if self.live is not None and isinstance(ws, ClientSocket):
+                        # A call's audio is relayed as it is read; a client's turns and
+                        # acks are acted on as they are read.
+                        phone = isinstance(protocol, TwilioStream)
+                        ws.take_now = self._media_now if phone else self._frame_now
                 elif isinstance(event, Forward):
                     self._forward(event)
                     continue  # nothing to write back
@@ -213,6 +216,34 @@ class Handler:
         if frame is None:
             return False
         self._forward(Forward(frame))
+        return True
+
+    def _frame_now(self, text: str) -> bool:
+        """Act on ``text`` as it is read if it is a turn or an ack that nothing makes wait
+        (see :func:`~gateway.transport.websocket.taken_now`), as :meth:`run` would, but
+        without waking it; else leave it to :meth:`run`.
+
+        A turn's write then goes out from here (:meth:`Turns.now`), and its answer from
+        the write's callback; the next frame waits for it, as in :meth:`run`."""
+        turns, conn = self.turns, self.conn
+        assert turns is not None and isinstance(conn.protocol, Protocol)
+        if turns.busy:
+            return False  # the frame before this one is not answered yet: the reader waits
+        event = conn.protocol.now(text)
+        if event is None:
+            return False
+        try:
+            if isinstance(event, Turn):
+                if not turns.now(event, conn.ws.loop.time()):
+                    return False
+            else:
+                assert self.live is not None
+                self.live.life.ack(conn, event.seq)
+        except Exception:
+            conn.unexpected()
+        # As the handler would have waited for a client slow to read this answer, the
+        # next frame waits for it (Turns.busy).
+        turns.sender = conn.send_soon()
         return True
 
     def _forward(self, event: Forward) -> None:

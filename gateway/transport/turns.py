@@ -106,11 +106,36 @@ class Turns:
         live = self.live
         if live.recovered is not None or not live.lock.try_acquire():
             return False
+        self._start(turn)
+        return True
+
+    def now(self, turn: Turn, now: float) -> bool:
+        """Check ``turn`` and start writing it as it is read, from ``data_received`` (see
+        :func:`~gateway.transport.websocket.taken_now`), if nothing makes it wait: no
+        turn before it still unanswered, and :meth:`soon`'s conditions. ``False``: leave
+        it to the handler, untouched."""
+        live = self.live
+        if self.busy or live.recovered is not None or not live.lock.try_acquire():
+            return False
+        try:
+            allowed = self.may(turn, now)
+        except BaseException:
+            live.lock.release()
+            raise
+        if allowed:
+            self._start(turn)
+        else:
+            live.lock.release()  # refused or nacked: answered already
+        return True
+
+    def _start(self, turn: Turn) -> None:
+        """Plan ``turn`` and start its write (the session locked: released when it is over)."""
+        live = self.live
         try:
             write = self._planned(turn)
             if write is None:
                 live.lock.release()
-                return True
+                return
             session = live.session
             assert session is not None
             started = time.perf_counter()
@@ -120,7 +145,6 @@ class Turns:
             raise
         self.writing = pending
         pending.add_done_callback(functools.partial(self._turn_done, turn, session, write, started))
-        return True
 
     def _turn_done(
         self,

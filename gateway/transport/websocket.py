@@ -27,10 +27,10 @@ those at about a tenth of a drop storm's CPU; without them a restore cost 4-13 %
 (docs/benchmarks.md). Every other answer (an HTTP response, a refusal) goes through
 websockets' path unchanged.
 
-A frame that can be dealt with at once (a phone caller's audio) need not be queued for
-the handler either: :func:`taken_now` offers it to the socket's ``take_now`` from
-``data_received``, when the reader waits with nothing ahead of it. The agent link's
-socket does the same (:class:`~gateway.transport.downstream.AgentSocket`).
+A frame that can be dealt with at once (a phone caller's audio, a client's turn or ack)
+need not be queued for the handler either: :func:`taken_now` offers it to the socket's
+``take_now`` from ``data_received``, when the reader waits with nothing ahead of it.
+The agent link's socket does the same (:class:`~gateway.transport.downstream.AgentSocket`).
 
 An open connection also keeps its upgrade request and response, headers and all, for its
 whole life: 2 KiB of the 16 KiB an idle session costs. Nothing reads them past the hello
@@ -121,7 +121,7 @@ class ClientSocket(ServerConnection):
 
     take_now: Callable[[str], bool] | None = None
     """Set by the handler: deals with a frame as it is read, when it can (a caller's
-    audio), see :func:`taken_now`."""
+    audio, a client's turn or ack), see :func:`taken_now`."""
 
     def __init__(
         self,

@@ -325,6 +325,35 @@ def test_malformed_ack_fails(message: dict[str, Any]) -> None:
     assert protocol.close_reason == closecodes.INVALID_PAYLOAD
 
 
+def test_now_is_the_same_event_and_leaves_the_rest_untouched() -> None:
+    """now gives the turn or ack receive_text would, only on an open connection; for
+    anything else (a bye, a ping, a bad turn or ack, a frame before the welcome) it
+    returns None and changes nothing, so that receive_text, given the same text next,
+    acts as it always does."""
+    protocol = opened()
+    turn = frame({"type": "turn", "turn_id": "t1", "text": "hi", "form": {"a": 1}})
+    assert protocol.now(turn) == protocol.receive_text(turn) == Turn("t1", "hi", {"a": 1}, None)
+    ack = frame({"type": "ack", "seq": 7})
+    assert protocol.now(ack) == protocol.receive_text(ack) == Ack(7)
+    for text in (
+        frame({"type": "bye"}),
+        frame({"type": "ping"}),
+        frame({"type": "turn"}),  # no turn_id
+        frame({"type": "turn", "turn_id": "t2", "form": nested(40)}),
+        frame({"type": "ack", "seq": -1}),
+        frame({"type": "hello", "caller": CALLER}),
+        "x" * 2000,  # past the size limit
+        "not json",
+    ):
+        assert protocol.now(text) is None
+        assert protocol.phase is Phase.OPEN and protocol.error_code is None
+        assert protocol.data_to_send() == []
+    fresh = Protocol(max_message_size=1024)
+    assert fresh.now(turn) is None  # before the hello
+    assert protocol.receive_text("not json") is None and protocol.error_code is not None
+    assert protocol.now(turn) is None  # once closed
+
+
 def test_ack_before_welcome_is_unexpected() -> None:
     """An ack before hello, or while the session is restoring, is unexpected_message, close 1008."""
     protocol = Protocol(max_message_size=1024)

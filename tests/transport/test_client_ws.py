@@ -299,3 +299,36 @@ async def test_idle_session_holds_no_task_of_its_own(gateway: Gateway) -> None:
     assert added == 10
     assert len(held) == 10
     assert all(isinstance(timer, asyncio.TimerHandle) for timer in held)
+
+
+async def test_turns_and_acks_are_acted_on_as_they_are_read(gateway: Gateway) -> None:
+    """On an open session, a turn or an ack that nothing makes wait is acted on from the
+    socket's data_received: the handler's queue is never used, and the answers are the
+    same. What must wait (a turn while the session is locked, a bye) goes to the handler,
+    in order."""
+    async with connect(url(gateway.port)) as ws:
+        await hello(ws, PHONE)
+        (conn,) = gateway.sessions.connections
+        queued: list[object] = []
+        put = conn.ws.recv_messages.put
+
+        def counted(frame: Any) -> None:
+            queued.append(frame)
+            put(frame)
+
+        conn.ws.recv_messages.put = counted  # type: ignore[method-assign]
+        for i in range(3):
+            ack = await turn(ws, f"t{i}", form={"i": i})
+            assert (ack["type"], ack["version"]) == ("ack", i + 1)
+        await send(ws, {"type": "ack", "seq": 0})
+        assert queued == []
+        (live,) = gateway.sessions.live.values()
+        async with live.lock:  # as a renewal would: the turn waits for it, in the handler
+            await send(ws, {"type": "turn", "turn_id": "t3", "form": {"i": 3}})
+            await asyncio.sleep(0.05)
+            assert len(queued) == 1
+        ack = await recv(ws)
+        assert (ack["turn_id"], ack["version"]) == ("t3", 4)
+        await send(ws, {"type": "bye"})
+        await closed(ws)
+    assert len(queued) == 2
