@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import os
 
 import pytest
 
+from gateway.core import sealing
 from gateway.core.callerkey import CallerKey
 from gateway.core.sealing import (
     Keyring,
@@ -142,3 +144,39 @@ def test_digest_separates_every_part_and_depends_on_the_key() -> None:
     assert "4155550100" not in ring.digest(base)
     assert ring.digest(base) == Keyring((OLD,), HASH_KEY).digest(base)  # state keys don't matter
     assert ring.digest(base) != Keyring((NEW,), bytes(32)).digest(base)
+
+
+def test_nonces_are_never_reused_across_batches() -> None:
+    """Every seal gets its own nonce, past the end of each batch drawn at once."""
+    ring = Keyring.generate()
+    nonces = {ring.seal(b"x", SCOPE)[11:23] for _ in range(3 * sealing._NONCES_AT_ONCE + 5)}
+    assert len(nonces) == 3 * sealing._NONCES_AT_ONCE + 5
+
+
+def test_forked_child_does_not_reuse_the_parents_nonces() -> None:
+    """A child must not seal with the nonces its parent seals with next (nonce reuse
+    under one key breaks AES-GCM)."""
+    sealing._nonce()  # a batch is in memory when the fork happens
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, b"".join(sealing._nonce() for _ in range(4)))
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64)
+    os.close(read)
+    assert len(child) == 48
+    parent = b"".join(sealing._nonce() for _ in range(4))
+    assert child != parent
+    assert not {child[i : i + 12] for i in range(0, 48, 12)} & {
+        parent[i : i + 12] for i in range(0, 48, 12)
+    }
+
+
+def test_drop_nonces() -> None:
+    """What the child runs at the fork (the test above shows that it runs)."""
+    sealing._nonce()
+    sealing._drop_nonces()
+    assert next(sealing._nonces, None) is None
+    assert len(sealing._nonce()) == 12
