@@ -229,10 +229,10 @@ class Handler:
         assert turns is not None and isinstance(conn.protocol, Protocol)
         if turns.busy:
             return False  # the frame before this one is not answered yet: the reader waits
-        event = conn.protocol.now(text)
-        if event is None:
-            return False
-        try:
+        try:  # a bug fails the connection, as in run (taken_now would drop the frame)
+            event = conn.protocol.now(text)
+            if event is None:
+                return False
             if isinstance(event, Turn):
                 if not turns.now(event, conn.ws.loop.time()):
                     return False

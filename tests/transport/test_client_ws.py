@@ -7,7 +7,10 @@ import contextlib
 import dataclasses
 from typing import Any
 
+import pytest
+
 from gateway.config import Config
+from gateway.core.protocol import Protocol
 from gateway.server import Gateway
 from gateway.store.base import StoreSettings
 from tests.support.clock import Clock
@@ -332,3 +335,29 @@ async def test_turns_and_acks_are_acted_on_as_they_are_read(gateway: Gateway) ->
         await send(ws, {"type": "bye"})
         await closed(ws)
     assert len(queued) == 2
+
+
+async def test_a_bug_on_a_turn_taken_as_read_fails_the_connection(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug met while acting on a frame as it is read closes the connection with
+    internal_error, as in the handler: the turn is never dropped unanswered. The session
+    stays whole, and the client resumes it."""
+    async with connect(url(gateway.port)) as ws:
+        welcome = await hello(ws, PHONE)
+        await turn(ws, "t1", form={"name": "Ada"})
+
+        def broken(self: Protocol, data: str) -> None:
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr(Protocol, "now", broken)
+        await send(ws, {"type": "turn", "turn_id": "t2", "form": {"name": "Bob"}})
+        end = await closed(ws)
+    assert end.error is not None and end.error["code"] == "internal_error"
+    assert end.code == 1011
+    assert "unexpected error on a client connection" in caplog.text
+    monkeypatch.undo()
+    async with connect(url(gateway.port)) as ws:
+        resumed = await hello(ws, PHONE, resume_token=welcome["resume_token"])
+    assert resumed["version"] == 1
+    assert resumed["state"]["form_answers"] == {"name": "Ada"}
