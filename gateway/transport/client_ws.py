@@ -226,10 +226,10 @@ class Handler:
         A turn's write then goes out from here (:meth:`Turns.now`), and its answer from
         the write's callback; the next frame waits for it, as in :meth:`run`."""
         turns, conn = self.turns, self.conn
-        assert turns is not None and isinstance(conn.protocol, Protocol)
-        if turns.busy:
+        if turns is None or turns.busy:
             return False  # the frame before this one is not answered yet: the reader waits
         try:  # a bug fails the connection, as in run (taken_now would drop the frame)
+            assert isinstance(conn.protocol, Protocol)
             event = conn.protocol.now(text)
             if event is None:
                 return False
