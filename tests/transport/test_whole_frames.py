@@ -68,6 +68,29 @@ def test_a_frame_past_max_size_is_left_to_websockets() -> None:
     assert whole_text_frame(server(max_size=10), wire("x" * 10)) == "x" * 10
 
 
+def test_a_frame_past_max_fragment_size_is_left_to_websockets() -> None:
+    protocol = Protocol(Side.SERVER, state=State.OPEN, max_size=(2**17, 10))
+    assert whole_text_frame(protocol, wire("x" * 11)) is None
+    assert whole_text_frame(protocol, wire("x" * 10)) == "x" * 10
+
+
+@pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.BINARY])
+def test_a_whole_frame_inside_a_fragmented_message_is_left_to_websockets(
+    opcode: Opcode,
+) -> None:
+    """A new message while one is under way breaks the protocol: websockets fails the
+    connection (1002), so it must see the frame; taken here, it would be acted on out
+    of order, ahead of the message begun before it."""
+    protocol = server()
+    (first,) = parsed(protocol, wire(b"{", fin=False, opcode=opcode))
+    assert not first.fin and not protocol.reader.buffer
+    data = wire('{"type":"turn","turn_id":"t2"}')
+    assert whole_text_frame(protocol, data) is None
+    assert parsed(protocol, data) == []
+    assert protocol.state is State.CLOSING and protocol.close_sent is not None
+    assert protocol.close_sent.code == 1002
+
+
 def test_nothing_is_taken_unless_the_connection_is_open() -> None:
     protocol = server()
     protocol.state = State.CLOSING
