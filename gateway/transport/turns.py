@@ -5,10 +5,12 @@ on. A turn usually goes out with no await (:meth:`Turns.soon`): the session's lo
 taken without waiting, the lifecycle plans the write, the store starts it, and the
 handler goes back to reading; the store's reply is answered from a callback
 (:meth:`Turns._turn_done`), so that a turn wakes one task, the reader, as a message to a
-bare echo server does. The handler acts on no frame before the turn is answered
-(:meth:`Turns.settled`). A degraded session, or a lock someone holds, takes the awaiting
-road (:meth:`Turns.write`); a first try that failed is retried from a task of its own
-(:attr:`Turns.writing`) with the same delays and budget as every store operation.
+bare echo server does; one read while the handler waits with nothing queued is checked
+and started from ``data_received`` (:meth:`Turns.now`), waking none. The handler acts on
+no frame before the turn is answered (:meth:`Turns.settled`). A degraded session, or a
+lock someone holds, takes the awaiting road (:meth:`Turns.write`); a first try that
+failed is retried from a task of its own (:attr:`Turns.writing`) with the same delays
+and budget as every store operation.
 """
 
 from __future__ import annotations
@@ -103,8 +105,7 @@ class Turns:
         session neither degraded nor locked. Its reply is handled by :meth:`_turn_done`,
         a callback, so that a turn wakes no task but the reader's; the handler acts on
         no frame before the turn is answered. ``False``: await :meth:`write` instead."""
-        live = self.live
-        if live.recovered is not None or not live.lock.try_acquire():
+        if not self._locked_now():
             return False
         self._start(turn)
         return True
@@ -115,7 +116,7 @@ class Turns:
         turn before it still unanswered, and :meth:`soon`'s conditions. ``False``: leave
         it to the handler, untouched."""
         live = self.live
-        if self.busy or live.recovered is not None or not live.lock.try_acquire():
+        if self.busy or not self._locked_now():
             return False
         try:
             allowed = self.may(turn, now)
@@ -127,6 +128,12 @@ class Turns:
         else:
             live.lock.release()  # refused or nacked: answered already
         return True
+
+    def _locked_now(self) -> bool:
+        """Take the session's lock without waiting, unless the session is degraded or the
+        lock is held or waited for (then a turn takes the awaiting road, :meth:`write`)."""
+        live = self.live
+        return live.recovered is None and live.lock.try_acquire()
 
     def _start(self, turn: Turn) -> None:
         """Plan ``turn`` and start its write (the session locked: released when it is over)."""
