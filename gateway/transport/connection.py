@@ -32,6 +32,7 @@ from websockets.protocol import State
 
 from gateway.core.closecodes import ErrorCode
 from gateway.core.wire import ClientProtocol
+from gateway.transport.websocket import text_frames
 
 __all__ = ["Connection", "Outbound", "can_send_now", "fits", "hang_up", "send_now"]
 
@@ -85,10 +86,15 @@ def can_send_now(ws: WebSocket, size: int) -> bool:
 
 
 def send_now(ws: WebSocket, frames: list[bytes]) -> None:
-    """Write ``frames`` as text frames at once (check :func:`can_send_now` first)."""
-    for frame in frames:
-        ws.protocol.send_text(frame)
+    """Write ``frames`` as text frames at once (check :func:`can_send_now` first): in one
+    write, framed here when websockets would frame them the same (:func:`text_frames`)."""
+    data = text_frames(ws.protocol, frames)
     try:
+        if data is not None:
+            ws.transport.write(data)
+            return
+        for frame in frames:
+            ws.protocol.send_text(frame)
         ws.send_data()
     except (OSError, RuntimeError):
         ws.transport.abort()  # as websockets does; its reader sees the connection lost
