@@ -32,7 +32,9 @@ need not be queued for the handler either: :func:`taken_now` offers it to the so
 ``take_now`` from ``data_received``, when the reader waits with nothing ahead of it.
 The agent link's socket does the same (:class:`~gateway.transport.downstream.AgentSocket`).
 When what arrived is exactly one whole, small text frame, the client's socket does not
-even hand it to websockets' parser (:func:`whole_text_frame`).
+even hand it to websockets' parser (:func:`whole_text_frame`). The other way, frames the
+gateway writes at once (an ack, a caller's audio) are framed here when websockets would
+frame them the same, several in one write (:func:`text_frames`).
 
 An open connection also keeps its upgrade request and response, headers and all, for its
 whole life: 2 KiB of the 16 KiB an idle session costs. Nothing reads them past the hello
