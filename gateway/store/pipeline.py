@@ -61,6 +61,19 @@ __all__ = ["AutoPipeline", "RoundTrip"]
 
 log = logging.getLogger("gateway.store")
 
+
+def _hiredis_reading() -> tuple[type[Any], object] | None:
+    """redis-py's asyncio hiredis parser, and what its reader gives when a reply is not
+    all in yet, for reading a pipeline's replies from the reader itself (:func:`_replies`)."""
+    try:
+        from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
+    except ImportError:  # pragma: no cover - a redis-py laid out otherwise
+        return None
+    return _AsyncHiredisParser, NOT_ENOUGH_DATA
+
+
+_HIREDIS = _hiredis_reading()
+
 _PIPELINES = 4
 """Pipelines in flight at once (fewer if the pool is smaller)."""
 _BATCH = 256
@@ -121,6 +134,53 @@ def _settle(call: _Call, reply: Any) -> None:
 def _fail(calls: Iterable[_Call], exc: BaseException) -> None:
     for call in calls:
         _settle(call, _own(exc))
+
+
+async def _replies(conn: aioredis.Connection, count: int) -> list[Any]:
+    """Read ``count`` replies from ``conn``; a reply that is an error takes its place.
+
+    Straight from the hiredis reader of redis-py's parser when the connection has one, as
+    that parser's ``read_response`` loop does (push messages handed to it, a connection
+    error raised): redis-py's ``Connection.read_response`` around it costs four coroutine
+    calls, a host string and a health-check time per reply, 1.4 us against 0.5 us read
+    this way (``timeit``, 250 replies a round trip). Any other parser: ``read_response``.
+    """
+    parser: Any = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    if _HIREDIS is None or type(parser) is not _HIREDIS[0] or reader is None:
+        return await _read_responses(conn, count)
+    more = _HIREDIS[1]
+    push = getattr(parser, "_hiredis_PushNotificationType", None)
+    replies: list[Any] = []
+    try:
+        while len(replies) < count:
+            reply = reader.gets()
+            if reply is more:
+                await parser.read_from_socket()
+            elif push is not None and isinstance(reply, push):
+                await parser.handle_push_response(reply)  # RESP3: not a reply
+            elif isinstance(reply, rex.ConnectionError):
+                raise reply  # LOADING and the like: the whole round trip fails
+            elif isinstance(reply, list) and reply and isinstance(reply[0], rex.ConnectionError):
+                raise reply[0]
+            else:
+                replies.append(reply)
+    except OSError as exc:
+        raise rex.ConnectionError(
+            f"Error while reading from {conn.host}:{conn.port} : {exc.args}"
+        ) from exc
+    return replies
+
+
+async def _read_responses(conn: aioredis.Connection, count: int) -> list[Any]:
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            # math.inf: no deadline per reply; the round trip's bounds them all.
+            replies.append(await conn.read_response(timeout=math.inf))
+        except rex.ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 class AutoPipeline:
@@ -336,7 +396,8 @@ class AutoPipeline:
         What redis-py's pipeline does for a batch, without what a batch of script calls
         does not need (a command stack, reply callbacks, its retries, which are off
         anyway) and with one deadline for the whole round trip instead of one per reply.
-        Going without them cut the gateway's CPU per turn by about a tenth under load.
+        Going without them cut the gateway's CPU per turn by about a tenth under load. The
+        replies are read from hiredis's reader itself where redis-py has one (:func:`_replies`).
         """
         pool = client.connection_pool
         task = asyncio.current_task()
@@ -352,14 +413,7 @@ class AutoPipeline:
                     # swallows a cancellation that lands as it completes: the deadline's,
                     # here. The reads below have no deadline of their own.
                     raise asyncio.CancelledError
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        # math.inf: no deadline per reply; the one above bounds them all.
-                        replies.append(await conn.read_response(timeout=math.inf))
-                    except rex.ResponseError as exc:
-                        replies.append(exc)
-            return replies
+                return await _replies(conn, len(commands))
         except BaseException as exc:
             # Replies may be left unread: the connection must not be used again.
             await conn.disconnect(nowait=True)

@@ -4,6 +4,7 @@ still gets its own reply, its own error, and its own durable write."""
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ from gateway.core.session import Session
 from gateway.exceptions import StoreConflict, StoreError, StoreTimeout, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.server import Gateway
+from gateway.store import pipeline
 from gateway.store.base import StoreSettings
 from gateway.store.pipeline import AutoPipeline
 from gateway.store.redis_store import RedisStore, _Connection
@@ -96,6 +98,16 @@ def trips() -> Trips:
     return Trips()
 
 
+@pytest.fixture(params=["hiredis reader", "redis-py"])
+def reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How a pipeline's replies are read: from redis-py's hiredis reader, as with the
+    redis-py this project installs, or through redis-py's ``read_response``, as with a
+    parser or a protocol the reader path does not know."""
+    if request.param == "redis-py":
+        monkeypatch.setattr(pipeline, "_HIREDIS", None)
+    return str(request.param)
+
+
 @pytest.fixture
 async def store(redis_url: str, settings: StoreSettings, trips: Trips) -> AsyncIterator[RedisStore]:
     s = RedisStore(redis_url, settings, on_round_trip=trips)
@@ -145,6 +157,29 @@ async def test_storm_takes_few_round_trips_on_a_cluster(
         await store.aclose()
 
 
+async def test_replies_are_read_from_the_hiredis_reader(
+    store: RedisStore, trips: Trips, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the redis-py and hiredis this project installs, a pipeline's replies come
+    straight from the parser's reader: not one through ``read_response`` (which a
+    connection's handshake still uses). A redis-py laid out otherwise fails here rather
+    than quietly taking the slower road."""
+    reads: list[object] = []
+    read_response = _Connection.read_response
+
+    async def counted(self: _Connection, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("timeout") == math.inf:  # the pipeline's way of calling it
+            reads.append(kwargs)
+        return await read_response(self, *args, **kwargs)
+
+    monkeypatch.setattr(_Connection, "read_response", counted)
+    await storm(store, trips, 300)
+    assert trips.count > 0 and reads == []
+    monkeypatch.setattr(pipeline, "_HIREDIS", None)  # the other road counts
+    assert len(await restored(store, callers(50, "other"))) == 50
+    assert len(reads) == 50
+
+
 async def test_lone_calls_go_at_once(store: RedisStore, trips: Trips) -> None:
     """Calls made one after the other each go out at once, one round trip each: no timer
     holds a lone call back waiting for company."""
@@ -192,7 +227,9 @@ async def test_batching_off_sends_each_call_alone(
         await store.aclose()
 
 
-async def test_conflict_fails_only_its_own_call(store: RedisStore, trips: Trips) -> None:
+async def test_conflict_fails_only_its_own_call(
+    store: RedisStore, trips: Trips, reading: str
+) -> None:
     """A write under a stale epoch, sent in the same pipeline as others, gets its conflict;
     the others are applied."""
     keys = callers(50, "conf")
@@ -213,7 +250,7 @@ async def test_conflict_fails_only_its_own_call(store: RedisStore, trips: Trips)
     assert all(not isinstance(r, BaseException) and r.applied for r in results)
 
 
-async def test_script_error_fails_only_its_own_call(redis_url: str) -> None:
+async def test_script_error_fails_only_its_own_call(redis_url: str, reading: str) -> None:
     """A script that raises an error in Redis fails its own call; the other calls of the
     pipeline get their replies."""
     client = aioredis.Redis.from_url(redis_url)
@@ -238,7 +275,9 @@ async def test_script_error_fails_only_its_own_call(redis_url: str) -> None:
     assert trips.ops[-1] == 20
 
 
-async def test_calls_survive_script_flush(store: RedisStore, trips: Trips, redis_url: str) -> None:
+async def test_calls_survive_script_flush(
+    store: RedisStore, trips: Trips, redis_url: str, reading: str
+) -> None:
     """After SCRIPT FLUSH between and during batches, the scripts are loaded again and only
     the calls that met NOSCRIPT are sent again: every call succeeds."""
     keys = callers(200, "flush")
@@ -268,7 +307,7 @@ async def test_calls_survive_script_flush(store: RedisStore, trips: Trips, redis
 
 
 async def test_redis_dying_mid_batch_fails_every_call(
-    own_redis: RedisServer, settings: StoreSettings
+    own_redis: RedisServer, settings: StoreSettings, reading: str
 ) -> None:
     """Redis killed while a pipeline waits for its replies: every call of it fails with a
     store error, none hangs, and retrying each once Redis is back applies each turn once."""
@@ -309,7 +348,7 @@ async def test_redis_dying_mid_batch_fails_every_call(
 
 
 async def test_a_hung_redis_times_out_the_whole_round_trip(
-    own_redis: RedisServer, settings: StoreSettings
+    own_redis: RedisServer, settings: StoreSettings, reading: str
 ) -> None:
     """Redis stopped (SIGSTOP) under a batch: every call fails as a timeout within about the
     store's timeout, one deadline for the whole round trip rather than one per reply, and
