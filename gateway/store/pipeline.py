@@ -166,9 +166,8 @@ async def _replies(conn: aioredis.Connection, count: int) -> list[Any]:
             else:
                 replies.append(reply)
     except OSError as exc:
-        raise rex.ConnectionError(
-            f"Error while reading from {conn.host}:{conn.port} : {exc.args}"
-        ) from exc
+        # As redis-py's read_response does (a unix socket's connection has no host).
+        raise rex.ConnectionError(f"Error while reading from Redis: {exc}") from exc
     return replies
 
 
