@@ -40,10 +40,12 @@ from collections.abc import Sequence
 from importlib import resources
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -171,10 +173,11 @@ def _written(reply: Any) -> Written:
     raise _conflict("write_turn", reply)
 
 
-class _Connection(aioredis.Connection):
-    """redis-py's asyncio connection, packing commands with hiredis, in C, as redis-py's
-    sync client does; its asyncio client packs in Python, which cost a tenth of a turn's
-    CPU under load (a turn's script call carries the whole session state)."""
+class _HiredisPacking(AbstractConnection):
+    """Packs commands with hiredis, in C, as redis-py's sync client does; its asyncio
+    client packs in Python, which cost a tenth of a turn's CPU under load (a turn's
+    script call carries the whole session state). Mixed into each connection class a
+    URL's scheme names (:data:`_CONNECTIONS`)."""
 
     # redis-py 8.2 leaves its __init__ untyped; earlier releases type it.
     _packer = (
@@ -188,6 +191,28 @@ class _Connection(aioredis.Connection):
             return super().pack_command(*args)
         packed: list[bytes] = self._packer.pack(*args)
         return packed
+
+
+class _Connection(_HiredisPacking, aioredis.Connection):
+    """redis:// (TCP)."""
+
+
+class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
+    """rediss:// (TLS)."""
+
+
+class _UnixConnection(_HiredisPacking, aioredis.UnixDomainSocketConnection):
+    """unix:// (a unix socket)."""
+
+
+_CONNECTIONS: dict[str, type[AbstractConnection]] = {
+    "redis": _Connection,
+    "rediss": _SSLConnection,
+    "unix": _UnixConnection,
+}
+"""The connection class of each URL scheme. redis-py takes a ``connection_class`` given
+to ``from_url`` over the one the scheme implies: a rediss:// URL given the TCP class
+connected without TLS, and a unix:// one failed to connect."""
 
 
 class RedisStore:
@@ -239,8 +264,7 @@ class RedisStore:
         else:
             pool = aioredis.BlockingConnectionPool.from_url(
                 url,
-                # A rediss:// or unix:// URL names its own connection class.
-                connection_class=_Connection,
+                connection_class=_CONNECTIONS.get(urlsplit(url).scheme, _Connection),
                 max_connections=max_connections,
                 timeout=socket_timeout,
                 socket_timeout=socket_timeout,
