@@ -10,8 +10,8 @@ waits with nothing queued does not even wake it: the socket hands it over as it 
 queue (the agent's messages, a takeover's error) is sent by a writer task that lives
 only until the queue is empty (:class:`~gateway.transport.connection.Connection`).
 Nothing ever waits on a client's socket while holding the session lock, so a half-open
-connection cannot hold up the client that replaces it. An idle connection has one task, its handler,
-as in a bare websockets server.
+connection cannot hold up the client that replaces it. An idle connection has one task,
+its handler, as in a bare websockets server.
 
 The protocol (v1 JSON or a Twilio Media Stream) turns frames into events; the
 hello goes through :class:`~gateway.transport.opening.Opening`; every turn is
